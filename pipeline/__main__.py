@@ -1,0 +1,159 @@
+"""Command line: ``python -m pipeline <command> [-m] [key=value ...]``.
+
+The command is taken off argv before Hydra sees the rest (Hydra rejects a bare word). Every
+configuration of a job, or of all jobs of a multirun sweep, is composed and validated before any
+stage runs. A PipelineError becomes one line on stderr and exit status 1 (``PIPELINE_DEBUG=1``
+adds the traceback); a bad or missing command prints usage and exits 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+USAGE = """\
+usage: python -m pipeline <command> [-m] [key=value ...]
+
+Compile and deploy LLMs with TensorRT-LLM: fetch a checkpoint, quantize it, build engines, serve
+them with Triton, benchmark, and track every run.
+
+commands:
+  build   run every stage; finished stages are reused (force=true redoes them)
+  plan    show what build would do: each stage, its fingerprint, cached or not, and the config
+
+options:
+  -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3
+  -h, --help      this help; `python -m pipeline build --help` lists config groups and keys
+
+examples:
+  python -m pipeline build                                  # embedded SmolLM2-135M, CPU
+  python -m pipeline build model=llama70b parallel.tp=2 workdir=/data/artifacts
+  python -m pipeline plan model=llama8b
+  python -m pipeline build -m parallel.tp=1,3
+"""
+
+
+def _cmd_plan(overrides: list[str]) -> None:
+    from pipeline import config, runner
+
+    cfg = config.load(overrides)
+    print("# resolved config")
+    print(config.to_yaml(cfg).rstrip())
+    print("\n# stages")
+    print(runner.format_plan(runner.plan(cfg), force=cfg.force))
+
+
+def _cmd_build(overrides: list[str]) -> None:
+    from pipeline import config, runner
+
+    cfg = config.load(overrides)
+    if cfg.dry_run:
+        print(runner.format_plan(runner.plan(cfg), force=cfg.force))
+        print("dry run: nothing was run (drop dry_run=true to build)")
+        return
+    steps = runner.build(cfg)
+    for step in steps:
+        took = f"{step.seconds:.1f} s" if step.seconds is not None else "cached"
+        print(f"{step.name:<10} {took:<10} {step.dirs.final}")
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"build": _cmd_build, "plan": _cmd_plan}
+
+
+def command_help(command: str) -> str:
+    """Hydra-style help: config groups with their options, then every key with its default."""
+    from pipeline import config
+
+    lines = [f"usage: python -m pipeline {command} [-m] [key=value ...]", "", "config groups:"]
+    defaults = config.to_typed(config.compose([]))
+    for group in config.groups():
+        options = [o for o in config.group_options(group) if not o.endswith(config.SCHEMA_SUFFIX)]
+        current = getattr(getattr(defaults, group, None), "name", None)
+        lines.append(f"  {group}={'|'.join(options)}" + (f"   (default: {current})" if current else ""))
+    lines += ["", "config keys and defaults (override any of them as key=value):", ""]
+    lines.append(config.to_yaml(defaults).rstrip())
+    return "\n".join(lines)
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """Hydra's sweep syntax (``a=1,2``, ``range()``, ``choice()``) -> one override list per job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as error:
+        from pipeline.config_errors import describe
+
+        raise ConfigError(describe(error, overrides)) from error
+    choices = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line or f"{key}={override.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def _run(command: str, overrides: list[str], multirun: bool) -> int:
+    from pipeline import config, logs
+
+    logs.setup()
+    jobs = expand_sweep(overrides) if multirun else [overrides]
+    for job in jobs:  # refuse a bad combination before the first job does any work
+        config.load(job)
+    if len(jobs) == 1:
+        COMMANDS[command](jobs[0])
+        return 0
+    failed = []
+    for index, job in enumerate(jobs, 1):
+        log.info("job %d/%d: %s", index, len(jobs), " ".join(job) or "(defaults)")
+        try:
+            COMMANDS[command](job)
+        except PipelineError as error:
+            log.error("job %d/%d failed: %s", index, len(jobs), error)
+            failed.append(" ".join(job))
+    if failed:
+        raise PipelineError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}' (choose {', '.join(COMMANDS)})\n", file=sys.stderr)
+        print(USAGE, end="", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print(command_help(command))
+        return 0
+    multirun = "-m" in rest or "--multirun" in rest
+    overrides = [a for a in rest if a not in ("-m", "--multirun")]
+    try:
+        return _run(command, overrides, multirun)
+    except PipelineError as error:
+        if os.environ.get("PIPELINE_DEBUG") == "1":
+            traceback.print_exc()
+        from pipeline.redact import redact
+
+        print(f"error: {redact(str(error))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

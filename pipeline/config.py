@@ -1,0 +1,208 @@
+"""Configuration: dataclass schemas registered in Hydra's ConfigStore, YAML groups under ``conf/``
+that extend them, ``load()`` that turns command-line overrides into a typed config (one clear line
+for any bad override), and ``validate()`` that collects every cross-field problem at once.
+
+Schema lives here; values live in YAML. Closed choices are StrEnums so OmegaConf rejects unknown
+values with the allowed list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SCHEMA_SUFFIX = "_schema"  # ConfigStore entries that YAML files extend; never a user choice
+
+
+# Member names equal their values: OmegaConf matches a YAML string against enum *names*.
+class Source(StrEnum):
+    hf = "hf"  # a Hugging Face Hub repository
+    local = "local"  # a folder holding a Hugging Face checkpoint
+    gguf = "gguf"  # a GGUF file (or one shipped inside an installed Python package)
+
+
+class DType(StrEnum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class Architecture:
+    """Architecture numbers, named as in the checkpoint's ``config.json`` so that planning works
+    without a download and the fetched checkpoint can be checked against them."""
+
+    architectures: list[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: Source = Source.hf
+    repo_id: str | None = None  # hf: "org/name"
+    revision: str = "main"  # hf: branch, tag or commit; the resolved commit sha is recorded
+    path: str | None = None  # local: checkpoint folder; gguf: a .gguf file
+    package: str | None = None  # gguf: an installed Python package that ships `file`
+    file: str | None = None  # gguf: file name inside `package`
+    dtype: DType = DType.bfloat16  # dtype of unquantized weights (and of a GGUF conversion)
+    allow_pickle: bool = False  # accept *.bin (pickle) weights, which can run code when loaded
+    trust_remote_code: bool = False  # allow the checkpoint's own Python code
+    arch: Architecture = field(default_factory=Architecture)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel ranks
+    pp: int = 1  # pipeline parallel ranks
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    workdir: str = "./artifacts"
+    force: bool = False  # redo every stage even when its artifacts are cached
+    dry_run: bool = False  # print the plan and stop
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="pipeline" + SCHEMA_SUFFIX, node=PipelineConfig)
+    store.store(group="model", name="model" + SCHEMA_SUFFIX, node=ModelConfig)
+
+
+def group_options(group: str) -> list[str]:
+    """The choices a user can type for a config group (the YAML files of ``conf/<group>/``)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def compose(overrides: Sequence[str]) -> DictConfig:
+    """Compose ``conf/config.yaml`` with overrides; any Hydra/OmegaConf complaint becomes one line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config_errors import describe
+
+    for override in overrides:
+        if override.startswith(("+", "~")):
+            raise ConfigError(
+                f"'{override}': adding or deleting config keys is not supported; set a known key "
+                "(python -m pipeline build --help lists them)"
+            )
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as error:  # Hydra raises several unrelated types; all mean "bad override"
+        raise ConfigError(describe(error, overrides)) from error
+
+
+def to_typed(cfg: DictConfig) -> PipelineConfig:
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, PipelineConfig)
+    return typed
+
+
+def load(overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Overrides -> validated, typed config. Raises ConfigError listing every problem."""
+    cfg = to_typed(compose(overrides))
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
+    return cfg
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-able data (enums become their string values) of a config node."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), enum_to_str=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field validation: pure, cheap (no weights, no network), every problem reported together.
+
+
+def valid_tp_sizes(arch: Architecture) -> list[int]:
+    """Tensor-parallel sizes the model can be split into: heads and the MLP width split evenly,
+    and KV heads either split evenly or replicated whole (TensorRT-LLM replicates them)."""
+    heads, kv = arch.num_attention_heads, arch.num_key_value_heads or arch.num_attention_heads
+    if not heads:
+        return []
+    sizes = []
+    for tp in range(1, heads + 1):
+        if heads % tp or (arch.intermediate_size and arch.intermediate_size % tp):
+            continue
+        if kv and kv % tp and tp % kv:
+            continue
+        sizes.append(tp)
+    return sizes
+
+
+def _source_problems(model: ModelConfig) -> list[str]:
+    if model.source is Source.hf and not model.repo_id:
+        return ["model.source=hf needs model.repo_id=<org/name>"]
+    if model.source is Source.local:
+        if not model.path:
+            return ["model.source=local needs model.path=<folder with config.json and weights>"]
+        if not Path(model.path).expanduser().is_dir():
+            return [f"model.path={model.path} is not a folder: point it at a Hugging Face checkpoint"]
+    if model.source is Source.gguf and not (model.path or (model.package and model.file)):
+        return ["model.source=gguf needs model.path=<file.gguf> or model.package=<pkg> model.file=<name>"]
+    return []
+
+
+def _parallel_problems(cfg: PipelineConfig) -> list[str]:
+    arch, tp, pp = cfg.model.arch, cfg.parallel.tp, cfg.parallel.pp
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append(f"parallel.tp={tp} parallel.pp={pp}: both must be at least 1")
+        return problems
+    sizes = valid_tp_sizes(arch)
+    if sizes and tp not in sizes:
+        problems.append(
+            f"parallel.tp={tp} does not split {cfg.model.name} ({arch.num_attention_heads} attention heads, "
+            f"{arch.num_key_value_heads} KV heads, intermediate size {arch.intermediate_size}): "
+            f"use parallel.tp={' or '.join(map(str, sizes))}"
+        )
+    if arch.num_hidden_layers and pp > arch.num_hidden_layers:
+        problems.append(
+            f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
+            f"use parallel.pp<={arch.num_hidden_layers}"
+        )
+    return problems
+
+
+def validate(cfg: PipelineConfig) -> list[str]:
+    """Every cross-field problem, each naming the override that fixes it. Empty means valid."""
+    problems = _source_problems(cfg.model)
+    for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                 "intermediate_size", "vocab_size", "max_position_embeddings"):
+        value = getattr(cfg.model.arch, name)
+        if value is not None and value < 1:
+            problems.append(f"model.arch.{name}={value} must be positive")
+    problems += _parallel_problems(cfg)
+    return problems

@@ -1,0 +1,117 @@
+"""Downloads from the Hugging Face Hub (or any server that speaks its API, via ``HF_ENDPOINT``).
+
+The revision is resolved to a commit sha first, by one metadata call with a short timeout, so an
+unreachable Hub, a missing or gated repository, or pickle-only weights are reported in seconds
+before any byte is downloaded. Files then go to the Hugging Face cache (``HF_HOME`` respected),
+which resumes partial downloads on the next run. The token comes from ``HF_TOKEN`` and is read by
+huggingface_hub itself; it is never passed through our config, logs or files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import FetchError
+
+log = logging.getLogger(__name__)
+
+METADATA_TIMEOUT_S = 10.0
+# Everything a checkpoint needs besides weights: configs, tokenizers (fast, sentencepiece,
+# tiktoken, BPE vocab/merges) and chat templates.
+SUPPORT_PATTERNS = ("*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+CODE_PATTERNS = ("*.py",)
+# Meta's repositories carry a second copy of the weights in their own format.
+IGNORE_PATTERNS = ("original/*", "*/original/*")
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def select_files(files: list[str], allow_pickle: bool, trust_remote_code: bool, where: str) -> list[str]:
+    """The files of a checkpoint to take; refuses pickle-only weights unless allowed."""
+    files = [f for f in files if not matches(f, IGNORE_PATTERNS)]
+    patterns = SUPPORT_PATTERNS + SAFE_WEIGHTS + (CODE_PATTERNS if trust_remote_code else ())
+    if not any(matches(f, SAFE_WEIGHTS) for f in files):
+        if not any(matches(f, PICKLE_WEIGHTS) for f in files):
+            raise FetchError(f"{where} has no weights (*.safetensors): check the model source")
+        if not allow_pickle:
+            raise FetchError(
+                f"{where} has only pickle weights (*.bin), which can run code when loaded: "
+                "set model.allow_pickle=true only if you trust it"
+            )
+        patterns += PICKLE_WEIGHTS
+    return sorted(f for f in files if matches(f, patterns))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    folder: Path  # the snapshot folder in the Hugging Face cache
+    sha: str
+    files: list[str]
+
+
+def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
+    """One actionable line for anything the Hub or the network can throw at us."""
+    from huggingface_hub import errors as hf_errors
+
+    url = f"{endpoint()}/{repo_id}"
+    if isinstance(error, hf_errors.GatedRepoError):
+        return FetchError(f"{repo_id} is gated: accept its licence at {url} and set HF_TOKEN to a token "
+                          "that has access")
+    if isinstance(error, hf_errors.RevisionNotFoundError):
+        return FetchError(f"revision '{revision}' not found in {repo_id}: set model.revision to a branch, "
+                          "tag or commit of it")
+    if isinstance(error, hf_errors.RepositoryNotFoundError):
+        return FetchError(f"{repo_id} not found on {endpoint()} (or private without a valid HF_TOKEN): "
+                          "check model.repo_id, or set HF_TOKEN")
+    if isinstance(error, hf_errors.HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", "?")
+        if status in (401, 403):
+            return FetchError(f"{endpoint()} refused access to {repo_id} (HTTP {status}): set HF_TOKEN to a "
+                              "token with access")
+        return FetchError(f"{endpoint()} answered HTTP {status} for {repo_id}: try again later")
+    reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return FetchError(
+        f"cannot reach the Hugging Face Hub at {endpoint()} ({reason}): check the network or HF_ENDPOINT, "
+        "or download the model elsewhere and use model.source=local model.path=<folder>"
+    )
+
+
+def resolve(repo_id: str, revision: str, allow_pickle: bool, trust_remote_code: bool) -> tuple[str, list[str]]:
+    """Revision -> (commit sha, files to download), in one short metadata call."""
+    from huggingface_hub import HfApi, get_token
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, timeout=METADATA_TIMEOUT_S)
+    except Exception as error:
+        raise _hub_error(error, repo_id, revision) from error
+    if not info.sha:
+        raise FetchError(f"{endpoint()} gave no commit for {repo_id}@{revision}: try again later")
+    if info.gated and not get_token():  # HF_TOKEN, or a token saved by `hf auth login`
+        raise FetchError(f"{repo_id} is gated: accept its licence at {endpoint()}/{repo_id} and set HF_TOKEN")
+    names = [s.rfilename for s in info.siblings or []]
+    return info.sha, select_files(names, allow_pickle, trust_remote_code, f"{repo_id}@{info.sha[:12]}")
+
+
+def download(repo_id: str, revision: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Snapshot:
+    """Download the checkpoint files of ``repo_id`` at ``revision`` into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    sha, files = resolve(repo_id, revision, allow_pickle, trust_remote_code)
+    log.info("%s@%s resolves to commit %s; fetching %d files", repo_id, revision, sha, len(files))
+    try:
+        folder = snapshot_download(repo_id, revision=sha, allow_patterns=files, etag_timeout=METADATA_TIMEOUT_S)
+    except Exception as error:
+        raise _hub_error(error, repo_id, revision) from error
+    return Snapshot(Path(folder), sha, files)

@@ -1,0 +1,154 @@
+"""The ordered stage loop. For each stage: fingerprint what it depends on, skip it when a finished
+result with that fingerprint exists, otherwise run it into a partial folder under a lock and seal
+it with a manifest (see ``workspace``). ``plan()`` decides; ``build()`` acts on the same decision,
+so ``plan`` and ``dry_run`` show exactly what ``build`` would do."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline import __version__
+from pipeline.config import PipelineConfig
+from pipeline.logs import captured_to
+from pipeline.workspace import StageDirs, fingerprint, locked, tool_versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageWorkspace:
+    """What a running stage sees: the folder it writes to and the finished folders of the stages
+    before it, by name."""
+
+    out: Path
+    inputs: dict[str, Path]
+    workdir: Path
+
+    def input(self, stage: str) -> Path:
+        return self.inputs[stage]
+
+
+class Stage(Protocol):
+    """A stage is a module with these names (see ``pipeline/stages``)."""
+
+    NAME: str
+    VERSION: int  # bump when the stage's output changes for the same inputs
+    TOOLS: tuple[str, ...]  # Python distributions whose versions shape the output
+
+    def depends_on(self, cfg: PipelineConfig) -> dict[str, Any]: ...
+
+    def run(self, cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]: ...
+
+
+@dataclass
+class Step:
+    """One stage's place in a plan, and after ``build`` its outcome."""
+
+    stage: Stage
+    fingerprint: str
+    dirs: StageDirs
+    depends_on: dict[str, Any]
+    tools: dict[str, str]
+    cached: bool
+    seconds: float | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.stage.NAME
+
+
+def workdir_of(cfg: PipelineConfig) -> Path:
+    return Path(cfg.workdir).expanduser().resolve()
+
+
+def default_stages() -> tuple[Stage, ...]:
+    from pipeline.stages import STAGES
+
+    return STAGES
+
+
+def plan(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Step]:
+    """Fingerprint every stage in order and look up which results already exist. Cheap: reads
+    config and manifests only."""
+    workdir = workdir_of(cfg)
+    steps: list[Step] = []
+    upstream: str | None = None
+    for stage in stages if stages is not None else default_stages():
+        depends = stage.depends_on(cfg)
+        tools = tool_versions(stage.TOOLS)
+        fp = fingerprint(stage.NAME, stage.VERSION, depends, upstream, tools)
+        dirs = StageDirs(workdir / stage.NAME, fp)
+        steps.append(Step(stage, fp, dirs, depends, tools, cached=dirs.is_done()))
+        upstream = fp
+    return steps
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux; it is the process's peak so far, not the stage's alone.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir: Path) -> None:
+    dirs = step.dirs
+    with locked(dirs.lock):
+        if not cfg.force and (manifest := dirs.manifest()) is not None:
+            log.info("%s: finished meanwhile by another process (%s)", step.name, dirs.final)
+            step.results = manifest.get("results", {})
+            return
+        out = dirs.start()
+        started = dt.datetime.now(dt.UTC)
+        clock = time.perf_counter()
+        log.info("%s: running (fingerprint %s)", step.name, step.fingerprint)
+        with captured_to(out / "stage.log"):
+            step.results = step.stage.run(cfg, StageWorkspace(out, dict(inputs), workdir)) or {}
+        step.seconds = round(time.perf_counter() - clock, 3)
+        dirs.commit({
+            "stage": step.name,
+            "fingerprint": step.fingerprint,
+            "stage_version": step.stage.VERSION,
+            "pipeline_version": __version__,
+            "depends_on": step.depends_on,
+            "tools": step.tools,
+            "started": started.isoformat(timespec="seconds"),
+            "seconds": step.seconds,
+            "process_peak_rss_mb": _peak_rss_mb(),
+            "results": step.results,
+        })
+        log.info("%s: done in %.1f s -> %s", step.name, step.seconds, dirs.final)
+
+
+def build(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Step]:
+    """Run every stage that is not already done (all of them with ``force``)."""
+    workdir = workdir_of(cfg)
+    steps = plan(cfg, stages)
+    inputs: dict[str, Path] = {}
+    for step in steps:
+        verify = getattr(step.stage, "verify", None)
+        if step.cached and not cfg.force:
+            manifest = step.dirs.manifest() or {}
+            step.results = manifest.get("results", {})
+            log.info("%s: cached (fingerprint %s) at %s", step.name, step.fingerprint, step.dirs.final)
+        else:
+            _run_step(step, cfg, inputs, workdir)
+        if verify is not None:  # checks that hold for fresh and cached results alike
+            verify(cfg, step.dirs.final)
+        inputs[step.name] = step.dirs.final
+    return steps
+
+
+def format_plan(steps: Sequence[Step], force: bool = False) -> str:
+    rows = [("stage", "fingerprint", "status", "artifacts")]
+    for step in steps:
+        status = "cached" if step.cached and not force else ("redo (force)" if step.cached else "will run")
+        rows.append((step.name, step.fingerprint, status, str(step.dirs.final)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)

@@ -1,0 +1,190 @@
+"""Where each stage's artifacts live and how they become "done".
+
+Layout under the workdir::
+
+    <workdir>/<stage>/<fingerprint>/            finished artifacts, manifest.json inside
+    <workdir>/<stage>/.<fingerprint>.partial/   being written; never read as a result
+    <workdir>/<stage>/.<fingerprint>.lock       held while a process works on that fingerprint
+
+A stage writes into the partial folder; the runner writes ``manifest.json`` last and renames the
+folder into place. A rename is atomic, so a killed run leaves either nothing or a finished folder,
+and the next run removes the stale partial folder and starts that stage again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FINGERPRINT_CHARS = 16
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(stage: str, version: int, depends_on: dict[str, Any], upstream: str | None,
+                tools: dict[str, str]) -> str:
+    """Identity of a stage's output: what it reads from the config, what came before it, the tool
+    versions that produce it, and the stage's own output-format version."""
+    payload = {"stage": stage, "version": version, "depends_on": depends_on, "upstream": upstream,
+               "tools": tools}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def tool_versions(distributions: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of Python distributions, read from metadata (no import, so it is fast)."""
+    versions = {}
+    for name in distributions:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def file_identity(path: Path, sample: int = 1 << 20) -> str:
+    """A cheap content identity for large files: size plus a hash of the first and last MiB.
+    Modification times are avoided on purpose: reinstalling a package or copying a checkpoint
+    changes them without changing the content."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(sample))
+        if size > sample:
+            handle.seek(max(sample, size - sample))
+            digest.update(handle.read(sample))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with path.open() as handle:
+        return json.load(handle)
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every regular file below ``folder`` (manifest excluded)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return files
+
+
+@dataclass(frozen=True)
+class StageDirs:
+    """The three paths that belong to one fingerprint of one stage."""
+
+    root: Path  # <workdir>/<stage>
+    fingerprint: str
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.fingerprint
+
+    @property
+    def partial(self) -> Path:
+        return self.root / f".{self.fingerprint}.partial"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / f".{self.fingerprint}.lock"
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The manifest of a finished, intact result; None if there is none or files are missing."""
+        path = self.final / MANIFEST
+        try:
+            manifest = read_json(path)
+        except (OSError, ValueError):
+            return None
+        expected = manifest.get("files", {})
+        for rel, size in expected.items():
+            file = self.final / rel
+            if not file.is_file() or file.stat().st_size != size:
+                log.warning("%s: cached artifact %s is missing or changed; redoing the stage",
+                            self.final, rel)
+                return None
+        return manifest
+
+    def is_done(self) -> bool:
+        return self.manifest() is not None
+
+    def start(self) -> Path:
+        """A clean partial folder to write into (whatever a killed run left is removed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            log.info("removing unfinished output of an earlier run: %s", self.partial)
+            shutil.rmtree(self.partial)
+        self.partial.mkdir()
+        return self.partial
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """Seal the partial folder with its manifest (written last) and rename it into place."""
+        manifest = {**manifest, "files": list_files(self.partial)}
+        write_json_atomic(self.partial / MANIFEST, manifest)
+        if self.final.exists():  # an earlier result that failed its integrity check, or force=true
+            trash = self.root / f".{self.fingerprint}.old-{os.getpid()}"
+            os.replace(self.final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(self.partial, self.final)
+        _fsync_dir(self.root)
+        return self.final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path`` for the duration, so two builds of the same artifact never
+    write it at once (the second waits, then finds it done). The kernel drops the lock if the
+    holder is killed, so a stale lock never blocks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is producing %s; waiting for it", path.stem.lstrip("."))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a file (instant, no extra disk) and copy only across file systems."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
