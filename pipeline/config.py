@@ -39,7 +39,7 @@ class Architecture:
     """Architecture numbers, named as in the checkpoint's ``config.json`` so that planning works
     without a download and the fetched checkpoint can be checked against them."""
 
-    architectures: list[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    architectures: list[str] | None = None
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None

@@ -61,6 +61,21 @@ class Snapshot:
     files: list[str]
 
 
+def _network_reason(error: Exception) -> str:
+    """The few words that matter from a deeply nested transport error."""
+    text = str(error).lower()
+    for needle, reason in (("name or service not known", "name lookup failed"),
+                           ("failed to resolve", "name lookup failed"),
+                           ("temporary failure in name resolution", "name lookup failed"),
+                           ("connection refused", "connection refused"),
+                           ("timed out", "timed out"), ("timeout", "timed out"),
+                           ("network is unreachable", "network unreachable"),
+                           ("certificate", "TLS certificate problem")):
+        if needle in text:
+            return reason
+    return type(error).__name__
+
+
 def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
     """One actionable line for anything the Hub or the network can throw at us."""
     from huggingface_hub import errors as hf_errors
@@ -81,9 +96,8 @@ def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
             return FetchError(f"{endpoint()} refused access to {repo_id} (HTTP {status}): set HF_TOKEN to a "
                               "token with access")
         return FetchError(f"{endpoint()} answered HTTP {status} for {repo_id}: try again later")
-    reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     return FetchError(
-        f"cannot reach the Hugging Face Hub at {endpoint()} ({reason}): check the network or HF_ENDPOINT, "
+        f"cannot reach the Hugging Face Hub at {endpoint()} ({_network_reason(error)}): check the network or HF_ENDPOINT, "
         "or download the model elsewhere and use model.source=local model.path=<folder>"
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import resource
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
 from pipeline.logs import captured_to
 from pipeline.workspace import StageDirs, fingerprint, locked, tool_versions
 
@@ -107,8 +109,15 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
         started = dt.datetime.now(dt.UTC)
         clock = time.perf_counter()
         log.info("%s: running (fingerprint %s)", step.name, step.fingerprint)
-        with captured_to(out / "stage.log"):
-            step.results = step.stage.run(cfg, StageWorkspace(out, dict(inputs), workdir)) or {}
+        try:
+            with captured_to(out / "stage.log"):
+                step.results = step.stage.run(cfg, StageWorkspace(out, dict(inputs), workdir)) or {}
+        except PipelineError:
+            shutil.rmtree(out, ignore_errors=True)  # a user-fixable failure: nothing worth keeping
+            raise
+        except BaseException:
+            log.error("%s failed; its unfinished output is kept for inspection at %s", step.name, out)
+            raise
         step.seconds = round(time.perf_counter() - clock, 3)
         dirs.commit({
             "stage": step.name,

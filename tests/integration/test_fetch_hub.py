@@ -1,0 +1,170 @@
+"""fetch from a Hub: a real huggingface_hub client against a local server that speaks the Hub API
+(see tests/fixtures/hub_server.py), through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_cli
+from tests.fixtures.hub_server import HubServer
+
+TOKEN = "hf_testsecret_4f9a1c2e7b"  # noqa: S105 - a fake token whose leaks we look for
+SHA = "a" * 40
+
+
+def _files(checkpoint: Path, extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    return {**files, **(extra or {})}
+
+
+@pytest.fixture
+def hub() -> Iterator[HubServer]:
+    with HubServer() as server:
+        yield server
+
+
+def _fetch(hub: HubServer, workdir: Path, repo: str, *extra: str, env: dict[str, str] | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return run_cli("build", f"workdir={workdir}", "model=hf",
+                   f"model.repo_id={repo}", *extra, env={"HF_ENDPOINT": hub.url, **(env or {})},
+                   timeout=timeout)
+
+
+def _manifest(workdir: Path) -> dict:
+    (manifest,) = (workdir / "fetch").glob("*/manifest.json")
+    return json.loads(manifest.read_text())
+
+
+def test_downloads_allowed_files_at_resolved_sha(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    files = _files(tiny_checkpoint, {"pytorch_model.bin": b"pickle", "original/consolidated.00.pth": b"x",
+                                     "README.md": b"# card"})
+    hub.add("org/tiny", files, sha=SHA)
+    result = _fetch(hub, tmp_path, "org/tiny")
+    assert result.returncode == 0, result.stderr
+    manifest = _manifest(tmp_path)
+    assert manifest["results"]["revision_sha"] == SHA
+    assert manifest["results"]["revision"] == "main"
+    checkpoint = tmp_path / "fetch" / manifest["fingerprint"] / "checkpoint"
+    taken = sorted(p.name for p in checkpoint.iterdir())
+    assert taken == sorted(p.name for p in tiny_checkpoint.iterdir())  # no .bin, no original/, no README
+    assert (checkpoint / "model.safetensors").read_bytes() == files["model.safetensors"]
+    # files were fetched at the resolved commit, never at the moving branch name
+    downloads = [r.path for r in hub.requests_for("", "GET") if "/resolve/" in r.path]
+    assert downloads and all(f"/resolve/{SHA}/" in path for path in downloads)
+    assert not any(path.endswith((".bin", ".pth", "README.md")) for path in downloads)
+    # the Hugging Face cache under HF_HOME holds the blobs (hard-linked, not copied)
+    assert (checkpoint / "model.safetensors").stat().st_nlink == 2
+
+    again = _fetch(hub, tmp_path, "org/tiny")
+    assert again.returncode == 0 and "cached" in again.stdout
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(hub: HubServer, tiny_checkpoint: Path,
+                                                        tmp_path: Path) -> None:
+    files = {k: v for k, v in _files(tiny_checkpoint).items() if not k.endswith(".safetensors")}
+    hub.add("org/pickled", {**files, "pytorch_model.bin": b"not really a pickle"})
+    refused = _fetch(hub, tmp_path, "org/pickled")
+    assert refused.returncode == 1
+    assert "model.allow_pickle=true" in refused.stderr
+    assert not hub.requests_for("pytorch_model.bin")  # refused before any download
+    allowed = _fetch(hub, tmp_path, "org/pickled", "model.allow_pickle=true")
+    assert allowed.returncode == 0, allowed.stderr
+    assert len(hub.requests_for("pytorch_model.bin")) == 1
+
+
+@pytest.mark.parametrize(("repo", "extra", "expected"), [
+    ("org/missing", (), "org/missing not found"),
+    ("org/tiny", ("model.revision=v9",), "revision 'v9' not found"),
+    ("org/gated", (), "org/gated is gated"),
+])
+def test_hub_errors_are_one_line(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path, repo: str,
+                                 extra: tuple[str, ...], expected: str) -> None:
+    hub.add("org/tiny", _files(tiny_checkpoint))
+    hub.add("org/gated", _files(tiny_checkpoint), gated=True)
+    result = _fetch(hub, tmp_path, repo, *extra)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "fetch").glob("*/manifest.json"))
+
+
+def test_gated_repo_with_token_sends_it_and_never_writes_it(hub: HubServer, tiny_checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    hub.add("org/gated", _files(tiny_checkpoint), gated=True)
+    hub.state.tokens.add(TOKEN)
+    wrong = _fetch(hub, tmp_path, "org/gated", env={"HF_TOKEN": "hf_wrong_token_123"})
+    assert wrong.returncode == 1 and "is gated" in wrong.stderr
+
+    result = _fetch(hub, tmp_path, "org/gated", env={"HF_TOKEN": TOKEN, "PIPELINE_DEBUG": "1"})
+    assert result.returncode == 0, result.stderr
+    downloads = [r for r in hub.requests_for("model.safetensors")]
+    assert downloads and all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in downloads)
+    assert TOKEN not in result.stdout + result.stderr + wrong.stdout + wrong.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    result = run_cli("build", f"workdir={tmp_path}", "model=llama70b",
+                     env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, timeout=60)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Hugging Face Hub")
+    assert "Traceback" not in result.stderr
+
+
+def test_silent_hub_times_out_within_30_seconds(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # accepts connections, never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        started = time.monotonic()
+        result = run_cli("build", f"workdir={tmp_path}", "model=llama8b",
+                         env={"HF_ENDPOINT": f"http://127.0.0.1:{sock.getsockname()[1]}"}, timeout=60)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    assert "timed out" in result.stderr.splitlines()[-1]
+
+
+def test_killed_download_resumes_with_range_request(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path,
+                                                    hermetic_env: Path) -> None:
+    # huggingface_hub writes in 10 MB chunks: serve 24 MiB slowly so the kill lands after the first
+    weights = os.urandom(24 << 20)
+    hub.add("org/big", _files(tiny_checkpoint, {"model.safetensors": weights}))
+    hub.state.bytes_per_second = 8 << 20
+    argv = [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "model=hf",
+            "model.repo_id=org/big"]
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "HF_ENDPOINT": hub.url},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    partial: list[Path] = []
+    while time.monotonic() < deadline and not any(p.stat().st_size > 0 for p in partial):
+        time.sleep(0.05)
+        partial = list(hermetic_env.rglob("*.incomplete"))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial, "the download never started"
+    assert not list((tmp_path / "fetch").glob("*/manifest.json"))
+
+    hub.state.bytes_per_second = None
+    result = _fetch(hub, tmp_path, "org/big")
+    assert result.returncode == 0, result.stderr
+    ranges = [r.headers.get("range", "") for r in hub.requests_for("model.safetensors")]
+    assert any(r.startswith("bytes=") and r != "bytes=0-" for r in ranges), ranges
+    (checkpoint,) = (tmp_path / "fetch").glob("*/checkpoint")
+    assert (checkpoint / "model.safetensors").read_bytes() == weights

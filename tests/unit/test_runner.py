@@ -1,0 +1,92 @@
+"""The real runner and workspace, driven by two small stages (tests/fixtures/toy_stages.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import config, runner
+from pipeline.workspace import MANIFEST, fingerprint
+from tests.conftest import REPO_ROOT
+from tests.fixtures.toy_stages import PAYLOAD, STAGES, runs
+
+
+def _build(workdir: Path, *overrides: str) -> list[runner.Step]:
+    return runner.build(config.load([f"workdir={workdir}", *overrides]), STAGES)
+
+
+def test_second_build_is_a_cache_hit(tmp_path: Path) -> None:
+    first = _build(tmp_path)
+    second = _build(tmp_path)
+    assert [s.fingerprint for s in first] == [s.fingerprint for s in second]
+    assert all(s.cached for s in second) and runs(tmp_path, "first") == runs(tmp_path, "second") == 1
+    assert second[1].results == {"upstream_bytes": len(PAYLOAD)}  # results come back from the manifest
+
+
+def test_force_redoes_every_stage(tmp_path: Path) -> None:
+    _build(tmp_path)
+    _build(tmp_path, "force=true")
+    assert runs(tmp_path, "first") == runs(tmp_path, "second") == 2
+
+
+def test_fingerprint_changes_only_with_the_relevant_slice(tmp_path: Path) -> None:
+    base = _build(tmp_path)
+    tp3 = _build(tmp_path, "parallel.tp=3")
+    assert tp3[0].fingerprint == base[0].fingerprint and tp3[0].cached  # first ignores tp
+    assert tp3[1].fingerprint != base[1].fingerprint and not tp3[1].cached
+    renamed = _build(tmp_path, "model.name=other")
+    assert renamed[0].fingerprint != base[0].fingerprint
+    assert renamed[1].fingerprint != base[1].fingerprint  # upstream changed, so downstream too
+    assert runs(tmp_path, "first") == 2 and runs(tmp_path, "second") == 3
+
+
+def test_fingerprint_covers_versions_and_upstream() -> None:
+    args = ("fetch", 1, {"a": 1}, None, {"torch": "2.13.0"})
+    assert fingerprint(*args) == fingerprint(*args)
+    assert fingerprint("fetch", 1, {"a": 1}, None, {"torch": "2.9.1"}) != fingerprint(*args)
+    assert fingerprint("fetch", 2, {"a": 1}, None, {"torch": "2.13.0"}) != fingerprint(*args)
+    assert fingerprint("fetch", 1, {"a": 1}, "up", {"torch": "2.13.0"}) != fingerprint(*args)
+
+
+def test_manifest_records_timing_and_files(tmp_path: Path) -> None:
+    steps = _build(tmp_path)
+    manifest = json.loads((steps[0].dirs.final / MANIFEST).read_text())
+    assert manifest["seconds"] >= 0 and manifest["fingerprint"] == steps[0].fingerprint
+    assert manifest["files"]["data.bin"] == len(PAYLOAD)
+    assert manifest["tools"] == {"pytest": __import__("pytest").__version__}
+    assert (steps[0].dirs.final / "stage.log").is_file()
+
+
+def test_damaged_result_is_redone(tmp_path: Path) -> None:
+    steps = _build(tmp_path)
+    (steps[0].dirs.final / "data.bin").write_bytes(b"truncated")
+    again = _build(tmp_path)
+    assert not again[0].cached and runs(tmp_path, "first") == 2
+    assert (again[0].dirs.final / "data.bin").read_bytes() == PAYLOAD
+
+
+def test_run_killed_mid_write_completes_when_run_again(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "tests.fixtures.toy_stages", f"workdir={tmp_path}"]
+    killed = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True,
+                            env={**os.environ, "TOY_KILL_AFTER_BYTES": "500000"})
+    assert killed.returncode == -9
+    planned = runner.plan(config.load([f"workdir={tmp_path}"]), STAGES)
+    assert not planned[0].cached and planned[0].dirs.partial.exists()  # half-written, not done
+    assert planned[0].dirs.partial.joinpath("data.bin").stat().st_size < len(PAYLOAD)
+
+    subprocess.run(argv, cwd=REPO_ROOT, check=True, capture_output=True)
+    done = runner.plan(config.load([f"workdir={tmp_path}"]), STAGES)
+    assert [s.fingerprint for s in done] == [s.fingerprint for s in planned]
+    assert all(s.cached for s in done) and not done[0].dirs.partial.exists()
+    assert (done[0].dirs.final / "data.bin").read_bytes() == PAYLOAD
+    assert runs(tmp_path, "first") == 2 and runs(tmp_path, "second") == 1
+
+
+def test_concurrent_builds_do_the_work_once(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "tests.fixtures.toy_stages", f"workdir={tmp_path}"]
+    processes = [subprocess.Popen(argv, cwd=REPO_ROOT, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    assert runs(tmp_path, "first") == 1 and runs(tmp_path, "second") == 1
