@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO_ROOT, run_cli
 from tests.fixtures.hub_server import HubServer
 
-TOKEN = "hf_testsecret_4f9a1c2e7b"  # noqa: S105 - a fake token whose leaks we look for
+TOKEN = "hf_testsecret_4f9a1c2e7b"
 SHA = "a" * 40
 
 

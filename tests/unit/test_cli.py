@@ -1,0 +1,71 @@
+"""The command line as a user meets it, through a subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+
+def test_help_lists_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "build" in result.stdout and "plan" in result.stdout
+
+
+def test_missing_or_unknown_command_prints_usage_and_exits_2() -> None:
+    missing = run_cli()
+    assert missing.returncode == 2 and "usage:" in missing.stderr
+    unknown = run_cli("deploy")
+    assert unknown.returncode == 2
+    assert "unknown command 'deploy'" in unknown.stderr and "usage:" in unknown.stderr
+
+
+def test_build_help_shows_groups_and_keys() -> None:
+    result = run_cli("build", "--help")
+    assert result.returncode == 0
+    assert "model=hf|llama70b|llama8b|local|smollm2-135m" in result.stdout
+    assert "parallel:" in result.stdout and "workdir:" in result.stdout
+
+
+def test_bad_option_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = run_cli("build", "model=nope", f"workdir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: unknown model 'nope': valid choices are "
+                                     "model=hf|llama70b|llama8b|local|smollm2-135m")
+    assert not any(tmp_path.iterdir())
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("build", "model=nope", f"workdir={tmp_path}", env={"PIPELINE_DEBUG": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_plan_shows_stages_fingerprints_and_config_and_runs_nothing(tmp_path: Path) -> None:
+    result = run_cli("plan", f"workdir={tmp_path}", "parallel.tp=3")
+    assert result.returncode == 0, result.stderr
+    assert "# resolved config" in result.stdout and "tp: 3" in result.stdout
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("fetch ")]
+    assert "will run" in row and str(tmp_path / "fetch") in row
+    assert not (tmp_path / "fetch").exists()
+
+
+def test_dry_run_prints_the_plan_and_stops(tmp_path: Path) -> None:
+    result = run_cli("build", "dry_run=true", f"workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "will run" in result.stdout and "dry run: nothing was run" in result.stdout
+    assert not (tmp_path / "fetch").exists()
+
+
+def test_multirun_runs_one_job_per_combination(tmp_path: Path) -> None:
+    result = run_cli("plan", "-m", "parallel.tp=1,3", "parallel.pp=1,2", f"workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("job ") == 4
+    assert result.stdout.count("# resolved config") == 4
+
+
+def test_multirun_refuses_a_bad_combination_before_any_job(tmp_path: Path) -> None:
+    result = run_cli("build", "-m", "parallel.tp=1,2", f"workdir={tmp_path}")
+    assert result.returncode == 1
+    assert "parallel.tp=2" in result.stderr and "job 1/2" not in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,75 @@
+"""Config composition, one-line errors for bad overrides, and cross-field validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import config
+from pipeline.config import Architecture, Source
+from pipeline.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_model_on_one_rank() -> None:
+    cfg = config.load([])
+    assert cfg.model.name == "smollm2-135m" and cfg.model.source is Source.gguf
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (1, 1)
+    assert cfg.workdir == "./artifacts" and not cfg.force and not cfg.dry_run
+
+
+@pytest.mark.parametrize("name", ["llama8b", "llama70b", "smollm2-135m"])
+def test_named_models_carry_their_architecture(name: str) -> None:
+    arch = config.load([f"model={name}"]).model.arch
+    assert all(value for value in config.to_dict(arch).values())
+
+
+def test_llama70b_numbers() -> None:
+    arch = config.load(["model=llama70b"]).model.arch
+    assert (arch.num_hidden_layers, arch.num_attention_heads, arch.num_key_value_heads) == (80, 64, 8)
+    assert (arch.hidden_size, arch.intermediate_size, arch.vocab_size) == (8192, 28672, 128256)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["model=nope"], "unknown model 'nope': valid choices are model=hf|llama70b|llama8b|local|smollm2-135m"),
+    (["modle=x"], "unknown config key 'modle': did you mean 'model'?"),
+    (["parallel.tpp=2"], "did you mean 'parallel.tp'?"),
+    (["parallel.tp=two"], "parallel.tp: Value 'two' of type 'str' could not be converted to Integer"),
+    (["model.source=s3"], "model.source: Invalid value 's3', expected one of [hf, local, gguf]"),
+    (["parallel.tp=1,3"], "add -m to run one job per value"),
+    (["workdir"], "cannot read override 'workdir': write key=value"),
+    (["+extra=1"], "adding or deleting config keys is not supported"),
+])
+def test_bad_overrides_give_one_line(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(overrides)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message
+
+
+def test_valid_tp_sizes_follow_heads_kv_heads_and_mlp_width() -> None:
+    smollm = config.load([]).model.arch
+    assert config.valid_tp_sizes(smollm) == [1, 3]  # 9 heads, 3 KV heads, 1536 = 3 x 512
+    llama = config.load(["model=llama70b"]).model.arch
+    assert config.valid_tp_sizes(llama) == [1, 2, 4, 8, 16, 32, 64]  # KV heads replicated past 8
+    assert config.valid_tp_sizes(Architecture()) == []  # unknown until fetched
+
+
+def test_validate_collects_every_problem_with_its_fix() -> None:
+    cfg = config.to_typed(config.compose(["parallel.tp=2", "parallel.pp=31", "model.arch.vocab_size=0"]))
+    problems = config.validate(cfg)
+    assert len(problems) == 3
+    assert any("use parallel.tp=1 or 3" in p for p in problems)
+    assert any("use parallel.pp<=30" in p for p in problems)
+    assert any("model.arch.vocab_size=0 must be positive" in p for p in problems)
+    with pytest.raises(ConfigError, match=r"parallel\.tp=2"):
+        config.load(["parallel.tp=2"])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["model=hf"], "model.source=hf needs model.repo_id"),
+    (["model=local"], "model.source=local needs model.path"),
+    (["model=local", "model.path=/no/such/dir"], "is not a folder"),
+    (["model.package=null"], "model.source=gguf needs model.path"),
+])
+def test_source_fields_are_checked(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        config.load(overrides)
