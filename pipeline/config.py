@@ -199,8 +199,15 @@ def _parallel_problems(cfg: PipelineConfig) -> list[str]:
 def validate(cfg: PipelineConfig) -> list[str]:
     """Every cross-field problem, each naming the override that fixes it. Empty means valid."""
     problems = _source_problems(cfg.model)
-    for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-                 "intermediate_size", "vocab_size", "max_position_embeddings"):
+    for name in (
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_size",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
         value = getattr(cfg.model.arch, name)
         if value is not None and value < 1:
             problems.append(f"model.arch.{name}={value} must be positive")

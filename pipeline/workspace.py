@@ -36,12 +36,12 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def fingerprint(stage: str, version: int, depends_on: dict[str, Any], upstream: str | None,
-                tools: dict[str, str]) -> str:
+def fingerprint(
+    stage: str, version: int, depends_on: dict[str, Any], upstream: str | None, tools: dict[str, str]
+) -> str:
     """Identity of a stage's output: what it reads from the config, what came before it, the tool
     versions that produce it, and the stage's own output-format version."""
-    payload = {"stage": stage, "version": version, "depends_on": depends_on, "upstream": upstream,
-               "tools": tools}
+    payload = {"stage": stage, "version": version, "depends_on": depends_on, "upstream": upstream, "tools": tools}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
@@ -125,8 +125,7 @@ class StageDirs:
         for rel, size in expected.items():
             file = self.final / rel
             if not file.is_file() or file.stat().st_size != size:
-                log.warning("%s: cached artifact %s is missing or changed; redoing the stage",
-                            self.final, rel)
+                log.warning("%s: cached artifact %s is missing or changed; redoing the stage", self.final, rel)
                 return None
         return manifest
 

@@ -38,8 +38,11 @@ def _local_files(cfg: PipelineConfig) -> tuple[Path, list[str]]:
 
 def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     model = cfg.model
-    common = {"source": str(model.source), "allow_pickle": model.allow_pickle,
-              "trust_remote_code": model.trust_remote_code}
+    common = {
+        "source": str(model.source),
+        "allow_pickle": model.allow_pickle,
+        "trust_remote_code": model.trust_remote_code,
+    }
     if model.source is Source.hf:
         return {**common, "repo_id": model.repo_id, "revision": model.revision}
     if model.source is Source.local:
@@ -85,8 +88,10 @@ def _check_checkpoint(cfg: PipelineConfig, folder: Path) -> None:
         raise FetchError(f"{folder} has no tokenizer files: add tokenizer.json (or tokenizer.model) to the model")
     config = json.loads(config_path.read_text())
     if config.get("auto_map") and not cfg.model.trust_remote_code:
-        raise FetchError(f"{cfg.model.name} needs its own Python code (auto_map in config.json): set "
-                         "model.trust_remote_code=true only if you trust it")
+        raise FetchError(
+            f"{cfg.model.name} needs its own Python code (auto_map in config.json): set "
+            "model.trust_remote_code=true only if you trust it"
+        )
 
 
 def verify(cfg: PipelineConfig, final: Path) -> None:
@@ -94,11 +99,15 @@ def verify(cfg: PipelineConfig, final: Path) -> None:
     planner and validation trust those numbers. Runs on cached results too."""
     config = json.loads((final / CHECKPOINT / "config.json").read_text())
     declared = to_dict(cfg.model.arch)
-    wrong = [f"model.arch.{key}={value} but the checkpoint has {config.get(key)}"
-             for key, value in declared.items() if value is not None and config.get(key) != value]
+    wrong = [
+        f"model.arch.{key}={value} but the checkpoint has {config.get(key)}"
+        for key, value in declared.items()
+        if value is not None and config.get(key) != value
+    ]
     if wrong:
-        raise FetchError(f"{cfg.model.name}: {'; '.join(wrong)}: correct conf/model/{cfg.model.name}.yaml "
-                         "or the overrides")
+        raise FetchError(
+            f"{cfg.model.name}: {'; '.join(wrong)}: correct conf/model/{cfg.model.name}.yaml or the overrides"
+        )
 
 
 def checkpoint_dir(ws: StageWorkspace) -> Path:

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.slow
 def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path) -> None:
     planned = runner.plan(config.load([f"workdir={tmp_path}"]))[0]
     log = planned.dirs.partial / "stage.log"
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}"],
-                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "dequantizing" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.2)
@@ -55,9 +59,10 @@ def _assert_answers_paris(checkpoint: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         output = model.generate(prompt, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, prompt.shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, prompt.shape[1] :])
     assert os.environ.get("HF_TOKEN") is None  # nothing here needed a token

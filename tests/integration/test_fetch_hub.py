@@ -33,11 +33,18 @@ def hub() -> Iterator[HubServer]:
         yield server
 
 
-def _fetch(hub: HubServer, workdir: Path, repo: str, *extra: str, env: dict[str, str] | None = None,
-           timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return run_cli("build", f"workdir={workdir}", "model=hf",
-                   f"model.repo_id={repo}", *extra, env={"HF_ENDPOINT": hub.url, **(env or {})},
-                   timeout=timeout)
+def _fetch(
+    hub: HubServer, workdir: Path, repo: str, *extra: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "build",
+        f"workdir={workdir}",
+        "model=hf",
+        f"model.repo_id={repo}",
+        *extra,
+        env={"HF_ENDPOINT": hub.url, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def _manifest(workdir: Path) -> dict:
@@ -46,8 +53,9 @@ def _manifest(workdir: Path) -> dict:
 
 
 def test_downloads_allowed_files_at_resolved_sha(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    files = _files(tiny_checkpoint, {"pytorch_model.bin": b"pickle", "original/consolidated.00.pth": b"x",
-                                     "README.md": b"# card"})
+    files = _files(
+        tiny_checkpoint, {"pytorch_model.bin": b"pickle", "original/consolidated.00.pth": b"x", "README.md": b"# card"}
+    )
     hub.add("org/tiny", files, sha=SHA)
     result = _fetch(hub, tmp_path, "org/tiny")
     assert result.returncode == 0, result.stderr
@@ -69,8 +77,7 @@ def test_downloads_allowed_files_at_resolved_sha(hub: HubServer, tiny_checkpoint
     assert again.returncode == 0 and "cached" in again.stdout
 
 
-def test_pickle_only_weights_are_refused_unless_allowed(hub: HubServer, tiny_checkpoint: Path,
-                                                        tmp_path: Path) -> None:
+def test_pickle_only_weights_are_refused_unless_allowed(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path) -> None:
     files = {k: v for k, v in _files(tiny_checkpoint).items() if not k.endswith(".safetensors")}
     hub.add("org/pickled", {**files, "pytorch_model.bin": b"not really a pickle"})
     refused = _fetch(hub, tmp_path, "org/pickled")
@@ -82,13 +89,17 @@ def test_pickle_only_weights_are_refused_unless_allowed(hub: HubServer, tiny_che
     assert len(hub.requests_for("pytorch_model.bin")) == 1
 
 
-@pytest.mark.parametrize(("repo", "extra", "expected"), [
-    ("org/missing", (), "org/missing not found"),
-    ("org/tiny", ("model.revision=v9",), "revision 'v9' not found"),
-    ("org/gated", (), "org/gated is gated"),
-])
-def test_hub_errors_are_one_line(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path, repo: str,
-                                 extra: tuple[str, ...], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("repo", "extra", "expected"),
+    [
+        ("org/missing", (), "org/missing not found"),
+        ("org/tiny", ("model.revision=v9",), "revision 'v9' not found"),
+        ("org/gated", (), "org/gated is gated"),
+    ],
+)
+def test_hub_errors_are_one_line(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path, repo: str, extra: tuple[str, ...], expected: str
+) -> None:
     hub.add("org/tiny", _files(tiny_checkpoint))
     hub.add("org/gated", _files(tiny_checkpoint), gated=True)
     result = _fetch(hub, tmp_path, repo, *extra)
@@ -99,8 +110,9 @@ def test_hub_errors_are_one_line(hub: HubServer, tiny_checkpoint: Path, tmp_path
     assert not list((tmp_path / "fetch").glob("*/manifest.json"))
 
 
-def test_gated_repo_with_token_sends_it_and_never_writes_it(hub: HubServer, tiny_checkpoint: Path,
-                                                            tmp_path: Path) -> None:
+def test_gated_repo_with_token_sends_it_and_never_writes_it(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     hub.add("org/gated", _files(tiny_checkpoint), gated=True)
     hub.state.tokens.add(TOKEN)
     wrong = _fetch(hub, tmp_path, "org/gated", env={"HF_TOKEN": "hf_wrong_token_123"})
@@ -121,8 +133,9 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
-    result = run_cli("build", f"workdir={tmp_path}", "model=llama70b",
-                     env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, timeout=60)
+    result = run_cli(
+        "build", f"workdir={tmp_path}", "model=llama70b", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, timeout=60
+    )
     assert time.monotonic() - started < 30
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Hugging Face Hub")
@@ -134,23 +147,33 @@ def test_silent_hub_times_out_within_30_seconds(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen(8)
         started = time.monotonic()
-        result = run_cli("build", f"workdir={tmp_path}", "model=llama8b",
-                         env={"HF_ENDPOINT": f"http://127.0.0.1:{sock.getsockname()[1]}"}, timeout=60)
+        result = run_cli(
+            "build",
+            f"workdir={tmp_path}",
+            "model=llama8b",
+            env={"HF_ENDPOINT": f"http://127.0.0.1:{sock.getsockname()[1]}"},
+            timeout=60,
+        )
     assert time.monotonic() - started < 30
     assert result.returncode == 1
     assert "timed out" in result.stderr.splitlines()[-1]
 
 
-def test_killed_download_resumes_with_range_request(hub: HubServer, tiny_checkpoint: Path, tmp_path: Path,
-                                                    hermetic_env: Path) -> None:
+def test_killed_download_resumes_with_range_request(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path, hermetic_env: Path
+) -> None:
     # huggingface_hub writes in 10 MB chunks: serve 24 MiB slowly so the kill lands after the first
     weights = os.urandom(24 << 20)
     hub.add("org/big", _files(tiny_checkpoint, {"model.safetensors": weights}))
     hub.state.bytes_per_second = 8 << 20
-    argv = [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "model=hf",
-            "model.repo_id=org/big"]
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "HF_ENDPOINT": hub.url},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "model=hf", "model.repo_id=org/big"]
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_ENDPOINT": hub.url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     partial: list[Path] = []
     while time.monotonic() < deadline and not any(p.stat().st_size > 0 for p in partial):

@@ -25,8 +25,9 @@ def test_local_checkpoint_is_linked_and_refetched_when_it_changes(tiny_checkpoin
     assert first.returncode == 0, first.stderr
     (checkpoint,) = (tmp_path / "work" / "fetch").glob("*/checkpoint")
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in tiny_checkpoint.iterdir())
-    assert (checkpoint / "model.safetensors").samefile(folder / "model.safetensors") or \
-        (checkpoint / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert (checkpoint / "model.safetensors").samefile(folder / "model.safetensors") or (
+        checkpoint / "model.safetensors"
+    ).read_bytes() == (folder / "model.safetensors").read_bytes()
 
     assert "cached" in _build(tmp_path / "work", folder).stdout
     config = json.loads((folder / "config.json").read_text())

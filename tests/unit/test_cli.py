@@ -31,8 +31,9 @@ def test_build_help_shows_groups_and_keys() -> None:
 def test_bad_option_is_one_line_and_exit_1(tmp_path: Path) -> None:
     result = run_cli("build", "model=nope", f"workdir={tmp_path}")
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: unknown model 'nope': valid choices are "
-                                     "model=hf|llama70b|llama8b|local|smollm2-135m")
+    assert result.stderr.strip() == (
+        "error: unknown model 'nope': valid choices are model=hf|llama70b|llama8b|local|smollm2-135m"
+    )
     assert not any(tmp_path.iterdir())
 
 

@@ -28,16 +28,19 @@ def test_llama70b_numbers() -> None:
     assert (arch.hidden_size, arch.intermediate_size, arch.vocab_size) == (8192, 28672, 128256)
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["model=nope"], "unknown model 'nope': valid choices are model=hf|llama70b|llama8b|local|smollm2-135m"),
-    (["modle=x"], "unknown config key 'modle': did you mean 'model'?"),
-    (["parallel.tpp=2"], "did you mean 'parallel.tp'?"),
-    (["parallel.tp=two"], "parallel.tp: Value 'two' of type 'str' could not be converted to Integer"),
-    (["model.source=s3"], "model.source: Invalid value 's3', expected one of [hf, local, gguf]"),
-    (["parallel.tp=1,3"], "add -m to run one job per value"),
-    (["workdir"], "cannot read override 'workdir': write key=value"),
-    (["+extra=1"], "adding or deleting config keys is not supported"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=nope"], "unknown model 'nope': valid choices are model=hf|llama70b|llama8b|local|smollm2-135m"),
+        (["modle=x"], "unknown config key 'modle': did you mean 'model'?"),
+        (["parallel.tpp=2"], "did you mean 'parallel.tp'?"),
+        (["parallel.tp=two"], "parallel.tp: Value 'two' of type 'str' could not be converted to Integer"),
+        (["model.source=s3"], "model.source: Invalid value 's3', expected one of [hf, local, gguf]"),
+        (["parallel.tp=1,3"], "add -m to run one job per value"),
+        (["workdir"], "cannot read override 'workdir': write key=value"),
+        (["+extra=1"], "adding or deleting config keys is not supported"),
+    ],
+)
 def test_bad_overrides_give_one_line(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(overrides)
@@ -64,12 +67,15 @@ def test_validate_collects_every_problem_with_its_fix() -> None:
         config.load(["parallel.tp=2"])
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["model=hf"], "model.source=hf needs model.repo_id"),
-    (["model=local"], "model.source=local needs model.path"),
-    (["model=local", "model.path=/no/such/dir"], "is not a folder"),
-    (["model.package=null"], "model.source=gguf needs model.path"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=hf"], "model.source=hf needs model.repo_id"),
+        (["model=local"], "model.source=local needs model.path"),
+        (["model=local", "model.path=/no/such/dir"], "is not a folder"),
+        (["model.package=null"], "model.source=gguf needs model.path"),
+    ],
+)
 def test_source_fields_are_checked(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         config.load(overrides)

@@ -70,8 +70,9 @@ def test_damaged_result_is_redone(tmp_path: Path) -> None:
 
 def test_run_killed_mid_write_completes_when_run_again(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "tests.fixtures.toy_stages", f"workdir={tmp_path}"]
-    killed = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True,
-                            env={**os.environ, "TOY_KILL_AFTER_BYTES": "500000"})
+    killed = subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, env={**os.environ, "TOY_KILL_AFTER_BYTES": "500000"}
+    )
     assert killed.returncode == -9
     planned = runner.plan(config.load([f"workdir={tmp_path}"]), STAGES)
     assert not planned[0].cached and planned[0].dirs.partial.exists()  # half-written, not done
