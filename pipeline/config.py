@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline import rules
 from pipeline.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -47,6 +48,7 @@ class Architecture:
     intermediate_size: int | None = None
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
+    head_dim: int | None = None  # when not hidden_size / num_attention_heads
 
 
 @dataclass
@@ -61,7 +63,59 @@ class ModelConfig:
     dtype: DType = DType.bfloat16  # dtype of unquantized weights (and of a GGUF conversion)
     allow_pickle: bool = False  # accept *.bin (pickle) weights, which can run code when loaded
     trust_remote_code: bool = False  # allow the checkpoint's own Python code
+    calib_dataset: str = "cnn_dailymail"  # calibration text when quant.calib.dataset is null
     arch: Architecture = field(default_factory=Architecture)
+
+
+class QuantFormat(StrEnum):
+    none = "none"  # unquantized, exported in model.dtype
+    fp8 = "fp8"  # FP8 weights and activations, per-tensor scales
+    int4_awq = "int4_awq"  # INT4 weights (AWQ, per-group scales), 16-bit activations
+    w4a8_awq = "w4a8_awq"  # INT4 weights (AWQ), FP8 activations
+    int8_sq = "int8_sq"  # INT8 weights and activations with SmoothQuant
+    nvfp4 = "nvfp4"  # FP4 (E2M1) weights and activations, FP8 block scales: Blackwell
+
+
+class KVCacheDType(StrEnum):
+    fp8 = "fp8"
+    int8 = "int8"
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data. A null value means "automatic" (see pipeline/calibration.py): small
+    models get CPU-friendly sizes, others NVIDIA's defaults (512 samples of 512 tokens; AWQ 32)."""
+
+    dataset: str | None = None  # builtin | cnn_dailymail | /path/to/file.txt|.jsonl; null: the model's
+    num_samples: int | None = None
+    max_length: int | None = None
+    batch_size: int = 4
+
+
+@dataclass
+class QuantConfig:
+    format: QuantFormat = QuantFormat.none
+    kv_cache_dtype: KVCacheDType | None = None
+    awq_block_size: int = 128  # AWQ group size: 64 or 128
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval_tokens: int = 1024  # held-out tokens scored for the quality report (0 turns it off)
+
+
+class TargetKind(StrEnum):
+    auto = "auto"  # the GPUs nvidia-smi finds, else cpu
+    cpu = "cpu"  # reference runtime (PyTorch) instead of TensorRT engines
+    gpu = "gpu"
+
+
+@dataclass
+class TargetConfig:
+    name: str = MISSING
+    kind: TargetKind = TargetKind.cpu
+    gpu: str | None = None  # marketing name, e.g. "NVIDIA H100 80GB HBM3"
+    sm: int | None = None  # compute capability x 10, e.g. 90 for Hopper
+    memory_gib: float | None = None  # per GPU
+    count: int = 0  # GPUs on the host
+    price_per_gpu_hour: float | None = None  # USD, for cost per token
 
 
 @dataclass
@@ -73,6 +127,8 @@ class ParallelConfig:
 @dataclass
 class PipelineConfig:
     model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    target: TargetConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
@@ -86,6 +142,8 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="pipeline" + SCHEMA_SUFFIX, node=PipelineConfig)
     store.store(group="model", name="model" + SCHEMA_SUFFIX, node=ModelConfig)
+    store.store(group="quant", name="quant" + SCHEMA_SUFFIX, node=QuantConfig)
+    store.store(group="target", name="target" + SCHEMA_SUFFIX, node=TargetConfig)
 
 
 def group_options(group: str) -> list[str]:
@@ -127,6 +185,10 @@ def to_typed(cfg: DictConfig) -> PipelineConfig:
 def load(overrides: Sequence[str] = ()) -> PipelineConfig:
     """Overrides -> validated, typed config. Raises ConfigError listing every problem."""
     cfg = to_typed(compose(overrides))
+    if cfg.target.kind is TargetKind.auto:
+        from pipeline.hardware import detect
+
+        cfg.target = detect()
     problems = validate(cfg)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
@@ -146,22 +208,6 @@ def to_dict(obj: Any) -> Any:
 # Cross-field validation: pure, cheap (no weights, no network), every problem reported together.
 
 
-def valid_tp_sizes(arch: Architecture) -> list[int]:
-    """Tensor-parallel sizes the model can be split into: heads and the MLP width split evenly,
-    and KV heads either split evenly or replicated whole (TensorRT-LLM replicates them)."""
-    heads, kv = arch.num_attention_heads, arch.num_key_value_heads or arch.num_attention_heads
-    if not heads:
-        return []
-    sizes = []
-    for tp in range(1, heads + 1):
-        if heads % tp or (arch.intermediate_size and arch.intermediate_size % tp):
-            continue
-        if kv and kv % tp and tp % kv:
-            continue
-        sizes.append(tp)
-    return sizes
-
-
 def _source_problems(model: ModelConfig) -> list[str]:
     if model.source is Source.hf and not model.repo_id:
         return ["model.source=hf needs model.repo_id=<org/name>"]
@@ -173,27 +219,6 @@ def _source_problems(model: ModelConfig) -> list[str]:
     if model.source is Source.gguf and not (model.path or (model.package and model.file)):
         return ["model.source=gguf needs model.path=<file.gguf> or model.package=<pkg> model.file=<name>"]
     return []
-
-
-def _parallel_problems(cfg: PipelineConfig) -> list[str]:
-    arch, tp, pp = cfg.model.arch, cfg.parallel.tp, cfg.parallel.pp
-    problems = []
-    if tp < 1 or pp < 1:
-        problems.append(f"parallel.tp={tp} parallel.pp={pp}: both must be at least 1")
-        return problems
-    sizes = valid_tp_sizes(arch)
-    if sizes and tp not in sizes:
-        problems.append(
-            f"parallel.tp={tp} does not split {cfg.model.name} ({arch.num_attention_heads} attention heads, "
-            f"{arch.num_key_value_heads} KV heads, intermediate size {arch.intermediate_size}): "
-            f"use parallel.tp={' or '.join(map(str, sizes))}"
-        )
-    if arch.num_hidden_layers and pp > arch.num_hidden_layers:
-        problems.append(
-            f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
-            f"use parallel.pp<={arch.num_hidden_layers}"
-        )
-    return problems
 
 
 def validate(cfg: PipelineConfig) -> list[str]:
@@ -211,5 +236,8 @@ def validate(cfg: PipelineConfig) -> list[str]:
         value = getattr(cfg.model.arch, name)
         if value is not None and value < 1:
             problems.append(f"model.arch.{name}={value} must be positive")
-    problems += _parallel_problems(cfg)
+    problems += rules.parallel_problems(cfg)
+    problems += rules.gpu_format_problems(cfg)
+    if cfg.quant.calib.num_samples is not None and cfg.quant.calib.num_samples < 1:
+        problems.append("quant.calib.num_samples must be at least 1")
     return problems

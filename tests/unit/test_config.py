@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import config
+from pipeline import config, rules
 from pipeline.config import Architecture, Source
 from pipeline.errors import ConfigError
 
@@ -50,10 +50,10 @@ def test_bad_overrides_give_one_line(overrides: list[str], expected: str) -> Non
 
 def test_valid_tp_sizes_follow_heads_kv_heads_and_mlp_width() -> None:
     smollm = config.load([]).model.arch
-    assert config.valid_tp_sizes(smollm) == [1, 3]  # 9 heads, 3 KV heads, 1536 = 3 x 512
+    assert rules.valid_tp_sizes(smollm) == [1, 3]  # 9 heads, 3 KV heads, 1536 = 3 x 512
     llama = config.load(["model=llama70b"]).model.arch
-    assert config.valid_tp_sizes(llama) == [1, 2, 4, 8, 16, 32, 64]  # KV heads replicated past 8
-    assert config.valid_tp_sizes(Architecture()) == []  # unknown until fetched
+    assert rules.valid_tp_sizes(llama) == [1, 2, 4, 8, 16, 32, 64]  # KV heads replicated past 8
+    assert rules.valid_tp_sizes(Architecture()) == []  # unknown until fetched
 
 
 def test_validate_collects_every_problem_with_its_fix() -> None:

@@ -1,0 +1,117 @@
+"""Rules that decide whether a configuration can work, as pure functions of the config (no weights,
+no network), each problem phrased with the override that fixes it. Numbers come from
+``shared/reference/facts.md``: heads divide by tp, pp at most the layers, AWQ groups divide every
+per-rank input dimension, FP8 needs SM >= 89, NVFP4 needs Blackwell, INT4-AWQ engines are not
+built for Blackwell."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import Architecture, PipelineConfig
+
+AWQ_BLOCK_SIZES = (128, 64)
+FP8_MIN_SM = 89
+NVFP4_MIN_SM = 100
+BLACKWELL_SM = range(100, 120)
+
+
+def valid_tp_sizes(arch: Architecture) -> list[int]:
+    """Tensor-parallel sizes the model can be split into: heads and the MLP width split evenly,
+    and KV heads either split evenly or replicated whole (TensorRT-LLM replicates them)."""
+    heads, kv = arch.num_attention_heads, arch.num_key_value_heads or arch.num_attention_heads
+    if not heads:
+        return []
+    sizes = []
+    for tp in range(1, heads + 1):
+        if heads % tp or (arch.intermediate_size and arch.intermediate_size % tp):
+            continue
+        if kv and kv % tp and tp % kv:
+            continue
+        sizes.append(tp)
+    return sizes
+
+
+def head_dim(arch: Architecture) -> int | None:
+    if arch.head_dim:
+        return arch.head_dim
+    if arch.hidden_size and arch.num_attention_heads:
+        return arch.hidden_size // arch.num_attention_heads
+    return None
+
+
+def awq_input_dims(arch: Architecture, tp: int) -> dict[str, int]:
+    """Per-rank input width of every linear layer AWQ quantizes. Column-parallel layers (qkv,
+    fc/gate) see the whole hidden size; row-parallel ones (attention dense, mlp proj) a 1/tp slice."""
+    dims: dict[str, int] = {}
+    if arch.hidden_size:
+        dims["hidden size (qkv, mlp fc/gate)"] = arch.hidden_size
+    hd = head_dim(arch)
+    if arch.num_attention_heads and hd:
+        dims[f"attention output / tp={tp}"] = arch.num_attention_heads * hd // tp
+    if arch.intermediate_size:
+        dims[f"intermediate size / tp={tp}"] = arch.intermediate_size // tp
+    return dims
+
+
+def awq_block_problems(arch: Architecture, tp: int, block: int) -> list[str]:
+    if block not in AWQ_BLOCK_SIZES:
+        return [f"quant.awq_block_size={block}: use quant.awq_block_size=128 or 64"]
+    dims = awq_input_dims(arch, tp)
+    bad = {name: dim for name, dim in dims.items() if dim % block}
+    if not bad:
+        return []
+    working = [b for b in AWQ_BLOCK_SIZES if all(dim % b == 0 for dim in dims.values())]
+    detail = ", ".join(f"{name} = {dim}" for name, dim in bad.items())
+    fix = f"use quant.awq_block_size={working[0]}" if working else "use another parallel.tp or quant format"
+    return [f"quant.awq_block_size={block} does not divide {detail}: {fix}"]
+
+
+def gpu_format_problems(cfg: PipelineConfig) -> list[str]:
+    """Quant formats against the target GPU's architecture (engine path only)."""
+    from pipeline.config import QuantFormat, TargetKind
+
+    target, quant = cfg.target, cfg.quant
+    if target.kind is not TargetKind.gpu or target.sm is None:
+        return []
+    problems = []
+    where = f"target={target.name} ({target.gpu or 'GPU'}, SM {target.sm})"
+    fp8_formats = (QuantFormat.fp8, QuantFormat.w4a8_awq)
+    if quant.format in fp8_formats and target.sm < FP8_MIN_SM:
+        problems.append(f"quant={quant.format} needs FP8 (SM >= {FP8_MIN_SM}) but {where}: use quant=int4_awq, "
+                        "quant=int8_sq or a newer target")
+    if quant.kv_cache_dtype == "fp8" and target.sm < FP8_MIN_SM:
+        problems.append(f"quant.kv_cache_dtype=fp8 needs SM >= {FP8_MIN_SM} but {where}: "
+                        "use quant.kv_cache_dtype=int8 or null")
+    if quant.format is QuantFormat.nvfp4 and target.sm < NVFP4_MIN_SM:
+        problems.append(f"quant=nvfp4 needs Blackwell (SM >= {NVFP4_MIN_SM}) but {where}: use quant=fp8")
+    if quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and target.sm in BLACKWELL_SM:
+        problems.append(f"quant={quant.format} engines are not supported on Blackwell ({where}): "
+                        "use quant=nvfp4 or quant=fp8")
+    return problems
+
+
+def parallel_problems(cfg: PipelineConfig) -> list[str]:
+    from pipeline.config import QuantFormat, TargetKind
+
+    arch, tp, pp = cfg.model.arch, cfg.parallel.tp, cfg.parallel.pp
+    if tp < 1 or pp < 1:
+        return [f"parallel.tp={tp} parallel.pp={pp}: both must be at least 1"]
+    problems = []
+    sizes = valid_tp_sizes(arch)
+    if sizes and tp not in sizes:
+        problems.append(
+            f"parallel.tp={tp} does not split {cfg.model.name} ({arch.num_attention_heads} attention heads, "
+            f"{arch.num_key_value_heads} KV heads, intermediate size {arch.intermediate_size}): "
+            f"use parallel.tp={' or '.join(map(str, sizes))}"
+        )
+    if arch.num_hidden_layers and pp > arch.num_hidden_layers:
+        problems.append(f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
+                        f"use parallel.pp<={arch.num_hidden_layers}")
+    if cfg.target.kind is TargetKind.gpu and tp * pp > cfg.target.count:
+        problems.append(f"parallel.tp={tp} x parallel.pp={pp} needs {tp * pp} GPUs but target={cfg.target.name} "
+                        f"has {cfg.target.count}: lower parallel.tp/pp or choose a larger target")
+    if cfg.quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and not problems:
+        problems += awq_block_problems(arch, tp, cfg.quant.awq_block_size)
+    return problems
