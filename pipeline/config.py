@@ -238,6 +238,33 @@ def validate(cfg: PipelineConfig) -> list[str]:
             problems.append(f"model.arch.{name}={value} must be positive")
     problems += rules.parallel_problems(cfg)
     problems += rules.gpu_format_problems(cfg)
-    if cfg.quant.calib.num_samples is not None and cfg.quant.calib.num_samples < 1:
+    problems += _quant_problems(cfg)
+    return problems
+
+
+def _quant_problems(cfg: PipelineConfig) -> list[str]:
+    import importlib.util
+
+    from pipeline import calibration
+
+    quant = cfg.quant
+    if quant.format is QuantFormat.none:
+        return (
+            ["quant.kv_cache_dtype needs a quantized format: use quant=fp8 (or another) or quant.kv_cache_dtype=null"]
+            if quant.kv_cache_dtype
+            else []
+        )
+    problems = []
+    if quant.calib.num_samples is not None and quant.calib.num_samples < 1:
         problems.append("quant.calib.num_samples must be at least 1")
+    dataset = calibration.plan(cfg).dataset
+    if dataset == "cnn_dailymail" and importlib.util.find_spec("datasets") is None:
+        problems.append(
+            "calibrating on cnn_dailymail needs the `datasets` package (pip install datasets): or set "
+            "quant.calib.dataset=builtin or a .txt/.jsonl file"
+        )
+    elif dataset not in (calibration.BUILTIN, "cnn_dailymail") and not Path(dataset).expanduser().is_file():
+        problems.append(
+            f"quant.calib.dataset={dataset} is not a file: use builtin, cnn_dailymail or a .txt/.jsonl file"
+        )
     return problems

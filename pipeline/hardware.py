@@ -20,16 +20,27 @@ def parse_nvidia_smi(csv: str) -> TargetConfig | None:
         return None
     name, capability, memory_mib = rows[0][:3]
     major, _, minor = capability.partition(".")
-    return TargetConfig(name="auto", kind=TargetKind.gpu, gpu=name, sm=int(major) * 10 + int(minor or 0),
-                        memory_gib=round(float(memory_mib) / 1024, 1), count=len(rows))
+    return TargetConfig(
+        name="auto",
+        kind=TargetKind.gpu,
+        gpu=name,
+        sm=int(major) * 10 + int(minor or 0),
+        memory_gib=round(float(memory_mib) / 1024, 1),
+        count=len(rows),
+    )
 
 
 def detect() -> TargetConfig:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=15, check=True).stdout
+            out = subprocess.run(
+                [smi, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+                check=True,
+            ).stdout
             if (target := parse_nvidia_smi(out)) is not None:
                 return target
         except (subprocess.SubprocessError, OSError, ValueError) as error:

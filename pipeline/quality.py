@@ -25,7 +25,6 @@ def log_probs(model: Any, batches: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def compare(batches: list[torch.Tensor], base: list[torch.Tensor], quant: list[torch.Tensor]) -> dict[str, float]:
     """Metrics over positions that have a next token (the last position of a window has none)."""
-    import torch
 
     nll_base = nll_quant = kl = agree = 0.0
     tokens = 0

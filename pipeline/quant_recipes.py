@@ -28,9 +28,15 @@ QUANT_ALGO = {
 KV_CACHE_ALGO = {None: None, KVCacheDType.fp8: "FP8", KVCacheDType.int8: "INT8"}
 AWQ_FORMATS = (QuantFormat.int4_awq, QuantFormat.w4a8_awq)
 # Hugging Face architecture -> ModelOpt/TensorRT-LLM decoder type
-DECODER_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen",
-                "Qwen3ForCausalLM": "qwen", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-                "Phi3ForCausalLM": "phi3"}
+DECODER_TYPE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen",
+    "Qwen3ForCausalLM": "qwen",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Phi3ForCausalLM": "phi3",
+}
 
 
 def _kv_cache_entry(kv: KVCacheDType) -> dict[str, Any]:
@@ -56,8 +62,10 @@ def modelopt_config(quant: QuantConfig) -> dict[str, Any]:
 
 def expected_quantization(quant: QuantConfig) -> dict[str, Any]:
     """What the exported checkpoint's ``quantization`` section must contain."""
-    expected: dict[str, Any] = {"quant_algo": QUANT_ALGO[quant.format],
-                                "kv_cache_quant_algo": KV_CACHE_ALGO[quant.kv_cache_dtype]}
+    expected: dict[str, Any] = {
+        "quant_algo": QUANT_ALGO[quant.format],
+        "kv_cache_quant_algo": KV_CACHE_ALGO[quant.kv_cache_dtype],
+    }
     if quant.format in AWQ_FORMATS:
         expected["group_size"] = quant.awq_block_size
     return expected
@@ -69,5 +77,6 @@ def decoder_type(architectures: list[str] | None) -> str:
             return DECODER_TYPE[name]
     from pipeline.errors import ConfigError
 
-    raise ConfigError(f"no TensorRT-LLM export for architecture {architectures}: supported are "
-                      f"{', '.join(sorted(DECODER_TYPE))}")
+    raise ConfigError(
+        f"no TensorRT-LLM export for architecture {architectures}: supported are {', '.join(sorted(DECODER_TYPE))}"
+    )

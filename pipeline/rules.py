@@ -79,16 +79,20 @@ def gpu_format_problems(cfg: PipelineConfig) -> list[str]:
     where = f"target={target.name} ({target.gpu or 'GPU'}, SM {target.sm})"
     fp8_formats = (QuantFormat.fp8, QuantFormat.w4a8_awq)
     if quant.format in fp8_formats and target.sm < FP8_MIN_SM:
-        problems.append(f"quant={quant.format} needs FP8 (SM >= {FP8_MIN_SM}) but {where}: use quant=int4_awq, "
-                        "quant=int8_sq or a newer target")
+        problems.append(
+            f"quant={quant.format} needs FP8 (SM >= {FP8_MIN_SM}) but {where}: use quant=int4_awq, "
+            "quant=int8_sq or a newer target"
+        )
     if quant.kv_cache_dtype == "fp8" and target.sm < FP8_MIN_SM:
-        problems.append(f"quant.kv_cache_dtype=fp8 needs SM >= {FP8_MIN_SM} but {where}: "
-                        "use quant.kv_cache_dtype=int8 or null")
+        problems.append(
+            f"quant.kv_cache_dtype=fp8 needs SM >= {FP8_MIN_SM} but {where}: use quant.kv_cache_dtype=int8 or null"
+        )
     if quant.format is QuantFormat.nvfp4 and target.sm < NVFP4_MIN_SM:
         problems.append(f"quant=nvfp4 needs Blackwell (SM >= {NVFP4_MIN_SM}) but {where}: use quant=fp8")
     if quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and target.sm in BLACKWELL_SM:
-        problems.append(f"quant={quant.format} engines are not supported on Blackwell ({where}): "
-                        "use quant=nvfp4 or quant=fp8")
+        problems.append(
+            f"quant={quant.format} engines are not supported on Blackwell ({where}): use quant=nvfp4 or quant=fp8"
+        )
     return problems
 
 
@@ -107,11 +111,15 @@ def parallel_problems(cfg: PipelineConfig) -> list[str]:
             f"use parallel.tp={' or '.join(map(str, sizes))}"
         )
     if arch.num_hidden_layers and pp > arch.num_hidden_layers:
-        problems.append(f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
-                        f"use parallel.pp<={arch.num_hidden_layers}")
+        problems.append(
+            f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
+            f"use parallel.pp<={arch.num_hidden_layers}"
+        )
     if cfg.target.kind is TargetKind.gpu and tp * pp > cfg.target.count:
-        problems.append(f"parallel.tp={tp} x parallel.pp={pp} needs {tp * pp} GPUs but target={cfg.target.name} "
-                        f"has {cfg.target.count}: lower parallel.tp/pp or choose a larger target")
+        problems.append(
+            f"parallel.tp={tp} x parallel.pp={pp} needs {tp * pp} GPUs but target={cfg.target.name} "
+            f"has {cfg.target.count}: lower parallel.tp/pp or choose a larger target"
+        )
     if cfg.quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and not problems:
         problems += awq_block_problems(arch, tp, cfg.quant.awq_block_size)
     return problems

@@ -1,0 +1,171 @@
+"""quantize: NVIDIA ModelOpt post-training quantization, exported as a TensorRT-LLM checkpoint.
+
+Reads: the fetched checkpoint; ``quant.*``, ``parallel.tp|pp``, ``model.dtype``.
+Writes: ``checkpoint/`` (TensorRT-LLM format: config.json and rank{N}.safetensors, N < tp*pp),
+``quality.json`` (held-out perplexity, KL divergence and top-1 agreement against the unquantized
+model) and ``stage.log``.
+Results: the quality metrics and, per phase (load, calibration, export, evaluation), wall time and
+peak resident memory.
+
+``quant=none`` goes through the same exporter, unquantized. The model is loaded once: baseline
+log-probabilities are taken before quantizing, so the comparison needs no second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline import calibration, quality, quant_recipes
+from pipeline.config import PipelineConfig, QuantFormat, to_dict
+from pipeline.errors import StageError
+from pipeline.resources import measured
+from pipeline.runner import StageWorkspace
+from pipeline.stages import fetch
+
+NAME = "quantize"
+VERSION = 1
+TOOLS = ("nvidia-modelopt", "torch", "transformers")
+CHECKPOINT = "checkpoint"
+QUALITY = "quality.json"
+
+log = logging.getLogger(__name__)
+
+
+def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
+    calib = calibration.plan(cfg)
+    quant = to_dict(cfg.quant)
+    quant["calib"] = {
+        "dataset": calib.dataset,
+        "num_samples": calib.num_samples,
+        "max_length": calib.max_length,
+        "batch_size": calib.batch_size,
+    }
+    if cfg.quant.format is QuantFormat.none:
+        quant["calib"] = None  # nothing is calibrated, so calibration settings must not force a redo
+    return {"quant": quant, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dtype": str(cfg.model.dtype)}
+
+
+def _load(source: Path, cfg: PipelineConfig) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # On a CPU, float32 is both faster and exact for fake-quantized calibration; on a GPU, the
+    # checkpoint's own 16-bit dtype halves the memory.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, str(cfg.model.dtype)) if device == "cuda" else torch.float32
+    log.info("loading %s on %s as %s", source, device, str(dtype).removeprefix("torch."))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return model.to(device).eval()
+
+
+def _calibrate(model: Any, batches: list[Any], cfg: PipelineConfig) -> Any:
+    import modelopt.torch.quantization as mtq
+    import torch
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    passes = 0
+
+    def forward_loop(m: Any) -> None:  # ModelOpt calls it once per calibration pass (AWQ: several)
+        nonlocal passes
+        passes += 1
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=f"calibration pass {passes}", unit="batch"):
+                m(batch.to(device))
+
+    log.info("quantizing to %s with ModelOpt (%s)", cfg.quant.format, quant_recipes.MODELOPT_PRESET[cfg.quant.format])
+    return mtq.quantize(model, quant_recipes.modelopt_config(cfg.quant), forward_loop)
+
+
+def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
+    import torch
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    decoder = quant_recipes.decoder_type(getattr(model.config, "architectures", None))
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    log.info("exporting a TensorRT-LLM checkpoint (%s, tp=%d, pp=%d, %s) to %s", decoder, tp, pp, cfg.model.dtype, out)
+    with torch.no_grad():
+        export_tensorrt_llm_checkpoint(
+            model,
+            decoder,
+            getattr(torch, str(cfg.model.dtype)),
+            out,
+            inference_tensor_parallel=tp,
+            inference_pipeline_parallel=pp,
+        )
+
+
+def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """The exported checkpoint must have the mapping and quantization asked for, one rank file per
+    rank and nothing else: later stages trust it."""
+    config = json.loads((folder / "config.json").read_text())
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    mapping = config.get("mapping", {})
+    problems = []
+    if (mapping.get("world_size"), mapping.get("tp_size"), mapping.get("pp_size")) != (tp * pp, tp, pp):
+        problems.append(f"mapping {mapping} is not tp={tp} pp={pp}")
+    ranks = sorted(p.name for p in folder.glob("rank*.safetensors"))
+    if ranks != sorted(f"rank{n}.safetensors" for n in range(tp * pp)):
+        problems.append(f"rank files {ranks} for world size {tp * pp}")
+    actual = config.get("quantization", {})
+    for key, value in quant_recipes.expected_quantization(cfg.quant).items():
+        if actual.get(key) != value:
+            problems.append(f"quantization.{key} is {actual.get(key)!r}, expected {value!r}")
+    if problems:
+        raise StageError(f"ModelOpt's export is not what was asked for: {'; '.join(problems)}")
+    return config
+
+
+def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    costs: dict[str, Any] = {}
+    source = fetch.checkpoint_dir(ws)
+    # Calibration text first: a dataset that cannot be read fails before the weights are loaded.
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    calib_batches = []
+    if cfg.quant.format is not QuantFormat.none:
+        calib_batches = calibration.calibration_batches(tokenizer, calibration.plan(cfg))
+    with measured(costs, "load"):
+        model = _load(source, cfg)
+    eval_batches = calibration.heldout_batches(tokenizer, cfg.quant.eval_tokens) if cfg.quant.eval_tokens else []
+    with measured(costs, "evaluation_baseline"):
+        baseline = quality.log_probs(model, eval_batches)
+    if cfg.quant.format is not QuantFormat.none:
+        with measured(costs, "calibration"):
+            model = _calibrate(model, calib_batches, cfg)
+    report: dict[str, Any] = {
+        "format": str(cfg.quant.format),
+        "heldout": calibration.HELDOUT.name,
+        "kv_cache_dtype": cfg.quant.kv_cache_dtype and str(cfg.quant.kv_cache_dtype),
+    }
+    if cfg.quant.format is QuantFormat.nvfp4 and next(model.parameters()).device.type != "cuda":
+        # ModelOpt's NVFP4 fake-quant kernel (dynamic block scales) exists only for CUDA.
+        report["skipped"] = "NVFP4 inference needs a CUDA GPU; the quality of this export is not measured here"
+    else:
+        with measured(costs, "evaluation_quantized"):
+            quantized = quality.log_probs(model, eval_batches)
+        report.update(quality.compare(eval_batches, baseline, quantized))
+        del quantized
+    del baseline
+    log.info("quality: %s", {k: v for k, v in report.items() if k != "heldout"})
+    (ws.out / QUALITY).write_text(json.dumps(report, indent=2) + "\n")
+
+    with measured(costs, "export"):
+        _export(model, cfg, ws.out / CHECKPOINT)
+    config = check_export(ws.out / CHECKPOINT, cfg)
+    tokenizer.save_pretrained(ws.out / "tokenizer")  # later stages (Triton preprocessing) need it
+    return {
+        "quality": report,
+        "costs": costs,
+        "quant_algo": config["quantization"].get("quant_algo"),
+        "kv_cache_quant_algo": config["quantization"].get("kv_cache_quant_algo"),
+        "world_size": config["mapping"]["world_size"],
+    }
+
+
+def checkpoint_dir(ws: StageWorkspace) -> Path:
+    return ws.input(NAME) / CHECKPOINT
