@@ -133,6 +133,7 @@ class PipelineConfig:
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
     dry_run: bool = False  # print the plan and stop
+    until: str | None = None  # run the stages up to and including this one (e.g. until=fetch)
 
 
 def register() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import captured_to
 from pipeline.workspace import StageDirs, fingerprint, locked, tool_versions
 
@@ -81,9 +81,15 @@ def plan(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Ste
     """Fingerprint every stage in order and look up which results already exist. Cheap: reads
     config and manifests only."""
     workdir = workdir_of(cfg)
+    stages = stages if stages is not None else default_stages()
+    names = [stage.NAME for stage in stages]
+    if cfg.until is not None and cfg.until not in names:
+        raise ConfigError(f"until={cfg.until} is not a stage: use until={'|'.join(names)}")
     steps: list[Step] = []
     upstream: str | None = None
-    for stage in stages if stages is not None else default_stages():
+    for stage in stages:
+        if steps and steps[-1].name == cfg.until:
+            break
         depends = stage.depends_on(cfg)
         tools = tool_versions(stage.TOOLS)
         fp = fingerprint(stage.NAME, stage.VERSION, depends, upstream, tools)

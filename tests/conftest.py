@@ -53,6 +53,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir where the embedded SmolLM2 has been fetched (GGUF converted) once per session."""
     workdir = tmp_path_factory.mktemp("smollm2")
-    result = run_cli("build", f"workdir={workdir}", "target=cpu", timeout=900)
+    result = run_cli("build", f"workdir={workdir}", "target=cpu", "until=fetch", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir

@@ -39,6 +39,7 @@ def _fetch(
     return run_cli(
         "build",
         f"workdir={workdir}",
+        "until=fetch",
         "model=hf",
         f"model.repo_id={repo}",
         *extra,
@@ -166,7 +167,16 @@ def test_killed_download_resumes_with_range_request(
     weights = os.urandom(24 << 20)
     hub.add("org/big", _files(tiny_checkpoint, {"model.safetensors": weights}))
     hub.state.bytes_per_second = 8 << 20
-    argv = [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "model=hf", "model.repo_id=org/big"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "build",
+        f"workdir={tmp_path}",
+        "until=fetch",
+        "model=hf",
+        "model.repo_id=org/big",
+    ]
     process = subprocess.Popen(
         argv,
         cwd=REPO_ROOT,

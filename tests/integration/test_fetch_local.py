@@ -15,7 +15,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _build(workdir: Path, folder: Path, *extra: str):
-    return run_cli("build", f"workdir={workdir}", "model=local", f"model.path={folder}", *extra)
+    return run_cli("build", f"workdir={workdir}", "until=fetch", "model=local", f"model.path={folder}", *extra)
 
 
 def test_local_checkpoint_is_linked_and_refetched_when_it_changes(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -91,3 +91,8 @@ def test_concurrent_builds_do_the_work_once(tmp_path: Path) -> None:
     processes = [subprocess.Popen(argv, cwd=REPO_ROOT, stderr=subprocess.PIPE) for _ in range(2)]
     assert [p.wait(timeout=120) for p in processes] == [0, 0]
     assert runs(tmp_path, "first") == 1 and runs(tmp_path, "second") == 1
+
+
+def test_until_stops_after_the_named_stage(tmp_path: Path) -> None:
+    steps = _build(tmp_path, "until=first")
+    assert [s.name for s in steps] == ["first"] and runs(tmp_path, "second") == 0
