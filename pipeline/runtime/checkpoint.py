@@ -1,0 +1,200 @@
+"""TensorRT-LLM checkpoint -> a transformers model, the CPU target's stand-in for an engine.
+
+Reads ``config.json`` and ``rank{N}.safetensors`` (rank = pp_rank * tp + tp_rank), dequantizes
+each rank's tensors with that rank's own scales (FP8 per-tensor; INT4-AWQ packed nibbles with
+per-group scales; INT8 SmoothQuant per-channel; NVFP4 E2M1 blocks with FP8 block scales), merges
+tensor-parallel shards (fused q/k/v split by heads, KV heads replicated when tp exceeds them,
+column- and row-parallel layers, vocab-sharded embedding and lm_head), orders pipeline stages, and
+loads the result into transformers' own Llama code. Quantized activations are simulated with
+forward pre-hooks on each linear layer (AWQ / SmoothQuant pre-quant scales, FP8 or INT8 per-tensor
+activation scales), so the model computes what the engine would, up to kernel rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import StageError
+
+# E2M1 (FP4) code -> value; bit 3 is the sign.
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP8_MAX = 448.0
+INT4_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
+FP8_ACTIVATION_ALGOS = ("FP8", "W4A8_AWQ")
+# TensorRT-LLM layer names -> Hugging Face Llama names. TensorRT-LLM's gated MLP applies the
+# activation to `fc`, so fc is gate_proj and `gate` is up_proj.
+COLUMN = {"mlp.fc": "mlp.gate_proj", "mlp.gate": "mlp.up_proj"}
+ROW = {"attention.dense": "self_attn.o_proj", "mlp.proj": "mlp.down_proj"}
+NORMS = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
+
+
+@dataclass
+class ActivationQuant:
+    """What a linear layer does to its input before the matmul in the engine."""
+
+    pre_quant_scale: torch.Tensor | None = None
+    scale: float | None = None
+    kind: str | None = None  # "fp8" | "int8"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale.to(x.dtype)
+        if self.scale is None:
+            return x
+        if self.kind == "fp8":
+            q = (x / self.scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            return q.to(x.dtype) * self.scale
+        return (x / self.scale).round().clamp(-128, 127) * self.scale
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """ModelOpt packs two signed 4-bit values per byte along the output dimension: row 2j in the low
+    nibble, row 2j+1 in the high nibble. [out/2, in] bytes -> [out, in] integers in -8..7."""
+    raw = packed.view(torch.uint8).to(torch.int16)
+    low, high = raw & 0x0F, (raw >> 4) & 0x0F
+    values = torch.stack([low, high], dim=1).reshape(-1, packed.shape[-1])
+    return torch.where(values > 7, values - 16, values)
+
+
+def unpack_fp4_cols(packed: torch.Tensor) -> torch.Tensor:
+    """NVFP4 packs two E2M1 codes per byte along the input dimension, low nibble first."""
+    raw = packed.view(torch.uint8).to(torch.long)
+    codes = torch.stack([raw & 0x0F, (raw >> 4) & 0x0F], dim=-1).reshape(packed.shape[0], -1)
+    return FP4_VALUES[codes]
+
+
+def dequantize(tensors: dict[str, torch.Tensor], prefix: str, algo: str | None) -> tuple[torch.Tensor, ActivationQuant]:
+    """The float32 weight of one rank's linear layer and how its input is quantized."""
+    weight = tensors[f"{prefix}.weight"]
+    scale = tensors.get(f"{prefix}.weights_scaling_factor")
+    scale2 = tensors.get(f"{prefix}.weights_scaling_factor_2")
+    act_scale = tensors.get(f"{prefix}.activation_scaling_factor")
+    pqs = tensors.get(f"{prefix}.prequant_scaling_factor")
+    if scale is None:  # not quantized (e.g. lm_head, or quant=none)
+        return weight.float(), ActivationQuant()
+    if algo == "FP8":
+        w = weight.float() * scale.float()
+    elif algo == "W8A8_SQ_PER_CHANNEL":
+        w = weight.float() * scale.float()[:, None]
+    elif algo in INT4_ALGOS:
+        ints = unpack_int4_rows(weight).float()
+        group = ints.shape[1] // scale.shape[1]
+        w = ints * scale.float().repeat_interleave(group, dim=1)
+        if scale2 is not None:
+            w = w * scale2.float()
+    elif algo == "NVFP4":
+        values = unpack_fp4_cols(weight)
+        group = values.shape[1] // scale.shape[1]
+        w = values * scale.float().repeat_interleave(group, dim=1) * (scale2.float() if scale2 is not None else 1.0)
+    else:
+        raise StageError(f"the reference runtime cannot read quant_algo {algo}")
+    kind = "fp8" if algo in FP8_ACTIVATION_ALGOS else ("int8" if algo == "W8A8_SQ_PER_CHANNEL" else None)
+    act = ActivationQuant(pre_quant_scale=pqs.float() if pqs is not None else None,
+                          scale=float(act_scale.float().max()) if act_scale is not None and kind else None, kind=kind)
+    return w, act
+
+
+def _split_qkv(w: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    return torch.split(w, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=0)
+
+
+@dataclass
+class Checkpoint:
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    activations: dict[str, ActivationQuant]  # HF linear name -> input quantization
+
+
+def read(folder: Path) -> Checkpoint:
+    config = json.loads((folder / "config.json").read_text())
+    mapping = config["mapping"]
+    tp, pp = mapping["tp_size"], mapping["pp_size"]
+    algo = (config.get("quantization") or {}).get("quant_algo")
+    heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_size"]
+    heads_r, kv_r = heads // tp, max(1, kv // tp)
+    ranks = [[load_file(str(folder / f"rank{p * tp + t}.safetensors")) for t in range(tp)] for p in range(pp)]
+
+    state: dict[str, torch.Tensor] = {}
+    acts: dict[str, ActivationQuant] = {}
+    layer_offset = 0
+    for stage in ranks:
+        local = sorted({int(k.split(".")[2]) for k in stage[0] if k.startswith("transformer.layers.")})
+        for i in local:
+            src, dst = f"transformer.layers.{i}", f"model.layers.{layer_offset + i}"
+            for trt, hf in NORMS.items():
+                state[f"{dst}.{hf}.weight"] = stage[0][f"{src}.{trt}.weight"].float()
+            parts = [dequantize(r, f"{src}.attention.qkv", algo) for r in stage]
+            q, k, v = zip(*(_split_qkv(w, heads_r, kv_r, hd) for w, _ in parts), strict=True)
+            # with tp > kv heads each KV head is replicated on tp/kv consecutive ranks: keep one copy
+            keep = range(0, tp, max(1, tp // kv)) if tp > kv else range(tp)
+            state[f"{dst}.self_attn.q_proj.weight"] = torch.cat(q)
+            state[f"{dst}.self_attn.k_proj.weight"] = torch.cat([k[r] for r in keep])
+            state[f"{dst}.self_attn.v_proj.weight"] = torch.cat([v[r] for r in keep])
+            for name in ("q_proj", "k_proj", "v_proj"):
+                acts[f"{dst}.self_attn.{name}"] = parts[0][1]
+            for trt, hf in COLUMN.items():
+                parts = [dequantize(r, f"{src}.{trt}", algo) for r in stage]
+                state[f"{dst}.{hf}.weight"] = torch.cat([w for w, _ in parts])
+                acts[f"{dst}.{hf}"] = parts[0][1]
+            for trt, hf in ROW.items():
+                parts = [dequantize(r, f"{src}.{trt}", algo) for r in stage]
+                state[f"{dst}.{hf}.weight"] = torch.cat([w for w, _ in parts], dim=1)
+                act = parts[0][1]
+                if act.pre_quant_scale is not None:  # row-parallel: each rank scales its input slice
+                    act.pre_quant_scale = torch.cat([a.pre_quant_scale for _, a in parts])  # type: ignore[misc]
+                acts[f"{dst}.{hf}"] = act
+        layer_offset += len(local)
+
+    vocab = config["vocab_size"]
+    first, last = ranks[0], ranks[-1]
+    embed = [r["transformer.vocab_embedding.weight"] for r in first]
+    sharded = config.get("use_parallel_embedding") and tp > 1
+    state["model.embed_tokens.weight"] = (torch.cat(embed) if sharded else embed[0]).float()[:vocab]
+    state["model.norm.weight"] = last[0]["transformer.ln_f.weight"].float()
+    heads_out = [dequantize(r, "lm_head", algo)[0] for r in last]
+    state["lm_head.weight"] = torch.cat(heads_out)[:vocab]
+    if layer_offset != config["num_hidden_layers"]:
+        raise StageError(f"{folder}: found {layer_offset} layers across pipeline stages, expected "
+                         f"{config['num_hidden_layers']}")
+    return Checkpoint(config, state, acts)
+
+
+def hf_config(config: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
+
+    if config.get("architecture") not in ("LlamaForCausalLM", "MistralForCausalLM"):
+        raise StageError(f"the reference runtime runs Llama-family checkpoints, not {config.get('architecture')}")
+    rope = config.get("rotary_scaling")
+    if rope and "type" in rope and "rope_type" not in rope:
+        rope = {**rope, "rope_type": rope["type"]}
+    return LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
+        head_dim=config["head_size"], max_position_embeddings=config["max_position_embeddings"],
+        rms_norm_eps=config["norm_epsilon"], rope_theta=config.get("rotary_base", 10000.0), rope_scaling=rope,
+        hidden_act=config.get("hidden_act", "silu"), attention_bias=bool(config.get("bias")),
+        mlp_bias=bool(config.get("bias")), tie_word_embeddings=False,
+    )
+
+
+def load_model(folder: Path, simulate_activations: bool = True) -> Any:
+    """The checkpoint as a float32 ``LlamaForCausalLM`` in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    checkpoint = read(folder)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config(checkpoint.config))
+    model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # built on meta: rebuild its buffers
+    if simulate_activations:
+        for name, act in checkpoint.activations.items():
+            if act.pre_quant_scale is not None or act.scale is not None:
+                model.get_submodule(name).register_forward_pre_hook(lambda _m, args, a=act: (a.apply(args[0]),))
+    return model.float().eval()
