@@ -23,7 +23,7 @@ def bench_quantize(workdir: Path) -> list[dict]:
     subprocess.run([sys.executable, "-m", "pipeline", "build", f"workdir={workdir}", "target=cpu"], check=True)
     for fmt in FORMATS:
         argv = [sys.executable, "-m", "pipeline", "build", f"workdir={workdir}", "target=cpu", f"quant={fmt}",
-                "force=true", *EXTRA.get(fmt, [])]
+                "redo=[quantize]", *EXTRA.get(fmt, [])]
         started = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started

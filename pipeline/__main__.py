@@ -48,7 +48,7 @@ def _cmd_plan(overrides: list[str]) -> None:
     print("# resolved config")
     print(config.to_yaml(cfg).rstrip())
     print("\n# stages")
-    print(runner.format_plan(runner.plan(cfg), force=cfg.force))
+    print(runner.format_plan(runner.plan(cfg), cfg))
 
 
 def _cmd_build(overrides: list[str]) -> None:
@@ -56,7 +56,7 @@ def _cmd_build(overrides: list[str]) -> None:
 
     cfg = config.load(overrides)
     if cfg.dry_run:
-        print(runner.format_plan(runner.plan(cfg), force=cfg.force))
+        print(runner.format_plan(runner.plan(cfg), cfg))
         print("dry run: nothing was run (drop dry_run=true to build)")
         return
     steps = runner.build(cfg)

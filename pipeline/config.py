@@ -119,6 +119,28 @@ class TargetConfig:
 
 
 @dataclass
+class BuildConfig:
+    """Engine limits and trtllm-build options. A null switch means "follow NVIDIA's advice for this
+    model, format and GPU" (see pipeline/trtllm.py); true/false forces it."""
+
+    name: str = MISSING
+    max_batch_size: int = 64
+    max_input_len: int = 2048
+    max_seq_len: int = 4096
+    max_num_tokens: int = 8192
+    kv_cache_type: str = "paged"  # paged | continuous
+    gemm_plugin: str | None = None  # null: auto for 16-bit weights, off for FP8/NVFP4
+    use_paged_context_fmha: bool = True
+    use_fp8_context_fmha: bool | None = None  # null: on with FP8 on SM >= 89
+    multiple_profiles: bool = False
+    reduce_fusion: bool | None = None  # null: on for tp > 1
+    workers: int = 1
+    timing_cache: bool = True  # reuse <workdir>/timing.cache across builds
+    extra_args: list[str] = field(default_factory=list)  # any other trtllm-build flag, e.g. [--strip_plan]
+    timeout_s: int = 7200
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1  # tensor parallel ranks
     pp: int = 1  # pipeline parallel ranks
@@ -129,9 +151,11 @@ class PipelineConfig:
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
     target: TargetConfig = MISSING
+    build: BuildConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
+    redo: list[str] = field(default_factory=list)  # redo these stages only, e.g. redo=[quantize]
     dry_run: bool = False  # print the plan and stop
     until: str | None = None  # run the stages up to and including this one (e.g. until=fetch)
 
@@ -145,6 +169,7 @@ def register() -> None:
     store.store(group="model", name="model" + SCHEMA_SUFFIX, node=ModelConfig)
     store.store(group="quant", name="quant" + SCHEMA_SUFFIX, node=QuantConfig)
     store.store(group="target", name="target" + SCHEMA_SUFFIX, node=TargetConfig)
+    store.store(group="build", name="build" + SCHEMA_SUFFIX, node=BuildConfig)
 
 
 def group_options(group: str) -> list[str]:
@@ -240,12 +265,28 @@ def validate(cfg: PipelineConfig) -> list[str]:
     problems += rules.parallel_problems(cfg)
     problems += rules.gpu_format_problems(cfg)
     problems += _quant_problems(cfg)
+    problems += _build_problems(cfg)
+    return problems
+
+
+def _build_problems(cfg: PipelineConfig) -> list[str]:
+    from pipeline import trtllm
+
+    build, context = cfg.build, cfg.model.arch.max_position_embeddings
+    problems = []
+    if build.max_input_len > build.max_seq_len:
+        problems.append(f"build.max_input_len={build.max_input_len} exceeds build.max_seq_len={build.max_seq_len}: "
+                        "raise build.max_seq_len or lower build.max_input_len")
+    if context and build.max_seq_len > context:
+        problems.append(f"build.max_seq_len={build.max_seq_len} exceeds the {context}-token context of "
+                        f"{cfg.model.name}: use build.max_seq_len<={context}")
+    if build.max_batch_size < 1 or build.max_num_tokens < 1:
+        problems.append("build.max_batch_size and build.max_num_tokens must be at least 1")
+    problems += trtllm.extra_arg_problems(build.extra_args)
     return problems
 
 
 def _quant_problems(cfg: PipelineConfig) -> list[str]:
-    import importlib.util
-
     from pipeline import calibration
 
     quant = cfg.quant
@@ -259,12 +300,7 @@ def _quant_problems(cfg: PipelineConfig) -> list[str]:
     if quant.calib.num_samples is not None and quant.calib.num_samples < 1:
         problems.append("quant.calib.num_samples must be at least 1")
     dataset = calibration.plan(cfg).dataset
-    if dataset == "cnn_dailymail" and importlib.util.find_spec("datasets") is None:
-        problems.append(
-            "calibrating on cnn_dailymail needs the `datasets` package (pip install datasets): or set "
-            "quant.calib.dataset=builtin or a .txt/.jsonl file"
-        )
-    elif dataset not in (calibration.BUILTIN, "cnn_dailymail") and not Path(dataset).expanduser().is_file():
+    if dataset not in (calibration.BUILTIN, "cnn_dailymail") and not Path(dataset).expanduser().is_file():
         problems.append(
             f"quant.calib.dataset={dataset} is not a file: use builtin, cnn_dailymail or a .txt/.jsonl file"
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline import __version__
+from pipeline import __version__, proc
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import captured_to
@@ -59,6 +59,7 @@ class Step:
     depends_on: dict[str, Any]
     tools: dict[str, str]
     cached: bool
+    command: list[str] | None = None  # the external command this stage will run, for plan/dry_run
     seconds: float | None = None
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -85,8 +86,11 @@ def plan(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Ste
     names = [stage.NAME for stage in stages]
     if cfg.until is not None and cfg.until not in names:
         raise ConfigError(f"until={cfg.until} is not a stage: use until={'|'.join(names)}")
+    if unknown := sorted(set(cfg.redo) - set(names)):
+        raise ConfigError(f"redo={unknown} names no stage: use stage names from {', '.join(names)}")
     steps: list[Step] = []
     upstream: str | None = None
+    inputs: dict[str, Path] = {}
     for stage in stages:
         if steps and steps[-1].name == cfg.until:
             break
@@ -94,7 +98,10 @@ def plan(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Ste
         tools = tool_versions(stage.TOOLS)
         fp = fingerprint(stage.NAME, stage.VERSION, depends, upstream, tools)
         dirs = StageDirs(workdir / stage.NAME, fp)
-        steps.append(Step(stage, fp, dirs, depends, tools, cached=dirs.is_done()))
+        describe = getattr(stage, "command", None)
+        command = describe(cfg, inputs, dirs.final, workdir) if describe else None
+        steps.append(Step(stage, fp, dirs, depends, tools, cached=dirs.is_done(), command=command))
+        inputs[stage.NAME] = dirs.final
         upstream = fp
     return steps
 
@@ -104,10 +111,14 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _redo(cfg: PipelineConfig, step: Step) -> bool:
+    return cfg.force or step.name in cfg.redo
+
+
 def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir: Path) -> None:
     dirs = step.dirs
     with locked(dirs.lock):
-        if not cfg.force and (manifest := dirs.manifest()) is not None:
+        if not _redo(cfg, step) and (manifest := dirs.manifest()) is not None:
             log.info("%s: finished meanwhile by another process (%s)", step.name, dirs.final)
             step.results = manifest.get("results", {})
             return
@@ -146,10 +157,17 @@ def build(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[St
     """Run every stage that is not already done (all of them with ``force``)."""
     workdir = workdir_of(cfg)
     steps = plan(cfg, stages)
+    problems = []  # refuse what cannot work (missing tools...) before any stage does heavy work
+    for step in steps:
+        preflight = getattr(step.stage, "preflight", None)
+        if preflight is not None and (_redo(cfg, step) or not step.cached):
+            problems += preflight(cfg)
+    if problems:
+        raise PipelineError("; ".join(problems))
     inputs: dict[str, Path] = {}
     for step in steps:
         verify = getattr(step.stage, "verify", None)
-        if step.cached and not cfg.force:
+        if step.cached and not _redo(cfg, step):
             manifest = step.dirs.manifest() or {}
             step.results = manifest.get("results", {})
             log.info("%s: cached (fingerprint %s) at %s", step.name, step.fingerprint, step.dirs.final)
@@ -161,10 +179,15 @@ def build(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[St
     return steps
 
 
-def format_plan(steps: Sequence[Step], force: bool = False) -> str:
+def format_plan(steps: Sequence[Step], cfg: PipelineConfig) -> str:
     rows = [("stage", "fingerprint", "status", "artifacts")]
     for step in steps:
-        status = "cached" if step.cached and not force else ("redo (force)" if step.cached else "will run")
+        redo = _redo(cfg, step)
+        status = "cached" if step.cached and not redo else ("redo" if step.cached else "will run")
         rows.append((step.name, step.fingerprint, status, str(step.dirs.final)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for step in steps:
+        if step.command:
+            lines += ["", f"# {step.name} runs:", proc.quote(step.command)]
+    return "\n".join(lines)

@@ -6,6 +6,6 @@ that determines its output), ``run(cfg, ws)`` (does the work, returns results) a
 """
 
 from pipeline.runner import Stage
-from pipeline.stages import fetch, quantize
+from pipeline.stages import engine, fetch, quantize
 
-STAGES: tuple[Stage, ...] = (fetch, quantize)  # type: ignore[assignment]
+STAGES: tuple[Stage, ...] = (fetch, quantize, engine)  # type: ignore[assignment]

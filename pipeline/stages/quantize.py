@@ -48,6 +48,18 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     return {"quant": quant, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dtype": str(cfg.model.dtype)}
 
 
+def preflight(cfg: PipelineConfig) -> list[str]:
+    """Environment checks before any stage runs (config checks live in config.validate)."""
+    import importlib.util
+
+    if cfg.quant.format is QuantFormat.none or calibration.plan(cfg).dataset != "cnn_dailymail":
+        return []
+    if importlib.util.find_spec("datasets") is None:
+        return ["calibrating on cnn_dailymail needs the `datasets` package (pip install datasets): or set "
+                "quant.calib.dataset=builtin or a .txt/.jsonl file"]
+    return []
+
+
 def _load(source: Path, cfg: PipelineConfig) -> Any:
     import torch
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,133 @@
+"""Batched generation with the reference runtime: what the Triton ``tensorrt_llm`` model of the CPU
+target calls.
+
+Requests of different lengths run as one left-padded batch with a shared KV cache. Sampling follows
+TensorRT-LLM's conventions: ``top_k=0`` and ``top_p=0`` (or ``temperature=0``) mean greedy;
+otherwise temperature, then top-k, then top-p, with a per-request seed. ``end_id`` and stop word
+sequences finish a request; bad word sequences are never completed. A callback sees every new token
+as it is chosen (streaming).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Request:
+    input_ids: list[int]
+    max_new_tokens: int = 16
+    end_id: int | None = None
+    pad_id: int | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop_words: list[list[int]] = field(default_factory=list)
+    bad_words: list[list[int]] = field(default_factory=list)
+    return_log_probs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or (self.top_k in (0, 1) and self.top_p == 0) or self.top_k == 1
+
+
+@dataclass
+class Result:
+    output_ids: list[int]  # generated tokens only (end_id excluded)
+    finish_reason: str  # "length" | "end" | "stop"
+    log_probs: list[float] = field(default_factory=list)
+
+    @property
+    def sequence_length(self) -> int:
+        return len(self.output_ids)
+
+
+TokenCallback = Callable[[int, int], None]  # (request index, token id)
+
+
+def _ban_bad_words(logits: torch.Tensor, generated: list[int], bad_words: list[list[int]]) -> None:
+    """Forbid the token that would complete any bad word sequence."""
+    for word in bad_words:
+        if not word:
+            continue
+        prefix = word[:-1]
+        if not prefix or generated[-len(prefix):] == prefix:
+            logits[word[-1]] = float("-inf")
+
+
+def _choose(logits: torch.Tensor, request: Request, generator: torch.Generator | None) -> int:
+    if request.greedy:
+        return int(torch.argmax(logits))
+    scores = logits / max(request.temperature, 1e-6)
+    if request.top_k > 0:
+        kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if 0 < request.top_p < 1:
+        ordered, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(ordered, 0) - ordered < request.top_p  # smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _stopped(generated: list[int], stop_words: list[list[int]]) -> bool:
+    return any(word and generated[-len(word):] == word for word in stop_words)
+
+
+def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | None = None) -> list[Result]:
+    """Run all requests as one batch until each finishes or reaches its ``max_new_tokens``."""
+    from transformers import DynamicCache
+
+    if not requests:
+        return []
+    device = next(model.parameters()).device
+    pad = next((r.pad_id for r in requests if r.pad_id is not None), 0)
+    width = max(len(r.input_ids) for r in requests)
+    ids = torch.full((len(requests), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for row, request in enumerate(requests):  # left padding keeps every sequence's end aligned
+        ids[row, width - len(request.input_ids):] = torch.tensor(request.input_ids)
+        mask[row, width - len(request.input_ids):] = 1
+    generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
+    results = [Result([], "length") for _ in requests]
+    active = [r.max_new_tokens > 0 for r in requests]
+    cache = DynamicCache()
+    step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for _ in range(max(r.max_new_tokens for r in requests)):
+            if not any(active):
+                break
+            out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1, :].float().cpu()
+            chosen = torch.full((len(requests), 1), pad, dtype=torch.long)
+            for row, request in enumerate(requests):
+                if not active[row]:
+                    continue
+                result, row_logits = results[row], logits[row].clone()
+                _ban_bad_words(row_logits, result.output_ids, request.bad_words)
+                token = _choose(row_logits, request, generators[row])
+                chosen[row, 0] = token
+                if request.end_id is not None and token == request.end_id:
+                    active[row], result.finish_reason = False, "end"
+                    continue
+                result.output_ids.append(token)
+                if request.return_log_probs:
+                    result.log_probs.append(float(torch.log_softmax(logits[row], -1)[token]))
+                if on_token is not None:
+                    on_token(row, token)
+                if _stopped(result.output_ids, request.stop_words):
+                    active[row], result.finish_reason = False, "stop"
+                elif len(result.output_ids) >= request.max_new_tokens:
+                    active[row] = False
+            # finished rows keep a slot in the batch; their new positions are masked out
+            mask = torch.cat([mask, torch.tensor([[1 if a else 0] for a in active], dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = chosen
+    return results
