@@ -22,25 +22,36 @@ def bench_quantize(workdir: Path) -> list[dict]:
     rows = []
     subprocess.run([sys.executable, "-m", "pipeline", "build", f"workdir={workdir}", "target=cpu"], check=True)
     for fmt in FORMATS:
-        argv = [sys.executable, "-m", "pipeline", "build", f"workdir={workdir}", "target=cpu", f"quant={fmt}",
-                "redo=[quantize]", *EXTRA.get(fmt, [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "build",
+            f"workdir={workdir}",
+            "target=cpu",
+            f"quant={fmt}",
+            "redo=[quantize]",
+            *EXTRA.get(fmt, []),
+        ]
         started = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         manifest = max(workdir.glob("quantize/*/manifest.json"), key=lambda p: p.stat().st_mtime)
         results = json.loads(manifest.read_text())["results"]
         costs, quality = results["costs"], results["quality"]
-        rows.append({
-            "format": fmt,
-            "process_wall_s": round(wall, 1),
-            "stage_s": json.loads(manifest.read_text())["seconds"],
-            "calibration_s": costs.get("calibration", {}).get("seconds", 0.0),
-            "export_s": costs["export"]["seconds"],
-            "peak_rss_mb": max(c["peak_rss_mb"] for c in costs.values()),
-            "ppl_change_pct": quality.get("perplexity_change_pct"),
-            "kl": quality.get("kl_divergence_mean"),
-            "top1": quality.get("top1_agreement"),
-        })
+        rows.append(
+            {
+                "format": fmt,
+                "process_wall_s": round(wall, 1),
+                "stage_s": json.loads(manifest.read_text())["seconds"],
+                "calibration_s": costs.get("calibration", {}).get("seconds", 0.0),
+                "export_s": costs["export"]["seconds"],
+                "peak_rss_mb": max(c["peak_rss_mb"] for c in costs.values()),
+                "ppl_change_pct": quality.get("perplexity_change_pct"),
+                "kl": quality.get("kl_divergence_mean"),
+                "top1": quality.get("top1_agreement"),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

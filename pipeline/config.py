@@ -275,11 +275,15 @@ def _build_problems(cfg: PipelineConfig) -> list[str]:
     build, context = cfg.build, cfg.model.arch.max_position_embeddings
     problems = []
     if build.max_input_len > build.max_seq_len:
-        problems.append(f"build.max_input_len={build.max_input_len} exceeds build.max_seq_len={build.max_seq_len}: "
-                        "raise build.max_seq_len or lower build.max_input_len")
+        problems.append(
+            f"build.max_input_len={build.max_input_len} exceeds build.max_seq_len={build.max_seq_len}: "
+            "raise build.max_seq_len or lower build.max_input_len"
+        )
     if context and build.max_seq_len > context:
-        problems.append(f"build.max_seq_len={build.max_seq_len} exceeds the {context}-token context of "
-                        f"{cfg.model.name}: use build.max_seq_len<={context}")
+        problems.append(
+            f"build.max_seq_len={build.max_seq_len} exceeds the {context}-token context of "
+            f"{cfg.model.name}: use build.max_seq_len<={context}"
+        )
     if build.max_batch_size < 1 or build.max_num_tokens < 1:
         problems.append("build.max_batch_size and build.max_num_tokens must be at least 1")
     problems += trtllm.extra_arg_problems(build.extra_args)

@@ -38,15 +38,26 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         pass
 
 
-def run(argv: Sequence[str], log_file: Path, timeout_s: float | None = None, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> None:
+def run(
+    argv: Sequence[str],
+    log_file: Path,
+    timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> None:
     """Run ``argv`` to completion; raise StageError naming the command and quoting the log's end."""
     log.info("running: %s", redact(quote(argv)))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     tail: list[str] = []
     try:
-        process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+        process = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     except FileNotFoundError as error:
         raise StageError(f"{argv[0]} is not installed or not on PATH") from error
 

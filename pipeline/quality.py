@@ -47,3 +47,20 @@ def compare(batches: list[torch.Tensor], base: list[torch.Tensor], quant: list[t
         "top1_agreement": agree / tokens,
         "tokens_evaluated": tokens,
     }
+
+
+def agreement(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:
+    """How closely two models' next-token distributions agree, position by position."""
+    kl = agree = worst = 0.0
+    positions = 0
+    for lp_ref, lp_other in zip(reference, other, strict=True):
+        kl += (lp_ref.exp() * (lp_ref - lp_other)).sum().item()
+        agree += (lp_ref.argmax(-1) == lp_other.argmax(-1)).sum().item()
+        worst = max(worst, (lp_ref - lp_other).abs().max().item())
+        positions += lp_ref.shape[0] * lp_ref.shape[1]
+    return {
+        "kl_divergence_mean": max(0.0, kl / positions),
+        "top1_agreement": agree / positions,
+        "max_abs_logprob_diff": worst,
+        "positions": positions,
+    }

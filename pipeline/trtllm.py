@@ -21,10 +21,23 @@ FLAG_TABLE = Path(__file__).resolve().parent / "data" / "trtllm_build_flags.json
 SUPPORTED = ">=1.2,<1.3"  # the last release line with trtllm-build (facts)
 FP8_MIN_SM = 89
 # Flags the pipeline sets itself: extra_args may not set them twice.
-OWNED = ("--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_input_len", "--max_seq_len",
-         "--max_num_tokens", "--kv_cache_type", "--gemm_plugin", "--use_paged_context_fmha",
-         "--use_fp8_context_fmha", "--multiple_profiles", "--reduce_fusion", "--workers",
-         "--input_timing_cache", "--output_timing_cache")
+OWNED = (
+    "--checkpoint_dir",
+    "--output_dir",
+    "--max_batch_size",
+    "--max_input_len",
+    "--max_seq_len",
+    "--max_num_tokens",
+    "--kv_cache_type",
+    "--gemm_plugin",
+    "--use_paged_context_fmha",
+    "--use_fp8_context_fmha",
+    "--multiple_profiles",
+    "--reduce_fusion",
+    "--workers",
+    "--input_timing_cache",
+    "--output_timing_cache",
+)
 
 
 @cache
@@ -49,21 +62,37 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
     if fp8_fmha is None:
         fp8_fmha = uses_fp8(cfg) and sm >= FP8_MIN_SM
     reduce_fusion = build.reduce_fusion if build.reduce_fusion is not None else tp > 1
-    argv = ["trtllm-build",
-            "--checkpoint_dir", str(checkpoint_dir),
-            "--output_dir", str(output_dir),
-            "--max_batch_size", str(build.max_batch_size),
-            "--max_input_len", str(build.max_input_len),
-            "--max_seq_len", str(build.max_seq_len),
-            "--max_num_tokens", str(build.max_num_tokens),
-            "--kv_cache_type", build.kv_cache_type]
+    argv = [
+        "trtllm-build",
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--output_dir",
+        str(output_dir),
+        "--max_batch_size",
+        str(build.max_batch_size),
+        "--max_input_len",
+        str(build.max_input_len),
+        "--max_seq_len",
+        str(build.max_seq_len),
+        "--max_num_tokens",
+        str(build.max_num_tokens),
+        "--kv_cache_type",
+        build.kv_cache_type,
+    ]
     if gemm is not None:
         argv += ["--gemm_plugin", gemm]
-    argv += ["--use_paged_context_fmha", _enable(build.use_paged_context_fmha),
-             "--use_fp8_context_fmha", _enable(fp8_fmha),
-             "--multiple_profiles", _enable(build.multiple_profiles),
-             "--reduce_fusion", _enable(reduce_fusion),
-             "--workers", str(min(build.workers, tp * cfg.parallel.pp))]
+    argv += [
+        "--use_paged_context_fmha",
+        _enable(build.use_paged_context_fmha),
+        "--use_fp8_context_fmha",
+        _enable(fp8_fmha),
+        "--multiple_profiles",
+        _enable(build.multiple_profiles),
+        "--reduce_fusion",
+        _enable(reduce_fusion),
+        "--workers",
+        str(min(build.workers, tp * cfg.parallel.pp)),
+    ]
     if timing_cache is not None:
         argv += ["--input_timing_cache", str(timing_cache), "--output_timing_cache", str(timing_cache)]
     return argv + list(build.extra_args)
@@ -111,6 +140,7 @@ def extra_arg_problems(extra: list[str]) -> list[str]:
     problems = [f"build.extra_args: {p}" for p in argv_problems(["trtllm-build", *extra])]
     owned = sorted(set(extra) & set(OWNED))
     if owned:
-        problems.append(f"build.extra_args sets {', '.join(owned)}, which the pipeline sets itself: use the "
-                        "matching build.* key")
+        problems.append(
+            f"build.extra_args sets {', '.join(owned)}, which the pipeline sets itself: use the matching build.* key"
+        )
     return problems

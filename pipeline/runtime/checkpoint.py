@@ -95,8 +95,11 @@ def dequantize(tensors: dict[str, torch.Tensor], prefix: str, algo: str | None) 
     else:
         raise StageError(f"the reference runtime cannot read quant_algo {algo}")
     kind = "fp8" if algo in FP8_ACTIVATION_ALGOS else ("int8" if algo == "W8A8_SQ_PER_CHANNEL" else None)
-    act = ActivationQuant(pre_quant_scale=pqs.float() if pqs is not None else None,
-                          scale=float(act_scale.float().max()) if act_scale is not None and kind else None, kind=kind)
+    act = ActivationQuant(
+        pre_quant_scale=pqs.float() if pqs is not None else None,
+        scale=float(act_scale.float().max()) if act_scale is not None and kind else None,
+        kind=kind,
+    )
     return w, act
 
 
@@ -160,8 +163,9 @@ def read(folder: Path) -> Checkpoint:
     heads_out = [dequantize(r, "lm_head", algo)[0] for r in last]
     state["lm_head.weight"] = torch.cat(heads_out)[:vocab]
     if layer_offset != config["num_hidden_layers"]:
-        raise StageError(f"{folder}: found {layer_offset} layers across pipeline stages, expected "
-                         f"{config['num_hidden_layers']}")
+        raise StageError(
+            f"{folder}: found {layer_offset} layers across pipeline stages, expected {config['num_hidden_layers']}"
+        )
     return Checkpoint(config, state, acts)
 
 
@@ -174,13 +178,21 @@ def hf_config(config: dict[str, Any]) -> Any:
     if rope and "type" in rope and "rope_type" not in rope:
         rope = {**rope, "rope_type": rope["type"]}
     return LlamaConfig(
-        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
-        head_dim=config["head_size"], max_position_embeddings=config["max_position_embeddings"],
-        rms_norm_eps=config["norm_epsilon"], rope_theta=config.get("rotary_base", 10000.0), rope_scaling=rope,
-        hidden_act=config.get("hidden_act", "silu"), attention_bias=bool(config.get("bias")),
-        mlp_bias=bool(config.get("bias")), tie_word_embeddings=False,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+        head_dim=config["head_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        rms_norm_eps=config["norm_epsilon"],
+        rope_theta=config.get("rotary_base", 10000.0),
+        rope_scaling=rope,
+        hidden_act=config.get("hidden_act", "silu"),
+        attention_bias=bool(config.get("bias")),
+        mlp_bias=bool(config.get("bias")),
+        tie_word_embeddings=False,
     )
 
 

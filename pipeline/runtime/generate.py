@@ -56,7 +56,7 @@ def _ban_bad_words(logits: torch.Tensor, generated: list[int], bad_words: list[l
         if not word:
             continue
         prefix = word[:-1]
-        if not prefix or generated[-len(prefix):] == prefix:
+        if not prefix or generated[-len(prefix) :] == prefix:
             logits[word[-1]] = float("-inf")
 
 
@@ -77,7 +77,7 @@ def _choose(logits: torch.Tensor, request: Request, generator: torch.Generator |
 
 
 def _stopped(generated: list[int], stop_words: list[list[int]]) -> bool:
-    return any(word and generated[-len(word):] == word for word in stop_words)
+    return any(word and generated[-len(word) :] == word for word in stop_words)
 
 
 def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | None = None) -> list[Result]:
@@ -92,8 +92,8 @@ def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | 
     ids = torch.full((len(requests), width), pad, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)
     for row, request in enumerate(requests):  # left padding keeps every sequence's end aligned
-        ids[row, width - len(request.input_ids):] = torch.tensor(request.input_ids)
-        mask[row, width - len(request.input_ids):] = 1
+        ids[row, width - len(request.input_ids) :] = torch.tensor(request.input_ids)
+        mask[row, width - len(request.input_ids) :] = 1
     generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
     results = [Result([], "length") for _ in requests]
     active = [r.max_new_tokens > 0 for r in requests]
@@ -103,8 +103,13 @@ def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | 
         for _ in range(max(r.max_new_tokens for r in requests)):
             if not any(active):
                 break
-            out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device),
-                        position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=step_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            )
             logits = out.logits[:, -1, :].float().cpu()
             chosen = torch.full((len(requests), 1), pad, dtype=torch.long)
             for row, request in enumerate(requests):

@@ -41,8 +41,14 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     if not _on_gpu(cfg):
         return {"runtime": REFERENCE}
     build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s")}
-    return {"runtime": "tensorrt_llm", "build": build, "gpu": cfg.target.gpu, "sm": cfg.target.sm,
-            "tp": cfg.parallel.tp, "pp": cfg.parallel.pp}
+    return {
+        "runtime": "tensorrt_llm",
+        "build": build,
+        "gpu": cfg.target.gpu,
+        "sm": cfg.target.sm,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+    }
 
 
 def timing_cache(workdir: Path) -> Path:
@@ -76,8 +82,10 @@ def preflight(cfg: PipelineConfig) -> list[str]:
         return [f"the tensorrt_llm package is not installed: {fix}"]
     major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if major_minor >= (1, 3):
-        return [f"TensorRT-LLM {version} has no engine path (removed in 1.3): use TensorRT-LLM "
-                f"{trtllm.SUPPORTED} (the project's Dockerfile pins it)"]
+        return [
+            f"TensorRT-LLM {version} has no engine path (removed in 1.3): use TensorRT-LLM "
+            f"{trtllm.SUPPORTED} (the project's Dockerfile pins it)"
+        ]
     if major_minor < (1, 2):
         return [f"TensorRT-LLM {version} is older than this pipeline supports: use {trtllm.SUPPORTED}"]
     return []
@@ -94,9 +102,15 @@ def _check_engine(folder: Path, world_size: int) -> None:
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     checkpoint = ws.input("quantize") / "checkpoint"
     world_size = cfg.parallel.tp * cfg.parallel.pp
-    info: dict[str, Any] = {"world_size": world_size, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                            "max_batch_size": cfg.build.max_batch_size, "max_input_len": cfg.build.max_input_len,
-                            "max_seq_len": cfg.build.max_seq_len, "max_num_tokens": cfg.build.max_num_tokens}
+    info: dict[str, Any] = {
+        "world_size": world_size,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "max_batch_size": cfg.build.max_batch_size,
+        "max_input_len": cfg.build.max_input_len,
+        "max_seq_len": cfg.build.max_seq_len,
+        "max_num_tokens": cfg.build.max_num_tokens,
+    }
     if not _on_gpu(cfg):
         for path in sorted(checkpoint.iterdir()):
             link_or_copy(path, ws.out / ENGINE / path.name)
@@ -109,8 +123,9 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         proc.run(argv, ws.out / "build.log", timeout_s=cfg.build.timeout_s)
         _check_engine(ws.out / ENGINE, world_size)
         host = detect()
-        info.update(runtime="tensorrt_llm", tensorrt_llm=installed_trtllm(), gpu=host.gpu, sm=host.sm,
-                    command=proc.quote(argv))
+        info.update(
+            runtime="tensorrt_llm", tensorrt_llm=installed_trtllm(), gpu=host.gpu, sm=host.sm, command=proc.quote(argv)
+        )
     (ws.out / ENGINE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -124,6 +139,8 @@ def verify(cfg: PipelineConfig, final: Path) -> None:
 
     host, version = detect(), installed_trtllm()
     if host.sm != info.get("sm") or version != info.get("tensorrt_llm"):
-        raise StageError(f"the engine at {final} was built for SM {info.get('sm')} with TensorRT-LLM "
-                         f"{info.get('tensorrt_llm')}, but this host has SM {host.sm} and TensorRT-LLM {version}: "
-                         "build on this host with force=true, or choose the matching target")
+        raise StageError(
+            f"the engine at {final} was built for SM {info.get('sm')} with TensorRT-LLM "
+            f"{info.get('tensorrt_llm')}, but this host has SM {host.sm} and TensorRT-LLM {version}: "
+            "build on this host with force=true, or choose the matching target"
+        )

@@ -55,8 +55,10 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     if cfg.quant.format is QuantFormat.none or calibration.plan(cfg).dataset != "cnn_dailymail":
         return []
     if importlib.util.find_spec("datasets") is None:
-        return ["calibrating on cnn_dailymail needs the `datasets` package (pip install datasets): or set "
-                "quant.calib.dataset=builtin or a .txt/.jsonl file"]
+        return [
+            "calibrating on cnn_dailymail needs the `datasets` package (pip install datasets): or set "
+            "quant.calib.dataset=builtin or a .txt/.jsonl file"
+        ]
     return []
 
 
@@ -110,6 +112,29 @@ def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
         )
 
 
+def _check_faithfulness(cfg: PipelineConfig) -> bool:
+    """The reference runtime runs in float32 on the CPU: affordable for small models only."""
+    params = calibration.approx_params(cfg.model.arch)
+    return params is None or params < calibration.SMALL_MODEL_PARAMS
+
+
+def _faithfulness(folder: Path, batches: list[Any], baseline: list[Any], quantized: list[Any] | None) -> dict[str, Any]:
+    """Run the exported checkpoint with the reference runtime and compare its next-token
+    distributions with ModelOpt's quantized model (is the export faithful?) and with the source
+    model (what does the deployed model lose?)."""
+    from pipeline.runtime.checkpoint import load_model
+
+    log.info("checking the export: reference runtime vs ModelOpt's model and the source model")
+    exported = quality.log_probs(load_model(folder), batches)
+    result: dict[str, Any] = {
+        "vs_source": quality.agreement(baseline, exported),
+        "kv_cache_simulated": False,
+    }  # the reference runtime keeps K/V unquantized
+    if quantized is not None:
+        result["vs_modelopt"] = quality.agreement(quantized, exported)
+    return result
+
+
 def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """The exported checkpoint must have the mapping and quantization asked for, one rank file per
     rank and nothing else: later stages trust it."""
@@ -154,21 +179,24 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "heldout": calibration.HELDOUT.name,
         "kv_cache_dtype": cfg.quant.kv_cache_dtype and str(cfg.quant.kv_cache_dtype),
     }
+    quantized = None
     if cfg.quant.format is QuantFormat.nvfp4 and next(model.parameters()).device.type != "cuda":
         # ModelOpt's NVFP4 fake-quant kernel (dynamic block scales) exists only for CUDA.
-        report["skipped"] = "NVFP4 inference needs a CUDA GPU; the quality of this export is not measured here"
+        report["skipped"] = "NVFP4 inference needs a CUDA GPU; ModelOpt's quantized model is not scored here"
     else:
         with measured(costs, "evaluation_quantized"):
             quantized = quality.log_probs(model, eval_batches)
         report.update(quality.compare(eval_batches, baseline, quantized))
-        del quantized
-    del baseline
-    log.info("quality: %s", {k: v for k, v in report.items() if k != "heldout"})
-    (ws.out / QUALITY).write_text(json.dumps(report, indent=2) + "\n")
 
     with measured(costs, "export"):
         _export(model, cfg, ws.out / CHECKPOINT)
     config = check_export(ws.out / CHECKPOINT, cfg)
+    del model
+    if eval_batches and _check_faithfulness(cfg):
+        with measured(costs, "faithfulness"):
+            report["faithfulness"] = _faithfulness(ws.out / CHECKPOINT, eval_batches, baseline, quantized)
+    log.info("quality: %s", {k: v for k, v in report.items() if k != "heldout"})
+    (ws.out / QUALITY).write_text(json.dumps(report, indent=2) + "\n")
     tokenizer.save_pretrained(ws.out / "tokenizer")  # later stages (Triton preprocessing) need it
     return {
         "quality": report,

@@ -1,0 +1,121 @@
+"""The CPU reference runtime: exported TensorRT-LLM checkpoints of any tp/pp and quant format run
+with transformers' Llama code and reproduce the source model (or ModelOpt's quantized model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import config, runner
+from pipeline.runtime.checkpoint import load_model, unpack_int4_rows
+from pipeline.runtime.generate import Request, generate
+from pipeline.stages import engine, fetch, quantize
+from tests.conftest import run_cli
+
+STAGES = (fetch, quantize, engine)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _source_model(workdir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (checkpoint,) = workdir.glob("fetch/*/checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint)
+
+
+def _engine(workdir: Path, *overrides: str) -> Path:
+    cfg = config.load([f"workdir={workdir}", "target=cpu", *overrides])
+    steps = runner.build(cfg, STAGES)
+    return steps[-1].dirs.final / "engine"
+
+
+def test_int4_unpacking_inverts_modelopts_packing() -> None:
+    from modelopt.torch.export.quant_utils import pack_int4_in_uint8
+
+    values = torch.randint(-8, 8, (6, 8)).float()
+    packed = pack_int4_in_uint8(values, torch.ones(6, 1), 8)
+    assert torch.equal(unpack_int4_rows(packed.view(torch.int8)).float(), values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_unquantized_checkpoints_reproduce_the_source_model(smollm2_workdir: Path, tp: int, pp: int) -> None:
+    source, tokenizer = _source_model(smollm2_workdir)
+    reference = load_model(_engine(smollm2_workdir, "quant=none", f"parallel.tp={tp}", f"parallel.pp={pp}"))
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        expected, actual = source(ids).logits, reference(ids).logits
+    assert torch.allclose(expected, actual, atol=1e-4, rtol=1e-4), (expected - actual).abs().max()
+    request = Request(ids[0].tolist(), max_new_tokens=12, end_id=tokenizer.eos_token_id)
+    (ours,) = generate(reference, [request])
+    with torch.no_grad():
+        theirs = source.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+    # transformers may stop earlier, at any of the generation config's end tokens: compare that prefix
+    theirs = theirs[: next((i for i, t in enumerate(theirs) if t == tokenizer.eos_token_id), len(theirs))]
+    assert ours.output_ids[: len(theirs)] == theirs and len(theirs) >= 6
+    assert "Paris" in tokenizer.decode(ours.output_ids)
+
+
+@pytest.mark.slow
+def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
+    result = run_cli(
+        "build", f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2", timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = config.load([f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2"])
+    final = runner.plan(cfg)[-1].dirs.final
+    assert json.loads((final / "engine.json").read_text())["runtime"] == "reference"
+    _, tokenizer = _source_model(smollm2_workdir)
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    (answer,) = generate(load_model(final / "engine"), [Request(ids, 30, end_id=tokenizer.eos_token_id)])
+    assert tokenizer.decode(answer.output_ids, skip_special_tokens=True) == "The capital of France is Paris."
+    assert answer.finish_reason == "end"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq", "int8_sq"])
+def test_quantized_exports_match_modelopts_model(smollm2_workdir: Path, fmt: str) -> None:
+    extra = ["quant.awq_block_size=64"] if fmt == "int4_awq" else []
+    _engine(smollm2_workdir, f"quant={fmt}", "quant.kv_cache_dtype=null", *extra)
+    cfg = config.load([f"workdir={smollm2_workdir}", "target=cpu", f"quant={fmt}", "quant.kv_cache_dtype=null", *extra])
+    report = json.loads((runner.plan(cfg)[1].dirs.final / "quality.json").read_text())
+    faithful = report["faithfulness"]["vs_modelopt"]
+    assert faithful["top1_agreement"] > 0.97, faithful
+    assert faithful["kl_divergence_mean"] < 0.01, faithful
+    assert report["faithfulness"]["vs_source"]["top1_agreement"] > 0.8
+
+
+def test_batched_generation_equals_one_by_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    engine_dir = _engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none", "parallel.tp=3")
+    model = load_model(engine_dir)
+    prompts = [[1, 5, 9, 3], [1, 7], [1, 4, 4, 8, 10, 12, 2, 6]]
+    requests = [Request(p, max_new_tokens=6) for p in prompts]
+    batched = generate(model, requests)
+    alone = [generate(model, [r])[0] for r in requests]
+    assert [r.output_ids for r in batched] == [r.output_ids for r in alone]
+    assert all(len(r.output_ids) == 6 and r.finish_reason == "length" for r in batched)
+
+
+def test_sampling_stop_and_bad_words_and_streaming(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = load_model(_engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none"))
+    prompt = [1, 5, 9, 3]
+    (greedy,) = generate(model, [Request(prompt, max_new_tokens=8)])
+    first = greedy.output_ids[0]
+    (banned,) = generate(model, [Request(prompt, max_new_tokens=8, bad_words=[[first]])])
+    assert banned.output_ids[0] != first
+    (stopped,) = generate(model, [Request(prompt, max_new_tokens=8, stop_words=[greedy.output_ids[:2]])])
+    assert stopped.output_ids == greedy.output_ids[:2] and stopped.finish_reason == "stop"
+    (ended,) = generate(model, [Request(prompt, max_new_tokens=8, end_id=greedy.output_ids[1])])
+    assert ended.output_ids == greedy.output_ids[:1] and ended.finish_reason == "end"
+
+    sample = Request(prompt, max_new_tokens=8, temperature=1.5, top_k=10, top_p=0.9, seed=7, return_log_probs=True)
+    seen: list[tuple[int, int]] = []
+    (one,) = generate(model, [sample], on_token=lambda row, token: seen.append((row, token)))
+    (two,) = generate(model, [sample])
+    assert one.output_ids == two.output_ids  # same seed, same tokens
+    assert seen == [(0, t) for t in one.output_ids]
+    assert len(one.log_probs) == 8 and all(lp <= 0 for lp in one.log_probs)
