@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import FetchError
 
@@ -59,6 +60,22 @@ def convert(gguf: Path, out: Path, dtype: str, trust_remote_code: bool = False) 
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _align_special_tokens(tokenizer, model.config)
     log.info("writing safetensors checkpoint")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _align_special_tokens(tokenizer: Any, model_config: Any) -> None:
+    """Take bos/eos/pad from the GGUF's own token ids (which the model config carries).
+
+    transformers' GGUF tokenizer loader can mislabel them: for SmolLM2 it names ``<|im_start|>`` the
+    end token although the GGUF says ``<|im_end|>``, and generation then runs past the answer.
+    """
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(model_config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if getattr(tokenizer, f"{role}_token") != token:
+                log.info("tokenizer %s token set to %r from the GGUF metadata", role, token)
+                setattr(tokenizer, f"{role}_token", token)

@@ -22,7 +22,7 @@ from pipeline.runner import StageWorkspace
 from pipeline.workspace import file_identity, link_or_copy
 
 NAME = "fetch"
-VERSION = 1
+VERSION = 2  # 2: GGUF special tokens taken from the GGUF metadata
 TOOLS = ("huggingface_hub", "transformers", "gguf", "torch")
 CHECKPOINT = "checkpoint"
 

@@ -58,6 +58,8 @@ def _assert_answers_paris(checkpoint: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    # the GGUF's end token, which generation and Triton's end_id rely on
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt"

@@ -83,10 +83,13 @@ def test_quantized_exports_match_modelopts_model(smollm2_workdir: Path, fmt: str
     _engine(smollm2_workdir, f"quant={fmt}", "quant.kv_cache_dtype=null", *extra)
     cfg = config.load([f"workdir={smollm2_workdir}", "target=cpu", f"quant={fmt}", "quant.kv_cache_dtype=null", *extra])
     report = json.loads((runner.plan(cfg)[1].dirs.final / "quality.json").read_text())
-    faithful = report["faithfulness"]["vs_modelopt"]
-    assert faithful["top1_agreement"] > 0.97, faithful
-    assert faithful["kl_divergence_mean"] < 0.01, faithful
-    assert report["faithfulness"]["vs_source"]["top1_agreement"] > 0.8
+    faithful = report["faithfulness"]
+    # the weights the reference runtime dequantizes are ModelOpt's fake-quantized weights
+    assert faithful["weights_vs_modelopt"]["layers"] == 30 * 7
+    assert faithful["weights_vs_modelopt"]["equal_fraction"] > 0.99, faithful
+    # and the deployed model loses about what ModelOpt's model loses against the source
+    assert faithful["vs_source"]["kl_divergence_mean"] < 1.5 * report["kl_divergence_mean"] + 0.01, report
+    assert faithful["vs_source"]["top1_agreement"] > report["top1_agreement"] - 0.05, report
 
 
 def test_batched_generation_equals_one_by_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
