@@ -14,8 +14,13 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError, PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+    from pipeline.runner import Step
 
 log = logging.getLogger("pipeline")
 
@@ -28,6 +33,7 @@ them with Triton, benchmark, and track every run.
 commands:
   build   run every stage; finished stages are reused (force=true redoes them)
   plan    show what build would do: each stage, its fingerprint, cached or not, and the config
+  serve   serve the repository of the last build with the same overrides (or repo=<path>) until Ctrl-C
 
 options:
   -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3
@@ -38,6 +44,7 @@ examples:
   python -m pipeline build model=llama70b parallel.tp=2 workdir=/data/artifacts
   python -m pipeline plan model=llama8b
   python -m pipeline build -m parallel.tp=1,3
+  python -m pipeline serve triton.http_port=9000
 """
 
 
@@ -48,7 +55,24 @@ def _cmd_plan(overrides: list[str]) -> None:
     print("# resolved config")
     print(config.to_yaml(cfg).rstrip())
     print("\n# stages")
-    print(runner.format_plan(runner.plan(cfg), cfg))
+    steps = runner.plan(cfg)
+    print(runner.format_plan(steps, cfg))
+    print("\n# serve (python -m pipeline serve)")
+    print(_serve_command(cfg, steps))
+
+
+def _serve_command(cfg: PipelineConfig, steps: list[Step]) -> str:
+    from pipeline import proc, runner, serve
+    from pipeline.config import TargetKind
+
+    repo = next(s for s in steps if s.name == "triton_repo").dirs.final / "repository"
+    on_gpu = cfg.target.kind is TargetKind.gpu
+    world_size = cfg.parallel.tp * cfg.parallel.pp
+    try:
+        launch = serve.launch_for(cfg.triton, repo, on_gpu, world_size, runner.workdir_of(cfg), create=False)
+    except PipelineError as error:
+        return f"(cannot serve here: {error})"
+    return f"(cd {repo} && {proc.quote(launch.argv)})"
 
 
 def _cmd_build(overrides: list[str]) -> None:
@@ -65,7 +89,16 @@ def _cmd_build(overrides: list[str]) -> None:
         print(f"{step.name:<10} {took:<10} {step.dirs.final}")
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"build": _cmd_build, "plan": _cmd_plan}
+def _cmd_serve(overrides: list[str]) -> None:
+    from pipeline import config, runner, serve
+
+    repo = next((o.split("=", 1)[1] for o in overrides if o.startswith("repo=")), None)
+    cfg = config.load([o for o in overrides if not o.startswith("repo=")])
+    target = serve.target_of_folder(repo, runner.workdir_of(cfg)) if repo else serve.target_of_build(cfg)
+    serve.serve_until_stopped(cfg, target)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"build": _cmd_build, "plan": _cmd_plan, "serve": _cmd_serve}
 
 
 def command_help(command: str) -> str:

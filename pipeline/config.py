@@ -140,6 +140,54 @@ class BuildConfig:
     timeout_s: int = 7200
 
 
+class Expose(StrEnum):
+    ensemble = "ensemble"  # preprocessing -> tensorrt_llm -> postprocessing as a Triton ensemble
+    bls = "bls"  # the same chain driven by the tensorrt_llm_bls python model
+    both = "both"
+
+
+class BatchingStrategy(StrEnum):
+    inflight_fused_batching = "inflight_fused_batching"
+    inflight_batching = "inflight_batching"
+    V1 = "V1"  # static batching
+
+
+class SchedulerPolicy(StrEnum):
+    max_utilization = "max_utilization"
+    guaranteed_no_evict = "guaranteed_no_evict"
+
+
+@dataclass
+class TritonConfig:
+    """The Triton model repository and the server that serves it."""
+
+    name: str = MISSING
+    max_batch_size: int | None = None  # null: the engine's build.max_batch_size (must be equal)
+    preferred_batch_sizes: list[int] = field(default_factory=list)  # empty: [max_batch_size]
+    max_queue_delay_microseconds: int = 2000  # how long the batcher waits to fill a batch
+    max_queue_size: int = 0  # requests waiting beyond this are rejected; 0: unbounded
+    preprocessing_instances: int = 1
+    postprocessing_instances: int = 1
+    bls_instances: int = 1
+    streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
+    expose: Expose = Expose.ensemble
+    chat_template: bool = True  # wrap text_input in the model's chat template (chat models)
+    add_special_tokens: bool = False  # when chat_template is off: let the tokenizer add BOS
+    # engine (GPU) settings of Triton's TensorRT-LLM backend
+    batching_strategy: BatchingStrategy = BatchingStrategy.inflight_fused_batching
+    batch_scheduler_policy: SchedulerPolicy = SchedulerPolicy.guaranteed_no_evict
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_chunked_context: bool = True
+    enable_kv_cache_reuse: bool = False
+    exclude_input_in_output: bool = True
+    # server
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 serves other hosts
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    ready_timeout_s: int = 600  # large engines take minutes to load
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor parallel ranks
@@ -152,6 +200,7 @@ class PipelineConfig:
     quant: QuantConfig = MISSING
     target: TargetConfig = MISSING
     build: BuildConfig = MISSING
+    triton: TritonConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
@@ -170,6 +219,7 @@ def register() -> None:
     store.store(group="quant", name="quant" + SCHEMA_SUFFIX, node=QuantConfig)
     store.store(group="target", name="target" + SCHEMA_SUFFIX, node=TargetConfig)
     store.store(group="build", name="build" + SCHEMA_SUFFIX, node=BuildConfig)
+    store.store(group="triton", name="triton" + SCHEMA_SUFFIX, node=TritonConfig)
 
 
 def group_options(group: str) -> list[str]:
@@ -266,6 +316,28 @@ def validate(cfg: PipelineConfig) -> list[str]:
     problems += rules.gpu_format_problems(cfg)
     problems += _quant_problems(cfg)
     problems += _build_problems(cfg)
+    problems += _triton_problems(cfg)
+    return problems
+
+
+def _triton_problems(cfg: PipelineConfig) -> list[str]:
+    triton, engine_batch = cfg.triton, cfg.build.max_batch_size
+    problems = []
+    if triton.max_batch_size is not None and triton.max_batch_size != engine_batch:
+        problems.append(
+            f"triton.max_batch_size={triton.max_batch_size} differs from the engine's build.max_batch_size="
+            f"{engine_batch}: leave triton.max_batch_size=null or set both"
+        )
+    wrong = [size for size in triton.preferred_batch_sizes if not 1 <= size <= engine_batch]
+    if wrong:
+        problems.append(f"triton.preferred_batch_sizes {wrong} must lie in 1..{engine_batch} (build.max_batch_size)")
+    ports = [triton.http_port, triton.grpc_port, triton.metrics_port]
+    if len(set(ports)) < 3 or not all(0 < p < 65536 for p in ports):
+        problems.append(f"triton.http_port, grpc_port and metrics_port must be three distinct ports, not {ports}")
+    if not 0 < triton.kv_cache_free_gpu_mem_fraction <= 1:
+        problems.append("triton.kv_cache_free_gpu_mem_fraction must lie in (0, 1]")
+    if min(triton.preprocessing_instances, triton.postprocessing_instances, triton.bls_instances) < 1:
+        problems.append("triton.*_instances must be at least 1")
     return problems
 
 

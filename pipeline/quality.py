@@ -10,15 +10,18 @@ if TYPE_CHECKING:
     import torch
 
 
-def log_probs(model: Any, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Next-token log-probabilities (float32, on CPU) for every position of every batch."""
+def log_probs(model: Any, batches: list[torch.Tensor], vocab: int | None = None) -> list[torch.Tensor]:
+    """Next-token log-probabilities (float32, on CPU) for every position of every batch.
+
+    ``vocab`` cuts off rows an exporter padded the vocabulary with (ModelOpt pads it to a multiple
+    of 64 for AWQ), so distributions of the padded and the source model are comparable."""
     import torch
 
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for batch in batches:
-            logits = model(batch.to(device)).logits.float()
+            logits = model(batch.to(device)).logits[..., :vocab].float()
             out.append(torch.log_softmax(logits, dim=-1).cpu())
     return out
 

@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import StageError
+
+class CheckpointError(ValueError):
+    """The checkpoint is not one this runtime can execute (it stays free of pipeline imports so
+    that Triton's python model can carry it)."""
+
 
 # E2M1 (FP4) code -> value; bit 3 is the sign.
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -93,7 +97,7 @@ def dequantize(tensors: dict[str, torch.Tensor], prefix: str, algo: str | None) 
         group = values.shape[1] // scale.shape[1]
         w = values * scale.float().repeat_interleave(group, dim=1) * (scale2.float() if scale2 is not None else 1.0)
     else:
-        raise StageError(f"the reference runtime cannot read quant_algo {algo}")
+        raise CheckpointError(f"the reference runtime cannot read quant_algo {algo}")
     kind = "fp8" if algo in FP8_ACTIVATION_ALGOS else ("int8" if algo == "W8A8_SQ_PER_CHANNEL" else None)
     act = ActivationQuant(
         pre_quant_scale=pqs.float() if pqs is not None else None,
@@ -163,7 +167,7 @@ def read(folder: Path) -> Checkpoint:
     heads_out = [dequantize(r, "lm_head", algo)[0] for r in last]
     state["lm_head.weight"] = torch.cat(heads_out)[:vocab]
     if layer_offset != config["num_hidden_layers"]:
-        raise StageError(
+        raise CheckpointError(
             f"{folder}: found {layer_offset} layers across pipeline stages, expected {config['num_hidden_layers']}"
         )
     return Checkpoint(config, state, acts)
@@ -173,7 +177,7 @@ def hf_config(config: dict[str, Any]) -> Any:
     from transformers import LlamaConfig
 
     if config.get("architecture") not in ("LlamaForCausalLM", "MistralForCausalLM"):
-        raise StageError(f"the reference runtime runs Llama-family checkpoints, not {config.get('architecture')}")
+        raise CheckpointError(f"the reference runtime runs Llama-family checkpoints, not {config.get('architecture')}")
     rope = config.get("rotary_scaling")
     if rope and "type" in rope and "rope_type" not in rope:
         rope = {**rope, "rope_type": rope["type"]}

@@ -48,6 +48,7 @@ class Result:
 
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id)
+FinishCallback = Callable[[int, "Result"], None]  # (request index, its final result)
 
 
 def _ban_bad_words(logits: torch.Tensor, generated: list[int], bad_words: list[list[int]]) -> None:
@@ -80,8 +81,16 @@ def _stopped(generated: list[int], stop_words: list[list[int]]) -> bool:
     return any(word and generated[-len(word) :] == word for word in stop_words)
 
 
-def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | None = None) -> list[Result]:
-    """Run all requests as one batch until each finishes or reaches its ``max_new_tokens``."""
+def generate(
+    model: Any,
+    requests: Sequence[Request],
+    on_token: TokenCallback | None = None,
+    on_finish: FinishCallback | None = None,
+) -> list[Result]:
+    """Run all requests as one batch until each finishes or reaches its ``max_new_tokens``.
+
+    ``on_finish`` hears of each request as soon as it is done, so a server can answer it while the
+    rest of the batch goes on."""
     from transformers import DynamicCache
 
     if not requests:
@@ -97,6 +106,17 @@ def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | 
     generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
     results = [Result([], "length") for _ in requests]
     active = [r.max_new_tokens > 0 for r in requests]
+
+    def finish(row: int, reason: str | None = None) -> None:
+        active[row] = False
+        if reason:
+            results[row].finish_reason = reason
+        if on_finish is not None:
+            on_finish(row, results[row])
+
+    for row in range(len(requests)):
+        if not active[row] and on_finish is not None:
+            on_finish(row, results[row])
     cache = DynamicCache()
     step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -120,7 +140,7 @@ def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | 
                 token = _choose(row_logits, request, generators[row])
                 chosen[row, 0] = token
                 if request.end_id is not None and token == request.end_id:
-                    active[row], result.finish_reason = False, "end"
+                    finish(row, "end")
                     continue
                 result.output_ids.append(token)
                 if request.return_log_probs:
@@ -128,9 +148,9 @@ def generate(model: Any, requests: Sequence[Request], on_token: TokenCallback | 
                 if on_token is not None:
                     on_token(row, token)
                 if _stopped(result.output_ids, request.stop_words):
-                    active[row], result.finish_reason = False, "stop"
+                    finish(row, "stop")
                 elif len(result.output_ids) >= request.max_new_tokens:
-                    active[row] = False
+                    finish(row)
             # finished rows keep a slot in the batch; their new positions are masked out
             mask = torch.cat([mask, torch.tensor([[1 if a else 0] for a in active], dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1

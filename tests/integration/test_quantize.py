@@ -140,4 +140,4 @@ def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
     assert abs(report["perplexity_change_pct"]) < 10
     assert len(list(quality.parent.glob("checkpoint/rank*.safetensors"))) == 6
     again = run_cli("build", f"workdir={smollm2_workdir}", "quant=fp8", "parallel.tp=3", "parallel.pp=2", "target=cpu")
-    assert again.returncode == 0 and again.stdout.count("cached") == 2
+    assert again.returncode == 0 and again.stdout.count("cached") == len(runner.default_stages())

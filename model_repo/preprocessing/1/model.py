@@ -1,0 +1,100 @@
+"""Triton python model: text -> token ids with the model's own Hugging Face tokenizer.
+
+Chat models get their chat template applied by default (parameter ``chat_template``), because an
+instruction-tuned model answers a bare question badly or not at all. Requests that cannot be
+served (prompt too long, max_tokens out of range) get an error response naming the limit; the
+others in the same batch are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+
+
+def _optional(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _strings(array: np.ndarray | None) -> list[str]:
+    if array is None:
+        return []
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1) if v not in (b"", "")]
+
+
+def _in_repository(args: dict[str, Any], path: str) -> Path:
+    """Paths in the repository's configs are relative to its root, so the folder can move."""
+    return Path(args["model_repository"]).parent / path
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        tokenizer_dir = _in_repository(args, params["tokenizer_dir"])
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+        self.add_special_tokens = params.get("add_special_tokens", "false").lower() == "true"
+        self.chat = params.get("chat_template", "true").lower() == "true" and bool(self.tokenizer.chat_template)
+        self.max_input_len = int(params["max_input_len"])
+        self.max_seq_len = int(params["max_seq_len"])
+        self.end_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+
+    def _encode(self, text: str) -> list[int]:
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
+
+    def _word_list(self, words: list[str]) -> np.ndarray:
+        """TensorRT-LLM's [2, N] layout: row 0 the concatenated token ids of all words, row 1 the
+        end offset of each word, padded with -1."""
+        ids: list[int] = []
+        offsets: list[int] = []
+        for word in words:
+            ids += self.tokenizer.encode(word, add_special_tokens=False)
+            offsets.append(len(ids))
+        width = max(1, len(ids))
+        table = np.full((2, width), -1, dtype=np.int32)
+        table[0, : len(ids)] = ids
+        table[1, : len(offsets)] = offsets
+        return table[None]
+
+    def _one(self, request: Any) -> Any:
+        query = _strings(_optional(request, "QUERY"))
+        ids = self._encode(query[0] if query else "")
+        max_tokens = int(_optional(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
+        if not ids:
+            raise ValueError("text_input is empty")
+        if len(ids) > self.max_input_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this engine takes at most {self.max_input_len}")
+        if max_tokens < 1 or len(ids) + max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"max_tokens={max_tokens} with a {len(ids)}-token prompt: prompt plus max_tokens must be "
+                f"between {len(ids) + 1} and max_seq_len={self.max_seq_len}"
+            )
+        end = _optional(request, "END_ID")
+        pad = _optional(request, "PAD_ID")
+        outputs = {
+            "INPUT_ID": np.array([ids], dtype=np.int32),
+            "REQUEST_INPUT_LEN": np.array([[len(ids)]], dtype=np.int32),
+            "REQUEST_OUTPUT_LEN": np.array([[max_tokens]], dtype=np.int32),
+            "BAD_WORDS_IDS": self._word_list(_strings(_optional(request, "BAD_WORDS_DICT"))),
+            "STOP_WORDS_IDS": self._word_list(_strings(_optional(request, "STOP_WORDS_DICT"))),
+            "OUT_END_ID": np.array([[int(end.reshape(-1)[0]) if end is not None else self.end_id]], dtype=np.int32),
+            "OUT_PAD_ID": np.array([[int(pad.reshape(-1)[0]) if pad is not None else self.pad_id]], dtype=np.int32),
+        }
+        return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(request))
+            except ValueError as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+        return responses

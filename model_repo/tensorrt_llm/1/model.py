@@ -1,0 +1,126 @@
+"""Triton python model of the CPU target: the reference runtime in place of a TensorRT-LLM engine.
+
+Same inputs and outputs as the TensorRT-LLM backend (a subset). Triton's dynamic batcher hands
+``execute`` every request that arrived together; they run as one batch. The model is decoupled:
+a streaming request gets one response per token, any other request one response with all of its
+tokens, and each request is closed as soon as it finishes, not when the whole batch does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_runtime.checkpoint import load_model
+from reference_runtime.generate import Request, Result, generate
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _scalar(request: Any, name: str, default: Any) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+
+
+def _word_list(request: Any, name: str) -> list[list[int]]:
+    """[1, 2, N] TensorRT-LLM word list (ids, end offsets padded with -1) -> token sequences."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    ids, offsets = tensor.as_numpy().reshape(2, -1).tolist()
+    words, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        words.append(ids[start:end])
+        start = end
+    return [w for w in words if w]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        torch.set_num_threads(int(params.get("threads", "0")) or torch.get_num_threads())
+        # relative to the repository root, so the folder can move
+        self.model = load_model(Path(args["model_repository"]).parent / params["engine_dir"])
+        self.exclude_input = params.get("exclude_input_in_output", "true").lower() == "true"
+        # without decoupling Triton accepts exactly one response per request: no token streaming
+        self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+
+    def _request(self, request: Any) -> Request:
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
+        length = int(_scalar(request, "input_lengths", len(ids)))
+        seed = _scalar(request, "seed", None)
+        return Request(
+            input_ids=ids[:length].tolist(),
+            max_new_tokens=int(_scalar(request, "request_output_len", 16)),
+            end_id=_scalar(request, "end_id", None),
+            pad_id=_scalar(request, "pad_id", None),
+            temperature=float(_scalar(request, "temperature", 1.0)),
+            top_k=int(_scalar(request, "runtime_top_k", 0)),
+            top_p=float(_scalar(request, "runtime_top_p", 0.0)),
+            seed=None if seed is None else int(seed),
+            stop_words=_word_list(request, "stop_words_list"),
+            bad_words=_word_list(request, "bad_words_list"),
+            return_log_probs=bool(_scalar(request, "return_log_probs", False)),
+        )
+
+    @staticmethod
+    def _response(tokens: list[int], log_probs: list[float] | None = None) -> Any:
+        tensors = [
+            pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
+            pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+        ]
+        if log_probs is not None:
+            tensors += [
+                pb_utils.Tensor("cum_log_probs", np.array([[sum(log_probs)]], dtype=np.float32)),
+                pb_utils.Tensor("output_log_probs", np.array([[log_probs]], dtype=np.float32)),
+            ]
+        return pb_utils.InferenceResponse(tensors)
+
+    def execute(self, requests: list[Any]) -> None:
+        senders, batch, streaming, prompts = [], [], [], []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = self._request(request)
+            except Exception as error:  # a malformed request must not take its batch down
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+                continue
+            senders.append(sender)
+            batch.append(parsed)
+            streaming.append(self.decoupled and bool(_scalar(request, "streaming", False)))
+            prompts.append([] if self.exclude_input else parsed.input_ids)
+
+        def on_token(row: int, token: int) -> None:
+            if streaming[row]:
+                senders[row].send(self._response([token]))
+
+        done: set[int] = set()
+
+        def on_finish(row: int, result: Result) -> None:
+            done.add(row)
+            if streaming[row]:
+                senders[row].send(flags=FINAL)
+                return
+            log_probs = result.log_probs if batch[row].return_log_probs else None
+            senders[row].send(self._response(prompts[row] + result.output_ids, log_probs), flags=FINAL)
+
+        started = time.monotonic()
+        try:
+            generate(self.model, batch, on_token=on_token, on_finish=on_finish)
+        except Exception as error:  # answer every open request rather than leave clients hanging
+            for row, sender in enumerate(senders):
+                if row not in done:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+        pb_utils.Logger.log_verbose(f"batch of {len(batch)} in {time.monotonic() - started:.2f} s")
+        return None
