@@ -92,13 +92,17 @@ def _cmd_build(overrides: list[str]) -> None:
 def _cmd_serve(overrides: list[str]) -> None:
     from pipeline import config, runner, serve
 
-    repo = next((o.split("=", 1)[1] for o in overrides if o.startswith("repo=")), None)
-    cfg = config.load([o for o in overrides if not o.startswith("repo=")])
+    repo = _COMMAND_ARGS.get("repo")
+    cfg = config.load(overrides)
     target = serve.target_of_folder(repo, runner.workdir_of(cfg)) if repo else serve.target_of_build(cfg)
     serve.serve_until_stopped(cfg, target)
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {"build": _cmd_build, "plan": _cmd_plan, "serve": _cmd_serve}
+# Arguments that belong to a command rather than to the config (e.g. `serve repo=<path>`); they are
+# taken off argv before Hydra sees it.
+COMMAND_KEYS = {"serve": ("repo",)}
+_COMMAND_ARGS: dict[str, str] = {}
 
 
 def command_help(command: str) -> str:
@@ -174,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     multirun = "-m" in rest or "--multirun" in rest
     overrides = [a for a in rest if a not in ("-m", "--multirun")]
+    for key in COMMAND_KEYS.get(command, ()):
+        _COMMAND_ARGS.update(a.split("=", 1) for a in overrides if a.startswith(f"{key}="))
+        overrides = [a for a in overrides if not a.startswith(f"{key}=")]
     try:
         return _run(command, overrides, multirun)
     except PipelineError as error:

@@ -1,0 +1,183 @@
+"""A real Triton (the tritonserver of nvidia-pytriton) serving the CPU repository of SmolLM2 over
+HTTP and gRPC: answers, streaming, batching of concurrent requests, bad requests, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from pipeline import config, runner, serve
+from pipeline.runtime.checkpoint import load_model
+from pipeline.runtime.generate import Request, generate
+
+QUESTION = "What is the capital of France?"
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Served:
+    def __init__(self, server: serve.Server, cfg: config.PipelineConfig, final: Path):
+        self.server, self.cfg, self.final = server, cfg, final
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
+        request = urllib.request.Request(f"{self.server.url}{path}", data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def generate(self, model: str = "ensemble", **body: Any) -> dict[str, Any]:
+        status, text = self.post(f"/v2/models/{model}/generate", body)
+        assert status == 200, text
+        return json.loads(text)
+
+    def metric(self, name: str, model: str) -> float:
+        time.sleep(2.5)  # let counters of requests that just finished settle
+        with urllib.request.urlopen(self.server.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
+        assert match, f"{name} for {model} not in metrics"
+        return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_workdir: Path) -> Iterator[Served]:
+    http, grpc, metrics = _free_ports(3)
+    overrides = [
+        f"workdir={smollm2_workdir}",
+        "target=cpu",
+        "quant=none",
+        "triton=bls",
+        "build.max_batch_size=8",
+        f"triton.http_port={http}",
+        f"triton.grpc_port={grpc}",
+        f"triton.metrics_port={metrics}",
+    ]
+    cfg = config.load(overrides)
+    steps = runner.build(cfg)
+    target = serve.target_of_build(cfg)
+    launch = serve.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
+    server = serve.Server(launch, cfg.triton, smollm2_workdir / "server.log")
+    with server:
+        yield Served(server, cfg, steps[-1].dirs.final)
+
+
+def _reference_answer(served: Served, max_tokens: int) -> str:
+    from transformers import AutoTokenizer
+
+    repo = served.final / "repository"
+    tokenizer = AutoTokenizer.from_pretrained(repo / "preprocessing" / "tokenizer")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    model = load_model(repo / "tensorrt_llm" / "1" / "engine")
+    (result,) = generate(model, [Request(ids, max_tokens, end_id=tokenizer.eos_token_id)])
+    return tokenizer.decode(result.output_ids, skip_special_tokens=True)
+
+
+def test_http_generate_equals_the_reference_runtime(served: Served) -> None:
+    answer = served.generate(text_input=QUESTION, max_tokens=20)["text_output"]
+    assert answer == _reference_answer(served, 20) == "The capital of France is Paris."
+    assert served.generate("tensorrt_llm_bls", text_input=QUESTION, max_tokens=20)["text_output"] == answer
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_http_generate_stream_sends_one_event_per_token(served: Served, model: str) -> None:
+    status, body = served.post(
+        f"/v2/models/{model}/generate_stream", {"text_input": QUESTION, "max_tokens": 20, "stream": True}
+    )
+    assert status == 200, body
+    events = [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
+    assert len(events) >= 5
+    assert "".join(e["text_output"] for e in events) == "The capital of France is Paris."
+
+
+def test_grpc_streaming_through_tritonclient(served: Served) -> None:
+    import tritonclient.grpc as grpcclient
+
+    received: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    inputs = [
+        grpcclient.InferInput("text_input", [1, 1], "BYTES"),
+        grpcclient.InferInput("max_tokens", [1, 1], "INT32"),
+        grpcclient.InferInput("stream", [1, 1], "BOOL"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([[QUESTION.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[20]], dtype=np.int32))
+    inputs[2].set_data_from_numpy(np.array([[True]]))
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    try:
+        client.async_stream_infer("ensemble", inputs, request_id="1", enable_empty_final_response=True)
+        pieces = []
+        while True:
+            item = received.get(timeout=120)
+            assert not isinstance(item, Exception), item
+            if item.get_response().parameters["triton_final_response"].bool_param:
+                break
+            pieces.append(item.as_numpy("text_output").reshape(-1)[0].decode())
+    finally:
+        client.stop_stream()
+        client.close()
+    assert len(pieces) >= 5 and "".join(pieces) == "The capital of France is Paris."
+
+
+def test_concurrent_requests_run_in_fewer_batches(served: Served) -> None:
+    before = served.metric("nv_inference_exec_count", "tensorrt_llm")
+    requests_before = served.metric("nv_inference_request_success", "tensorrt_llm")
+    prompts = [f"Name {n} colours." for n in range(1, 9)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: served.generate(text_input=p, max_tokens=16)["text_output"], prompts))
+    assert all(answers)
+    executions = served.metric("nv_inference_exec_count", "tensorrt_llm") - before
+    requests = served.metric("nv_inference_request_success", "tensorrt_llm") - requests_before
+    assert requests == 8 and executions < requests, (executions, requests)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"max_tokens": 20}, "missing required input(s) ['text_input']"),
+        ({"text_input": QUESTION, "max_tokens": 100000}, "prompt plus max_tokens must be between"),
+        ({"text_input": QUESTION, "max_tokens": "many"}, "Unable to parse"),
+        ({"text_input": QUESTION, "max_tokens": 0}, "prompt plus max_tokens must be between"),
+    ],
+)
+def test_bad_requests_get_an_error_and_the_server_keeps_serving(
+    served: Served, body: dict[str, Any], message: str
+) -> None:
+    status, text = served.post("/v2/models/ensemble/generate", body)
+    assert status >= 400 and message in json.loads(text)["error"]  # Triton answers 500 to a bad JSON type
+    assert served.generate(text_input=QUESTION, max_tokens=4)["text_output"]
+
+
+def test_stop_leaves_no_process_behind(served: Served, smollm2_workdir: Path) -> None:
+    """Runs last in this module: stops the module's server and looks for leftovers."""
+    assert served.server.process is not None
+    leader = psutil.Process(served.server.process.process.pid)
+    family = [leader, *leader.children(recursive=True)]
+    assert len(family) >= 4  # tritonserver and one python stub per python model
+    served.server.stop()
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, alive
+    assert not serve.busy_ports(served.cfg.triton)

@@ -1,0 +1,124 @@
+"""Rendering the Triton model repository: strict placeholders, configs that parse as Triton's
+ModelConfig, the GPU engine model against the TensorRT-LLM backend's contract, and a golden
+rendering of one GPU repository."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+
+from pipeline import config, model_repo
+from pipeline.errors import StageError
+
+CONTRACT = json.loads((Path(__file__).parents[2].parent / "shared/reference/trtllm_backend_contract.json").read_text())
+GOLDEN = Path(__file__).parents[1] / "golden" / "llama70b_fp8_tp2_h100"
+GPU = ["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"]
+
+
+def _type_name(value: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(value)
+
+
+def test_strict_rendering_refuses_missing_and_malformed_placeholders() -> None:
+    assert model_repo.render("a: ${x}", {"x": "1"}, "t") == "a: 1"
+    with pytest.raises(StageError, match=r"uses \$\{y\} with no value"):
+        model_repo.render("a: ${x} ${y}", {"x": "1"}, "t")
+    with pytest.raises(StageError, match="still holds"):
+        model_repo.render("a: ${x} ${ broken", {"x": "1"}, "t")
+    with pytest.raises(StageError, match="not a valid Triton model config"):
+        model_repo.parse('name: "m" max_batch_size: $', "t")
+
+
+@pytest.mark.parametrize("target", ["cpu", "h100"])
+@pytest.mark.parametrize("expose", ["ensemble", "bls", "both"])
+def test_every_config_renders_and_parses(target: str, expose: str) -> None:
+    cfg = config.load([f"target={target}", f"triton.expose={expose}", "triton.streaming=false"])
+    configs = model_repo.rendered_configs(cfg)
+    assert "ensemble" in configs or expose == "bls"
+    for name, text in configs.items():
+        parsed = model_repo.parse(text, name)
+        assert "${" not in text and parsed.name == name
+        if parsed.max_batch_size:
+            assert parsed.max_batch_size == cfg.build.max_batch_size
+    engine = model_repo.parse(configs["tensorrt_llm"], "tensorrt_llm")
+    assert engine.backend == ("tensorrtllm" if target == "h100" else "python")
+    assert engine.model_transaction_policy.decoupled is False
+
+
+def test_gpu_engine_model_follows_the_backend_contract() -> None:
+    cfg = config.load(GPU)
+    engine = model_repo.parse(model_repo.rendered_configs(cfg)["tensorrt_llm"], "tensorrt_llm")
+    contract = CONTRACT["tensorrt_llm"]
+    inputs = {i["name"]: i for i in contract["inputs"]}
+    for tensor in engine.input:
+        expected = inputs[tensor.name]
+        assert _type_name(tensor.data_type) == expected["data_type"], tensor.name
+        assert list(tensor.dims) == expected["dims"], tensor.name
+        assert tensor.optional == expected["optional"], tensor.name
+        assert tensor.HasField("reshape") == ("reshape" in expected), tensor.name
+    assert set(contract["required_inputs"]) <= {t.name for t in engine.input if not t.optional}
+    outputs = {o["name"]: o for o in contract["outputs"]}
+    for tensor in engine.output:
+        assert _type_name(tensor.data_type) == outputs[tensor.name]["data_type"]
+        assert list(tensor.dims) == outputs[tensor.name]["dims"]
+    assert set(engine.parameters) <= set(contract["parameters"])
+    params = {k: v.string_value for k, v in engine.parameters.items()}
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == "tensorrt_llm/1/engine"
+    assert engine.model_transaction_policy.decoupled  # streaming is on by default
+    assert list(engine.dynamic_batching.preferred_batch_size) == [cfg.build.max_batch_size]
+
+
+def test_ensemble_wires_existing_tensors_of_each_step() -> None:
+    cfg = config.load(GPU)
+    configs = {n: model_repo.parse(t, n) for n, t in model_repo.rendered_configs(cfg).items()}
+    ensemble = configs["ensemble"]
+    produced = {t.name for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        model_inputs = {t.name for t in model.input}
+        model_outputs = {t.name for t in model.output}
+        for key, value in step.input_map.items():
+            assert key in model_inputs and value in produced, (step.model_name, key, value)
+        for key, value in step.output_map.items():
+            assert key in model_outputs, (step.model_name, key)
+            produced.add(value)
+    assert {t.name for t in ensemble.output} <= produced
+    contract = {i["name"]: i["data_type"] for i in CONTRACT["ensemble"]["inputs"]}
+    assert all(_type_name(t.data_type) == contract[t.name] for t in ensemble.input)
+
+
+def test_golden_gpu_repository() -> None:
+    """The rendered GPU repository of Llama 3.1 70B FP8 TP2 on H100, file by file.
+    UPDATE_GOLDEN=1 rewrites the golden files after a deliberate change."""
+    configs = model_repo.rendered_configs(config.load(GPU))
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        for name, text in configs.items():
+            (GOLDEN / name).mkdir(parents=True, exist_ok=True)
+            (GOLDEN / name / "config.pbtxt").write_text(text)
+    assert sorted(configs) == sorted(p.name for p in GOLDEN.iterdir())
+    for name, text in configs.items():
+        assert text == (GOLDEN / name / "config.pbtxt").read_text(), name
+
+
+def test_gpu_repository_carries_no_python_engine_code() -> None:
+    files = model_repo.code_files(config.load(GPU))
+    assert "tensorrt_llm/1/model.py" not in files and not any("reference_runtime" in f for f in files)
+    cpu = model_repo.code_files(config.load(["target=cpu"]))
+    assert {"tensorrt_llm/1/model.py", "tensorrt_llm/1/reference_runtime/generate.py"} <= set(cpu)
+
+
+def test_triton_batch_size_must_match_the_engine() -> None:
+    with pytest.raises(config.ConfigError, match=r"differs from the engine's build\.max_batch_size"):
+        config.load(["triton.max_batch_size=8", "build.max_batch_size=64"])
+
+
+def test_text_format_round_trip_of_rendered_config() -> None:
+    text = model_repo.rendered_configs(config.load(["target=cpu"]))["preprocessing"]
+    assert text_format.MessageToString(model_repo.parse(text, "p"))
