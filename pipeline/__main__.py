@@ -8,6 +8,7 @@ adds the traceback); a bad or missing command prints usage and exits 2.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ commands:
   build   run every stage; finished stages are reused (force=true redoes them)
   plan    show what build would do: each stage, its fingerprint, cached or not, and the config
   serve   serve the repository of the last build with the same overrides (or repo=<path>) until Ctrl-C
+  compare table of the runs in the MLflow store: sort=<column> filter="params.quant = 'fp8'"
 
 options:
   -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3
@@ -83,10 +85,22 @@ def _cmd_build(overrides: list[str]) -> None:
         print(runner.format_plan(runner.plan(cfg), cfg))
         print("dry run: nothing was run (drop dry_run=true to build)")
         return
-    steps = runner.build(cfg)
+    from pipeline import tracking
+
+    with tracking.job_run(cfg, _SWEEP.get("parent")) as run:
+        steps = runner.build(cfg)
+        if run is not None:
+            run.record(cfg, steps)
     for step in steps:
         took = f"{step.seconds:.1f} s" if step.seconds is not None else "cached"
         print(f"{step.name:<10} {took:<10} {step.dirs.final}")
+
+
+def _cmd_compare(overrides: list[str]) -> None:
+    from pipeline import compare, config
+
+    cfg = config.load(overrides)
+    print(compare.table(cfg, sort=_COMMAND_ARGS.get("sort"), where=_COMMAND_ARGS.get("filter")))
 
 
 def _cmd_serve(overrides: list[str]) -> None:
@@ -98,11 +112,17 @@ def _cmd_serve(overrides: list[str]) -> None:
     serve.serve_until_stopped(cfg, target)
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"build": _cmd_build, "plan": _cmd_plan, "serve": _cmd_serve}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "build": _cmd_build,
+    "plan": _cmd_plan,
+    "serve": _cmd_serve,
+    "compare": _cmd_compare,
+}
 # Arguments that belong to a command rather than to the config (e.g. `serve repo=<path>`); they are
 # taken off argv before Hydra sees it.
-COMMAND_KEYS = {"serve": ("repo",)}
+COMMAND_KEYS = {"serve": ("repo",), "compare": ("sort", "filter")}
 _COMMAND_ARGS: dict[str, str] = {}
+_SWEEP: dict[str, str | None] = {}  # the MLflow parent run of a -m sweep
 
 
 def command_help(command: str) -> str:
@@ -151,13 +171,20 @@ def _run(command: str, overrides: list[str], multirun: bool) -> int:
         COMMANDS[command](jobs[0])
         return 0
     failed = []
-    for index, job in enumerate(jobs, 1):
-        log.info("job %d/%d: %s", index, len(jobs), " ".join(job) or "(defaults)")
-        try:
-            COMMANDS[command](job)
-        except PipelineError as error:
-            log.error("job %d/%d failed: %s", index, len(jobs), error)
-            failed.append(" ".join(job))
+    parent = contextlib.nullcontext(None)
+    if command == "build":
+        from pipeline import tracking
+
+        parent = tracking.sweep_run(config.load(jobs[0]), jobs)
+    with parent as parent_id:
+        _SWEEP["parent"] = parent_id
+        for index, job in enumerate(jobs, 1):
+            log.info("job %d/%d: %s", index, len(jobs), " ".join(job) or "(defaults)")
+            try:
+                COMMANDS[command](job)
+            except PipelineError as error:
+                log.error("job %d/%d failed: %s", index, len(jobs), error)
+                failed.append(" ".join(job))
     if failed:
         raise PipelineError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")
     return 0

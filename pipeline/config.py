@@ -164,7 +164,10 @@ class TritonConfig:
     name: str = MISSING
     max_batch_size: int | None = None  # null: the engine's build.max_batch_size (must be equal)
     preferred_batch_sizes: list[int] = field(default_factory=list)  # empty: [max_batch_size]
-    max_queue_delay_microseconds: int = 2000  # how long the batcher waits to fill a batch
+    # How long the engine model's batcher waits to fill a batch. null: 0 on GPU targets (in-flight
+    # batching admits requests at every step anyway), 50 ms on the CPU target, whose python model
+    # batches only the requests that arrive together.
+    max_queue_delay_microseconds: int | None = None
     max_queue_size: int = 0  # requests waiting beyond this are rejected; 0: unbounded
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
@@ -189,6 +192,46 @@ class TritonConfig:
 
 
 @dataclass
+class SLOConfig:
+    """Service-level objectives for goodput; null: no limit on that latency."""
+
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+    e2e_ms: float | None = None
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    enabled: bool = True
+    concurrency: list[int] = field(default_factory=lambda: [1, 8])  # closed loop, one point each
+    rates: list[float] = field(default_factory=list)  # open loop (Poisson), requests/s, one point each
+    requests_per_point: int = 16
+    warmup_requests: int = 2
+    input_tokens: int = 64
+    input_tokens_stddev: float = 0.0
+    output_tokens: int = 32
+    output_tokens_stddev: float = 0.0
+    prompts_file: str | None = None  # JSONL: {"text": ..., "max_tokens": ...} per line
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    ignore_eos: bool = True  # generate exactly the asked output length
+    seed: int = 0
+    model: str | None = None  # null: the repository's entry model (ensemble or tensorrt_llm_bls)
+    timeout_s: float = 300.0  # per request; a silent server ends the point
+    slo: SLOConfig = field(default_factory=SLOConfig)
+
+
+@dataclass
+class TrackingConfig:
+    name: str = MISSING
+    enabled: bool = True
+    uri: str | None = None  # null: sqlite:///<workdir>/mlflow.db
+    experiment: str | None = None  # null: one experiment per model, named after it
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1  # tensor parallel ranks
     pp: int = 1  # pipeline parallel ranks
@@ -201,6 +244,8 @@ class PipelineConfig:
     target: TargetConfig = MISSING
     build: BuildConfig = MISSING
     triton: TritonConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
+    tracking: TrackingConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
@@ -220,6 +265,8 @@ def register() -> None:
     store.store(group="target", name="target" + SCHEMA_SUFFIX, node=TargetConfig)
     store.store(group="build", name="build" + SCHEMA_SUFFIX, node=BuildConfig)
     store.store(group="triton", name="triton" + SCHEMA_SUFFIX, node=TritonConfig)
+    store.store(group="benchmark", name="benchmark" + SCHEMA_SUFFIX, node=BenchmarkConfig)
+    store.store(group="tracking", name="tracking" + SCHEMA_SUFFIX, node=TrackingConfig)
 
 
 def group_options(group: str) -> list[str]:
@@ -317,6 +364,18 @@ def validate(cfg: PipelineConfig) -> list[str]:
     problems += _quant_problems(cfg)
     problems += _build_problems(cfg)
     problems += _triton_problems(cfg)
+    problems += _benchmark_problems(cfg.benchmark)
+    return problems
+
+
+def _benchmark_problems(bench: BenchmarkConfig) -> list[str]:
+    problems = []
+    if any(c < 1 for c in bench.concurrency) or any(r <= 0 for r in bench.rates):
+        problems.append("benchmark.concurrency values must be >= 1 and benchmark.rates > 0")
+    if bench.enabled and not (bench.concurrency or bench.rates):
+        problems.append("benchmark.concurrency and benchmark.rates are both empty: give one, or benchmark=none")
+    if bench.requests_per_point < 1 or bench.input_tokens < 1 or bench.output_tokens < 1:
+        problems.append("benchmark.requests_per_point, input_tokens and output_tokens must be at least 1")
     return problems
 
 

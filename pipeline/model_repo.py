@@ -23,6 +23,7 @@ PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 TOKENIZER_DIR = "preprocessing/tokenizer"  # relative to the repository root
 ENGINE_DIR = "tensorrt_llm/1/engine"
 ENGINE_MODEL = "tensorrt_llm"
+CPU_QUEUE_DELAY_US = 50_000
 
 
 def models(cfg: PipelineConfig) -> list[str]:
@@ -72,9 +73,12 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
     triton, build = cfg.triton, cfg.build
     batch = build.max_batch_size
     preferred = triton.preferred_batch_sizes or [batch]
+    delay = triton.max_queue_delay_microseconds
+    if delay is None:
+        delay = 0 if cfg.target.kind is TargetKind.gpu else CPU_QUEUE_DELAY_US
     return {
         "max_batch_size": str(batch),
-        "max_queue_delay_microseconds": str(triton.max_queue_delay_microseconds),
+        "max_queue_delay_microseconds": str(delay),
         "max_queue_size": str(triton.max_queue_size),
         "preferred_batch_sizes": ", ".join(str(s) for s in preferred),
         "decoupled": _flag(triton.streaming),

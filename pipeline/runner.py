@@ -100,7 +100,9 @@ def plan(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Ste
         dirs = StageDirs(workdir / stage.NAME, fp)
         describe = getattr(stage, "command", None)
         command = describe(cfg, inputs, dirs.final, workdir) if describe else None
-        steps.append(Step(stage, fp, dirs, depends, tools, cached=dirs.is_done(), command=command))
+        # a stage that measures the machine (benchmark) is never taken from the cache
+        cached = dirs.is_done() and not getattr(stage, "ALWAYS_RUN", False)
+        steps.append(Step(stage, fp, dirs, depends, tools, cached=cached, command=command))
         inputs[stage.NAME] = dirs.final
         upstream = fp
     return steps
@@ -112,7 +114,7 @@ def _peak_rss_mb() -> float:
 
 
 def _redo(cfg: PipelineConfig, step: Step) -> bool:
-    return cfg.force or step.name in cfg.redo
+    return cfg.force or step.name in cfg.redo or getattr(step.stage, "ALWAYS_RUN", False)
 
 
 def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir: Path) -> None:
@@ -130,7 +132,10 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
             with captured_to(out / "stage.log"):
                 step.results = step.stage.run(cfg, StageWorkspace(out, dict(inputs), workdir)) or {}
         except PipelineError:
-            shutil.rmtree(out, ignore_errors=True)  # a user-fixable failure: nothing worth keeping
+            if getattr(step.stage, "KEEP_ON_ERROR", False):  # e.g. benchmark points measured before a crash
+                log.error("%s failed; what it measured is kept at %s", step.name, out)
+            else:
+                shutil.rmtree(out, ignore_errors=True)  # a user-fixable failure: nothing worth keeping
             raise
         except BaseException:
             log.error("%s failed; its unfinished output is kept for inspection at %s", step.name, out)

@@ -226,17 +226,17 @@ def target_of_build(cfg: PipelineConfig) -> Target:
             "no finished Triton repository for these overrides: run `python -m pipeline build` with the same "
             "overrides first, or serve a folder with repo=<path>"
         )
-    return _target(step.dirs.final / "repository", runner.workdir_of(cfg) / "serve" / step.fingerprint)
+    return target_of_repository(step.dirs.final / "repository", runner.workdir_of(cfg) / "serve" / step.fingerprint)
 
 
 def target_of_folder(path: str, workdir: Path) -> Target:
     repo = Path(path).expanduser().resolve()
     if not (repo / "tensorrt_llm" / "config.pbtxt").is_file():
         raise StageError(f"{repo} is not a model repository rendered by this pipeline (no tensorrt_llm/config.pbtxt)")
-    return _target(repo, workdir / "serve" / "external")
+    return target_of_repository(repo, workdir / "serve" / "external")
 
 
-def _target(repo: Path, log_dir: Path) -> Target:
+def target_of_repository(repo: Path, log_dir: Path) -> Target:
     import json
 
     info_file = repo.parent / "repository.json"

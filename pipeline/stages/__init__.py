@@ -6,6 +6,6 @@ that determines its output), ``run(cfg, ws)`` (does the work, returns results) a
 """
 
 from pipeline.runner import Stage
-from pipeline.stages import engine, fetch, quantize, triton_repo
+from pipeline.stages import benchmark, engine, fetch, quantize, triton_repo
 
-STAGES: tuple[Stage, ...] = (fetch, quantize, engine, triton_repo)  # type: ignore[assignment]
+STAGES: tuple[Stage, ...] = (fetch, quantize, engine, triton_repo, benchmark)  # type: ignore[assignment]
