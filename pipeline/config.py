@@ -374,6 +374,10 @@ def _benchmark_problems(bench: BenchmarkConfig) -> list[str]:
         problems.append("benchmark.concurrency values must be >= 1 and benchmark.rates > 0")
     if bench.enabled and not (bench.concurrency or bench.rates):
         problems.append("benchmark.concurrency and benchmark.rates are both empty: give one, or benchmark=none")
+    if bench.enabled and bench.prompts_file and not Path(bench.prompts_file).expanduser().is_file():
+        problems.append(
+            f"benchmark.prompts_file={bench.prompts_file} does not exist: give a JSONL file with a 'text' per line"
+        )
     if bench.requests_per_point < 1 or bench.input_tokens < 1 or bench.output_tokens < 1:
         problems.append("benchmark.requests_per_point, input_tokens and output_tokens must be at least 1")
     return problems
