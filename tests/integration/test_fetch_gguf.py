@@ -22,7 +22,7 @@ def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path)
     planned = runner.plan(config.load([f"workdir={tmp_path}"]))[0]
     log = planned.dirs.partial / "stage.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}"],
+        [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "until=fetch"],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -35,7 +35,7 @@ def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path)
     assert process.wait() == -signal.SIGKILL
     assert planned.dirs.partial.exists() and not planned.dirs.final.exists()
 
-    result = run_cli("build", f"workdir={tmp_path}", timeout=600)
+    result = run_cli("build", f"workdir={tmp_path}", "until=fetch", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "removing unfinished output" in result.stderr
     done = runner.plan(config.load([f"workdir={tmp_path}"]))[0]
@@ -47,7 +47,7 @@ def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path)
     _assert_answers_paris(checkpoint)
 
     started = time.monotonic()
-    again = run_cli("build", f"workdir={tmp_path}")
+    again = run_cli("build", f"workdir={tmp_path}", "until=fetch")
     assert again.returncode == 0 and "cached" in again.stdout
     assert time.monotonic() - started < 10
 

@@ -63,11 +63,18 @@ def test_unquantized_checkpoints_reproduce_the_source_model(smollm2_workdir: Pat
 @pytest.mark.slow
 def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
     result = run_cli(
-        "build", f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2", timeout=600
+        "build",
+        f"workdir={smollm2_workdir}",
+        "target=cpu",
+        "quant=none",
+        "parallel.tp=3",
+        "parallel.pp=2",
+        "until=engine",
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = config.load([f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2"])
-    final = runner.plan(cfg)[-1].dirs.final
+    final = next(s for s in runner.plan(cfg) if s.name == "engine").dirs.final
     assert json.loads((final / "engine.json").read_text())["runtime"] == "reference"
     _, tokenizer = _source_model(smollm2_workdir)
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)

@@ -72,6 +72,7 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         "quant=none",
         "triton=bls",
         "build.max_batch_size=8",
+        "until=triton_repo",
         f"triton.http_port={http}",
         f"triton.grpc_port={grpc}",
         f"triton.metrics_port={metrics}",
