@@ -36,6 +36,7 @@ commands:
   plan    show what build would do: each stage, its fingerprint, cached or not, and the config
   serve   serve the repository of the last build with the same overrides (or repo=<path>) until Ctrl-C
   compare table of the runs in the MLflow store: sort=<column> filter="params.quant = 'fp8'"
+  manifests  Kubernetes YAML (Deployment or LeaderWorkerSet, Service, KServe InferenceService)
 
 options:
   -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3
@@ -56,11 +57,29 @@ def _cmd_plan(overrides: list[str]) -> None:
     cfg = config.load(overrides)
     print("# resolved config")
     print(config.to_yaml(cfg).rstrip())
+    _print_memory_plan(cfg)
     print("\n# stages")
     steps = runner.plan(cfg)
     print(runner.format_plan(steps, cfg))
     print("\n# serve (python -m pipeline serve)")
     print(_serve_command(cfg, steps))
+
+
+def _print_memory_plan(cfg: PipelineConfig) -> None:
+    import json
+
+    from pipeline import planner, runner
+
+    if not planner.applies(cfg):
+        print("\n# memory plan: for GPU targets only (this is the CPU target)")
+        return
+    print("\n# memory plan")
+    print(planner.format_table(cfg))
+    out = runner.workdir_of(cfg) / "plan.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = [p.to_dict() for p in planner.alternatives(cfg)]
+    out.write_text(json.dumps({"requested": planner.plan_for(cfg).to_dict(), "options": options}, indent=2) + "\n")
+    print(f"(written to {out})")
 
 
 def _serve_command(cfg: PipelineConfig, steps: list[Step]) -> str:
@@ -103,6 +122,19 @@ def _cmd_compare(overrides: list[str]) -> None:
     print(compare.table(cfg, sort=_COMMAND_ARGS.get("sort"), where=_COMMAND_ARGS.get("filter")))
 
 
+def _cmd_manifests(overrides: list[str]) -> None:
+    from pipeline import config, manifests, runner
+
+    cfg = config.load(overrides)
+    step = next(s for s in runner.plan(cfg) if s.name == "triton_repo")
+    folder = runner.workdir_of(cfg) / "manifests" / step.fingerprint
+    for path in manifests.write(cfg, folder):
+        print(path)
+    built = "" if step.cached else " (not built yet: run build with the same overrides)"
+    print(f"copy {step.dirs.final / 'repository'}{built} into the PersistentVolumeClaim 'triton-repo', then:")
+    print(f"  kubectl apply -f {folder}/deployment.yaml -f {folder}/service.yaml   (or inferenceservice.yaml)")
+
+
 def _cmd_serve(overrides: list[str]) -> None:
     from pipeline import config, runner, serve
 
@@ -117,6 +149,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "plan": _cmd_plan,
     "serve": _cmd_serve,
     "compare": _cmd_compare,
+    "manifests": _cmd_manifests,
 }
 # Arguments that belong to a command rather than to the config (e.g. `serve repo=<path>`); they are
 # taken off argv before Hydra sees it.

@@ -114,7 +114,8 @@ class TargetConfig:
     gpu: str | None = None  # marketing name, e.g. "NVIDIA H100 80GB HBM3"
     sm: int | None = None  # compute capability x 10, e.g. 90 for Hopper
     memory_gib: float | None = None  # per GPU
-    count: int = 0  # GPUs on the host
+    count: int = 0  # GPUs per node
+    nodes: int = 1  # nodes of `count` GPUs each (multi-node engines run as a LeaderWorkerSet)
     price_per_gpu_hour: float | None = None  # USD, for cost per token
 
 
@@ -365,6 +366,10 @@ def validate(cfg: PipelineConfig) -> list[str]:
     problems += _build_problems(cfg)
     problems += _triton_problems(cfg)
     problems += _benchmark_problems(cfg.benchmark)
+    if not problems:  # the memory plan needs a configuration that is otherwise sound
+        from pipeline import planner
+
+        problems += planner.problems(cfg)
     return problems
 
 

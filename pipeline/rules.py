@@ -115,10 +115,11 @@ def parallel_problems(cfg: PipelineConfig) -> list[str]:
             f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
             f"use parallel.pp<={arch.num_hidden_layers}"
         )
-    if cfg.target.kind is TargetKind.gpu and tp * pp > cfg.target.count:
+    gpus = cfg.target.count * cfg.target.nodes
+    if cfg.target.kind is TargetKind.gpu and tp * pp > gpus:
         problems.append(
             f"parallel.tp={tp} x parallel.pp={pp} needs {tp * pp} GPUs but target={cfg.target.name} "
-            f"has {cfg.target.count}: lower parallel.tp/pp or choose a larger target"
+            f"has {gpus}: lower parallel.tp/pp, set target.nodes for a multi-node deployment, or choose a larger target"
         )
     if cfg.quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and not problems:
         problems += awq_block_problems(arch, tp, cfg.quant.awq_block_size)

@@ -239,7 +239,8 @@ def target_of_folder(path: str, workdir: Path) -> Target:
 def target_of_repository(repo: Path, log_dir: Path) -> Target:
     import json
 
-    info_file = repo.parent / "repository.json"
+    inside, beside = repo / "repository.json", repo.parent / "repository.json"
+    info_file = inside if inside.is_file() else beside
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     engine_config = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
     on_gpu = 'backend: "tensorrtllm"' in engine_config

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 FLAG_TABLE = Path(__file__).resolve().parent / "data" / "trtllm_build_flags.json"
 SUPPORTED = ">=1.2,<1.3"  # the last release line with trtllm-build (facts)
+CONTAINER_TAG = "25.12"  # NGC tritonserver:<tag>-trtllm-python-py3 built on TensorRT-LLM 1.2 (Dockerfile)
 FP8_MIN_SM = 89
 # Flags the pipeline sets itself: extra_args may not set them twice.
 OWNED = (

@@ -52,6 +52,10 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     """Environment checks before any stage runs (config checks live in config.validate)."""
     import importlib.util
 
+    from pipeline import planner
+
+    if problem := planner.quantize_memory_problem(cfg):
+        return [problem]
     if cfg.quant.format is QuantFormat.none or calibration.plan(cfg).dataset != "cnn_dailymail":
         return []
     if importlib.util.find_spec("datasets") is None:

@@ -24,7 +24,7 @@ from pipeline.runner import StageWorkspace
 from pipeline.workspace import link_or_copy
 
 NAME = "triton_repo"
-VERSION = 1
+VERSION = 2  # 2: repository.json inside the repository
 TOOLS = ("tritonclient",)
 REPOSITORY = "repository"
 REPOSITORY_JSON = "repository.json"
@@ -79,7 +79,9 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "streaming": cfg.triton.streaming,
         "engine_files": engine_files,
     }
-    (ws.out / REPOSITORY_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    text = json.dumps(info, indent=2) + "\n"
+    (ws.out / REPOSITORY_JSON).write_text(text)
+    (repo / REPOSITORY_JSON).write_text(text)  # travels with the folder (Triton ignores plain files)
     log.info("rendered %s (entry model %s)", ", ".join(configs), info["entry_model"])
     return info
 

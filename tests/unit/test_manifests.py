@@ -1,0 +1,69 @@
+"""Kubernetes manifests, checked against the Kubernetes object schemas of the official client:
+every field must survive a round trip through the typed models (a misspelled field would be
+dropped and the comparison would fail)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import config, manifests
+from tests.conftest import run_cli
+
+kubernetes = pytest.importorskip("kubernetes")
+
+
+def _round_trip(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    client = kubernetes.client.ApiClient()
+    typed = client._ApiClient__deserialize(obj, kind)  # the client's own schema-driven loader
+    return client.sanitize_for_serialization(typed)
+
+
+def _assert_schema(obj: dict[str, Any], kind: str) -> None:
+    assert _round_trip(obj, kind) == obj
+
+
+def test_embedded_model_gets_a_valid_deployment_service_and_inferenceservice(tmp_path: Path) -> None:
+    result = run_cli("manifests", f"workdir={tmp_path}", "target=cpu")
+    assert result.returncode == 0, result.stderr
+    folder = next((tmp_path / "manifests").iterdir())
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
+    assert set(docs) == {"deployment.yaml", "service.yaml", "inferenceservice.yaml"}
+    _assert_schema(docs["deployment.yaml"], "V1Deployment")
+    _assert_schema(docs["service.yaml"], "V1Service")
+    pod = docs["deployment.yaml"]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    assert "resources" not in container  # the CPU target asks for no GPU
+    assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "triton-repo"
+    isvc = docs["inferenceservice.yaml"]
+    assert isvc["kind"] == "InferenceService"
+    for predictor_container in isvc["spec"]["predictor"]["containers"]:
+        _assert_schema(predictor_container, "V1Container")
+
+
+def test_gpu_requests_equal_world_size_on_one_node() -> None:
+    cfg = config.load(["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"])
+    objects = manifests.build(cfg)
+    deployment = objects["deployment.yaml"]
+    _assert_schema(deployment, "V1Deployment")
+    limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "2"}
+
+
+def test_more_ranks_than_one_node_has_gpus_gives_a_leaderworkerset() -> None:
+    cfg = config.load(
+        ["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100", "target.nodes=2"]
+    )
+    objects = manifests.build(cfg)
+    assert "deployment.yaml" not in objects
+    lws = objects["leaderworkerset.yaml"]["spec"]["leaderWorkerTemplate"]
+    assert lws["size"] == 2
+    for template in ("leaderTemplate", "workerTemplate"):
+        _assert_schema(lws[template], "V1PodTemplateSpec")
+        limits = lws[template]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits == {"nvidia.com/gpu": "8"}
