@@ -129,23 +129,15 @@ def test_invalid_combinations_fail_in_seconds_before_loading(
 
 @pytest.mark.slow
 def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
-    result = run_cli(
-        "build",
-        f"workdir={smollm2_workdir}",
-        "quant=fp8",
-        "parallel.tp=3",
-        "parallel.pp=2",
-        "target=cpu",
-        "until=engine",
-        timeout=600,
-    )
+    overrides = ("quant=fp8", "parallel.tp=3", "parallel.pp=2", "target=cpu", "until=engine")
+    result = run_cli("build", f"workdir={smollm2_workdir}", *overrides, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    (quality,) = smollm2_workdir.glob("quantize/*/quality.json")
+    step = runner.plan(config.load([f"workdir={smollm2_workdir}", *overrides]))[1]
+    quality = step.dirs.final / "quality.json"
     report = json.loads(quality.read_text())
     assert 0 < report["kl_divergence_mean"] < 0.1
     assert report["top1_agreement"] > 0.8
     assert abs(report["perplexity_change_pct"]) < 10
     assert len(list(quality.parent.glob("checkpoint/rank*.safetensors"))) == 6
-    overrides = ("quant=fp8", "parallel.tp=3", "parallel.pp=2", "target=cpu", "until=engine")
     again = run_cli("build", f"workdir={smollm2_workdir}", *overrides)
     assert again.returncode == 0 and again.stdout.count("cached") == 3  # fetch, quantize, engine
