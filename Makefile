@@ -28,7 +28,8 @@ test: venv
 	$(PY) -m pytest
 
 lint: venv
-	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff check pipeline tests bench model_repo
+	$(VENV)/bin/ruff format --check pipeline tests bench model_repo
 
 bench: venv
 	$(PY) -m bench
