@@ -36,6 +36,7 @@ commands:
   plan    show what build would do: each stage, its fingerprint, cached or not, and the config
   serve   serve the repository of the last build with the same overrides (or repo=<path>) until Ctrl-C
   compare table of the runs in the MLflow store: sort=<column> filter="params.quant = 'fp8'"
+  bench   benchmark a running server (url=host:grpc_port) or the last build's repository
   manifests  Kubernetes YAML (Deployment or LeaderWorkerSet, Service, KServe InferenceService)
 
 options:
@@ -122,6 +123,31 @@ def _cmd_compare(overrides: list[str]) -> None:
     print(compare.table(cfg, sort=_COMMAND_ARGS.get("sort"), where=_COMMAND_ARGS.get("filter")))
 
 
+def _cmd_bench(overrides: list[str]) -> None:
+    """Benchmark a server that is already running (url=host:grpc_port), or start one on the
+    repository of the last build with the same overrides; results go to <workdir>/bench/<time>/."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from pipeline import config, runner, serve
+    from pipeline.stages import benchmark
+
+    cfg = config.load(overrides)
+    target = serve.target_of_build(cfg)  # its tokenizer gives exact prompt lengths
+    tokenizer = AutoTokenizer.from_pretrained(target.repo / "preprocessing" / "tokenizer")
+    model = cfg.benchmark.model or target.entry_model
+    out = runner.workdir_of(cfg) / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    url = _COMMAND_ARGS.get("url")
+    if url:
+        benchmark.sweep(cfg, url, model, tokenizer, out)
+    else:
+        launch = serve.launch_for(cfg.triton, target.repo, target.on_gpu, target.world_size, runner.workdir_of(cfg))
+        with serve.Server(launch, cfg.triton, out / "server.log") as server:
+            benchmark.sweep(cfg, server.grpc_url, model, tokenizer, out)
+    print(f"results in {out}")
+
+
 def _cmd_manifests(overrides: list[str]) -> None:
     from pipeline import config, manifests, runner
 
@@ -150,10 +176,11 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "serve": _cmd_serve,
     "compare": _cmd_compare,
     "manifests": _cmd_manifests,
+    "bench": _cmd_bench,
 }
 # Arguments that belong to a command rather than to the config (e.g. `serve repo=<path>`); they are
 # taken off argv before Hydra sees it.
-COMMAND_KEYS = {"serve": ("repo",), "compare": ("sort", "filter")}
+COMMAND_KEYS = {"serve": ("repo",), "compare": ("sort", "filter"), "bench": ("url",)}
 _COMMAND_ARGS: dict[str, str] = {}
 _SWEEP: dict[str, str | None] = {}  # the MLflow parent run of a -m sweep
 

@@ -24,6 +24,7 @@ from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
 
 QUESTION = "What is the capital of France?"
+_OVERRIDES: list[str] = []  # the served build's overrides, for commands run against it
 pytestmark = pytest.mark.slow
 
 
@@ -77,6 +78,7 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         f"triton.grpc_port={grpc}",
         f"triton.metrics_port={metrics}",
     ]
+    _OVERRIDES[:] = overrides
     cfg = config.load(overrides)
     steps = runner.build(cfg)
     target = serve.target_of_build(cfg)
@@ -170,6 +172,26 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(
     status, text = served.post("/v2/models/ensemble/generate", body)
     assert status >= 400 and message in json.loads(text)["error"]  # Triton answers 500 to a bad JSON type
     assert served.generate(text_input=QUESTION, max_tokens=4)["text_output"]
+
+
+def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir: Path) -> None:
+    from tests.conftest import run_cli
+
+    overrides = [o for o in _OVERRIDES if not o.startswith("until=")]
+    result = run_cli(
+        "bench",
+        f"url={served.server.grpc_url}",
+        *overrides,
+        "benchmark.concurrency=[2]",
+        "benchmark.requests_per_point=2",
+        "benchmark.warmup_requests=0",
+        "benchmark.output_tokens=4",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (table,) = smollm2_workdir.glob("bench/*/benchmark.json")
+    (point,) = json.loads(table.read_text())
+    assert point["load"] == "c=2" and point["successful"] == 2 and point["output_tokens_mean"] == 4
 
 
 def test_stop_leaves_no_process_behind(served: Served, smollm2_workdir: Path) -> None:
