@@ -128,23 +128,13 @@ def _cmd_bench(overrides: list[str]) -> None:
     repository of the last build with the same overrides; results go to <workdir>/bench/<time>/."""
     import time
 
-    from transformers import AutoTokenizer
-
     from pipeline import config, runner, serve
     from pipeline.stages import benchmark
 
     cfg = config.load(overrides)
     target = serve.target_of_build(cfg)  # its tokenizer gives exact prompt lengths
-    tokenizer = AutoTokenizer.from_pretrained(target.repo / "preprocessing" / "tokenizer")
-    model = cfg.benchmark.model or target.entry_model
     out = runner.workdir_of(cfg) / "bench" / time.strftime("%Y%m%d-%H%M%S")
-    url = _COMMAND_ARGS.get("url")
-    if url:
-        benchmark.sweep(cfg, url, model, tokenizer, out)
-    else:
-        launch = serve.launch_for(cfg.triton, target.repo, target.on_gpu, target.world_size, runner.workdir_of(cfg))
-        with serve.Server(launch, cfg.triton, out / "server.log") as server:
-            benchmark.sweep(cfg, server.grpc_url, model, tokenizer, out)
+    benchmark.measure(cfg, target, out, runner.workdir_of(cfg), url=_COMMAND_ARGS.get("url"))
     print(f"results in {out}")
 
 

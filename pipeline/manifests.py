@@ -60,6 +60,10 @@ def _pod_spec(cfg: PipelineConfig, gpus: int, claim: str) -> dict[str, Any]:
     }
 
 
+def _pod_template(cfg: PipelineConfig, gpus: int, claim: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"metadata": {"labels": labels, "annotations": _annotations(cfg)}, "spec": _pod_spec(cfg, gpus, claim)}
+
+
 def _annotations(cfg: PipelineConfig) -> dict[str, str]:
     return {
         "prometheus.io/scrape": "true",
@@ -89,18 +93,12 @@ def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str
             "spec": {
                 "replicas": 1,
                 "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels, "annotations": _annotations(cfg)},
-                    "spec": _pod_spec(cfg, size if per_node else 0, claim),
-                },
+                "template": _pod_template(cfg, size if per_node else 0, claim, labels),
             },
         }
     else:
         nodes = math.ceil(size / per_node)
-        pod = {
-            "metadata": {"labels": labels, "annotations": _annotations(cfg)},
-            "spec": _pod_spec(cfg, per_node, claim),
-        }
+        pod = _pod_template(cfg, per_node, claim, labels)
         objects["leaderworkerset.yaml"] = {
             "apiVersion": "leaderworkerset.x-k8s.io/v1",
             "kind": "LeaderWorkerSet",

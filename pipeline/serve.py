@@ -231,20 +231,17 @@ def target_of_build(cfg: PipelineConfig) -> Target:
 
 def target_of_folder(path: str, workdir: Path) -> Target:
     repo = Path(path).expanduser().resolve()
-    if not (repo / "tensorrt_llm" / "config.pbtxt").is_file():
-        raise StageError(f"{repo} is not a model repository rendered by this pipeline (no tensorrt_llm/config.pbtxt)")
+    if not (repo / "repository.json").is_file():
+        raise StageError(f"{repo} is not a model repository rendered by this pipeline (no repository.json)")
     return target_of_repository(repo, workdir / "serve" / "external")
 
 
 def target_of_repository(repo: Path, log_dir: Path) -> Target:
     import json
 
-    inside, beside = repo / "repository.json", repo.parent / "repository.json"
-    info_file = inside if inside.is_file() else beside
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    engine_config = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
-    on_gpu = 'backend: "tensorrtllm"' in engine_config
-    return Target(repo, on_gpu, int(info.get("world_size", 1)), info.get("entry_model", "ensemble"), log_dir)
+    info = json.loads((repo / "repository.json").read_text())  # written by the triton_repo stage
+    on_gpu = info["runtime"] == "tensorrt_llm"
+    return Target(repo, on_gpu, int(info["world_size"]), info["entry_model"], log_dir)
 
 
 def serve_until_stopped(cfg: PipelineConfig, target: Target) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -34,17 +35,20 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return cfg.tracking.uri or f"sqlite:///{workdir_of(cfg).resolve() / 'mlflow.db'}"
 
 
-def _experiment(cfg: PipelineConfig) -> str:
-    import mlflow
+def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
+    """The store's client and the id of the run's experiment (created on first use, with its
+    artifacts in the workdir rather than a stray ./mlruns)."""
+    from mlflow.tracking import MlflowClient
 
     from pipeline.runner import workdir_of
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg))
     name = cfg.tracking.experiment or cfg.model.name
-    if mlflow.get_experiment_by_name(name) is None:
-        artifacts = workdir_of(cfg).resolve() / "mlartifacts"
-        mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
-    return name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    artifacts = workdir_of(cfg).resolve() / "mlartifacts"
+    return client, client.create_experiment(name, artifact_location=artifacts.as_uri())
 
 
 def _git_commit() -> str | None:
@@ -152,11 +156,10 @@ class JobRun:
         for step in steps:
             self.client.set_tag(self.run_id, f"fingerprint.{step.name}", step.fingerprint)
         flat, series = _flat_metrics(steps, cfg)
-        for step in steps:
-            sha = (step.results or {}).get("commit_sha") or (step.results or {}).get("revision_sha")
-            if sha:
-                self.client.log_param(self.run_id, "model_revision", sha)
-        now = 0
+        sha = next((s.results.get("revision_sha") for s in steps if s.name == "fetch" and s.results), None)
+        if sha:  # hub models: the commit the revision resolved to
+            self.client.log_param(self.run_id, "model_revision", sha)
+        now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in flat.items()]
         metrics += [Metric(k, v, now, s) for k, v, s in series]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per call
@@ -170,18 +173,15 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None) -> Iterator[J
     if not cfg.tracking.enabled:
         yield None
         return
-    from mlflow.tracking import MlflowClient
-
-    experiment = _experiment(cfg)
-    client = MlflowClient(tracking_uri(cfg))
+    client, experiment_id = _client_and_experiment(cfg)
     tags = {"pipeline.git_commit": _git_commit() or "unknown", "mlflow.runName": run_name(cfg)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(client.get_experiment_by_name(experiment).experiment_id, tags=tags)
+    run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
     for key, value in params(cfg).items():
         client.log_param(run_id, key, value)
-    log.info("MLflow run %s in experiment %r at %s", run_id, experiment, tracking_uri(cfg))
+    log.info("MLflow run %s in experiment %s at %s", run_id, experiment_id, tracking_uri(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         job_log = Path(tmp) / "job.log"
         try:
@@ -202,12 +202,9 @@ def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None
     if not cfg.tracking.enabled:
         yield None
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(_experiment(cfg))
+    client, experiment_id = _client_and_experiment(cfg)
     name = "sweep: " + "; ".join(" ".join(job) for job in jobs)[:200]
-    run = client.create_run(experiment.experiment_id, tags={"mlflow.runName": name, "pipeline.sweep": "true"})
+    run = client.create_run(experiment_id, tags={"mlflow.runName": name, "pipeline.sweep": "true"})
     client.log_param(run.info.run_id, "jobs", json.dumps([" ".join(j) for j in jobs])[:6000])
     try:
         yield run.info.run_id

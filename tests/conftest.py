@@ -5,6 +5,7 @@ matters, since huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,17 @@ def run_cli(
         timeout=timeout,
         cwd=cwd or REPO_ROOT,
     )
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on right now (for a server a test starts)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="session")

@@ -104,16 +104,27 @@ def _client_info() -> dict[str, str]:
     }
 
 
-def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
+def measure(
+    cfg: PipelineConfig, target: serve.Target, out: Path, workdir: Path, url: str | None = None
+) -> dict[str, Any]:
+    """Sweep ``target``'s repository: against ``url`` (a running server's gRPC address) or a
+    server started here for the sweep and stopped after it."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(target.repo / "preprocessing" / "tokenizer")
+    model = cfg.benchmark.model or target.entry_model
+    if url:
+        points = sweep(cfg, url, model, tokenizer, out)
+    else:
+        launch = serve.launch_for(cfg.triton, target.repo, target.on_gpu, target.world_size, workdir)
+        with serve.Server(launch, cfg.triton, out / "server.log") as server:
+            points = sweep(cfg, server.grpc_url, model, tokenizer, out)
+    (out / "client.json").write_text(json.dumps(_client_info(), indent=2) + "\n")
+    return {"points": points, **_client_info(), "model": model}
+
+
+def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     if not cfg.benchmark.enabled:
         return {"skipped": "benchmark=none"}
     target = serve.target_of_repository(ws.input("triton_repo") / "repository", ws.out)
-    tokenizer = AutoTokenizer.from_pretrained(target.repo / "preprocessing" / "tokenizer")
-    model = cfg.benchmark.model or target.entry_model
-    launch = serve.launch_for(cfg.triton, target.repo, target.on_gpu, target.world_size, ws.workdir)
-    with serve.Server(launch, cfg.triton, ws.out / "server.log") as server:
-        points = sweep(cfg, server.grpc_url, model, tokenizer, ws.out)
-    (ws.out / "client.json").write_text(json.dumps(_client_info(), indent=2) + "\n")
-    return {"points": points, **_client_info(), "model": model}
+    return measure(cfg, target, ws.out, ws.workdir)

@@ -11,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_ports, run_cli
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_pipelinetestsecret0123456789"
 
 
 def _ports() -> list[str]:
-    sockets = [socket.socket() for _ in range(3)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = free_ports(3)
     return [f"triton.http_port={ports[0]}", f"triton.grpc_port={ports[1]}", f"triton.metrics_port={ports[2]}"]
 
 

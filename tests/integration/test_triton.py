@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -22,20 +21,11 @@ import pytest
 from pipeline import config, runner, serve
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
+from tests.conftest import free_ports, run_cli
 
 QUESTION = "What is the capital of France?"
 _OVERRIDES: list[str] = []  # the served build's overrides, for commands run against it
 pytestmark = pytest.mark.slow
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Served:
@@ -66,7 +56,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(smollm2_workdir: Path) -> Iterator[Served]:
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     overrides = [
         f"workdir={smollm2_workdir}",
         "target=cpu",
@@ -175,8 +165,6 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(
 
 
 def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir: Path) -> None:
-    from tests.conftest import run_cli
-
     overrides = [o for o in _OVERRIDES if not o.startswith("until=")]
     result = run_cli(
         "bench",

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
 
 from pipeline import config, model_repo
 from pipeline.errors import StageError
@@ -117,8 +116,3 @@ def test_gpu_repository_carries_no_python_engine_code() -> None:
 def test_triton_batch_size_must_match_the_engine() -> None:
     with pytest.raises(config.ConfigError, match=r"differs from the engine's build\.max_batch_size"):
         config.load(["triton.max_batch_size=8", "build.max_batch_size=64"])
-
-
-def test_text_format_round_trip_of_rendered_config() -> None:
-    text = model_repo.rendered_configs(config.load(["target=cpu"]))["preprocessing"]
-    assert text_format.MessageToString(model_repo.parse(text, "p"))
