@@ -1,28 +1,43 @@
 # The GPU target: build engines and serve them inside NVIDIA's Triton + TensorRT-LLM container.
 #
-# Pinned to the 25.12 release: it is built on TensorRT-LLM 1.2.x, the last release line that has
-# trtllm-build and the Triton `tensorrtllm` backend (1.3 removed the engine path), with PyTorch 2.9
-# and transformers 4.57.3, the versions this project is tested against. The build fails below if
-# the image carries another TensorRT-LLM line, so a retagged image cannot slip through.
+# Supported bases carry TensorRT-LLM 1.1.x or 1.2.x, the last release lines with trtllm-build and
+# the Triton `tensorrtllm` backend (1.3 removed the engine path):
+#   - nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3 (the default): TensorRT-LLM 1.1.0,
+#     Python 3.12, PyTorch 2.9, TensorRT 10.13 (NVIDIA's Triton compatibility matrix);
+#   - an image built from the tensorrtllm_backend repository's dockerfile/Dockerfile.triton.trt_llm_backend
+#     with TENSORRTLLM_VER=1.2.1 (25.12 bases), passed as --build-arg BASE_IMAGE=<that image>.
+# Check any image with
+#   docker run --rm <image> python3 -c "import tensorrt_llm; print(tensorrt_llm.__version__)"
+# The build fails below on any other TensorRT-LLM line, so a retagged image cannot slip through.
 ARG BASE_IMAGE=nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
 FROM ${BASE_IMAGE}
 
-RUN python3 -c "import sys; from importlib.metadata import version; v = tuple(int(p) for p in version('tensorrt_llm').split('.')[:2]); sys.exit(0 if (1, 2) <= v < (1, 3) else f'tensorrt_llm {v} is not 1.2.x: use a 25.12 image')"
+RUN python3 -c "import sys; from importlib.metadata import version; v = tuple(int(p) for p in version('tensorrt_llm').split('.')[:2]); sys.exit(0 if (1, 1) <= v < (1, 3) else f'tensorrt_llm {v} is not 1.1.x or 1.2.x: see the supported images at the top of the Dockerfile')"
+
+# tini as PID 1: `docker stop` reaches Python and zombies of tritonserver/mpirun are reaped.
+RUN apt-get update -q=2 && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/pipeline
 COPY pyproject.toml constraints.txt README.md ./
 COPY pipeline ./pipeline
 COPY conf ./conf
 COPY model_repo ./model_repo
-# The container's torch, transformers, modelopt and tensorrt_llm stay as they are: the package goes
-# in without dependencies, then only what the container lacks.
-RUN pip install --no-cache-dir --no-deps -e . \
- && pip install --no-cache-dir "hydra-core==1.3.8" "omegaconf==2.3.1" "gguf==0.19.0" "psutil" "tqdm" "pyyaml" \
-        "tritonclient[grpc,http]==2.73.0" "mlflow==3.17.2" "nvidia-modelopt>=0.47"
+# The container's packages (tensorrt_llm, torch, transformers and the nvidia-modelopt that
+# TensorRT-LLM pins) stay exactly as they are: every installed version becomes a constraint, so pip
+# adds only what the container lacks, in versions that fit, and fails rather than upgrade one. The
+# quantize recipes work with both ModelOpt config schemas (pipeline/quant_recipes.py). `pip check`
+# fails the build on any remaining conflict.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
+RUN pip list --format=freeze > /tmp/container-packages.txt \
+ && pip install --no-cache-dir --no-deps -e . \
+ && pip install --no-cache-dir --constraint /tmp/container-packages.txt \
+        "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" "gguf>=0.10" psutil tqdm pyyaml \
+        "tritonclient[grpc,http]>=2.51" "mlflow>=3.7" \
+ && pip check
 
 # Artifacts (engines, repositories, mlflow.db) and the Hugging Face cache live outside the image.
 ENV HF_HOME=/cache/huggingface
 VOLUME ["/workdir", "/cache/huggingface"]
 WORKDIR /workdir
-ENTRYPOINT ["python3", "-m", "pipeline"]
+ENTRYPOINT ["tini", "--", "python3", "-m", "pipeline"]
 CMD ["--help"]

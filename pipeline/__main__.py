@@ -62,8 +62,20 @@ def _cmd_plan(overrides: list[str]) -> None:
     print("\n# stages")
     steps = runner.plan(cfg)
     print(runner.format_plan(steps, cfg))
+    _print_stage_details(cfg, [s.name for s in steps])
     print("\n# serve (python -m pipeline serve)")
     print(_serve_command(cfg, steps))
+
+
+def _print_stage_details(cfg: PipelineConfig, stages: list[str]) -> None:
+    from pipeline import model_repo, planner
+
+    if "quantize" in stages:
+        print(f"\n# quantize {planner.quantize_placement(cfg)}")
+    if "triton_repo" in stages:
+        params = model_repo.engine_parameters(cfg)
+        print(f"\n# {model_repo.ENGINE_MODEL} model parameters (Triton repository)")
+        print("\n".join(f'{key}: "{value}"' for key, value in params.items()))
 
 
 def _print_memory_plan(cfg: PipelineConfig) -> None:

@@ -115,7 +115,7 @@ class TargetConfig:
     sm: int | None = None  # compute capability x 10, e.g. 90 for Hopper
     memory_gib: float | None = None  # per GPU
     count: int = 0  # GPUs per node
-    nodes: int = 1  # nodes of `count` GPUs each (multi-node engines run as a LeaderWorkerSet)
+    nodes: int = 1  # only 1 for now: multi-node serving needs one mpirun across hosts (refused)
     price_per_gpu_hour: float | None = None  # USD, for cost per token
 
 
@@ -133,10 +133,13 @@ class BuildConfig:
     gemm_plugin: str | None = None  # null: auto for 16-bit weights, off for FP8/NVFP4
     use_paged_context_fmha: bool = True
     use_fp8_context_fmha: bool | None = None  # null: on with FP8 on SM >= 89
-    multiple_profiles: bool = False
+    multiple_profiles: bool = True  # NVIDIA's tuning guide: "always enable" (costs build time only)
     reduce_fusion: bool | None = None  # null: on for tp > 1
-    workers: int = 1
-    timing_cache: bool = True  # reuse <workdir>/timing.cache across builds
+    user_buffer: bool | None = None  # null: on for FP8 Llama at tp > 1 on Hopper (needs reduce_fusion)
+    norm_quant_fusion: bool | None = None  # null: on for NVFP4 Llama (RMSNorm + FP4 quantize in one kernel)
+    fp8_low_latency_gemm: bool = False  # FP8 on Hopper: low-latency GEMM and GEMM+SwiGLU plugins (latency preset)
+    workers: int | None = None  # ranks built in parallel; null: every rank the target's GPUs allow
+    timing_cache: bool = True  # reuse <workdir>/timing-sm<SM>.cache across builds
     extra_args: list[str] = field(default_factory=list)  # any other trtllm-build flag, e.g. [--strip_plan]
     timeout_s: int = 7200
 
@@ -182,7 +185,7 @@ class TritonConfig:
     batch_scheduler_policy: SchedulerPolicy = SchedulerPolicy.guaranteed_no_evict
     kv_cache_free_gpu_mem_fraction: float = 0.9
     enable_chunked_context: bool = True
-    enable_kv_cache_reuse: bool = False
+    enable_kv_cache_reuse: bool | None = None  # null: on when chat prompts share a template prefix
     exclude_input_in_output: bool = True
     # server
     host: str = "127.0.0.1"  # bind address; 0.0.0.0 serves other hosts
@@ -427,6 +430,9 @@ def _build_problems(cfg: PipelineConfig) -> list[str]:
     if build.max_batch_size < 1 or build.max_num_tokens < 1:
         problems.append("build.max_batch_size and build.max_num_tokens must be at least 1")
     problems += trtllm.extra_arg_problems(build.extra_args)
+    problems += trtllm.switch_problems(cfg)
+    if build.workers is not None and build.workers < 1:
+        problems.append("build.workers must be at least 1 (or null: one per rank the target's GPUs allow)")
     return problems
 
 

@@ -2,15 +2,15 @@
 
 The repository is served from a PersistentVolumeClaim (copy the repository folder into it), by the
 project's image running ``serve repo=/models/repo`` (which starts one ``tritonserver`` or, for
-world_size > 1, upstream's ``mpirun`` layout). A Deployment when the engine's ranks fit one node's
-GPUs, otherwise a LeaderWorkerSet spanning nodes; a Service for HTTP, gRPC and metrics; Prometheus
+world_size > 1, upstream's ``mpirun`` layout). A Deployment whose pod holds every rank (validation
+refuses more ranks than one node has GPUs: leader mode across hosts needs one ``mpirun`` spanning
+the pods, which a per-pod ``serve`` cannot give); a Service for HTTP, gRPC and metrics; Prometheus
 scrape annotations on the pods; readiness on ``/v2/health/ready``. A KServe ``InferenceService``
 is written as an alternative to Deployment + Service.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pipeline.config import PipelineConfig, TargetKind
@@ -83,31 +83,18 @@ def gpus_per_node(cfg: PipelineConfig) -> int:
 def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str, Any]]:
     """file name -> Kubernetes object (as a dict)."""
     name, labels = _name(cfg), {"app": _name(cfg)}
-    size, per_node = world_size(cfg), gpus_per_node(cfg)
+    gpus = world_size(cfg) if gpus_per_node(cfg) else 0
     objects: dict[str, dict[str, Any]] = {}
-    if per_node == 0 or size <= per_node:
-        objects["deployment.yaml"] = {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": labels},
-                "template": _pod_template(cfg, size if per_node else 0, claim, labels),
-            },
-        }
-    else:
-        nodes = math.ceil(size / per_node)
-        pod = _pod_template(cfg, per_node, claim, labels)
-        objects["leaderworkerset.yaml"] = {
-            "apiVersion": "leaderworkerset.x-k8s.io/v1",
-            "kind": "LeaderWorkerSet",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "replicas": 1,
-                "leaderWorkerTemplate": {"size": nodes, "leaderTemplate": pod, "workerTemplate": pod},
-            },
-        }
+    objects["deployment.yaml"] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": _pod_template(cfg, gpus, claim, labels),
+        },
+    }
     objects["service.yaml"] = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -124,7 +111,7 @@ def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str
             ],
         },
     }
-    predictor_container = _container(cfg, min(size, per_node) if per_node else 0)
+    predictor_container = _container(cfg, gpus)
     objects["inferenceservice.yaml"] = {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",

@@ -44,23 +44,42 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
+def kv_cache_reuse(cfg: PipelineConfig) -> bool:
+    """Reuse of KV cache blocks across requests that share a prefix. Null: on when prompts are
+    wrapped in the chat template (they share its system prefix); it needs paged context FMHA in
+    the engine."""
+    wanted = cfg.triton.enable_kv_cache_reuse
+    if wanted is None:
+        wanted = cfg.triton.chat_template
+    return wanted and cfg.build.use_paged_context_fmha
+
+
 def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
     """``parameters`` of the engine model. GPU: Triton's TensorRT-LLM backend (names from its
-    config); CPU: the reference-runtime python model."""
+    config); CPU: the reference-runtime python model.
+
+    The backend's C++ reads ``gpt_model_type``, ``tokenizer_dir``, ``guided_decoding_backend`` and
+    ``xgrammar_tokenizer_info_path`` with no fallback (model_instance_state.cc) and fails the model
+    load with "Cannot find parameter with name" when one is absent, although the docs call the last
+    three optional: they are always written, empty meaning "no guided decoding"."""
     triton = cfg.triton
     if cfg.target.kind is not TargetKind.gpu:
         return {"engine_dir": ENGINE_DIR, "exclude_input_in_output": _flag(triton.exclude_input_in_output)}
     return {
         "gpt_model_type": str(triton.batching_strategy),
+        # relative to the repository root: serve starts every rank there, so the folder can move
         "gpt_model_path": ENGINE_DIR,
         "batch_scheduler_policy": str(triton.batch_scheduler_policy),
         "kv_cache_free_gpu_mem_fraction": str(triton.kv_cache_free_gpu_mem_fraction),
         "enable_chunked_context": _flag(triton.enable_chunked_context),
-        "enable_kv_cache_reuse": _flag(triton.enable_kv_cache_reuse),
+        "enable_kv_cache_reuse": _flag(kv_cache_reuse(cfg)),
         "exclude_input_in_output": _flag(triton.exclude_input_in_output),
         "max_beam_width": "1",
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
+        "tokenizer_dir": "",
+        "guided_decoding_backend": "",
+        "xgrammar_tokenizer_info_path": "",
     }
 
 

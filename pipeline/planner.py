@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline import rules
 from pipeline.config import Architecture, KVCacheDType, PipelineConfig, QuantFormat, TargetKind
+from pipeline.placement import CALIBRATION_HEADROOM
 
 GIB = 2**30
 RUNTIME_RESERVE_GIB = 1.5  # CUDA context, TensorRT workspace, NCCL buffers (an estimate)
@@ -151,24 +152,56 @@ def smallest_fitting(cfg: PipelineConfig) -> str | None:
     return None
 
 
-def quantize_memory_problem(cfg: PipelineConfig) -> str | None:
-    """ModelOpt loads the whole 16-bit model (float32 on a CPU) to calibrate it: the GPUs of the
-    target, or this host's memory on the CPU target, must hold it."""
+def quantize_memory(cfg: PipelineConfig) -> tuple[float, float, str] | None:
+    """(GiB needed, GiB available, where) for holding the model while ModelOpt calibrates it. A
+    GPU host spreads the 16-bit model over all its GPUs, less the calibration headroom of each
+    (``pipeline.placement``); the CPU target holds it in float32 in host memory."""
     from pipeline.calibration import approx_params
 
     params = approx_params(cfg.model.arch)
     if params is None:
         return None
     if cfg.target.kind is TargetKind.gpu:
-        need, have = params * 2 / GIB, (cfg.target.memory_gib or 0) * max(1, cfg.target.count)
-        where = f"the {max(1, cfg.target.count)} GPUs of target={cfg.target.name}"
-    else:
-        import psutil
+        gpus = max(1, cfg.target.count)
+        have = (cfg.target.memory_gib or 0) * gpus * (1 - CALIBRATION_HEADROOM)
+        return params * 2 / GIB, have, f"the {gpus} GPU{'s' if gpus > 1 else ''} of target={cfg.target.name}"
+    import psutil
 
-        need, have = params * 4 / GIB, psutil.virtual_memory().total / GIB
-        where = "this host (the CPU target calibrates in float32)"
-    if need <= have:
+    return params * 4 / GIB, psutil.virtual_memory().total / GIB, "this host (the CPU target calibrates in float32)"
+
+
+def quantize_placement(cfg: PipelineConfig) -> str:
+    """One line for ``plan``: where the model sits while it is calibrated."""
+    memory = quantize_memory(cfg)
+    if cfg.target.kind is not TargetKind.gpu:
+        size = f" (about {memory[0]:.1f} GiB)" if memory else ""
+        return (
+            f"loads the model on the CPU in float32{size}, calibrates with ModelOpt, "
+            f"exports tp={cfg.parallel.tp} pp={cfg.parallel.pp}"
+        )
+    gpus = max(1, cfg.target.count)
+    if memory is None:
+        spread = f"on the first GPU, or spread over the host's {gpus} GPUs when it does not fit one"
+    elif memory[0] <= (cfg.target.memory_gib or 0) * (1 - CALIBRATION_HEADROOM):
+        spread = f"on one GPU (about {memory[0]:.0f} GiB fits one {cfg.target.memory_gib:g} GiB GPU)"
+    else:
+        per_gpu = memory[0] / gpus
+        spread = (
+            f"spread over the host's {gpus} GPUs (device map over whole decoder layers, about "
+            f"{memory[0]:.0f} GiB of {cfg.model.dtype} weights, {per_gpu:.1f} GiB per GPU)"
+        )
+    return (
+        f"loads the model in {cfg.model.dtype} {spread}, calibrates with ModelOpt, "
+        f"exports tp={cfg.parallel.tp} pp={cfg.parallel.pp}"
+    )
+
+
+def quantize_memory_problem(cfg: PipelineConfig) -> str | None:
+    """The quantize stage's preflight: the model must fit where it is calibrated."""
+    memory = quantize_memory(cfg)
+    if memory is None or memory[0] <= memory[1]:
         return None
+    need, have, where = memory
     return (
         f"quantizing {cfg.model.name} needs about {need:.0f} GiB to hold the model, more than the {have:.0f} GiB of "
         f"{where}: run on a GPU host with enough memory (target=h100 with 8 GPUs, for example)"

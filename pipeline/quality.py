@@ -17,7 +17,9 @@ def log_probs(model: Any, batches: list[torch.Tensor], vocab: int | None = None)
     of 64 for AWQ), so distributions of the padded and the source model are comparable."""
     import torch
 
-    device = next(model.parameters()).device
+    from pipeline.placement import input_device
+
+    device = input_device(model)
     out = []
     with torch.no_grad():
         for batch in batches:

@@ -39,25 +39,50 @@ DECODER_TYPE = {
 }
 
 
-def _kv_cache_entry(kv: KVCacheDType) -> dict[str, Any]:
+KV_CACHE_QUANTIZERS = "*[kv]_bmm_quantizer"
+
+
+def _kv_cache_cfg(kv: KVCacheDType) -> dict[str, Any]:
     bits: int | tuple[int, int] = (4, 3) if kv is KVCacheDType.fp8 else 8
-    return {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": bits, "axis": None}}
+    return {"num_bits": bits, "axis": None, "enable": True}
+
+
+def _set_awq_block_size(weight_cfg: dict[str, Any] | list[dict[str, Any]], block: int) -> None:
+    stages = weight_cfg if isinstance(weight_cfg, list) else [weight_cfg]
+    for stage in stages:  # W4A8 has an INT4 stage (grouped) and an FP8 stage (not)
+        if "block_sizes" in stage:
+            stage["block_sizes"][-1] = block
+
+
+def customize(preset: dict[str, Any], quant: QuantConfig) -> dict[str, Any]:
+    """A copy of ModelOpt's preset with the AWQ group size set and KV cache quantizers added.
+
+    ModelOpt changed the shape of ``quant_cfg``: up to 0.3x (what TensorRT-LLM 1.1/1.2 pin) it is a
+    dict of pattern -> settings; 0.4x made it an ordered list of ``{"quantizer_name", "cfg" |
+    "enable"}`` entries. Both are handled, so the quantize stage runs with the container's own
+    ModelOpt as well as with the version this project tests on."""
+    config = copy.deepcopy(preset)
+    rules = config["quant_cfg"]
+    awq = quant.format in AWQ_FORMATS
+    if isinstance(rules, dict):
+        if awq and "*weight_quantizer" in rules:
+            _set_awq_block_size(rules["*weight_quantizer"], quant.awq_block_size)
+        if quant.kv_cache_dtype is not None:
+            rules[KV_CACHE_QUANTIZERS] = _kv_cache_cfg(quant.kv_cache_dtype)
+        return config
+    for entry in rules:
+        if awq and entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+            _set_awq_block_size(entry["cfg"], quant.awq_block_size)
+    if quant.kv_cache_dtype is not None:
+        rules.append({"quantizer_name": KV_CACHE_QUANTIZERS, "cfg": _kv_cache_cfg(quant.kv_cache_dtype)})
+    return config
 
 
 def modelopt_config(quant: QuantConfig) -> dict[str, Any]:
-    """The ``mtq.quantize`` config: ModelOpt's preset, AWQ group size set, KV cache quantizers added."""
+    """The ``mtq.quantize`` config for this format, from the installed ModelOpt's own preset."""
     import modelopt.torch.quantization as mtq
 
-    config = copy.deepcopy(getattr(mtq, MODELOPT_PRESET[quant.format]))
-    for entry in config["quant_cfg"]:
-        if quant.format in AWQ_FORMATS and entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
-            stages = entry["cfg"] if isinstance(entry["cfg"], list) else [entry["cfg"]]
-            for stage in stages:  # W4A8 has an INT4 stage (grouped) and an FP8 stage (not)
-                if "block_sizes" in stage:
-                    stage["block_sizes"][-1] = quant.awq_block_size
-    if quant.kv_cache_dtype is not None:
-        config["quant_cfg"].append(_kv_cache_entry(quant.kv_cache_dtype))
-    return config
+    return customize(getattr(mtq, MODELOPT_PRESET[quant.format]), quant)
 
 
 def expected_quantization(quant: QuantConfig) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Rules that decide whether a configuration can work, as pure functions of the config (no weights,
 no network), each problem phrased with the override that fixes it. Numbers come from
 ``shared/reference/facts.md``: heads divide by tp, pp at most the layers, AWQ groups divide every
-per-rank input dimension, FP8 needs SM >= 89, NVFP4 needs Blackwell, INT4-AWQ engines are not
-built for Blackwell."""
+per-rank input dimension, FP8 needs SM >= 89, NVFP4 needs Blackwell; on Blackwell the engine builder
+rejects INT4-AWQ, SmoothQuant and an INT8 KV cache (TensorRT-LLM builder.py raises for them on SM
+100-119), so they are refused before any quantization work."""
 
 from __future__ import annotations
 
@@ -89,9 +90,14 @@ def gpu_format_problems(cfg: PipelineConfig) -> list[str]:
         )
     if quant.format is QuantFormat.nvfp4 and target.sm < NVFP4_MIN_SM:
         problems.append(f"quant=nvfp4 needs Blackwell (SM >= {NVFP4_MIN_SM}) but {where}: use quant=fp8")
-    if quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and target.sm in BLACKWELL_SM:
+    blackwell_refused = (QuantFormat.int4_awq, QuantFormat.w4a8_awq, QuantFormat.int8_sq)
+    if quant.format in blackwell_refused and target.sm in BLACKWELL_SM:
         problems.append(
             f"quant={quant.format} engines are not supported on Blackwell ({where}): use quant=nvfp4 or quant=fp8"
+        )
+    if quant.kv_cache_dtype == "int8" and target.sm in BLACKWELL_SM:
+        problems.append(
+            f"quant.kv_cache_dtype=int8 is not supported on Blackwell ({where}): use quant.kv_cache_dtype=fp8 or null"
         )
     return problems
 
@@ -115,11 +121,17 @@ def parallel_problems(cfg: PipelineConfig) -> list[str]:
             f"parallel.pp={pp} exceeds the {arch.num_hidden_layers} layers of {cfg.model.name}: "
             f"use parallel.pp<={arch.num_hidden_layers}"
         )
-    gpus = cfg.target.count * cfg.target.nodes
-    if cfg.target.kind is TargetKind.gpu and tp * pp > gpus:
+    if cfg.target.nodes != 1:
+        # Leader mode across hosts needs one mpirun spanning every pod (hostfile, ssh or PMIx between
+        # them); a local mpirun per pod would start separate, unconnected engines.
+        problems.append(
+            f"target.nodes={cfg.target.nodes}: multi-node serving is not supported yet: use target.nodes=1 with "
+            f"parallel.tp x parallel.pp <= {cfg.target.count} (the GPUs of one node), or a quantized format that fits"
+        )
+    elif cfg.target.kind is TargetKind.gpu and tp * pp > cfg.target.count:
         problems.append(
             f"parallel.tp={tp} x parallel.pp={pp} needs {tp * pp} GPUs but target={cfg.target.name} "
-            f"has {gpus}: lower parallel.tp/pp, set target.nodes for a multi-node deployment, or choose a larger target"
+            f"has {cfg.target.count}: lower parallel.tp/pp or choose a larger target"
         )
     if cfg.quant.format in (QuantFormat.int4_awq, QuantFormat.w4a8_awq) and not problems:
         problems += awq_block_problems(arch, tp, cfg.quant.awq_block_size)

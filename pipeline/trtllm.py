@@ -1,10 +1,15 @@
-"""The ``trtllm-build`` command of TensorRT-LLM 1.2.x, built by a pure function and checked flag by
-flag against the flag table in ``shared/reference/trtllm_build_flags.json`` (a copy ships in
-``pipeline/data`` so the check works anywhere).
+"""The ``trtllm-build`` command of TensorRT-LLM 1.1.x and 1.2.x, built by a pure function and checked
+flag by flag against the flag table in ``shared/reference/trtllm_build_flags.json`` (a copy ships in
+``pipeline/data`` so the check works anywhere). Every flag used here exists in 1.1 as well: the
+plugin switches date from the 0.1x releases (user buffers and norm+quant fusion from 0.16/0.17).
 
-NVIDIA's advice, applied when a switch is left null: ``--gemm_plugin auto`` for 16-bit weights and
-off for FP8/NVFP4 (their own GEMM paths are faster); FP8 context FMHA only with FP8 on SM >= 89;
-``--reduce_fusion`` only for tp > 1 on Llama-like models; paged KV cache and paged context FMHA on.
+NVIDIA's advice, applied when a switch is left null (the build-time flag guide and the FP8 and
+NVFP4 tuning guides): ``--gemm_plugin auto`` for 16-bit weights and off for FP8/NVFP4 (their own
+GEMM paths are faster); FP8 context FMHA only with FP8 on SM >= 89; ``--reduce_fusion`` for tp > 1,
+and with it ``--user_buffer`` for FP8 Llama on Hopper (the kernel exists for FP8 Llama only and
+fails on Ada); ``--norm_quant_fusion`` for NVFP4 Llama; multiple optimization profiles always;
+one build worker per rank the target's GPUs allow, so ranks build in parallel. The latency preset
+adds Hopper's low-latency FP8 GEMM plugins, which the builder rejects on Blackwell.
 """
 
 from __future__ import annotations
@@ -18,9 +23,15 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
 FLAG_TABLE = Path(__file__).resolve().parent / "data" / "trtllm_build_flags.json"
-SUPPORTED = ">=1.2,<1.3"  # the last release line with trtllm-build (facts)
-CONTAINER_TAG = "25.12"  # NGC tritonserver:<tag>-trtllm-python-py3 built on TensorRT-LLM 1.2 (Dockerfile)
+# The release lines with trtllm-build and the Triton tensorrtllm backend: 1.3 removed the engine
+# path; NGC's tritonserver:25.12-trtllm-python-py3 carries 1.1.0, upstream's backend Dockerfile
+# builds 1.2.1 on the same 25.12 bases (facts).
+SUPPORTED_RANGE = ((1, 1), (1, 3))  # [low, high) as (major, minor)
+SUPPORTED = ">={}.{},<{}.{}".format(*SUPPORTED_RANGE[0], *SUPPORTED_RANGE[1])
+CONTAINER_TAG = "25.12"  # NGC tritonserver:<tag>-trtllm-python-py3, the Dockerfile's default base
 FP8_MIN_SM = 89
+HOPPER_SM = 90
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Flags the pipeline sets itself: extra_args may not set them twice.
 OWNED = (
     "--checkpoint_dir",
@@ -35,6 +46,10 @@ OWNED = (
     "--use_fp8_context_fmha",
     "--multiple_profiles",
     "--reduce_fusion",
+    "--user_buffer",
+    "--norm_quant_fusion",
+    "--gemm_swiglu_plugin",
+    "--low_latency_gemm_plugin",
     "--workers",
     "--input_timing_cache",
     "--output_timing_cache",
@@ -50,19 +65,44 @@ def _enable(value: bool) -> str:
     return "enable" if value else "disable"
 
 
+def version_supported(version: str) -> bool:
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_RANGE
+    return low <= major_minor < high
+
+
 def uses_fp8(cfg: PipelineConfig) -> bool:
     return str(cfg.quant.format) in ("fp8", "w4a8_awq") or cfg.quant.kv_cache_dtype == "fp8"
+
+
+def is_llama(cfg: PipelineConfig) -> bool:
+    """Llama-like decoders, the only ones the fused all-reduce/norm kernels are built for."""
+    return any(name in LLAMA_ARCHITECTURES for name in cfg.model.arch.architectures or [])
+
+
+def build_workers(cfg: PipelineConfig) -> int:
+    """Ranks built at once: each worker needs a GPU of its own on the build host."""
+    ranks = cfg.parallel.tp * cfg.parallel.pp
+    if cfg.build.workers is not None:
+        return max(1, min(cfg.build.workers, ranks))
+    return max(1, min(ranks, cfg.target.count))
 
 
 def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timing_cache: Path | None) -> list[str]:
     """The full ``trtllm-build`` command for this configuration (pure: no I/O)."""
     build, sm, tp = cfg.build, cfg.target.sm or 0, cfg.parallel.tp
-    low_precision_gemm = str(cfg.quant.format) in ("fp8", "nvfp4")
-    gemm = build.gemm_plugin if build.gemm_plugin is not None else (None if low_precision_gemm else "auto")
+    fmt = str(cfg.quant.format)
+    gemm = build.gemm_plugin if build.gemm_plugin is not None else (None if fmt in ("fp8", "nvfp4") else "auto")
     fp8_fmha = build.use_fp8_context_fmha
     if fp8_fmha is None:
         fp8_fmha = uses_fp8(cfg) and sm >= FP8_MIN_SM
     reduce_fusion = build.reduce_fusion if build.reduce_fusion is not None else tp > 1
+    user_buffer = build.user_buffer
+    if user_buffer is None:
+        user_buffer = reduce_fusion and fmt == "fp8" and sm == HOPPER_SM and is_llama(cfg)
+    norm_quant = build.norm_quant_fusion
+    if norm_quant is None:
+        norm_quant = fmt == "nvfp4" and is_llama(cfg)
     argv = [
         "trtllm-build",
         "--checkpoint_dir",
@@ -82,6 +122,9 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
     ]
     if gemm is not None:
         argv += ["--gemm_plugin", gemm]
+    if build.fp8_low_latency_gemm and fmt == "fp8" and sm == HOPPER_SM and gemm is None:
+        # both fuse or replace the FP8 GEMMs; never together with the regular GEMM plugin
+        argv += ["--gemm_swiglu_plugin", "fp8", "--low_latency_gemm_plugin", "fp8"]
     argv += [
         "--use_paged_context_fmha",
         _enable(build.use_paged_context_fmha),
@@ -91,12 +134,24 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
         _enable(build.multiple_profiles),
         "--reduce_fusion",
         _enable(reduce_fusion),
+        "--user_buffer",
+        _enable(user_buffer),
+        "--norm_quant_fusion",
+        _enable(norm_quant),
         "--workers",
-        str(min(build.workers, tp * cfg.parallel.pp)),
+        str(build_workers(cfg)),
     ]
     if timing_cache is not None:
         argv += ["--input_timing_cache", str(timing_cache), "--output_timing_cache", str(timing_cache)]
     return argv + list(build.extra_args)
+
+
+def switch_problems(cfg: PipelineConfig) -> list[str]:
+    """Switches forced on where the builder would reject them."""
+    build, problems = cfg.build, []
+    if build.user_buffer and not (build.reduce_fusion is not False and cfg.parallel.tp > 1):
+        problems.append("build.user_buffer=true needs reduce fusion at parallel.tp > 1: leave build.user_buffer=null")
+    return problems
 
 
 def _value_problem(flag: str, value: str | None, spec: dict[str, Any]) -> str | None:
@@ -119,7 +174,8 @@ def _value_problem(flag: str, value: str | None, spec: dict[str, Any]) -> str | 
 
 
 def argv_problems(argv: list[str]) -> list[str]:
-    """Every flag must exist in TensorRT-LLM 1.2's table and every value must fit its type."""
+    """Every flag must exist in TensorRT-LLM's table (1.2.x; the flags used by default exist in 1.1
+    too) and every value must fit its type."""
     table, problems = flag_table(), []
     index = 1
     while index < len(argv):

@@ -4,7 +4,7 @@
 Reads: the quantize stage's checkpoint; ``build.*``, ``target.*``.
 Writes: ``engine/`` and ``engine.json`` (runtime, versions, GPU, world size), plus ``build.log`` on
 GPU targets. GPU: ``engine/`` holds ``config.json`` and one ``rank{N}.engine`` per rank, built by
-``trtllm-build`` (TensorRT-LLM 1.2.x). CPU: ``engine/`` holds the TensorRT-LLM checkpoint itself,
+``trtllm-build`` (TensorRT-LLM 1.1.x or 1.2.x). CPU: ``engine/`` holds the TensorRT-LLM checkpoint itself,
 which the reference runtime (``pipeline.runtime``) executes with PyTorch.
 """
 
@@ -51,15 +51,16 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def timing_cache(workdir: Path) -> Path:
-    """One TensorRT timing cache per workdir and GPU kind, reused across builds (faster rebuilds)."""
-    return workdir / "timing.cache"
+def timing_cache(workdir: Path, sm: int | None) -> Path:
+    """One TensorRT timing cache per workdir and GPU architecture (its timings are device-specific),
+    reused across builds (faster rebuilds)."""
+    return workdir / f"timing-sm{sm}.cache"
 
 
 def command(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, workdir: Path) -> list[str] | None:
     if not _on_gpu(cfg):
         return None
-    cache = timing_cache(workdir) if cfg.build.timing_cache else None
+    cache = timing_cache(workdir, cfg.target.sm) if cfg.build.timing_cache else None
     return trtllm.build_argv(cfg, inputs["quantize"] / "checkpoint", out / ENGINE, cache)
 
 
@@ -71,7 +72,7 @@ def installed_trtllm() -> str | None:
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
-    """Before any stage runs: a GPU target needs trtllm-build from TensorRT-LLM 1.2.x."""
+    """Before any stage runs: a GPU target needs trtllm-build from TensorRT-LLM 1.1.x or 1.2.x."""
     if not _on_gpu(cfg):
         return []
     fix = f"target={cfg.target.name} needs the TensorRT-LLM container: see the Dockerfile, or use target=cpu"
@@ -80,15 +81,15 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     version = installed_trtllm()
     if version is None:
         return [f"the tensorrt_llm package is not installed: {fix}"]
+    if trtllm.version_supported(version):
+        return []
     major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    if major_minor >= (1, 3):
+    if major_minor >= trtllm.SUPPORTED_RANGE[1]:
         return [
             f"TensorRT-LLM {version} has no engine path (removed in 1.3): use TensorRT-LLM "
-            f"{trtllm.SUPPORTED} (the project's Dockerfile pins it)"
+            f"{trtllm.SUPPORTED} (the project's Dockerfile builds on such an image)"
         ]
-    if major_minor < (1, 2):
-        return [f"TensorRT-LLM {version} is older than this pipeline supports: use {trtllm.SUPPORTED}"]
-    return []
+    return [f"TensorRT-LLM {version} is older than this pipeline supports: use {trtllm.SUPPORTED}"]
 
 
 def _check_engine(folder: Path, world_size: int) -> None:

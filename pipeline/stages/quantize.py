@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import calibration, quality, quant_recipes
+from pipeline import calibration, placement, quality, quant_recipes
 from pipeline.config import PipelineConfig, QuantFormat, to_dict
 from pipeline.errors import StageError
 from pipeline.resources import measured
@@ -66,25 +66,12 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     return []
 
 
-def _load(source: Path, cfg: PipelineConfig) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    # On a CPU, float32 is both faster and exact for fake-quantized calibration; on a GPU, the
-    # checkpoint's own 16-bit dtype halves the memory.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, str(cfg.model.dtype)) if device == "cuda" else torch.float32
-    log.info("loading %s on %s as %s", source, device, str(dtype).removeprefix("torch."))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    return model.to(device).eval()
-
-
 def _calibrate(model: Any, batches: list[Any], cfg: PipelineConfig) -> Any:
     import modelopt.torch.quantization as mtq
     import torch
     from tqdm import tqdm
 
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     passes = 0
 
     def forward_loop(m: Any) -> None:  # ModelOpt calls it once per calibration pass (AWQ: several)
@@ -105,6 +92,7 @@ def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
     decoder = quant_recipes.decoder_type(getattr(model.config, "architectures", None))
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     log.info("exporting a TensorRT-LLM checkpoint (%s, tp=%d, pp=%d, %s) to %s", decoder, tp, pp, cfg.model.dtype, out)
+    placement.undispatch(model)
     with torch.no_grad():
         export_tensorrt_llm_checkpoint(
             model,
@@ -176,7 +164,7 @@ def _weight_agreement(modelopt_model: Any, reference: Any) -> dict[str, Any]:
 
 def _can_score(cfg: PipelineConfig, model: Any) -> bool:
     """ModelOpt's NVFP4 fake-quant kernel (dynamic block scales) exists only for CUDA."""
-    return cfg.quant.format is not QuantFormat.nvfp4 or next(model.parameters()).device.type == "cuda"
+    return cfg.quant.format is not QuantFormat.nvfp4 or placement.input_device(model).type == "cuda"
 
 
 def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
@@ -211,7 +199,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     if cfg.quant.format is not QuantFormat.none:
         calib_batches = calibration.calibration_batches(tokenizer, calibration.plan(cfg))
     with measured(costs, "load"):
-        model = _load(source, cfg)
+        model = placement.load_model(source, str(cfg.model.dtype), cfg.model.trust_remote_code)
     eval_batches = calibration.heldout_batches(tokenizer, cfg.quant.eval_tokens) if cfg.quant.eval_tokens else []
     with measured(costs, "evaluation_baseline"):
         baseline = quality.log_probs(model, eval_batches)

@@ -114,6 +114,7 @@ def test_changing_quant_redoes_quantize_but_not_fetch(workdir: Path, tiny_checkp
         (["parallel.pp=31"], "use parallel.pp<=30"),
         (["quant=fp8", "target=a100"], "quant=fp8 needs FP8 (SM >= 89)"),
         (["quant=nvfp4", "target=h100"], "quant=nvfp4 needs Blackwell"),
+        (["quant=int8_sq", "target=b200"], "quant=int8_sq engines are not supported on Blackwell"),
     ],
 )
 def test_invalid_combinations_fail_in_seconds_before_loading(

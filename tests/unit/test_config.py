@@ -80,3 +80,21 @@ def test_validate_collects_every_problem_with_its_fix() -> None:
 def test_source_fields_are_checked(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         config.load(overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["quant=int8_sq"], "quant=int8_sq engines are not supported on Blackwell"),
+        (["quant=fp8", "quant.kv_cache_dtype=int8"], "quant.kv_cache_dtype=int8 is not supported on Blackwell"),
+        (["quant=int4_awq", "quant.awq_block_size=64"], "quant=int4_awq engines are not supported on Blackwell"),
+        (["quant=w4a8_awq", "quant.awq_block_size=64"], "quant=w4a8_awq engines are not supported on Blackwell"),
+    ],
+)
+def test_blackwell_refuses_what_its_engine_builder_rejects(overrides: list[str], expected: str) -> None:
+    """TensorRT-LLM's builder raises for SmoothQuant, weight-only INT4/INT8 and an INT8 KV cache on
+    SM 100-119: refused before any download or quantization, in one line."""
+    with pytest.raises(ConfigError, match=expected) as error:
+        config.load(["model=llama8b", "target=b200", *overrides])
+    assert "\n" not in str(error.value)
+    config.load(["model=llama8b", "target=h100", *overrides])  # fine on Hopper

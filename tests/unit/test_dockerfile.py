@@ -1,13 +1,17 @@
-"""The Dockerfile's container pin agrees with the TensorRT-LLM line the project supports."""
+"""The Dockerfile agrees with the TensorRT-LLM lines the project supports, keeps the container's
+own packages (TensorRT-LLM's pins, ModelOpt included), fails on a dependency conflict, and runs the
+pipeline under an init."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 from pipeline import trtllm
 
-DOCKERFILE = (Path(__file__).parents[2] / "Dockerfile").read_text()
+ROOT = Path(__file__).parents[2]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
 def test_base_image_is_the_pinned_triton_trtllm_release() -> None:
@@ -17,12 +21,32 @@ def test_base_image_is_the_pinned_triton_trtllm_release() -> None:
 
 
 def test_image_build_checks_the_same_tensorrt_llm_range_as_the_project() -> None:
-    low, high = (tuple(int(p) for p in bound.split(".")) for bound in re.findall(r"[\d.]+", trtllm.SUPPORTED))
+    low, high = trtllm.SUPPORTED_RANGE
     assert f"{low} <= v < {high}" in DOCKERFILE
+    assert "import tensorrt_llm; print(tensorrt_llm.__version__)" in DOCKERFILE  # how to check an image
 
 
-def test_entry_point_and_volumes() -> None:
-    assert 'ENTRYPOINT ["python3", "-m", "pipeline"]' in DOCKERFILE
+def test_container_packages_are_kept_and_conflicts_fail_the_build() -> None:
+    install = DOCKERFILE[DOCKERFILE.index("RUN pip list") :].split("\n\n")[0]
+    assert "pip list --format=freeze > /tmp/container-packages.txt" in install
+    assert "--constraint /tmp/container-packages.txt" in install
+    assert install.rstrip().endswith("pip check")
+    assert "modelopt" not in install  # TensorRT-LLM's own pin stays
+
+
+def test_base_dependencies_fit_the_container() -> None:
+    """`pip check` in the image checks this package's requirements too: the CPU target's
+    tritonserver wheel must not be one, and ModelOpt must admit the version TensorRT-LLM pins."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[<>=\[ ]", dep)[0] for dep in project["dependencies"]]
+    assert "nvidia-pytriton" not in names
+    assert "nvidia-pytriton==0.7.0" in project["optional-dependencies"]["cpu"]
+    modelopt = next(dep for dep in project["dependencies"] if dep.startswith("nvidia-modelopt"))
+    assert modelopt.split(",")[0].split("#")[0].strip() == "nvidia-modelopt>=0.37"
+
+
+def test_entry_point_runs_under_an_init_and_volumes() -> None:
+    assert 'ENTRYPOINT ["tini", "--", "python3", "-m", "pipeline"]' in DOCKERFILE
     assert 'VOLUME ["/workdir", "/cache/huggingface"]' in DOCKERFILE
     for folder in ("pipeline", "conf", "model_repo"):
         assert f"COPY {folder} ./{folder}" in DOCKERFILE

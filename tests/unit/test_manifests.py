@@ -55,15 +55,10 @@ def test_gpu_requests_equal_world_size_on_one_node() -> None:
     assert limits == {"nvidia.com/gpu": "2"}
 
 
-def test_more_ranks_than_one_node_has_gpus_gives_a_leaderworkerset() -> None:
-    cfg = config.load(
-        ["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100", "target.nodes=2"]
-    )
-    objects = manifests.build(cfg)
-    assert "deployment.yaml" not in objects
-    lws = objects["leaderworkerset.yaml"]["spec"]["leaderWorkerTemplate"]
-    assert lws["size"] == 2
-    for template in ("leaderTemplate", "workerTemplate"):
-        _assert_schema(lws[template], "V1PodTemplateSpec")
-        limits = lws[template]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits == {"nvidia.com/gpu": "8"}
+def test_multi_node_is_refused_in_one_line() -> None:
+    """One mpirun per pod would start unconnected engines: refused until one launch spans the pods."""
+    with pytest.raises(config.ConfigError, match=r"target.nodes=2: multi-node serving is not supported yet") as error:
+        config.load(["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100", "target.nodes=2"])
+    assert "\n" not in str(error.value)
+    with pytest.raises(config.ConfigError, match=r"needs 16 GPUs but target=h100 has 8"):
+        config.load(["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100"])

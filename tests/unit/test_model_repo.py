@@ -16,6 +16,10 @@ from pipeline.errors import StageError
 CONTRACT = json.loads((Path(__file__).parents[2].parent / "shared/reference/trtllm_backend_contract.json").read_text())
 GOLDEN = Path(__file__).parents[1] / "golden" / "llama70b_fp8_tp2_h100"
 GPU = ["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"]
+# Parameters the backend's C++ reads with no fallback (model_instance_state.cc: GetParameter without
+# a try/catch), so a missing key fails the model load with "Cannot find parameter with name". The
+# shared contract lists every key the template has; these must be present.
+REQUIRED_PARAMETERS = ("gpt_model_type", "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path")
 
 
 def _type_name(value: int) -> str:
@@ -67,11 +71,39 @@ def test_gpu_engine_model_follows_the_backend_contract() -> None:
         assert _type_name(tensor.data_type) == outputs[tensor.name]["data_type"]
         assert list(tensor.dims) == outputs[tensor.name]["dims"]
     assert set(engine.parameters) <= set(contract["parameters"])
+    required = contract.get("required_parameters", REQUIRED_PARAMETERS)
+    assert set(required) <= set(engine.parameters), "the backend refuses to load without these"
     params = {k: v.string_value for k, v in engine.parameters.items()}
+    # empty disables guided decoding (the backend returns no guided-decoding config for "")
+    assert params["guided_decoding_backend"] == params["xgrammar_tokenizer_info_path"] == ""
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == "tensorrt_llm/1/engine"
     assert engine.model_transaction_policy.decoupled  # streaming is on by default
     assert list(engine.dynamic_batching.preferred_batch_size) == [cfg.build.max_batch_size]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reuse"),
+    [([], "true"), (["triton.chat_template=false"], "false"), (["build.use_paged_context_fmha=false"], "false")],
+)
+def test_kv_cache_reuse_is_on_for_chat_prompts_with_paged_context_fmha(overrides: list[str], reuse: str) -> None:
+    engine = model_repo.parse(model_repo.rendered_configs(config.load([*GPU, *overrides]))["tensorrt_llm"], "e")
+    assert engine.parameters["enable_kv_cache_reuse"].string_value == reuse
+
+
+def test_engine_path_resolves_from_the_directory_every_rank_starts_in(tmp_path: Path) -> None:
+    """gpt_model_path is relative so the repository can move; the backend resolves it against the
+    process's working directory, so every launch (one server or mpirun's ranks) starts in the root."""
+    from pipeline import serve
+
+    cfg = config.load(GPU)
+    engine = model_repo.parse(model_repo.rendered_configs(cfg)["tensorrt_llm"], "e")
+    path = engine.parameters["gpt_model_path"].string_value
+    assert not Path(path).is_absolute() and path == model_repo.ENGINE_DIR
+    for world_size in (1, 2):
+        launch = serve.gpu_launch(cfg.triton, tmp_path, world_size)
+        assert launch.cwd == tmp_path
+        assert not any(arg in ("-wdir", "--wdir", "-wd", "--wd") for arg in launch.argv)  # nothing moves a rank
 
 
 def test_ensemble_wires_existing_tensors_of_each_step() -> None:

@@ -87,3 +87,19 @@ def test_quantizing_70b_needs_the_memory_to_hold_it() -> None:
     cfg = config.load(["model=llama70b", "quant=int4_awq", "target=a100", "target.count=1"])
     problem = planner.quantize_memory_problem(cfg)
     assert problem and "quantizing llama70b needs about 131 GiB" in problem
+
+
+def test_plan_shows_the_gpu_path_a_user_will_get(tmp_path: Path) -> None:
+    """The issue's acceptance command: build flags with NVIDIA's defaults, a quantize step spread over
+    the host's GPUs, and engine-model parameters the backend needs to load."""
+    result = run_cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for flag in ("--multiple_profiles enable", "--reduce_fusion enable", "--user_buffer enable", "--workers 2"):
+        assert flag in out
+    assert "# quantize loads the model in bfloat16 spread over the host's 8 GPUs" in out
+    for key in ("gpt_model_type", "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"):
+        assert f"\n{key}: " in out
+    refused = run_cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=int8_sq", "target=b200")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "not supported on Blackwell" in refused.stderr

@@ -1,5 +1,6 @@
-"""The trtllm-build command: every preset x quant format gives flags that exist in TensorRT-LLM
-1.2's flag table, NVIDIA's advice is applied, and two realistic commands match exactly."""
+"""The trtllm-build command: every preset x quant format x GPU gives flags that exist in TensorRT-LLM's
+flag table, NVIDIA's tuning advice is applied where it holds (and only there), and two realistic
+commands match exactly."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ from pipeline.errors import ConfigError
 
 PRESETS = config.group_options("build")
 FORMATS = ["none", "fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"]
-TARGETS = {"none": "h100", "fp8": "h100", "int4_awq": "a100", "w4a8_awq": "h100", "int8_sq": "a100", "nvfp4": "b200"}
+GPUS = {"h100": 90, "h200": 90, "b200": 100}
+# what the builder accepts on each architecture (the rest is refused by validation: see rules.py)
+VALID = {
+    90: {"none", "fp8", "int4_awq", "w4a8_awq", "int8_sq"},
+    100: {"none", "fp8", "nvfp4"},
+}
+CACHE = Path("/work/timing.cache")
 
 
 def _argv(*overrides: str) -> list[str]:
     cfg = config.load(list(overrides))
-    return trtllm.build_argv(cfg, Path("/ckpt"), Path("/engine"), Path("/work/timing.cache"))
+    return trtllm.build_argv(cfg, Path("/ckpt"), Path("/engine"), CACHE)
 
 
 def _flags(argv: list[str]) -> dict[str, str | None]:
@@ -33,17 +40,35 @@ def _flags(argv: list[str]) -> dict[str, str | None]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_and_format_uses_only_real_flags(preset: str, fmt: str) -> None:
+@pytest.mark.parametrize("target", list(GPUS))
+def test_every_preset_format_and_gpu_uses_only_real_flags_and_nvidias_defaults(
+    target: str, preset: str, fmt: str
+) -> None:
+    sm = GPUS[target]
+    if fmt not in VALID[sm]:
+        with pytest.raises(ConfigError, match=r"not supported on Blackwell|needs Blackwell"):
+            config.load(["model=llama8b", f"quant={fmt}", f"target={target}"])
+        return
     model = "model=llama70b" if fmt not in ("int4_awq", "w4a8_awq") else "model=llama8b"
-    argv = _argv(model, f"build={preset}", f"quant={fmt}", f"target={TARGETS[fmt]}", "parallel.tp=2")
+    argv = _argv(model, f"build={preset}", f"quant={fmt}", f"target={target}", "parallel.tp=2")
     assert argv[0] == "trtllm-build"
     assert trtllm.argv_problems(argv) == []
     flags = _flags(argv)
     low_precision = fmt in ("fp8", "nvfp4")
     assert ("--gemm_plugin" in flags) == (not low_precision)  # off for FP8/NVFP4, auto for 16-bit GEMMs
+    assert flags["--multiple_profiles"] == "enable"  # "always enable" (every preset)
     assert flags["--reduce_fusion"] == "enable"  # tp=2
-    fp8 = fmt in ("fp8", "w4a8_awq")
+    assert flags["--workers"] == "2"  # both ranks build at once on an 8-GPU host
+    fp8 = fmt in ("fp8", "w4a8_awq", "nvfp4")  # nvfp4 carries an FP8 KV cache by default
     assert flags["--use_fp8_context_fmha"] == ("enable" if fp8 else "disable")
+    # user buffers exist for FP8 Llama with reduce fusion on Hopper only
+    assert flags["--user_buffer"] == ("enable" if fmt == "fp8" and sm == 90 else "disable")
+    assert flags["--norm_quant_fusion"] == ("enable" if fmt == "nvfp4" else "disable")
+    low_latency = preset == "latency" and fmt == "fp8" and sm == 90  # the builder rejects them on SM 100
+    assert ("--low_latency_gemm_plugin" in flags) == low_latency
+    assert ("--gemm_swiglu_plugin" in flags) == low_latency
+    if low_latency:
+        assert flags["--low_latency_gemm_plugin"] == flags["--gemm_swiglu_plugin"] == "fp8"
 
 
 def test_golden_llama70b_fp8_tp2_on_h100() -> None:
@@ -53,8 +78,9 @@ def test_golden_llama70b_fp8_tp2_on_h100() -> None:
         "--max_batch_size", "64", "--max_input_len", "2048", "--max_seq_len", "4096", "--max_num_tokens", "8192",
         "--kv_cache_type", "paged",
         "--use_paged_context_fmha", "enable", "--use_fp8_context_fmha", "enable",
-        "--multiple_profiles", "disable", "--reduce_fusion", "enable", "--workers", "1",
-        "--input_timing_cache", "/work/timing.cache", "--output_timing_cache", "/work/timing.cache",
+        "--multiple_profiles", "enable", "--reduce_fusion", "enable", "--user_buffer", "enable",
+        "--norm_quant_fusion", "disable", "--workers", "2",
+        "--input_timing_cache", str(CACHE), "--output_timing_cache", str(CACHE),
     ]  # fmt: skip
 
 
@@ -86,13 +112,47 @@ def test_golden_llama8b_int4_awq_on_a100() -> None:
         "enable",
         "--reduce_fusion",
         "disable",
+        "--user_buffer",
+        "disable",
+        "--norm_quant_fusion",
+        "disable",
         "--workers",
         "1",
         "--input_timing_cache",
-        "/work/timing.cache",
+        str(CACHE),
         "--output_timing_cache",
-        "/work/timing.cache",
+        str(CACHE),
     ]  # fmt: skip  (workers is capped at the number of ranks: one here)
+
+
+def test_tuning_switches_follow_the_model_the_gpu_and_the_user() -> None:
+    # Ada has FP8 but no user-buffer kernel; a non-Llama model gets no Llama-only fusion
+    assert _flags(_argv("model=llama70b", "quant=fp8", "parallel.tp=2", "target=l40s"))["--user_buffer"] == "disable"
+    other = ["model=llama70b", "model.arch.architectures=[Qwen2ForCausalLM]", "quant=fp8", "parallel.tp=2"]
+    assert _flags(_argv(*other, "target=h100"))["--user_buffer"] == "disable"
+    assert _flags(_argv("model=llama8b", "quant=fp8", "target=h100"))["--user_buffer"] == "disable"  # tp=1
+    # forced values win; workers stay within the ranks and the target's GPUs
+    forced = _flags(_argv("model=llama8b", "quant=nvfp4", "target=b200", "build.norm_quant_fusion=false"))
+    assert forced["--norm_quant_fusion"] == "disable"
+    assert _flags(_argv("model=llama70b", "quant=fp8", "parallel.tp=4", "target=h100"))["--workers"] == "4"
+    assert (
+        _flags(_argv("model=llama70b", "quant=fp8", "parallel.tp=4", "target=h100", "build.workers=1"))["--workers"]
+        == "1"
+    )
+    assert (
+        _flags(_argv("model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100", "build.multiple_profiles=false"))[
+            "--multiple_profiles"
+        ]
+        == "disable"
+    )
+    with pytest.raises(ConfigError, match=r"build\.user_buffer=true needs reduce fusion"):
+        config.load(["model=llama8b", "quant=fp8", "target=h100", "build.user_buffer=true"])
+
+
+def test_supported_versions() -> None:
+    assert trtllm.version_supported("1.1.0") and trtllm.version_supported("1.2.1")
+    assert trtllm.version_supported("1.2.0rc8")
+    assert not trtllm.version_supported("1.3.0") and not trtllm.version_supported("1.0.0")
 
 
 def test_fp8_context_fmha_follows_the_gpu() -> None:
