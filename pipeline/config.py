@@ -363,6 +363,8 @@ def validate(cfg: PipelineConfig) -> list[str]:
         value = getattr(cfg.model.arch, name)
         if value is not None and value < 1:
             problems.append(f"model.arch.{name}={value} must be positive")
+    on_gpu = cfg.target.kind is TargetKind.gpu
+    problems += rules.architecture_problems(cfg.model.name, cfg.model.arch.architectures, on_gpu)
     problems += rules.parallel_problems(cfg)
     problems += rules.gpu_format_problems(cfg)
     problems += _quant_problems(cfg)

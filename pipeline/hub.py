@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import FetchError
 
@@ -124,6 +125,25 @@ def resolve(repo_id: str, revision: str, allow_pickle: bool, trust_remote_code: 
         raise FetchError(f"{repo_id} is gated: accept its licence at {endpoint()}/{repo_id} and set HF_TOKEN")
     names = [s.rfilename for s in info.siblings or []]
     return info.sha, select_files(names, allow_pickle, trust_remote_code, f"{repo_id}@{info.sha[:12]}")
+
+
+def read_config(repo_id: str, revision: str) -> dict[str, Any]:
+    """The repository's config.json alone (a few kB), at the resolved commit, so the architecture
+    can be checked before any weights are downloaded. It lands in the Hugging Face cache, where the
+    download reuses it."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    sha, files = resolve(repo_id, revision, allow_pickle=True, trust_remote_code=False)
+    if "config.json" not in files:
+        raise FetchError(f"{repo_id}@{sha[:12]} has no config.json: it is not a Hugging Face checkpoint")
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=sha, etag_timeout=METADATA_TIMEOUT_S)
+    except Exception as error:
+        raise _hub_error(error, repo_id, revision) from error
+    config: dict[str, Any] = json.loads(Path(path).read_text())
+    return config
 
 
 def download(repo_id: str, revision: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Snapshot:

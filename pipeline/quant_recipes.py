@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 from pipeline.config import KVCacheDType, QuantConfig, QuantFormat
+from pipeline.rules import DECODER_TYPE
 
 MODELOPT_PRESET = {
     QuantFormat.fp8: "FP8_DEFAULT_CFG",
@@ -27,16 +28,6 @@ QUANT_ALGO = {
 }
 KV_CACHE_ALGO = {None: None, KVCacheDType.fp8: "FP8", KVCacheDType.int8: "INT8"}
 AWQ_FORMATS = (QuantFormat.int4_awq, QuantFormat.w4a8_awq)
-# Hugging Face architecture -> ModelOpt/TensorRT-LLM decoder type
-DECODER_TYPE = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen",
-    "Qwen3ForCausalLM": "qwen",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
-    "Phi3ForCausalLM": "phi3",
-}
 
 
 KV_CACHE_QUANTIZERS = "*[kv]_bmm_quantizer"

@@ -12,10 +12,40 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.config import Architecture, PipelineConfig
 
+# Hugging Face architecture -> the decoder type ModelOpt's TensorRT-LLM export takes for it.
+DECODER_TYPE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen",
+    "Qwen3ForCausalLM": "qwen",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Phi3ForCausalLM": "phi3",
+}
+# What the CPU target's reference runtime executes (transformers' Llama code).
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM")
 AWQ_BLOCK_SIZES = (128, 64)
 FP8_MIN_SM = 89
 NVFP4_MIN_SM = 100
 BLACKWELL_SM = range(100, 120)
+
+
+def architecture_problems(model_name: str, architectures: list[str] | None, on_gpu: bool) -> list[str]:
+    """A model the pipeline cannot export (or, on the CPU target, run) is refused before any
+    weights are downloaded. Unknown architectures (null) are checked once config.json is read."""
+    if not architectures:
+        return []
+    if not any(name in DECODER_TYPE for name in architectures):
+        return [
+            f"{model_name} is a {architectures[0]}, which the TensorRT-LLM export does not support: use a model "
+            f"of one of {', '.join(sorted(DECODER_TYPE))}"
+        ]
+    if not on_gpu and not any(name in LLAMA_FAMILY for name in architectures):
+        return [
+            f"{model_name} is a {architectures[0]}: the CPU target's reference runtime runs only "
+            f"{' and '.join(LLAMA_FAMILY)}: use a GPU target (target=h100, ...) or a Llama-family model"
+        ]
+    return []
 
 
 def valid_tp_sizes(arch: Architecture) -> list[int]:

@@ -19,6 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.rules import LLAMA_FAMILY
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
@@ -31,7 +33,6 @@ SUPPORTED = ">={}.{},<{}.{}".format(*SUPPORTED_RANGE[0], *SUPPORTED_RANGE[1])
 CONTAINER_TAG = "25.12"  # NGC tritonserver:<tag>-trtllm-python-py3, the Dockerfile's default base
 FP8_MIN_SM = 89
 HOPPER_SM = 90
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Flags the pipeline sets itself: extra_args may not set them twice.
 OWNED = (
     "--checkpoint_dir",
@@ -77,7 +78,7 @@ def uses_fp8(cfg: PipelineConfig) -> bool:
 
 def is_llama(cfg: PipelineConfig) -> bool:
     """Llama-like decoders, the only ones the fused all-reduce/norm kernels are built for."""
-    return any(name in LLAMA_ARCHITECTURES for name in cfg.model.arch.architectures or [])
+    return any(name in LLAMA_FAMILY for name in cfg.model.arch.architectures or [])
 
 
 def build_workers(cfg: PipelineConfig) -> int:

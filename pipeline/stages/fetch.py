@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import gguf_convert, hub
-from pipeline.config import PipelineConfig, Source, to_dict
+from pipeline import gguf_convert, hub, rules
+from pipeline.config import PipelineConfig, Source, TargetKind, to_dict
 from pipeline.errors import FetchError
 from pipeline.runner import StageWorkspace
 from pipeline.workspace import file_identity, link_or_copy
@@ -50,6 +50,29 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
         return {**common, "path": str(folder), "files": {f: file_identity(folder / f) for f in files}}
     gguf = gguf_convert.locate(model.path, model.package, model.file)
     return {**common, "gguf": gguf.name, "content": file_identity(gguf), "dtype": str(model.dtype)}
+
+
+def source_architectures(cfg: PipelineConfig) -> list[str] | None:
+    """``architectures`` from the source's config.json: the folder's own, or the Hub's (that one
+    file only). GGUF files are converted to Llama checkpoints and need no look."""
+    model = cfg.model
+    if model.source is Source.hf and model.repo_id:
+        return hub.read_config(model.repo_id, model.revision).get("architectures")
+    if model.source is Source.local and model.path:
+        config_path = Path(model.path).expanduser() / "config.json"
+        if config_path.is_file():
+            return json.loads(config_path.read_text()).get("architectures")
+    return None
+
+
+def preflight(cfg: PipelineConfig) -> list[str]:
+    """Before anything is downloaded: a model whose architecture config.json names is one the
+    pipeline cannot export (or run on the CPU target) is refused. Named models declare it, and
+    validation checked it already."""
+    if cfg.model.arch.architectures:
+        return []
+    on_gpu = cfg.target.kind is TargetKind.gpu
+    return rules.architecture_problems(cfg.model.name, source_architectures(cfg), on_gpu)
 
 
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:

@@ -207,3 +207,27 @@ def test_killed_download_resumes_with_range_request(
     assert any(r.startswith("bytes=") and r != "bytes=0-" for r in ranges), ranges
     (checkpoint,) = (tmp_path / "fetch").glob("*/checkpoint")
     assert (checkpoint / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize(
+    ("architecture", "extra", "expected"),
+    [
+        ("GPT2LMHeadModel", (), "is a GPT2LMHeadModel, which the TensorRT-LLM export does not support"),
+        ("Qwen2ForCausalLM", ("target=cpu",), "the CPU target's reference runtime runs only"),
+    ],
+)
+def test_unsupported_architecture_is_refused_before_any_weight_is_downloaded(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path, architecture: str, extra: tuple[str, ...], expected: str
+) -> None:
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    hub.add(
+        "org/other",
+        _files(tiny_checkpoint, {"config.json": json.dumps({**config, "architectures": [architecture]}).encode()}),
+        sha=SHA,
+    )
+    result = _fetch(hub, tmp_path, "org/other", *extra)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and expected in errors[0], result.stderr
+    downloads = [r.path for r in hub.requests_for("", "GET") if "/resolve/" in r.path]
+    assert downloads == [f"/org/other/resolve/{SHA}/config.json"]  # config.json only, at the resolved commit
+    assert not (tmp_path / "fetch").exists() or not any((tmp_path / "fetch").rglob("*.safetensors"))

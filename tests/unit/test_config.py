@@ -98,3 +98,11 @@ def test_blackwell_refuses_what_its_engine_builder_rejects(overrides: list[str],
         config.load(["model=llama8b", "target=b200", *overrides])
     assert "\n" not in str(error.value)
     config.load(["model=llama8b", "target=h100", *overrides])  # fine on Hopper
+
+
+def test_declared_architectures_are_checked_by_validation() -> None:
+    with pytest.raises(ConfigError, match="is a GPT2LMHeadModel, which the TensorRT-LLM export does not support"):
+        config.load(["model=llama8b", "model.arch.architectures=[GPT2LMHeadModel]", "target=h100"])
+    with pytest.raises(ConfigError, match="CPU target's reference runtime runs only"):
+        config.load(["model=llama8b", "model.arch.architectures=[Qwen2ForCausalLM]", "target=cpu"])
+    config.load(["model=llama8b", "model.arch.architectures=[Qwen2ForCausalLM]", "target=h100"])
