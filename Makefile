@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
+# full quantize matrix) and gpu; under 90 s on 2 cores. CI runs `make test`.
+test-fast: venv
+	$(PY) -m pytest -m "not slow and not gpu"
 
 lint: venv
 	$(VENV)/bin/ruff check pipeline tests bench model_repo

@@ -18,6 +18,8 @@ import pytest
 from tests.conftest import REPO_ROOT, run_cli
 from tests.fixtures.hub_server import HubServer
 
+pytestmark = pytest.mark.slow  # a subprocess per case (about 2 minutes in all): make test runs them
+
 TOKEN = "hf_testsecret_4f9a1c2e7b"
 SHA = "a" * 40
 

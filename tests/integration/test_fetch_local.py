@@ -6,7 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # a subprocess per case: make test runs them, make test-fast does not
 
 
 def _copy(src: Path, dst: Path) -> Path:
