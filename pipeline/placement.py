@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import StageError
+
 log = logging.getLogger(__name__)
 GIB = 2**30
 # Left free on every GPU for calibration activations, the CUDA context and ModelOpt's statistics.
@@ -79,8 +81,6 @@ def load_model(source: Path, dtype_name: str, trust_remote_code: bool) -> Any:
     the CPU in float32 (both faster and exact for fake-quantized calibration there)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.errors import StageError
 
     if not torch.cuda.is_available():
         log.info("loading %s on the CPU as float32", source)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from pipeline.placement import input_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -16,8 +18,6 @@ def log_probs(model: Any, batches: list[torch.Tensor], vocab: int | None = None)
     ``vocab`` cuts off rows an exporter padded the vocabulary with (ModelOpt pads it to a multiple
     of 64 for AWQ), so distributions of the padded and the source model are comparable."""
     import torch
-
-    from pipeline.placement import input_device
 
     device = input_device(model)
     out = []

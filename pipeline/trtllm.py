@@ -15,6 +15,7 @@ adds Hopper's low-latency FP8 GEMM plugins, which the builder rejects on Blackwe
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,10 +67,14 @@ def _enable(value: bool) -> str:
     return "enable" if value else "disable"
 
 
+def release_line(version: str) -> tuple[int, ...]:
+    """ "1.2.0rc8" -> (1, 2)."""
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
 def version_supported(version: str) -> bool:
-    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     low, high = SUPPORTED_RANGE
-    return low <= major_minor < high
+    return low <= release_line(version) < high
 
 
 def uses_fp8(cfg: PipelineConfig) -> bool:
@@ -81,29 +86,45 @@ def is_llama(cfg: PipelineConfig) -> bool:
     return any(name in LLAMA_FAMILY for name in cfg.model.arch.architectures or [])
 
 
-def build_workers(cfg: PipelineConfig) -> int:
-    """Ranks built at once: each worker needs a GPU of its own on the build host."""
-    ranks = cfg.parallel.tp * cfg.parallel.pp
-    if cfg.build.workers is not None:
-        return max(1, min(cfg.build.workers, ranks))
-    return max(1, min(ranks, cfg.target.count))
+@dataclass(frozen=True)
+class Switches:
+    """The plugin and feature switches after NVIDIA's advice filled in every null."""
+
+    gemm_plugin: str | None
+    fp8_context_fmha: bool
+    reduce_fusion: bool
+    user_buffer: bool
+    norm_quant_fusion: bool
+    low_latency_gemm: bool
+    workers: int
+
+
+def _advised(forced: bool | None, advice: bool) -> bool:
+    return advice if forced is None else forced
+
+
+def switches(cfg: PipelineConfig) -> Switches:
+    build, sm, tp, ranks = cfg.build, cfg.target.sm or 0, cfg.parallel.tp, cfg.parallel.tp * cfg.parallel.pp
+    fmt = str(cfg.quant.format)
+    gemm = build.gemm_plugin if build.gemm_plugin is not None else (None if fmt in ("fp8", "nvfp4") else "auto")
+    reduce_fusion = _advised(build.reduce_fusion, tp > 1)
+    fp8_on_hopper = fmt == "fp8" and sm == HOPPER_SM
+    return Switches(
+        gemm_plugin=gemm,
+        fp8_context_fmha=_advised(build.use_fp8_context_fmha, uses_fp8(cfg) and sm >= FP8_MIN_SM),
+        reduce_fusion=reduce_fusion,
+        user_buffer=_advised(build.user_buffer, reduce_fusion and fp8_on_hopper and is_llama(cfg)),
+        norm_quant_fusion=_advised(build.norm_quant_fusion, fmt == "nvfp4" and is_llama(cfg)),
+        # both fuse or replace the FP8 GEMMs: never together with the regular GEMM plugin
+        low_latency_gemm=build.fp8_low_latency_gemm and fp8_on_hopper and gemm is None,
+        # each worker needs a GPU of its own on the build host
+        workers=max(1, min(ranks, build.workers if build.workers is not None else cfg.target.count)),
+    )
 
 
 def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timing_cache: Path | None) -> list[str]:
     """The full ``trtllm-build`` command for this configuration (pure: no I/O)."""
-    build, sm, tp = cfg.build, cfg.target.sm or 0, cfg.parallel.tp
-    fmt = str(cfg.quant.format)
-    gemm = build.gemm_plugin if build.gemm_plugin is not None else (None if fmt in ("fp8", "nvfp4") else "auto")
-    fp8_fmha = build.use_fp8_context_fmha
-    if fp8_fmha is None:
-        fp8_fmha = uses_fp8(cfg) and sm >= FP8_MIN_SM
-    reduce_fusion = build.reduce_fusion if build.reduce_fusion is not None else tp > 1
-    user_buffer = build.user_buffer
-    if user_buffer is None:
-        user_buffer = reduce_fusion and fmt == "fp8" and sm == HOPPER_SM and is_llama(cfg)
-    norm_quant = build.norm_quant_fusion
-    if norm_quant is None:
-        norm_quant = fmt == "nvfp4" and is_llama(cfg)
+    build, chosen = cfg.build, switches(cfg)
     argv = [
         "trtllm-build",
         "--checkpoint_dir",
@@ -121,26 +142,25 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
         "--kv_cache_type",
         build.kv_cache_type,
     ]
-    if gemm is not None:
-        argv += ["--gemm_plugin", gemm]
-    if build.fp8_low_latency_gemm and fmt == "fp8" and sm == HOPPER_SM and gemm is None:
-        # both fuse or replace the FP8 GEMMs; never together with the regular GEMM plugin
+    if chosen.gemm_plugin is not None:
+        argv += ["--gemm_plugin", chosen.gemm_plugin]
+    if chosen.low_latency_gemm:
         argv += ["--gemm_swiglu_plugin", "fp8", "--low_latency_gemm_plugin", "fp8"]
     argv += [
         "--use_paged_context_fmha",
         _enable(build.use_paged_context_fmha),
         "--use_fp8_context_fmha",
-        _enable(fp8_fmha),
+        _enable(chosen.fp8_context_fmha),
         "--multiple_profiles",
         _enable(build.multiple_profiles),
         "--reduce_fusion",
-        _enable(reduce_fusion),
+        _enable(chosen.reduce_fusion),
         "--user_buffer",
-        _enable(user_buffer),
+        _enable(chosen.user_buffer),
         "--norm_quant_fusion",
-        _enable(norm_quant),
+        _enable(chosen.norm_quant_fusion),
         "--workers",
-        str(build_workers(cfg)),
+        str(chosen.workers),
     ]
     if timing_cache is not None:
         argv += ["--input_timing_cache", str(timing_cache), "--output_timing_cache", str(timing_cache)]
@@ -149,10 +169,10 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
 
 def switch_problems(cfg: PipelineConfig) -> list[str]:
     """Switches forced on where the builder would reject them."""
-    build, problems = cfg.build, []
-    if build.user_buffer and not (build.reduce_fusion is not False and cfg.parallel.tp > 1):
-        problems.append("build.user_buffer=true needs reduce fusion at parallel.tp > 1: leave build.user_buffer=null")
-    return problems
+    chosen = switches(cfg)
+    if chosen.user_buffer and not (chosen.reduce_fusion and cfg.parallel.tp > 1):
+        return ["build.user_buffer=true needs reduce fusion at parallel.tp > 1: leave build.user_buffer=null"]
+    return []
 
 
 def _value_problem(flag: str, value: str | None, spec: dict[str, Any]) -> str | None:

@@ -83,8 +83,7 @@ def preflight(cfg: PipelineConfig) -> list[str]:
         return [f"the tensorrt_llm package is not installed: {fix}"]
     if trtllm.version_supported(version):
         return []
-    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    if major_minor >= trtllm.SUPPORTED_RANGE[1]:
+    if trtllm.release_line(version) >= trtllm.SUPPORTED_RANGE[1]:
         return [
             f"TensorRT-LLM {version} has no engine path (removed in 1.3): use TensorRT-LLM "
             f"{trtllm.SUPPORTED} (the project's Dockerfile builds on such an image)"
