@@ -32,12 +32,15 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not gpu"
 
+# ruff (style), import-linter (the one-way layers in pyproject.toml) and mypy (types of pipeline/)
 lint: venv
-	$(VENV)/bin/ruff check pipeline tests bench model_repo
-	$(VENV)/bin/ruff format --check pipeline tests bench model_repo
+	$(VENV)/bin/ruff check pipeline tests benchmarks model_repo
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks model_repo
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: venv
-	$(PY) -m bench
+	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .import_linter_cache

@@ -1,7 +1,8 @@
 """The ordered stage loop. For each stage: fingerprint what it depends on, skip it when a finished
 result with that fingerprint exists, otherwise run it into a partial folder under a lock and seal
 it with a manifest (see ``workspace``). ``plan()`` decides; ``build()`` acts on the same decision,
-so ``plan`` and ``dry_run`` show exactly what ``build`` would do."""
+so ``plan`` and ``dry_run`` show exactly what ``build`` would do. The stages are passed in (the
+pipeline's are ``pipeline.stages.STAGES``): the loop knows the stage contract, not the stages."""
 
 from __future__ import annotations
 
@@ -13,40 +14,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pipeline import __version__, proc
-from pipeline.config import PipelineConfig
+from pipeline.artifacts import STAGE_LOG
+from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import captured_to
-from pipeline.workspace import StageDirs, fingerprint, locked, tool_versions
+from pipeline.workspace import Stage, StageDirs, StageWorkspace, fingerprint, locked, tool_versions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageWorkspace:
-    """What a running stage sees: the folder it writes to and the finished folders of the stages
-    before it, by name."""
-
-    out: Path
-    inputs: dict[str, Path]
-    workdir: Path
-
-    def input(self, stage: str) -> Path:
-        return self.inputs[stage]
-
-
-class Stage(Protocol):
-    """A stage is a module with these names (see ``pipeline/stages``)."""
-
-    NAME: str
-    VERSION: int  # bump when the stage's output changes for the same inputs
-    TOOLS: tuple[str, ...]  # Python distributions whose versions shape the output
-
-    def depends_on(self, cfg: PipelineConfig) -> dict[str, Any]: ...
-
-    def run(self, cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -68,21 +45,10 @@ class Step:
         return self.stage.NAME
 
 
-def workdir_of(cfg: PipelineConfig) -> Path:
-    return Path(cfg.workdir).expanduser().resolve()
-
-
-def default_stages() -> tuple[Stage, ...]:
-    from pipeline.stages import STAGES
-
-    return STAGES
-
-
-def plan(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Step]:
+def plan(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[Step]:
     """Fingerprint every stage in order and look up which results already exist. Cheap: reads
     config and manifests only."""
-    workdir = workdir_of(cfg)
-    stages = stages if stages is not None else default_stages()
+    workdir = cfg.workdir_path
     names = [stage.NAME for stage in stages]
     if cfg.until is not None and cfg.until not in names:
         raise ConfigError(f"until={cfg.until} is not a stage: use until={'|'.join(names)}")
@@ -129,7 +95,7 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
         clock = time.perf_counter()
         log.info("%s: running (fingerprint %s)", step.name, step.fingerprint)
         try:
-            with captured_to(out / "stage.log"):
+            with captured_to(out / STAGE_LOG):
                 step.results = step.stage.run(cfg, StageWorkspace(out, dict(inputs), workdir)) or {}
         except PipelineError:
             if getattr(step.stage, "KEEP_ON_ERROR", False):  # e.g. benchmark points measured before a crash
@@ -158,9 +124,9 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
         log.info("%s: done in %.1f s -> %s", step.name, step.seconds, dirs.final)
 
 
-def build(cfg: PipelineConfig, stages: Sequence[Stage] | None = None) -> list[Step]:
+def build(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[Step]:
     """Run every stage that is not already done (all of them with ``force``)."""
-    workdir = workdir_of(cfg)
+    workdir = cfg.workdir_path
     steps = plan(cfg, stages)
     problems = []  # refuse what cannot work (missing tools...) before any stage does heavy work
     for step in steps:

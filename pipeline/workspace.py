@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from pipeline.config.schema import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,16 @@ def fingerprint(
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
+def installed_version(distribution: str) -> str | None:
+    """A Python distribution's installed version, from its metadata (no import, so it is fast)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def tool_versions(distributions: tuple[str, ...]) -> dict[str, str]:
-    """Installed versions of Python distributions, read from metadata (no import, so it is fast)."""
-    versions = {}
-    for name in distributions:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+    return {name: installed_version(name) or "absent" for name in distributions}
 
 
 def file_identity(path: Path, sample: int = 1 << 20) -> str:
@@ -187,3 +190,29 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+@dataclass(frozen=True)
+class StageWorkspace:
+    """What a running stage sees: the folder it writes to and the finished folders of the stages
+    before it, by name."""
+
+    out: Path
+    inputs: dict[str, Path]
+    workdir: Path
+
+    def input(self, stage: str) -> Path:
+        return self.inputs[stage]
+
+
+class Stage(Protocol):
+    """A stage is a module with these names (see ``pipeline/stages``); optional ones are
+    ``preflight``, ``verify``, ``command``, ``ALWAYS_RUN`` and ``KEEP_ON_ERROR`` (see ``runner``)."""
+
+    NAME: str
+    VERSION: int  # bump when the stage's output changes for the same inputs
+    TOOLS: tuple[str, ...]  # Python distributions whose versions shape the output
+
+    def depends_on(self, cfg: PipelineConfig) -> dict[str, Any]: ...
+
+    def run(self, cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]: ...

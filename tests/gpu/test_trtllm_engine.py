@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, runner
+from pipeline import runner, validate
+from pipeline.stages import STAGES
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.gpu
@@ -25,7 +26,7 @@ def test_engine_builds_and_answers(tmp_path: Path, quant: str) -> None:
     result = run_cli("build", *overrides, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    steps = runner.plan(config.load(overrides))
+    steps = runner.plan(validate.load(overrides), STAGES)
     engine_dir = steps[-1].dirs.final / "engine"
     manifest = json.loads((steps[-1].dirs.final / "engine.json").read_text())
     assert manifest["runtime"] == "tensorrt_llm" and manifest["sm"] >= 80

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, runner, serve
+from pipeline import app, validate
+from pipeline.deploy import server
 from tests.conftest import free_ports, run_cli
 
 pytestmark = pytest.mark.gpu
@@ -32,13 +33,13 @@ def test_repository_loads_in_tritonserver_and_answers(tmp_path: Path, quant: str
     result = run_cli("build", *overrides, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    cfg = config.load(overrides)
-    target = serve.target_of_build(cfg)
+    cfg = validate.load(overrides)
+    target = app.built_target(cfg)
     assert target.on_gpu
-    launch = serve.launch_for(cfg.triton, target.repo, True, target.world_size, runner.workdir_of(cfg))
-    with serve.Server(launch, cfg.triton, tmp_path / "server.log") as server:
+    launch = server.launch_for(cfg.triton, target.repo, True, target.world_size, cfg.workdir_path)
+    with server.Server(launch, cfg.triton, tmp_path / "server.log") as running:
         body = json.dumps({"text_input": "What is the capital of France?", "max_tokens": 30}).encode()
-        request = urllib.request.Request(f"{server.url}/v2/models/{target.entry_model}/generate", data=body)
+        request = urllib.request.Request(f"{running.url}/v2/models/{target.entry_model}/generate", data=body)
         with urllib.request.urlopen(request, timeout=300) as response:
             answer = json.loads(response.read())["text_output"]
     assert "Paris" in answer, answer

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, runner
+from pipeline import runner, validate
+from pipeline.stages import STAGES
 from tests.conftest import REPO_ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path) -> None:
-    planned = runner.plan(config.load([f"workdir={tmp_path}"]))[0]
+    planned = runner.plan(validate.load([f"workdir={tmp_path}"]), STAGES)[0]
     log = planned.dirs.partial / "stage.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "until=fetch"],
@@ -38,7 +39,7 @@ def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path)
     result = run_cli("build", f"workdir={tmp_path}", "until=fetch", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "removing unfinished output" in result.stderr
-    done = runner.plan(config.load([f"workdir={tmp_path}"]))[0]
+    done = runner.plan(validate.load([f"workdir={tmp_path}"]), STAGES)[0]
     assert done.fingerprint == planned.fingerprint and done.cached
     assert not planned.dirs.partial.exists()
 

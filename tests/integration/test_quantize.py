@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from pipeline import config, runner
-from pipeline.stages import fetch, quantize
+from pipeline import runner, validate
+from pipeline.stages import STAGES
 from tests.conftest import run_cli
 
 FORMATS = {  # format -> (quant_algo, kv cache choice, group size)
@@ -30,7 +30,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(workdir: Path, model: Path, *overrides: str) -> list[runner.Step]:
-    cfg = config.load(
+    cfg = validate.load(
         [
             f"workdir={workdir}",
             "model=local",
@@ -42,7 +42,7 @@ def _build(workdir: Path, model: Path, *overrides: str) -> list[runner.Step]:
             *overrides,
         ]
     )
-    return runner.build(cfg, (fetch, quantize))
+    return runner.build(cfg, STAGES[:2])  # fetch, quantize
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -133,7 +133,7 @@ def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
     overrides = ("quant=fp8", "parallel.tp=3", "parallel.pp=2", "target=cpu", "until=engine")
     result = run_cli("build", f"workdir={smollm2_workdir}", *overrides, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    step = runner.plan(config.load([f"workdir={smollm2_workdir}", *overrides]))[1]
+    step = runner.plan(validate.load([f"workdir={smollm2_workdir}", *overrides]), STAGES)[1]
     quality = step.dirs.final / "quality.json"
     report = json.loads(quality.read_text())
     assert 0 < report["kl_divergence_mean"] < 0.1

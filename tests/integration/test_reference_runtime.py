@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import config, runner
+from pipeline import runner, validate
 from pipeline.runtime.checkpoint import load_model, unpack_int4_rows
 from pipeline.runtime.generate import Request, generate
-from pipeline.stages import engine, fetch, quantize
+from pipeline.stages import STAGES
 from tests.conftest import run_cli
 
-STAGES = (fetch, quantize, engine)
+UP_TO_ENGINE = STAGES[:3]  # fetch, quantize, engine
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -28,8 +28,8 @@ def _source_model(workdir: Path):
 
 
 def _engine(workdir: Path, *overrides: str) -> Path:
-    cfg = config.load([f"workdir={workdir}", "target=cpu", *overrides])
-    steps = runner.build(cfg, STAGES)
+    cfg = validate.load([f"workdir={workdir}", "target=cpu", *overrides])
+    steps = runner.build(cfg, UP_TO_ENGINE)
     return steps[-1].dirs.final / "engine"
 
 
@@ -73,8 +73,8 @@ def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    cfg = config.load([f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2"])
-    final = next(s for s in runner.plan(cfg) if s.name == "engine").dirs.final
+    cfg = validate.load([f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2"])
+    final = next(s for s in runner.plan(cfg, UP_TO_ENGINE) if s.name == "engine").dirs.final
     assert json.loads((final / "engine.json").read_text())["runtime"] == "reference"
     _, tokenizer = _source_model(smollm2_workdir)
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
@@ -88,8 +88,10 @@ def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
 def test_quantized_exports_match_modelopts_model(smollm2_workdir: Path, fmt: str) -> None:
     extra = ["quant.awq_block_size=64"] if fmt == "int4_awq" else []
     _engine(smollm2_workdir, f"quant={fmt}", "quant.kv_cache_dtype=null", *extra)
-    cfg = config.load([f"workdir={smollm2_workdir}", "target=cpu", f"quant={fmt}", "quant.kv_cache_dtype=null", *extra])
-    report = json.loads((runner.plan(cfg)[1].dirs.final / "quality.json").read_text())
+    cfg = validate.load(
+        [f"workdir={smollm2_workdir}", "target=cpu", f"quant={fmt}", "quant.kv_cache_dtype=null", *extra]
+    )
+    report = json.loads((runner.plan(cfg, UP_TO_ENGINE)[1].dirs.final / "quality.json").read_text())
     faithful = report["faithfulness"]
     # the weights the reference runtime dequantizes are ModelOpt's fake-quantized weights
     assert faithful["weights_vs_modelopt"]["layers"] == 30 * 7

@@ -18,9 +18,12 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline import config, runner, serve
+from pipeline import app, runner, validate
+from pipeline.config import schema
+from pipeline.deploy import server
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
+from pipeline.stages import STAGES
 from tests.conftest import free_ports, run_cli
 
 QUESTION = "What is the capital of France?"
@@ -29,8 +32,8 @@ pytestmark = pytest.mark.slow
 
 
 class Served:
-    def __init__(self, server: serve.Server, cfg: config.PipelineConfig, final: Path):
-        self.server, self.cfg, self.final = server, cfg, final
+    def __init__(self, running: server.Server, cfg: schema.PipelineConfig, final: Path):
+        self.server, self.cfg, self.final = running, cfg, final
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
         request = urllib.request.Request(f"{self.server.url}{path}", data=json.dumps(body).encode())
@@ -69,13 +72,12 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         f"triton.metrics_port={metrics}",
     ]
     _OVERRIDES[:] = overrides
-    cfg = config.load(overrides)
-    steps = runner.build(cfg)
-    target = serve.target_of_build(cfg)
-    launch = serve.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
-    server = serve.Server(launch, cfg.triton, smollm2_workdir / "server.log")
-    with server:
-        yield Served(server, cfg, steps[-1].dirs.final)
+    cfg = validate.load(overrides)
+    steps = runner.build(cfg, STAGES)
+    target = app.built_target(cfg)
+    launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
+    with server.Server(launch, cfg.triton, smollm2_workdir / "server.log") as running:
+        yield Served(running, cfg, steps[-1].dirs.final)
 
 
 def _reference_answer(served: Served, max_tokens: int) -> str:
@@ -191,4 +193,4 @@ def test_stop_leaves_no_process_behind(served: Served, smollm2_workdir: Path) ->
     served.server.stop()
     alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
-    assert not serve.busy_ports(served.cfg.triton)
+    assert not server.busy_ports(served.cfg.triton)

@@ -8,7 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from pipeline import trtllm
+from pipeline.stages.engine import trtllm
 
 ROOT = Path(__file__).parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

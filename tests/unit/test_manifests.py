@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import config, manifests
+from pipeline import validate
+from pipeline.deploy import kubernetes
+from pipeline.errors import ConfigError
 from tests.conftest import run_cli
 
-kubernetes = pytest.importorskip("kubernetes")
+k8s = pytest.importorskip("kubernetes")
 
 
 def _round_trip(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    client = kubernetes.client.ApiClient()
+    client = k8s.client.ApiClient()
     typed = client._ApiClient__deserialize(obj, kind)  # the client's own schema-driven loader
     return client.sanitize_for_serialization(typed)
 
@@ -47,8 +49,8 @@ def test_embedded_model_gets_a_valid_deployment_service_and_inferenceservice(tmp
 
 
 def test_gpu_requests_equal_world_size_on_one_node() -> None:
-    cfg = config.load(["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"])
-    objects = manifests.build(cfg)
+    cfg = validate.load(["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"])
+    objects = kubernetes.build(cfg)
     deployment = objects["deployment.yaml"]
     _assert_schema(deployment, "V1Deployment")
     limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -57,8 +59,10 @@ def test_gpu_requests_equal_world_size_on_one_node() -> None:
 
 def test_multi_node_is_refused_in_one_line() -> None:
     """One mpirun per pod would start unconnected engines: refused until one launch spans the pods."""
-    with pytest.raises(config.ConfigError, match=r"target.nodes=2: multi-node serving is not supported yet") as error:
-        config.load(["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100", "target.nodes=2"])
+    with pytest.raises(ConfigError, match=r"target.nodes=2: multi-node serving is not supported yet") as error:
+        validate.load(
+            ["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100", "target.nodes=2"]
+        )
     assert "\n" not in str(error.value)
-    with pytest.raises(config.ConfigError, match=r"needs 16 GPUs but target=h100 has 8"):
-        config.load(["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100"])
+    with pytest.raises(ConfigError, match=r"needs 16 GPUs but target=h100 has 8"):
+        validate.load(["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100"])

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, model_repo
-from pipeline.errors import StageError
+from pipeline import artifacts, validate
+from pipeline.errors import ConfigError, StageError
+from pipeline.stages.triton_repo import render
 
 CONTRACT = json.loads((Path(__file__).parents[2].parent / "shared/reference/trtllm_backend_contract.json").read_text())
 GOLDEN = Path(__file__).parents[1] / "golden" / "llama70b_fp8_tp2_h100"
@@ -29,34 +30,34 @@ def _type_name(value: int) -> str:
 
 
 def test_strict_rendering_refuses_missing_and_malformed_placeholders() -> None:
-    assert model_repo.render("a: ${x}", {"x": "1"}, "t") == "a: 1"
+    assert render.render("a: ${x}", {"x": "1"}, "t") == "a: 1"
     with pytest.raises(StageError, match=r"uses \$\{y\} with no value"):
-        model_repo.render("a: ${x} ${y}", {"x": "1"}, "t")
+        render.render("a: ${x} ${y}", {"x": "1"}, "t")
     with pytest.raises(StageError, match="still holds"):
-        model_repo.render("a: ${x} ${ broken", {"x": "1"}, "t")
+        render.render("a: ${x} ${ broken", {"x": "1"}, "t")
     with pytest.raises(StageError, match="not a valid Triton model config"):
-        model_repo.parse('name: "m" max_batch_size: $', "t")
+        render.parse('name: "m" max_batch_size: $', "t")
 
 
 @pytest.mark.parametrize("target", ["cpu", "h100"])
 @pytest.mark.parametrize("expose", ["ensemble", "bls", "both"])
 def test_every_config_renders_and_parses(target: str, expose: str) -> None:
-    cfg = config.load([f"target={target}", f"triton.expose={expose}", "triton.streaming=false"])
-    configs = model_repo.rendered_configs(cfg)
+    cfg = validate.load([f"target={target}", f"triton.expose={expose}", "triton.streaming=false"])
+    configs = render.rendered_configs(cfg)
     assert "ensemble" in configs or expose == "bls"
     for name, text in configs.items():
-        parsed = model_repo.parse(text, name)
+        parsed = render.parse(text, name)
         assert "${" not in text and parsed.name == name
         if parsed.max_batch_size:
             assert parsed.max_batch_size == cfg.build.max_batch_size
-    engine = model_repo.parse(configs["tensorrt_llm"], "tensorrt_llm")
+    engine = render.parse(configs["tensorrt_llm"], "tensorrt_llm")
     assert engine.backend == ("tensorrtllm" if target == "h100" else "python")
     assert engine.model_transaction_policy.decoupled is False
 
 
 def test_gpu_engine_model_follows_the_backend_contract() -> None:
-    cfg = config.load(GPU)
-    engine = model_repo.parse(model_repo.rendered_configs(cfg)["tensorrt_llm"], "tensorrt_llm")
+    cfg = validate.load(GPU)
+    engine = render.parse(render.rendered_configs(cfg)["tensorrt_llm"], "tensorrt_llm")
     contract = CONTRACT["tensorrt_llm"]
     inputs = {i["name"]: i for i in contract["inputs"]}
     for tensor in engine.input:
@@ -87,28 +88,28 @@ def test_gpu_engine_model_follows_the_backend_contract() -> None:
     [([], "true"), (["triton.chat_template=false"], "false"), (["build.use_paged_context_fmha=false"], "false")],
 )
 def test_kv_cache_reuse_is_on_for_chat_prompts_with_paged_context_fmha(overrides: list[str], reuse: str) -> None:
-    engine = model_repo.parse(model_repo.rendered_configs(config.load([*GPU, *overrides]))["tensorrt_llm"], "e")
+    engine = render.parse(render.rendered_configs(validate.load([*GPU, *overrides]))["tensorrt_llm"], "e")
     assert engine.parameters["enable_kv_cache_reuse"].string_value == reuse
 
 
 def test_engine_path_resolves_from_the_directory_every_rank_starts_in(tmp_path: Path) -> None:
     """gpt_model_path is relative so the repository can move; the backend resolves it against the
     process's working directory, so every launch (one server or mpirun's ranks) starts in the root."""
-    from pipeline import serve
+    from pipeline.deploy import server
 
-    cfg = config.load(GPU)
-    engine = model_repo.parse(model_repo.rendered_configs(cfg)["tensorrt_llm"], "e")
+    cfg = validate.load(GPU)
+    engine = render.parse(render.rendered_configs(cfg)["tensorrt_llm"], "e")
     path = engine.parameters["gpt_model_path"].string_value
-    assert not Path(path).is_absolute() and path == model_repo.ENGINE_DIR
+    assert not Path(path).is_absolute() and path == artifacts.REPO_ENGINE_DIR
     for world_size in (1, 2):
-        launch = serve.gpu_launch(cfg.triton, tmp_path, world_size)
+        launch = server.gpu_launch(cfg.triton, tmp_path, world_size)
         assert launch.cwd == tmp_path
         assert not any(arg in ("-wdir", "--wdir", "-wd", "--wd") for arg in launch.argv)  # nothing moves a rank
 
 
 def test_ensemble_wires_existing_tensors_of_each_step() -> None:
-    cfg = config.load(GPU)
-    configs = {n: model_repo.parse(t, n) for n, t in model_repo.rendered_configs(cfg).items()}
+    cfg = validate.load(GPU)
+    configs = {n: render.parse(t, n) for n, t in render.rendered_configs(cfg).items()}
     ensemble = configs["ensemble"]
     produced = {t.name for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
@@ -128,7 +129,7 @@ def test_ensemble_wires_existing_tensors_of_each_step() -> None:
 def test_golden_gpu_repository() -> None:
     """The rendered GPU repository of Llama 3.1 70B FP8 TP2 on H100, file by file.
     UPDATE_GOLDEN=1 rewrites the golden files after a deliberate change."""
-    configs = model_repo.rendered_configs(config.load(GPU))
+    configs = render.rendered_configs(validate.load(GPU))
     if os.environ.get("UPDATE_GOLDEN") == "1":
         for name, text in configs.items():
             (GOLDEN / name).mkdir(parents=True, exist_ok=True)
@@ -139,12 +140,12 @@ def test_golden_gpu_repository() -> None:
 
 
 def test_gpu_repository_carries_no_python_engine_code() -> None:
-    files = model_repo.code_files(config.load(GPU))
+    files = render.code_files(validate.load(GPU))
     assert "tensorrt_llm/1/model.py" not in files and not any("reference_runtime" in f for f in files)
-    cpu = model_repo.code_files(config.load(["target=cpu"]))
+    cpu = render.code_files(validate.load(["target=cpu"]))
     assert {"tensorrt_llm/1/model.py", "tensorrt_llm/1/reference_runtime/generate.py"} <= set(cpu)
 
 
 def test_triton_batch_size_must_match_the_engine() -> None:
-    with pytest.raises(config.ConfigError, match=r"differs from the engine's build\.max_batch_size"):
-        config.load(["triton.max_batch_size=8", "build.max_batch_size=64"])
+    with pytest.raises(ConfigError, match=r"differs from the engine's build\.max_batch_size"):
+        validate.load(["triton.max_batch_size=8", "build.max_batch_size=64"])

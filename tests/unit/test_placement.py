@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import config, placement, planner
+from pipeline import validate
+from pipeline.sizing import memory
+from pipeline.stages.quantize import placement
 
 MIB = 2**20
 
@@ -14,7 +16,7 @@ MIB = 2**20
 def smollm2_like() -> object:
     from transformers import LlamaConfig
 
-    arch = config.load().model.arch  # SmolLM2-135M: 30 layers, tied embeddings, about 270 MB in bf16
+    arch = validate.load().model.arch  # SmolLM2-135M: 30 layers, tied embeddings, about 270 MB in bf16
     return LlamaConfig(
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
@@ -65,14 +67,14 @@ def test_headroom_is_left_on_every_gpu() -> None:
 
 
 def test_the_plan_says_how_70b_is_placed_and_the_preflight_matches_it() -> None:
-    spread = config.load(["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"])
-    line = planner.quantize_placement(spread)
+    spread = validate.load(["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100"])
+    line = memory.quantize_placement(spread)
     assert "spread over the host's 8 GPUs" in line and "131 GiB" in line and "16.4 GiB per GPU" in line
-    assert planner.quantize_memory_problem(spread) is None
-    one = config.load(["model=llama8b", "quant=fp8", "target=h100"])
-    assert "on one GPU" in planner.quantize_placement(one)
-    two = config.load(["model=llama70b", "quant=fp8", "target=h100", "target.count=2", "parallel.tp=2"])
-    assert planner.quantize_memory_problem(two) is None  # 131 GiB < 2 x 79.6 GiB less 15 % headroom
-    single = config.load(["model=llama70b", "quant=fp8", "target=h100", "target.count=1"])
-    problem = planner.quantize_memory_problem(single)
+    assert memory.quantize_memory_problem(spread) is None
+    one = validate.load(["model=llama8b", "quant=fp8", "target=h100"])
+    assert "on one GPU" in memory.quantize_placement(one)
+    two = validate.load(["model=llama70b", "quant=fp8", "target=h100", "target.count=2", "parallel.tp=2"])
+    assert memory.quantize_memory_problem(two) is None  # 131 GiB < 2 x 79.6 GiB less 15 % headroom
+    single = validate.load(["model=llama70b", "quant=fp8", "target=h100", "target.count=1"])
+    problem = memory.quantize_memory_problem(single)
     assert problem and "needs about 131 GiB" in problem and "more than the 68 GiB of the 1 GPU of" in problem

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, planner
-from pipeline.config import KVCacheDType, QuantFormat
+from pipeline import validate
+from pipeline.config.schema import KVCacheDType, QuantFormat
+from pipeline.errors import ConfigError
+from pipeline.sizing import memory
 from tests.conftest import run_cli
 
 KIB, GIB = 1024, 2**30
@@ -24,39 +26,39 @@ KIB, GIB = 1024, 2**30
     ],
 )
 def test_kv_cache_bytes_per_token_match_upstreams_rule(model: str, kv: KVCacheDType | None, per_token: int) -> None:
-    arch = config.load([f"model={model}"]).model.arch
-    total, per_rank = planner.kv_bytes_per_token(arch, tp=1, pp=1, kv=kv)
+    arch = validate.load([f"model={model}"]).model.arch
+    total, per_rank = memory.kv_bytes_per_token(arch, tp=1, pp=1, kv=kv)
     assert total == per_rank == per_token * KIB
     # tp=2: 8 KV heads split 4 + 4; all ranks together hold the same total
-    total2, rank2 = planner.kv_bytes_per_token(arch, tp=2, pp=1, kv=kv)
+    total2, rank2 = memory.kv_bytes_per_token(arch, tp=2, pp=1, kv=kv)
     assert (total2, rank2) == (per_token * KIB, per_token * KIB // 2)
     # tp=16 > 8 KV heads: heads are replicated, the total grows
-    total16, rank16 = planner.kv_bytes_per_token(arch, tp=16, pp=1, kv=kv)
+    total16, rank16 = memory.kv_bytes_per_token(arch, tp=16, pp=1, kv=kv)
     assert total16 == 2 * per_token * KIB and rank16 == per_token * KIB // 8
 
 
 def test_llama8b_bf16_weights_by_hand() -> None:
-    arch = config.load(["model=llama8b"]).model.arch
+    arch = validate.load(["model=llama8b"]).model.arch
     # per layer: q 4096x4096, k and v 4096x1024, o 4096x4096, gate/up/down 3 x 4096x14336, 2 norms
     layer = (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) * 2 + 2 * 4096 * 2
     edges = 2 * 128256 * 4096 * 2  # embedding and lm_head, bf16
-    assert planner.weight_bytes_per_gpu(arch, QuantFormat.none, 1, 1) == 32 * layer + edges
+    assert memory.weight_bytes_per_gpu(arch, QuantFormat.none, 1, 1) == 32 * layer + edges
     assert (32 * layer + edges) / GIB == pytest.approx(14.96, abs=0.01)
 
 
 def test_llama70b_fp8_weights_by_hand_and_split() -> None:
-    arch = config.load(["model=llama70b"]).model.arch
+    arch = validate.load(["model=llama70b"]).model.arch
     linear = 8192 * 8192 * 2 + 8192 * 1024 * 2 + 3 * 8192 * 28672  # 855.6M per layer, 1 byte each in FP8
     layer_tp1 = linear * 1.0 + 2 * 8192 * 2
     edges = 2 * 128256 * 8192 * 2
-    assert planner.weight_bytes_per_gpu(arch, QuantFormat.fp8, 1, 1) == 80 * layer_tp1 + edges
+    assert memory.weight_bytes_per_gpu(arch, QuantFormat.fp8, 1, 1) == 80 * layer_tp1 + edges
     layer_tp2 = linear / 2 + 2 * 8192 * 2
-    assert planner.weight_bytes_per_gpu(arch, QuantFormat.fp8, 2, 1) == 80 * layer_tp2 + edges / 2
+    assert memory.weight_bytes_per_gpu(arch, QuantFormat.fp8, 2, 1) == 80 * layer_tp2 + edges / 2
 
 
 def test_llama70b_fp8_fits_one_h100_and_tp2_gives_more_kv_room() -> None:
-    cfg = config.load(["model=llama70b", "quant=fp8", "target=h100"])
-    one, two = planner.plan_for(cfg, 1, 1), planner.plan_for(cfg, 2, 1)
+    cfg = validate.load(["model=llama70b", "quant=fp8", "target=h100"])
+    one, two = memory.plan_for(cfg, 1, 1), memory.plan_for(cfg, 2, 1)
     assert one.fits and one.kv_bytes_per_token_per_gpu == 160 * KIB
     assert 60 < one.weights_gib_per_gpu < 70 and one.kv_cache_gib_per_gpu > 5
     # what the KV cache gets: 90 % of what weights and activations leave
@@ -67,8 +69,8 @@ def test_llama70b_fp8_fits_one_h100_and_tp2_gives_more_kv_room() -> None:
 
 
 def test_unquantized_llama70b_on_one_h100_is_refused_with_the_smallest_tp() -> None:
-    with pytest.raises(config.ConfigError, match=r"does not fit h100 \(weights \(131\.4 GiB\).*use parallel\.tp=2"):
-        config.load(["model=llama70b", "quant=none", "target=h100"])
+    with pytest.raises(ConfigError, match=r"does not fit h100 \(weights \(131\.4 GiB\).*use parallel\.tp=2"):
+        validate.load(["model=llama70b", "quant=none", "target=h100"])
 
 
 def test_plan_prints_the_table_and_writes_plan_json(tmp_path: Path) -> None:
@@ -84,8 +86,8 @@ def test_plan_prints_the_table_and_writes_plan_json(tmp_path: Path) -> None:
 
 
 def test_quantizing_70b_needs_the_memory_to_hold_it() -> None:
-    cfg = config.load(["model=llama70b", "quant=int4_awq", "target=a100", "target.count=1"])
-    problem = planner.quantize_memory_problem(cfg)
+    cfg = validate.load(["model=llama70b", "quant=int4_awq", "target=a100", "target.count=1"])
+    problem = memory.quantize_memory_problem(cfg)
     assert problem and "quantizing llama70b needs about 131 GiB" in problem
 
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import config, quant_recipes
+from pipeline import validate
+from pipeline.config import schema
+from pipeline.stages.quantize import recipes
 
 _DISABLED = {"*lm_head*": {"enable": False}, "default": {"enable": False}}
 # The dict-shaped presets of nvidia-modelopt 0.37.0 (modelopt/torch/quantization/config.py), trimmed
@@ -44,15 +46,15 @@ DICT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _quant(*overrides: str) -> config.QuantConfig:
-    return config.load(["model=llama8b", *overrides]).quant
+def _quant(*overrides: str) -> schema.QuantConfig:
+    return validate.load(["model=llama8b", *overrides]).quant
 
 
 @pytest.mark.parametrize("fmt", ["int4_awq", "w4a8_awq"])
 def test_awq_group_size_and_kv_cache_in_the_dict_schema(fmt: str) -> None:
     quant = _quant(f"quant={fmt}", "quant.awq_block_size=64", "quant.kv_cache_dtype=fp8")
-    preset = DICT_PRESETS[quant_recipes.MODELOPT_PRESET[quant.format]]
-    result = quant_recipes.customize(preset, quant)
+    preset = DICT_PRESETS[recipes.MODELOPT_PRESET[quant.format]]
+    result = recipes.customize(preset, quant)
     weight = result["quant_cfg"]["*weight_quantizer"]
     stages = weight if isinstance(weight, list) else [weight]
     assert stages[0]["block_sizes"] == {-1: 64, "type": "static"}
@@ -62,14 +64,14 @@ def test_awq_group_size_and_kv_cache_in_the_dict_schema(fmt: str) -> None:
 
 
 def test_int8_kv_cache_in_the_dict_schema() -> None:
-    result = quant_recipes.customize(DICT_PRESETS["FP8_DEFAULT_CFG"], _quant("quant=fp8", "quant.kv_cache_dtype=int8"))
+    result = recipes.customize(DICT_PRESETS["FP8_DEFAULT_CFG"], _quant("quant=fp8", "quant.kv_cache_dtype=int8"))
     assert result["quant_cfg"]["*[kv]_bmm_quantizer"]["num_bits"] == 8
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"])
 def test_installed_modelopt_list_schema(fmt: str) -> None:
     quant = _quant(f"quant={fmt}", "quant.awq_block_size=64", "quant.kv_cache_dtype=fp8")
-    result = quant_recipes.modelopt_config(quant)
+    result = recipes.modelopt_config(quant)
     entries = result["quant_cfg"]
     assert isinstance(entries, list), "the installed ModelOpt (0.47) uses the list schema"
     assert entries[-1] == {

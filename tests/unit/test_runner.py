@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import config, runner
+from pipeline import runner, validate
 from pipeline.workspace import MANIFEST, fingerprint
 from tests.conftest import REPO_ROOT
 from tests.fixtures.toy_stages import PAYLOAD, STAGES, runs
 
 
 def _build(workdir: Path, *overrides: str) -> list[runner.Step]:
-    return runner.build(config.load([f"workdir={workdir}", *overrides]), STAGES)
+    return runner.build(validate.load([f"workdir={workdir}", *overrides]), STAGES)
 
 
 def test_second_build_is_a_cache_hit(tmp_path: Path) -> None:
@@ -74,12 +74,12 @@ def test_run_killed_mid_write_completes_when_run_again(tmp_path: Path) -> None:
         argv, cwd=REPO_ROOT, capture_output=True, env={**os.environ, "TOY_KILL_AFTER_BYTES": "500000"}
     )
     assert killed.returncode == -9
-    planned = runner.plan(config.load([f"workdir={tmp_path}"]), STAGES)
+    planned = runner.plan(validate.load([f"workdir={tmp_path}"]), STAGES)
     assert not planned[0].cached and planned[0].dirs.partial.exists()  # half-written, not done
     assert planned[0].dirs.partial.joinpath("data.bin").stat().st_size < len(PAYLOAD)
 
     subprocess.run(argv, cwd=REPO_ROOT, check=True, capture_output=True)
-    done = runner.plan(config.load([f"workdir={tmp_path}"]), STAGES)
+    done = runner.plan(validate.load([f"workdir={tmp_path}"]), STAGES)
     assert [s.fingerprint for s in done] == [s.fingerprint for s in planned]
     assert all(s.cached for s in done) and not done[0].dirs.partial.exists()
     assert (done[0].dirs.final / "data.bin").read_bytes() == PAYLOAD

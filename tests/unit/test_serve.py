@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, serve
+from pipeline import validate
+from pipeline.deploy import server
 from pipeline.errors import StageError
 from tests.conftest import run_cli
 
@@ -16,16 +17,16 @@ REPO = Path("/models/repo")
 
 
 def test_single_server_binds_localhost_and_uses_configured_ports() -> None:
-    triton = config.load(["triton.http_port=9000", "triton.grpc_port=9001", "triton.metrics_port=9002"]).triton
-    argv = serve.tritonserver_argv(triton, REPO)
+    triton = validate.load(["triton.http_port=9000", "triton.grpc_port=9001", "triton.metrics_port=9002"]).triton
+    argv = server.tritonserver_argv(triton, REPO)
     assert argv[0] == "tritonserver" and "--model-repository=/models/repo" in argv
     assert {"--http-port=9000", "--grpc-port=9001", "--metrics-port=9002"} <= set(argv)
     assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1"} <= set(argv)
 
 
 def test_mpirun_runs_one_server_per_rank_like_upstream() -> None:
-    triton = config.load([]).triton
-    argv = serve.mpirun_argv(triton, REPO, world_size=2)
+    triton = validate.load([]).triton
+    argv = server.mpirun_argv(triton, REPO, world_size=2)
     assert argv[:2] == ["mpirun", "--allow-run-as-root"]
     ranks = " ".join(argv[2:]).split(" : ")
     assert len(ranks) == 2
@@ -38,7 +39,7 @@ def test_mpirun_runs_one_server_per_rank_like_upstream() -> None:
 
 
 def test_gpu_launch_runs_in_the_repository_root() -> None:
-    launch = serve.gpu_launch(config.load([]).triton, REPO, world_size=1)
+    launch = server.gpu_launch(validate.load([]).triton, REPO, world_size=1)
     assert launch.cwd == REPO and launch.argv[0] == "tritonserver"
 
 
@@ -47,11 +48,11 @@ def test_busy_port_is_refused_with_the_override_to_change(tmp_path: Path) -> Non
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        triton = config.load([f"triton.http_port={port}"]).triton
-        assert serve.busy_ports(triton) == [port]
-        server = serve.Server(serve.Launch(["true"]), triton, tmp_path / "log")
+        triton = validate.load([f"triton.http_port={port}"]).triton
+        assert server.busy_ports(triton) == [port]
+        refused = server.Server(server.Launch(["true"]), triton, tmp_path / "log")
         with pytest.raises(StageError, match=rf"port {port} .* in use.*triton.http_port"):
-            server.start()
+            refused.start()
 
 
 def test_plan_shows_the_mpirun_command_for_a_tp2_engine() -> None:

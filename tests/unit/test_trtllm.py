@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, trtllm
+from pipeline import assets, validate
+from pipeline.config import compose
 from pipeline.errors import ConfigError
+from pipeline.stages.engine import trtllm
 
-PRESETS = config.group_options("build")
+PRESETS = compose.group_options("build")
 FORMATS = ["none", "fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"]
 GPUS = {"h100": 90, "h200": 90, "b200": 100}
 # what the builder accepts on each architecture (the rest is refused by validation: see rules.py)
@@ -23,7 +25,7 @@ CACHE = Path("/work/timing.cache")
 
 
 def _argv(*overrides: str) -> list[str]:
-    cfg = config.load(list(overrides))
+    cfg = validate.load(list(overrides))
     return trtllm.build_argv(cfg, Path("/ckpt"), Path("/engine"), CACHE)
 
 
@@ -41,7 +43,7 @@ def _flags(argv: list[str]) -> dict[str, str | None]:
 @pytest.mark.parametrize(("target", "fmt"), [(t, f) for t, sm in GPUS.items() for f in FORMATS if f not in VALID[sm]])
 def test_formats_the_builder_rejects_are_refused(target: str, fmt: str) -> None:
     with pytest.raises(ConfigError, match=r"not supported on Blackwell|needs Blackwell"):
-        config.load(["model=llama8b", f"quant={fmt}", f"target={target}"])
+        validate.load(["model=llama8b", f"quant={fmt}", f"target={target}"])
 
 
 @pytest.mark.parametrize(("target", "fmt"), [(t, f) for t, sm in GPUS.items() for f in FORMATS if f in VALID[sm]])
@@ -147,7 +149,7 @@ def test_tuning_switches_follow_the_model_the_gpu_and_the_user() -> None:
         == "disable"
     )
     with pytest.raises(ConfigError, match=r"build\.user_buffer=true needs reduce fusion"):
-        config.load(["model=llama8b", "quant=fp8", "target=h100", "build.user_buffer=true"])
+        validate.load(["model=llama8b", "quant=fp8", "target=h100", "build.user_buffer=true"])
 
 
 def test_supported_versions() -> None:
@@ -170,22 +172,22 @@ def test_extra_args_are_checked_against_the_table() -> None:
     argv = _argv("model=llama8b", "target=h100", "build.extra_args=[--strip_plan,--log_level,verbose]")
     assert argv[-3:] == ["--strip_plan", "--log_level", "verbose"] and trtllm.argv_problems(argv) == []
     with pytest.raises(ConfigError, match="unknown trtllm-build flag --no_such_flag"):
-        config.load(["build.extra_args=[--no_such_flag]"])
+        validate.load(["build.extra_args=[--no_such_flag]"])
     with pytest.raises(ConfigError, match="choose one of"):
-        config.load(["build.extra_args=[--log_level,loud]"])
+        validate.load(["build.extra_args=[--log_level,loud]"])
     with pytest.raises(ConfigError, match="use the matching build"):
-        config.load(["build.extra_args=[--max_batch_size,8]"])
+        validate.load(["build.extra_args=[--max_batch_size,8]"])
 
 
 def test_limits_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"exceeds build\.max_seq_len"):
-        config.load(["build.max_input_len=8192", "build.max_seq_len=4096"])
+        validate.load(["build.max_input_len=8192", "build.max_seq_len=4096"])
     with pytest.raises(ConfigError, match="8192-token context"):
-        config.load(["build.max_seq_len=16384", "build.max_input_len=1024"])
+        validate.load(["build.max_seq_len=16384", "build.max_input_len=1024"])
 
 
 def test_packaged_flag_table_matches_the_shared_reference() -> None:
     shared = Path(__file__).resolve().parents[3] / "shared" / "reference" / "trtllm_build_flags.json"
     if not shared.exists():
         pytest.skip("../shared is not beside this checkout")
-    assert trtllm.FLAG_TABLE.read_text() == shared.read_text()
+    assert assets.TRTLLM_BUILD_FLAGS.read_text() == shared.read_text()

@@ -1,0 +1,166 @@
+"""The commands, one function each, with their arguments as parameters: what ``python -m pipeline``
+runs once it has composed and validated each job's config (``__main__`` owns argv and exit codes).
+A ``-m`` sweep is a list of jobs; ``run_jobs`` runs them in order, under one parent MLflow run for
+``build``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline import artifacts, proc, runner
+from pipeline.config.schema import PipelineConfig, to_yaml
+from pipeline.deploy import kubernetes, server
+from pipeline.errors import PipelineError, StageError
+from pipeline.runner import Step
+from pipeline.sizing import memory
+from pipeline.stages import STAGES
+from pipeline.stages.benchmark import stage as benchmark
+from pipeline.stages.triton_repo import render
+from pipeline.tracking import compare as run_table
+from pipeline.tracking import runs
+
+log = logging.getLogger("pipeline")
+
+
+def _repository_step(steps: list[Step]) -> Step:
+    return next(s for s in steps if s.name == "triton_repo")
+
+
+def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
+    """Run every stage not already done; one MLflow run (a child of ``sweep_parent`` in a sweep)."""
+    if cfg.dry_run:
+        print(runner.format_plan(runner.plan(cfg, STAGES), cfg))
+        print("dry run: nothing was run (drop dry_run=true to build)")
+        return []
+    with runs.job_run(cfg, sweep_parent) as run:
+        steps = runner.build(cfg, STAGES)
+        if run is not None:
+            run.record(cfg, steps)
+    for step in steps:
+        took = f"{step.seconds:.1f} s" if step.seconds is not None else "cached"
+        print(f"{step.name:<10} {took:<10} {step.dirs.final}")
+    return steps
+
+
+def plan(cfg: PipelineConfig) -> None:
+    """The resolved config, the memory plan (GPU targets), each stage and how to serve the result."""
+    print("# resolved config")
+    print(to_yaml(cfg).rstrip())
+    _print_memory_plan(cfg)
+    print("\n# stages")
+    steps = runner.plan(cfg, STAGES)
+    print(runner.format_plan(steps, cfg))
+    names = [s.name for s in steps]
+    if "quantize" in names:
+        print(f"\n# quantize {memory.quantize_placement(cfg)}")
+    if "triton_repo" in names:
+        params = render.engine_parameters(cfg)
+        print(f"\n# {artifacts.ENGINE_MODEL} model parameters (Triton repository)")
+        print("\n".join(f'{key}: "{value}"' for key, value in params.items()))
+        print("\n# serve (python -m pipeline serve)")
+        print(_serve_line(cfg, _repository_step(steps)))
+
+
+def _print_memory_plan(cfg: PipelineConfig) -> None:
+    if not memory.applies(cfg):
+        print("\n# memory plan: for GPU targets only (this is the CPU target)")
+        return
+    print("\n# memory plan")
+    print(memory.format_table(cfg))
+    out = artifacts.memory_plan(cfg.workdir_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = [p.to_dict() for p in memory.alternatives(cfg)]
+    out.write_text(json.dumps({"requested": memory.plan_for(cfg).to_dict(), "options": options}, indent=2) + "\n")
+    print(f"(written to {out})")
+
+
+def _serve_line(cfg: PipelineConfig, step: Step) -> str:
+    repo = step.dirs.final / artifacts.REPOSITORY
+    world_size = cfg.parallel.world_size
+    try:
+        launch = server.launch_for(cfg.triton, repo, cfg.target.is_gpu, world_size, cfg.workdir_path, create=False)
+    except PipelineError as error:
+        return f"(cannot serve here: {error})"
+    return f"(cd {repo} && {proc.quote(launch.argv)})"
+
+
+def built_target(cfg: PipelineConfig) -> server.Target:
+    """The repository that ``build`` with the same overrides rendered."""
+    step = _repository_step(runner.plan(cfg, STAGES))
+    if not step.cached:
+        raise StageError(
+            "no finished Triton repository for these overrides: run `python -m pipeline build` with the same "
+            "overrides first, or serve a folder with repo=<path>"
+        )
+    repo = step.dirs.final / artifacts.REPOSITORY
+    return server.target_of_repository(repo, artifacts.serve_logs(cfg.workdir_path, step.fingerprint))
+
+
+def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
+    """Serve the last build's repository (or the folder ``repo``) until Ctrl-C."""
+    target = server.target_of_folder(repo, cfg.workdir_path) if repo else built_target(cfg)
+    server.serve_until_stopped(cfg.triton, target, cfg.workdir_path)
+
+
+def bench(cfg: PipelineConfig, url: str | None = None) -> None:
+    """Benchmark a running server (``url``: host:grpc_port) or the last build's repository served
+    here for the sweep; results go to <workdir>/bench/<time>/."""
+    target = built_target(cfg)  # its tokenizer gives exact prompt lengths
+    out = artifacts.bench_results(cfg.workdir_path, time.strftime("%Y%m%d-%H%M%S"))
+    benchmark.measure(cfg, target, out, cfg.workdir_path, url=url)
+    print(f"results in {out}")
+
+
+def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = None) -> None:
+    """The runs of the MLflow store as a table."""
+    print(run_table.table(cfg, sort=sort, where=filter))
+
+
+def manifests(cfg: PipelineConfig) -> None:
+    """Kubernetes objects for the repository these overrides build."""
+    step = _repository_step(runner.plan(cfg, STAGES))
+    folder = artifacts.manifests(cfg.workdir_path, step.fingerprint)
+    for path in kubernetes.write(cfg, folder):
+        print(path)
+    built = "" if step.cached else " (not built yet: run build with the same overrides)"
+    print(f"copy {step.dirs.final / artifacts.REPOSITORY}{built} into the PersistentVolumeClaim 'triton-repo', then:")
+    print(f"  kubectl apply -f {folder}/deployment.yaml -f {folder}/service.yaml   (or inferenceservice.yaml)")
+
+
+# name -> (function, the arguments it takes besides the config: `key=value` on the command line)
+COMMANDS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "build": (build, ()),
+    "plan": (plan, ()),
+    "serve": (serve, ("repo",)),
+    "compare": (compare, ("sort", "filter")),
+    "manifests": (manifests, ()),
+    "bench": (bench, ("url",)),
+}
+
+
+def run_jobs(command: str, jobs: list[tuple[list[str], PipelineConfig]], args: dict[str, str]) -> None:
+    """One job runs as it is; a sweep runs every job, logs each failure and raises at the end."""
+    function = COMMANDS[command][0]
+    if len(jobs) == 1:
+        function(jobs[0][1], **args)
+        return
+    failed = []
+    parent: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(None)
+    if command == "build":
+        parent = runs.sweep_run(jobs[0][1], [overrides for overrides, _ in jobs])
+    with parent as parent_id:
+        for index, (overrides, cfg) in enumerate(jobs, 1):
+            log.info("job %d/%d: %s", index, len(jobs), " ".join(overrides) or "(defaults)")
+            extra = {"sweep_parent": parent_id} if command == "build" else {}
+            try:
+                function(cfg, **args, **extra)
+            except PipelineError as error:
+                log.error("job %d/%d failed: %s", index, len(jobs), error)
+                failed.append(" ".join(overrides))
+    if failed:
+        raise PipelineError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")

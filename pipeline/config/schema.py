@@ -1,0 +1,309 @@
+"""The configuration schema: dataclasses that Hydra's ConfigStore holds and the YAML groups under
+``conf/`` extend, and the facts derived from them (world size, head size, format families). A leaf:
+it imports nothing from the pipeline, so every other module can depend on it.
+
+Schema lives here; values live in YAML (``pipeline.config.compose`` composes them, and
+``pipeline.validate`` checks them). Closed choices are StrEnums so OmegaConf rejects unknown values
+with the allowed list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+
+# Member names equal their values: OmegaConf matches a YAML string against enum *names*.
+class Source(StrEnum):
+    hf = "hf"  # a Hugging Face Hub repository
+    local = "local"  # a folder holding a Hugging Face checkpoint
+    gguf = "gguf"  # a GGUF file (or one shipped inside an installed Python package)
+
+
+class DType(StrEnum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class Architecture:
+    """Architecture numbers, named as in the checkpoint's ``config.json`` so that planning works
+    without a download and the fetched checkpoint can be checked against them."""
+
+    architectures: list[str] | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
+    head_dim: int | None = None  # when not hidden_size / num_attention_heads
+
+    @property
+    def head_size(self) -> int | None:
+        if self.head_dim:
+            return self.head_dim
+        if self.hidden_size and self.num_attention_heads:
+            return self.hidden_size // self.num_attention_heads
+        return None
+
+    @property
+    def linear_params_per_layer(self) -> int | None:
+        """Weights of one decoder layer's linear layers: q, k, v, o and gate, up, down."""
+        h, inter, heads, head = self.hidden_size, self.intermediate_size, self.num_attention_heads, self.head_size
+        if not (h and inter and heads and head):
+            return None
+        kv = self.num_key_value_heads or heads
+        return h * head * (2 * heads + 2 * kv) + 3 * h * inter
+
+    @property
+    def approx_params(self) -> float | None:
+        """Parameter count: linear layers of every decoder layer, embedding and lm_head."""
+        linear = self.linear_params_per_layer
+        if linear is None or not (self.num_hidden_layers and self.vocab_size and self.hidden_size):
+            return None
+        return float(self.num_hidden_layers * linear + 2 * self.vocab_size * self.hidden_size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: Source = Source.hf
+    repo_id: str | None = None  # hf: "org/name"
+    revision: str = "main"  # hf: branch, tag or commit; the resolved commit sha is recorded
+    path: str | None = None  # local: checkpoint folder; gguf: a .gguf file
+    package: str | None = None  # gguf: an installed Python package that ships `file`
+    file: str | None = None  # gguf: file name inside `package`
+    dtype: DType = DType.bfloat16  # dtype of unquantized weights (and of a GGUF conversion)
+    allow_pickle: bool = False  # accept *.bin (pickle) weights, which can run code when loaded
+    trust_remote_code: bool = False  # allow the checkpoint's own Python code
+    calib_dataset: str = "cnn_dailymail"  # calibration text when quant.calib.dataset is null
+    arch: Architecture = field(default_factory=Architecture)
+
+
+class QuantFormat(StrEnum):
+    none = "none"  # unquantized, exported in model.dtype
+    fp8 = "fp8"  # FP8 weights and activations, per-tensor scales
+    int4_awq = "int4_awq"  # INT4 weights (AWQ, per-group scales), 16-bit activations
+    w4a8_awq = "w4a8_awq"  # INT4 weights (AWQ), FP8 activations
+    int8_sq = "int8_sq"  # INT8 weights and activations with SmoothQuant
+    nvfp4 = "nvfp4"  # FP4 (E2M1) weights and activations, FP8 block scales: Blackwell
+
+    @property
+    def is_awq(self) -> bool:
+        """INT4 weights with AWQ's per-group scales (group size quant.awq_block_size)."""
+        return self in (QuantFormat.int4_awq, QuantFormat.w4a8_awq)
+
+    @property
+    def fp8_activations(self) -> bool:
+        """Activations in FP8: needs SM >= 89."""
+        return self in (QuantFormat.fp8, QuantFormat.w4a8_awq)
+
+
+class KVCacheDType(StrEnum):
+    fp8 = "fp8"
+    int8 = "int8"
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data. A null value means "automatic" (see pipeline/calibration.py): small
+    models get CPU-friendly sizes, others NVIDIA's defaults (512 samples of 512 tokens; AWQ 32)."""
+
+    dataset: str | None = None  # builtin | cnn_dailymail | /path/to/file.txt|.jsonl; null: the model's
+    num_samples: int | None = None
+    max_length: int | None = None
+    batch_size: int = 4
+
+
+@dataclass
+class QuantConfig:
+    format: QuantFormat = QuantFormat.none
+    kv_cache_dtype: KVCacheDType | None = None
+    awq_block_size: int = 128  # AWQ group size: 64 or 128
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval_tokens: int = 1024  # held-out tokens scored for the quality report (0 turns it off)
+
+
+class TargetKind(StrEnum):
+    auto = "auto"  # the GPUs nvidia-smi finds, else cpu
+    cpu = "cpu"  # reference runtime (PyTorch) instead of TensorRT engines
+    gpu = "gpu"
+
+
+@dataclass
+class TargetConfig:
+    name: str = MISSING
+    kind: TargetKind = TargetKind.cpu
+    gpu: str | None = None  # marketing name, e.g. "NVIDIA H100 80GB HBM3"
+    sm: int | None = None  # compute capability x 10, e.g. 90 for Hopper
+    memory_gib: float | None = None  # per GPU
+    count: int = 0  # GPUs per node
+    nodes: int = 1  # only 1 for now: multi-node serving needs one mpirun across hosts (refused)
+    price_per_gpu_hour: float | None = None  # USD, for cost per token
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind is TargetKind.gpu
+
+
+@dataclass
+class BuildConfig:
+    """Engine limits and trtllm-build options. A null switch means "follow NVIDIA's advice for this
+    model, format and GPU" (see pipeline/trtllm.py); true/false forces it."""
+
+    name: str = MISSING
+    max_batch_size: int = 64
+    max_input_len: int = 2048
+    max_seq_len: int = 4096
+    max_num_tokens: int = 8192
+    kv_cache_type: str = "paged"  # paged | continuous
+    gemm_plugin: str | None = None  # null: auto for 16-bit weights, off for FP8/NVFP4
+    use_paged_context_fmha: bool = True
+    use_fp8_context_fmha: bool | None = None  # null: on with FP8 on SM >= 89
+    multiple_profiles: bool = True  # NVIDIA's tuning guide: "always enable" (costs build time only)
+    reduce_fusion: bool | None = None  # null: on for tp > 1
+    user_buffer: bool | None = None  # null: on for FP8 Llama at tp > 1 on Hopper (needs reduce_fusion)
+    norm_quant_fusion: bool | None = None  # null: on for NVFP4 Llama (RMSNorm + FP4 quantize in one kernel)
+    fp8_low_latency_gemm: bool = False  # FP8 on Hopper: low-latency GEMM and GEMM+SwiGLU plugins (latency preset)
+    workers: int | None = None  # ranks built in parallel; null: every rank the target's GPUs allow
+    timing_cache: bool = True  # reuse <workdir>/timing-sm<SM>.cache across builds
+    extra_args: list[str] = field(default_factory=list)  # any other trtllm-build flag, e.g. [--strip_plan]
+    timeout_s: int = 7200
+
+
+class Expose(StrEnum):
+    ensemble = "ensemble"  # preprocessing -> tensorrt_llm -> postprocessing as a Triton ensemble
+    bls = "bls"  # the same chain driven by the tensorrt_llm_bls python model
+    both = "both"
+
+
+class BatchingStrategy(StrEnum):
+    inflight_fused_batching = "inflight_fused_batching"
+    inflight_batching = "inflight_batching"
+    V1 = "V1"  # static batching
+
+
+class SchedulerPolicy(StrEnum):
+    max_utilization = "max_utilization"
+    guaranteed_no_evict = "guaranteed_no_evict"
+
+
+@dataclass
+class TritonConfig:
+    """The Triton model repository and the server that serves it."""
+
+    name: str = MISSING
+    max_batch_size: int | None = None  # null: the engine's build.max_batch_size (must be equal)
+    preferred_batch_sizes: list[int] = field(default_factory=list)  # empty: [max_batch_size]
+    # How long the engine model's batcher waits to fill a batch. null: 0 on GPU targets (in-flight
+    # batching admits requests at every step anyway), 50 ms on the CPU target, whose python model
+    # batches only the requests that arrive together.
+    max_queue_delay_microseconds: int | None = None
+    max_queue_size: int = 0  # requests waiting beyond this are rejected; 0: unbounded
+    preprocessing_instances: int = 1
+    postprocessing_instances: int = 1
+    bls_instances: int = 1
+    streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
+    expose: Expose = Expose.ensemble
+    chat_template: bool = True  # wrap text_input in the model's chat template (chat models)
+    add_special_tokens: bool = False  # when chat_template is off: let the tokenizer add BOS
+    # engine (GPU) settings of Triton's TensorRT-LLM backend
+    batching_strategy: BatchingStrategy = BatchingStrategy.inflight_fused_batching
+    batch_scheduler_policy: SchedulerPolicy = SchedulerPolicy.guaranteed_no_evict
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_chunked_context: bool = True
+    enable_kv_cache_reuse: bool | None = None  # null: on when chat prompts share a template prefix
+    exclude_input_in_output: bool = True
+    # server
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 serves other hosts
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    ready_timeout_s: int = 600  # large engines take minutes to load
+
+
+@dataclass
+class SLOConfig:
+    """Service-level objectives for goodput; null: no limit on that latency."""
+
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+    e2e_ms: float | None = None
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    enabled: bool = True
+    concurrency: list[int] = field(default_factory=lambda: [1, 8])  # closed loop, one point each
+    rates: list[float] = field(default_factory=list)  # open loop (Poisson), requests/s, one point each
+    requests_per_point: int = 16
+    warmup_requests: int = 2
+    input_tokens: int = 64
+    input_tokens_stddev: float = 0.0
+    output_tokens: int = 32
+    output_tokens_stddev: float = 0.0
+    prompts_file: str | None = None  # JSONL: {"text": ..., "max_tokens": ...} per line
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    ignore_eos: bool = True  # generate exactly the asked output length
+    seed: int = 0
+    model: str | None = None  # null: the repository's entry model (ensemble or tensorrt_llm_bls)
+    timeout_s: float = 300.0  # per request; a silent server ends the point
+    slo: SLOConfig = field(default_factory=SLOConfig)
+
+
+@dataclass
+class TrackingConfig:
+    name: str = MISSING
+    enabled: bool = True
+    uri: str | None = None  # null: sqlite:///<workdir>/mlflow.db
+    experiment: str | None = None  # null: one experiment per model, named after it
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel ranks
+    pp: int = 1  # pipeline parallel ranks
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the engine: one GPU each."""
+        return self.tp * self.pp
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    target: TargetConfig = MISSING
+    build: BuildConfig = MISSING
+    triton: TritonConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    workdir: str = "./artifacts"
+    force: bool = False  # redo every stage even when its artifacts are cached
+    redo: list[str] = field(default_factory=list)  # redo these stages only, e.g. redo=[quantize]
+    dry_run: bool = False  # print the plan and stop
+    until: str | None = None  # run the stages up to and including this one (e.g. until=fetch)
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-able data (enums become their string values) of a config node."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), enum_to_str=True)

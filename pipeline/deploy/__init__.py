@@ -1,0 +1,2 @@
+"""Serving a rendered repository: Triton processes here (``server``), Kubernetes objects for a
+cluster (``kubernetes``)."""

@@ -1,0 +1,2 @@
+"""benchmark: load points against Triton (``stage``), the load generator (``loadgen``), prompts
+(``workload``) and tables and plot (``report``)."""

@@ -1,0 +1,113 @@
+"""Benchmark statistics per load point, and the tables and plot written from them.
+
+Definitions (genai-perf / AIPerf): TTFT, ITL and end-to-end latency per request, reported as mean
+and p50/p90/p95/p99 over the successful requests of a point; output token throughput = output
+tokens of all successful requests / wall time of the point; request throughput = successful
+requests / wall time; goodput = requests that met every configured SLO / wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import BENCHMARK_CSV, BENCHMARK_JSON
+from pipeline.stages.benchmark.loadgen import Measured
+
+PERCENTILES = (50, 90, 95, 99)
+LATENCIES = ("ttft_ms", "itl_ms", "e2e_ms")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    out = {"mean": sum(values) / len(values) if values else math.nan}
+    out.update({f"p{q}": percentile(values, q) for q in PERCENTILES})
+    return out
+
+
+def meets_slo(m: Measured, slo: dict[str, float | None]) -> bool:
+    values = {"ttft_ms": m.ttft, "itl_ms": m.itl, "e2e_ms": m.e2e}
+    for key, limit in slo.items():
+        if limit is None:
+            continue
+        value = values[key]
+        if value is not None and value * 1000 > limit:
+            return False
+    return True
+
+
+def summarize(
+    label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float | None]
+) -> dict[str, Any]:
+    ok = [m for m in results if m.error is None and m.done is not None]
+    errors = Counter(m.error for m in results if m.error is not None)
+    out_tokens = sum(m.output_tokens for m in ok)
+    point: dict[str, Any] = {
+        **label,
+        "requests": len(results),
+        "successful": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "seconds": seconds,
+        "input_tokens_mean": sum(m.input_tokens for m in ok) / len(ok) if ok else math.nan,
+        "output_tokens_mean": out_tokens / len(ok) if ok else math.nan,
+        "output_tokens_per_s": out_tokens / seconds if seconds > 0 else math.nan,
+        "requests_per_s": len(ok) / seconds if seconds > 0 else math.nan,
+        "goodput_requests_per_s": sum(meets_slo(m, slo) for m in ok) / seconds if seconds > 0 else math.nan,
+    }
+    series = {
+        "ttft_ms": [m.ttft * 1000 for m in ok if m.ttft is not None],
+        "itl_ms": [m.itl * 1000 for m in ok if m.itl is not None],
+        "e2e_ms": [m.e2e * 1000 for m in ok if m.e2e is not None],
+    }
+    for name, values in series.items():
+        for stat, value in _stats(values).items():
+            point[f"{name}_{stat}"] = value
+    return point
+
+
+def write_tables(points: list[dict[str, Any]], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / BENCHMARK_JSON).write_text(json.dumps(points, indent=2, default=str) + "\n")
+    columns = [k for k in points[0] if k != "error_kinds"] if points else []
+    with (folder / BENCHMARK_CSV).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(points)
+
+
+def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Latency against throughput across the sweep: where the knee is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [p["output_tokens_per_s"] for p in points]
+    for axis, metric, name in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "itl_ms", "inter-token latency")):
+        for stat, style in (("p50", "o-"), ("p99", "s--")):
+            axis.plot(x, [p[f"{metric}_{stat}"] for p in points], style, label=f"{name} {stat}")
+        for p in points:
+            axis.annotate(p["load"], (p["output_tokens_per_s"], p[f"{metric}_p50"]), fontsize=8)
+        axis.set_xlabel("output tokens/s")
+        axis.set_ylabel(f"{name} (ms)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

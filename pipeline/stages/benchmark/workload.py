@@ -1,0 +1,74 @@
+"""Benchmark workloads: prompts of exact token lengths (fixed or normally distributed), or prompts
+from a JSONL file, reproducible from a seed.
+
+Synthetic prompts are cut from the held-out text (not the calibration text) at random offsets and
+trimmed to the exact number of tokens with the model's own tokenizer; that count is what is
+reported as input tokens (the chat template, when on, adds its own few tokens in the server).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from pipeline.assets import HELDOUT_TEXT
+from pipeline.config.schema import BenchmarkConfig
+from pipeline.errors import ConfigError
+from pipeline.stages.benchmark.loadgen import Prompt
+
+
+def _length(rng: random.Random, mean: int, stddev: float) -> int:
+    return max(1, round(rng.gauss(mean, stddev))) if stddev > 0 else mean
+
+
+def synthetic(tokenizer: Any, count: int, bench: BenchmarkConfig, seed: int) -> list[Prompt]:
+    rng = random.Random(seed)
+    corpus = tokenizer.encode(HELDOUT_TEXT.read_text(), add_special_tokens=False)
+    prompts = []
+    for _ in range(count):
+        n_in = _length(rng, bench.input_tokens, bench.input_tokens_stddev)
+        n_out = _length(rng, bench.output_tokens, bench.output_tokens_stddev)
+        ids: list[int] = []
+        while len(ids) < n_in:  # the corpus repeats for prompts longer than it
+            start = rng.randrange(len(corpus))
+            ids += corpus[start : start + n_in - len(ids)]
+        text = tokenizer.decode(ids)
+        # decode/encode can merge tokens at the seams: trim or pad until the count is exact
+        exact = tokenizer.encode(text, add_special_tokens=False)[:n_in]
+        text = tokenizer.decode(exact)
+        prompts.append(Prompt(text, len(tokenizer.encode(text, add_special_tokens=False)), n_out))
+    return prompts
+
+
+def from_file(path: str, tokenizer: Any, count: int, default_max_tokens: int) -> list[Prompt]:
+    """JSONL lines with ``text`` (or ``text_input``) and optional ``max_tokens``; cycled to ``count``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"benchmark.prompts_file={path} does not exist: give a JSONL file with a 'text' per line")
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row.get("text", row.get("text_input"))
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ConfigError(f"{file}:{number} is not a JSON object: {error}") from error
+        if not isinstance(text, str) or not text:
+            raise ConfigError(f"{file}:{number} has no 'text' string")
+        rows.append(
+            Prompt(
+                text, len(tokenizer.encode(text, add_special_tokens=False)), row.get("max_tokens", default_max_tokens)
+            )
+        )
+    if not rows:
+        raise ConfigError(f"benchmark.prompts_file={path} holds no prompts")
+    return [rows[i % len(rows)] for i in range(count)]
+
+
+def prompts(tokenizer: Any, count: int, bench: BenchmarkConfig, seed: int) -> list[Prompt]:
+    if bench.prompts_file:
+        return from_file(bench.prompts_file, tokenizer, count, bench.output_tokens)
+    return synthetic(tokenizer, count, bench, seed)

@@ -1,0 +1,128 @@
+"""engine: TensorRT engines from the quantized checkpoint (GPU targets), or the reference engine
+(CPU target).
+
+Reads: the quantize stage's checkpoint; ``build.*``, ``target.*``.
+Writes: ``engine/`` and ``engine.json`` (runtime, versions, GPU, world size), plus ``build.log`` on
+GPU targets. GPU: ``engine/`` holds ``config.json`` and one ``rank{N}.engine`` per rank, built by
+``trtllm-build`` (TensorRT-LLM 1.1.x or 1.2.x). CPU: ``engine/`` holds the TensorRT-LLM checkpoint itself,
+which the reference runtime (``pipeline.runtime``) executes with PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline import proc
+from pipeline.artifacts import BUILD_LOG, CHECKPOINT, ENGINE, ENGINE_JSON, timing_cache
+from pipeline.config.hardware import detect
+from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.errors import StageError
+from pipeline.stages.engine import trtllm
+from pipeline.workspace import StageWorkspace, installed_version, link_or_copy
+
+NAME = "engine"
+VERSION = 1
+TOOLS = ("tensorrt_llm",)
+REFERENCE = "reference"
+
+log = logging.getLogger(__name__)
+
+
+def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
+    if not cfg.target.is_gpu:
+        return {"runtime": REFERENCE}
+    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s")}
+    return {
+        "runtime": "tensorrt_llm",
+        "build": build,
+        "gpu": cfg.target.gpu,
+        "sm": cfg.target.sm,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+    }
+
+
+def command(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, workdir: Path) -> list[str] | None:
+    if not cfg.target.is_gpu:
+        return None
+    cache = timing_cache(workdir, cfg.target.sm) if cfg.build.timing_cache else None
+    return trtllm.build_argv(cfg, inputs["quantize"] / CHECKPOINT, out / ENGINE, cache)
+
+
+def installed_trtllm() -> str | None:
+    return installed_version("tensorrt_llm")
+
+
+def preflight(cfg: PipelineConfig) -> list[str]:
+    """Before any stage runs: a GPU target needs trtllm-build from TensorRT-LLM 1.1.x or 1.2.x."""
+    if not cfg.target.is_gpu:
+        return []
+    fix = f"target={cfg.target.name} needs the TensorRT-LLM container: see the Dockerfile, or use target=cpu"
+    if shutil.which("trtllm-build") is None:
+        return [f"trtllm-build not found: {fix}"]
+    version = installed_trtllm()
+    if version is None:
+        return [f"the tensorrt_llm package is not installed: {fix}"]
+    if trtllm.version_supported(version):
+        return []
+    if trtllm.release_line(version) >= trtllm.SUPPORTED_RANGE[1]:
+        return [
+            f"TensorRT-LLM {version} has no engine path (removed in 1.3): use TensorRT-LLM "
+            f"{trtllm.SUPPORTED} (the project's Dockerfile builds on such an image)"
+        ]
+    return [f"TensorRT-LLM {version} is older than this pipeline supports: use {trtllm.SUPPORTED}"]
+
+
+def _check_engine(folder: Path, world_size: int) -> None:
+    if not (folder / "config.json").is_file():
+        raise StageError(f"trtllm-build wrote no config.json in {folder}")
+    engines = sorted(p.name for p in folder.glob("rank*.engine"))
+    if engines != sorted(f"rank{n}.engine" for n in range(world_size)):
+        raise StageError(f"trtllm-build wrote {engines}, expected one rank{{N}}.engine for each of {world_size} ranks")
+
+
+def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
+    checkpoint = ws.input("quantize") / CHECKPOINT
+    world_size = cfg.parallel.world_size
+    info: dict[str, Any] = {
+        "world_size": world_size,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "max_batch_size": cfg.build.max_batch_size,
+        "max_input_len": cfg.build.max_input_len,
+        "max_seq_len": cfg.build.max_seq_len,
+        "max_num_tokens": cfg.build.max_num_tokens,
+    }
+    if not cfg.target.is_gpu:
+        for path in sorted(checkpoint.iterdir()):
+            link_or_copy(path, ws.out / ENGINE / path.name)
+        info.update(runtime=REFERENCE, device="cpu")
+    else:
+        argv = command(cfg, ws.inputs, ws.out, ws.workdir)
+        assert argv is not None
+        proc.run(argv, ws.out / BUILD_LOG, timeout_s=cfg.build.timeout_s)
+        _check_engine(ws.out / ENGINE, world_size)
+        host = detect()
+        info.update(
+            runtime="tensorrt_llm", tensorrt_llm=installed_trtllm(), gpu=host.gpu, sm=host.sm, command=proc.quote(argv)
+        )
+    (ws.out / ENGINE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def verify(cfg: PipelineConfig, final: Path) -> None:
+    """An engine runs only on the GPU architecture and TensorRT-LLM version it was built with."""
+    info = json.loads((final / ENGINE_JSON).read_text())
+    if info.get("runtime") != "tensorrt_llm":
+        return
+    host, version = detect(), installed_trtllm()
+    if host.sm != info.get("sm") or version != info.get("tensorrt_llm"):
+        raise StageError(
+            f"the engine at {final} was built for SM {info.get('sm')} with TensorRT-LLM "
+            f"{info.get('tensorrt_llm')}, but this host has SM {host.sm} and TensorRT-LLM {version}: "
+            "build on this host with force=true, or choose the matching target"
+        )

@@ -1,0 +1,235 @@
+"""quantize: NVIDIA ModelOpt post-training quantization, exported as a TensorRT-LLM checkpoint.
+
+Reads: the fetched checkpoint; ``quant.*``, ``parallel.tp|pp``, ``model.dtype``.
+Writes: ``checkpoint/`` (TensorRT-LLM format: config.json and rank{N}.safetensors, N < tp*pp),
+``quality.json`` (held-out perplexity, KL divergence and top-1 agreement against the unquantized
+model) and ``stage.log``.
+Results: the quality metrics and, per phase (load, calibration, export, evaluation), wall time and
+peak resident memory.
+
+``quant=none`` goes through the same exporter, unquantized. The model is loaded once: baseline
+log-probabilities are taken before quantizing, so the comparison needs no second copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import CHECKPOINT, QUALITY_JSON, TOKENIZER
+from pipeline.assets import HELDOUT_TEXT
+from pipeline.config.schema import PipelineConfig, QuantFormat, to_dict
+from pipeline.errors import StageError
+from pipeline.sizing import calibration, memory
+from pipeline.stages.quantize import calib_data, placement, quality, recipes
+from pipeline.stages.quantize.costs import measured
+from pipeline.workspace import StageWorkspace
+
+NAME = "quantize"
+VERSION = 2  # 2: weight-level faithfulness
+TOOLS = ("nvidia-modelopt", "torch", "transformers")
+
+log = logging.getLogger(__name__)
+
+
+def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
+    calib = calibration.calibration_sizes(cfg)
+    quant = to_dict(cfg.quant)
+    quant["calib"] = {
+        "dataset": calib.dataset,
+        "num_samples": calib.num_samples,
+        "max_length": calib.max_length,
+        "batch_size": calib.batch_size,
+    }
+    if cfg.quant.format is QuantFormat.none:
+        quant["calib"] = None  # nothing is calibrated, so calibration settings must not force a redo
+    return {"quant": quant, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dtype": str(cfg.model.dtype)}
+
+
+def preflight(cfg: PipelineConfig) -> list[str]:
+    """Environment checks before any stage runs (config checks live in pipeline.validate)."""
+    if problem := memory.quantize_memory_problem(cfg):
+        return [problem]
+    if cfg.quant.format is QuantFormat.none or calibration.calibration_sizes(cfg).dataset != "cnn_dailymail":
+        return []
+    if importlib.util.find_spec("datasets") is None:
+        return [
+            "calibrating on cnn_dailymail needs the `datasets` package (pip install datasets): or set "
+            "quant.calib.dataset=builtin or a .txt/.jsonl file"
+        ]
+    return []
+
+
+def _calibrate(model: Any, batches: list[Any], cfg: PipelineConfig) -> Any:
+    import modelopt.torch.quantization as mtq
+    import torch
+    from tqdm import tqdm
+
+    device = placement.input_device(model)
+    passes = 0
+
+    def forward_loop(m: Any) -> None:  # ModelOpt calls it once per calibration pass (AWQ: several)
+        nonlocal passes
+        passes += 1
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=f"calibration pass {passes}", unit="batch"):
+                m(batch.to(device))
+
+    log.info("quantizing to %s with ModelOpt (%s)", cfg.quant.format, recipes.MODELOPT_PRESET[cfg.quant.format])
+    return mtq.quantize(model, recipes.modelopt_config(cfg.quant), forward_loop)
+
+
+def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
+    import torch
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    decoder = recipes.decoder_type(getattr(model.config, "architectures", None))
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    log.info("exporting a TensorRT-LLM checkpoint (%s, tp=%d, pp=%d, %s) to %s", decoder, tp, pp, cfg.model.dtype, out)
+    placement.undispatch(model)
+    with torch.no_grad():
+        export_tensorrt_llm_checkpoint(
+            model,
+            decoder,
+            getattr(torch, str(cfg.model.dtype)),
+            out,
+            inference_tensor_parallel=tp,
+            inference_pipeline_parallel=pp,
+        )
+
+
+def _check_faithfulness(cfg: PipelineConfig) -> bool:
+    """The reference runtime runs in float32 on the CPU: affordable for small models only."""
+    return cfg.model.arch.approx_params is None or calibration.is_small(cfg.model.arch)
+
+
+def _faithfulness(
+    folder: Path, modelopt_model: Any, batches: list[Any], baseline: list[Any], score_modelopt: bool
+) -> dict[str, Any]:
+    """Run the exported checkpoint with the reference runtime and compare it with ModelOpt's
+    quantized model (is the export faithful?) and with the source model (what does the deployed
+    model lose?).
+
+    ModelOpt's export shares one scale between fused layers (q/k/v, gate/up) and updates the model
+    in place, so ``modelopt_model`` is taken after the export. Logits of two FP8/INT8 models drift
+    apart from tiny weight differences (activation rounding amplifies them), so the weight-level
+    comparison is the sharp test and the logit comparison the practical one.
+    """
+    from pipeline.runtime.checkpoint import CheckpointError, load_model  # torch: imported when needed
+
+    log.info("checking the export: reference runtime vs ModelOpt's model and the source model")
+    try:
+        reference = load_model(folder)
+    except CheckpointError as error:
+        raise StageError(f"the exported checkpoint cannot be checked: {error}") from error
+    exported = quality.log_probs(reference, batches, vocab=baseline[0].shape[-1])
+    result: dict[str, Any] = {
+        "vs_source": quality.agreement(baseline, exported),
+        "kv_cache_simulated": False,  # the reference runtime keeps K/V unquantized
+    }
+    if score_modelopt:  # ModelOpt's quantizers cannot run here (NVFP4 on a CPU)
+        result["weights_vs_modelopt"] = _weight_agreement(modelopt_model, reference)
+        result["vs_modelopt"] = quality.agreement(quality.log_probs(modelopt_model, batches), exported)
+    return result
+
+
+def _weight_agreement(modelopt_model: Any, reference: Any) -> dict[str, Any]:
+    """Compare every quantized weight as ModelOpt's fake quantizer sees it with the weight the
+    reference runtime dequantized from the export."""
+    import torch
+
+    ours = reference.state_dict()
+    equal = total = layers = 0
+    max_diff = 0.0
+    with torch.no_grad():
+        for name, module in modelopt_model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is None or not quantizer.is_enabled or f"{name}.weight" not in ours:
+                continue
+            expected = quantizer(module.weight).float().cpu()
+            diff = (expected - ours[f"{name}.weight"]).abs()
+            equal += int((diff <= 1e-5 * expected.abs().max()).sum())
+            total += diff.numel()
+            max_diff = max(max_diff, float(diff.max()))
+            layers += 1
+    return {"layers": layers, "equal_fraction": equal / total if total else 1.0, "max_abs_diff": max_diff}
+
+
+def _can_score(cfg: PipelineConfig, model: Any) -> bool:
+    """ModelOpt's NVFP4 fake-quant kernel (dynamic block scales) exists only for CUDA."""
+    return cfg.quant.format is not QuantFormat.nvfp4 or placement.input_device(model).type == "cuda"
+
+
+def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """The exported checkpoint must have the mapping and quantization asked for, one rank file per
+    rank and nothing else: later stages trust it."""
+    config = json.loads((folder / "config.json").read_text())
+    tp, pp, world_size = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.world_size
+    mapping = config.get("mapping", {})
+    problems = []
+    if (mapping.get("world_size"), mapping.get("tp_size"), mapping.get("pp_size")) != (world_size, tp, pp):
+        problems.append(f"mapping {mapping} is not tp={tp} pp={pp}")
+    ranks = sorted(p.name for p in folder.glob("rank*.safetensors"))
+    if ranks != sorted(f"rank{n}.safetensors" for n in range(world_size)):
+        problems.append(f"rank files {ranks} for world size {world_size}")
+    actual = config.get("quantization", {})
+    for key, value in recipes.expected_quantization(cfg.quant).items():
+        if actual.get(key) != value:
+            problems.append(f"quantization.{key} is {actual.get(key)!r}, expected {value!r}")
+    if problems:
+        raise StageError(f"ModelOpt's export is not what was asked for: {'; '.join(problems)}")
+    return config
+
+
+def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    costs: dict[str, Any] = {}
+    source = ws.input("fetch") / CHECKPOINT
+    # Calibration text first: a dataset that cannot be read fails before the weights are loaded.
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    calib_batches = []
+    if cfg.quant.format is not QuantFormat.none:
+        calib_batches = calib_data.calibration_batches(tokenizer, calibration.calibration_sizes(cfg))
+    with measured(costs, "load"):
+        model = placement.load_model(source, str(cfg.model.dtype), cfg.model.trust_remote_code)
+    eval_batches = calib_data.heldout_batches(tokenizer, cfg.quant.eval_tokens) if cfg.quant.eval_tokens else []
+    with measured(costs, "evaluation_baseline"):
+        baseline = quality.log_probs(model, eval_batches)
+    if cfg.quant.format is not QuantFormat.none:
+        with measured(costs, "calibration"):
+            model = _calibrate(model, calib_batches, cfg)
+    report: dict[str, Any] = {
+        "format": str(cfg.quant.format),
+        "heldout": HELDOUT_TEXT.name,
+        "kv_cache_dtype": cfg.quant.kv_cache_dtype and str(cfg.quant.kv_cache_dtype),
+    }
+    if not _can_score(cfg, model):
+        report["skipped"] = "NVFP4 inference needs a CUDA GPU; ModelOpt's quantized model is not scored here"
+    else:
+        with measured(costs, "evaluation_quantized"):
+            quantized = quality.log_probs(model, eval_batches)
+        report.update(quality.compare(eval_batches, baseline, quantized))
+
+    with measured(costs, "export"):
+        _export(model, cfg, ws.out / CHECKPOINT)
+    config = check_export(ws.out / CHECKPOINT, cfg)
+    if eval_batches and _check_faithfulness(cfg):
+        with measured(costs, "faithfulness"):
+            report["faithfulness"] = _faithfulness(
+                ws.out / CHECKPOINT, model, eval_batches, baseline, score_modelopt=_can_score(cfg, model)
+            )
+    del model
+    log.info("quality: %s", {k: v for k, v in report.items() if k != "heldout"})
+    (ws.out / QUALITY_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    tokenizer.save_pretrained(ws.out / TOKENIZER)  # later stages (Triton preprocessing) need it
+    return {
+        "quality": report,
+        "costs": costs,
+        "quant_algo": config["quantization"].get("quant_algo"),
+        "kv_cache_quant_algo": config["quantization"].get("kv_cache_quant_algo"),
+        "world_size": config["mapping"]["world_size"],
+    }

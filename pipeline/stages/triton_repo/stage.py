@@ -1,0 +1,92 @@
+"""triton_repo: a self-contained Triton model repository for the engine.
+
+Reads: the engine stage's ``engine/``, the quantize stage's ``tokenizer/``; ``triton.*`` and the
+engine limits ``build.max_batch_size|max_input_len|max_seq_len``.
+Writes: ``repository/`` (preprocessing, tensorrt_llm, postprocessing, and the ensemble and/or
+tensorrt_llm_bls) and ``repository.json`` (models, entry model, target, limits).
+
+The repository differs between targets only in the engine model: Triton's ``tensorrtllm`` backend
+on GPU targets, a python model running the reference runtime on the CPU target. Engine and
+tokenizer are copied in (hard links where possible), so the folder can be moved to another host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import (
+    ENGINE,
+    ENGINE_JSON,
+    REPO_ENGINE_DIR,
+    REPO_TOKENIZER_DIR,
+    REPOSITORY,
+    REPOSITORY_JSON,
+    TOKENIZER,
+)
+from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.stages.triton_repo import render
+from pipeline.workspace import StageWorkspace, link_or_copy
+
+NAME = "triton_repo"
+VERSION = 2  # 2: repository.json inside the repository
+TOOLS = ("tritonclient",)
+SERVER_ONLY = ("name", "host", "http_port", "grpc_port", "metrics_port", "ready_timeout_s")
+
+log = logging.getLogger(__name__)
+
+
+def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
+    triton = {k: v for k, v in to_dict(cfg.triton).items() if k not in SERVER_ONLY}
+    build = cfg.build
+    return {
+        "triton": triton,
+        "limits": [build.max_batch_size, build.max_input_len, build.max_seq_len],
+        "target": str(cfg.target.kind),
+        "templates": render.templates_digest(cfg),
+    }
+
+
+def _link_tree(source: Path, target: Path) -> int:
+    count = 0
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            link_or_copy(path, target / path.relative_to(source))
+            count += 1
+    return count
+
+
+def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
+    repo = ws.out / REPOSITORY
+    configs = render.rendered_configs(cfg)  # strict: fails before anything is copied
+    for model, text in configs.items():
+        (repo / model / "1").mkdir(parents=True, exist_ok=True)
+        (repo / model / "config.pbtxt").write_text(text)
+    for rel, source in render.code_files(cfg).items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, repo / rel)
+    engine = ws.input("engine")
+    log.info("copying the engine and tokenizer into %s", repo)
+    engine_files = _link_tree(engine / ENGINE, repo / REPO_ENGINE_DIR)
+    _link_tree(ws.input("quantize") / TOKENIZER, repo / REPO_TOKENIZER_DIR)
+    engine_info = json.loads((engine / ENGINE_JSON).read_text())
+    info = {
+        "models": list(configs),
+        "entry_model": render.entry_model(cfg),
+        "target": str(cfg.target.kind),
+        "runtime": engine_info["runtime"],
+        "world_size": engine_info["world_size"],
+        "max_batch_size": cfg.build.max_batch_size,
+        "max_input_len": cfg.build.max_input_len,
+        "max_seq_len": cfg.build.max_seq_len,
+        "streaming": cfg.triton.streaming,
+        "engine_files": engine_files,
+    }
+    text = json.dumps(info, indent=2) + "\n"
+    (ws.out / REPOSITORY_JSON).write_text(text)
+    (repo / REPOSITORY_JSON).write_text(text)  # travels with the folder (Triton ignores plain files)
+    log.info("rendered %s (entry model %s)", ", ".join(configs), info["entry_model"])
+    return info

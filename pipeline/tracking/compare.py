@@ -1,0 +1,97 @@
+"""``python -m pipeline compare``: the runs of the MLflow store side by side.
+
+One row per build run (sweep parents are left out): model, quant, KV cache, tp/pp, target, output
+tokens/s at each concurrency, single-user latency (TTFT p50/p99 and ITL p50 at the lowest
+concurrency), cost per million output tokens at the highest concurrency (GPU targets with a
+price), and the perplexity change of the quantization. ``sort=<column>`` (``-column`` for
+descending) and ``filter=<MLflow filter>``, e.g. ``filter="params.quant = 'fp8'"``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pipeline.config.schema import PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.tracking.runs import tracking_uri
+
+FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target"]
+
+
+def _runs(cfg: PipelineConfig, where: str | None) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    try:
+        runs = client.search_runs(experiments, filter_string=where or "", max_results=1000)
+    except MlflowException as error:
+        raise ConfigError(f"filter={where!r} is not an MLflow filter: {error.message.splitlines()[0]}") from error
+    return [r for r in runs if r.data.tags.get("pipeline.sweep") != "true"]
+
+
+def _concurrencies(runs: list[Any]) -> list[int]:
+    found = set()
+    for run in runs:
+        for key in run.data.metrics:
+            match = re.fullmatch(r"c(\d+)_output_tokens_per_s", key)
+            if match:
+                found.add(int(match.group(1)))
+    return sorted(found)
+
+
+def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    runs = _runs(cfg, where)
+    levels = _concurrencies(runs)
+    low, high = (f"c{levels[0]}", f"c{levels[-1]}") if levels else ("c1", "c1")
+    columns = FIXED + [f"tok/s@c{c}" for c in levels]
+    columns += [f"TTFT p50@{low}", f"TTFT p99@{low}", f"ITL p50@{low}", f"$/Mtok@{high}", "ppl change %"]
+    table = []
+    for run in runs:
+        p, m = run.data.params, run.data.metrics
+        row: dict[str, Any] = {
+            "run": run.info.run_name or run.info.run_id[:8],
+            "status": run.info.status,
+            "model": p.get("model"),
+            "quant": p.get("quant"),
+            "kv": p.get("kv_cache_dtype"),
+            "tp/pp": f"{p.get('tp')}/{p.get('pp')}",
+            "target": p.get("target"),
+        }
+        for c in levels:
+            row[f"tok/s@c{c}"] = m.get(f"c{c}_output_tokens_per_s")
+        row[f"TTFT p50@{low}"] = m.get(f"{low}_ttft_ms_p50")
+        row[f"TTFT p99@{low}"] = m.get(f"{low}_ttft_ms_p99")
+        row[f"ITL p50@{low}"] = m.get(f"{low}_itl_ms_p50")
+        row[f"$/Mtok@{high}"] = m.get(f"{high}_usd_per_million_output_tokens")
+        row["ppl change %"] = m.get("quality_perplexity_change_pct")
+        table.append(row)
+    return columns, table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def table(cfg: PipelineConfig, sort: str | None = None, where: str | None = None) -> str:
+    columns, data = rows(cfg, where)
+    if not data:
+        return f"no runs in {tracking_uri(cfg)}" + (f" matching {where!r}" if where else "")
+    if sort:
+        key, descending = sort.lstrip("-"), sort.startswith("-")
+        if key not in columns:
+            raise ConfigError(f"sort={sort}: no column {key!r}; choose from {', '.join(columns)}")
+        present = [r for r in data if r.get(key) is not None]
+        missing = [r for r in data if r.get(key) is None]
+        data = sorted(present, key=lambda r: r[key], reverse=descending) + missing
+    cells = [columns] + [[_cell(r.get(c)) for c in columns] for r in data]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)

@@ -1,0 +1,223 @@
+"""MLflow tracking: one run per ``build`` job, a parent run with one child per job for a ``-m``
+sweep. The tracking URI is always set explicitly (default ``sqlite:///<workdir>/mlflow.db``, with
+artifacts beside it in ``<workdir>/mlartifacts``), so runs never land in a stray ``./mlruns``.
+
+A job that fails ends as FAILED with its log attached. Everything logged passes through the
+redaction filter or comes from the config, which holds no secrets (tokens come from the
+environment only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__, artifacts
+from pipeline.assets import PROJECT
+from pipeline.config.schema import PipelineConfig, to_yaml
+from pipeline.logs import captured_to
+from pipeline.redact import redact
+from pipeline.runner import Step
+from pipeline.workspace import MANIFEST, installed_version
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return cfg.tracking.uri or f"sqlite:///{artifacts.mlflow_store(cfg.workdir_path)}"
+
+
+def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
+    """The store's client and the id of the run's experiment (created on first use, with its
+    artifacts in the workdir rather than a stray ./mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    name = cfg.tracking.experiment or cfg.model.name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    location = artifacts.mlflow_artifacts(cfg.workdir_path)
+    return client, client.create_experiment(name, artifact_location=location.as_uri())
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _version(dist: str) -> str:
+    return installed_version(dist) or "not installed"
+
+
+def run_name(cfg: PipelineConfig) -> str:
+    return f"{cfg.model.name} {cfg.quant.format} tp{cfg.parallel.tp}pp{cfg.parallel.pp} {cfg.target.name}"
+
+
+def params(cfg: PipelineConfig) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "model_repo_id": cfg.model.repo_id or cfg.model.path or cfg.model.file,
+        "quant": str(cfg.quant.format),
+        "kv_cache_dtype": str(cfg.quant.kv_cache_dtype) if cfg.quant.kv_cache_dtype else "none",
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "target": cfg.target.name,
+        "gpu": cfg.target.gpu or "cpu",
+        "build_preset": cfg.build.name,
+        "max_batch_size": cfg.build.max_batch_size,
+        "max_num_tokens": cfg.build.max_num_tokens,
+        "max_seq_len": cfg.build.max_seq_len,
+        "benchmark_preset": cfg.benchmark.name,
+        "pipeline_version": __version__,
+        "modelopt_version": _version("nvidia-modelopt"),
+        "tensorrt_llm_version": _version("tensorrt_llm"),
+        "tritonclient_version": _version("tritonclient"),
+    }
+
+
+def _flat_metrics(steps: list[Step], cfg: PipelineConfig) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Flat metrics for comparison, and (name, value, step) series for the benchmark sweep."""
+    flat: dict[str, float] = {}
+    series: list[tuple[str, float, int]] = []
+    for step in steps:
+        flat[f"stage_seconds_{step.name}"] = float(step.seconds or 0.0)
+        results = step.results or {}
+        for key, value in (results.get("quality") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"quality_{key}"] = float(value)
+        for phase, cost in (results.get("costs") or {}).items():
+            for key in ("seconds", "peak_rss_mb"):
+                if key in cost:
+                    flat[f"cost_{phase}_{key}"] = float(cost[key])
+        for point in results.get("points", []):
+            prefix = point["load"].replace("=", "").replace(".", "_")  # c=8 -> c8, rate=2.5 -> rate2_5
+            for key, value in point.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+                    flat[f"{prefix}_{key}"] = float(value)
+            cost = cost_per_million_tokens(cfg, point.get("output_tokens_per_s"))
+            if cost is not None:
+                flat[f"{prefix}_usd_per_million_output_tokens"] = cost
+            if point.get("concurrency"):
+                for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "e2e_ms_p50"):
+                    series.append((f"sweep_{key}", float(point[key]), int(point["concurrency"])))
+    return flat, series
+
+
+def cost_per_million_tokens(cfg: PipelineConfig, tokens_per_s: float | None) -> float | None:
+    price, gpus = cfg.target.price_per_gpu_hour, cfg.parallel.world_size
+    if not price or not tokens_per_s:
+        return None
+    return price * gpus / 3600 / tokens_per_s * 1e6
+
+
+def _artifacts(client: Any, run_id: str, cfg: PipelineConfig, steps: list[Step]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        resolved.write_text(to_yaml(cfg))
+        client.log_artifact(run_id, str(resolved))
+    for step in steps:
+        final = step.dirs.final
+        if not final.is_dir():
+            continue
+        stage_files = (
+            MANIFEST,
+            artifacts.QUALITY_JSON,
+            artifacts.BUILD_LOG,
+            artifacts.STAGE_LOG,
+            artifacts.ENGINE_JSON,
+            artifacts.REPOSITORY_JSON,
+        )
+        for pattern in stage_files:
+            for file in final.glob(pattern):
+                client.log_artifact(run_id, str(file), artifact_path=f"{step.name}")
+        for pbtxt in final.glob(f"{artifacts.REPOSITORY}/*/config.pbtxt"):
+            client.log_artifact(run_id, str(pbtxt), artifact_path=f"triton_repo/{pbtxt.parent.name}")
+        benchmark_files = (
+            artifacts.BENCHMARK_JSON,
+            artifacts.BENCHMARK_CSV,
+            artifacts.PLOT,
+            artifacts.CLIENT_JSON,
+            artifacts.SERVER_LOG,
+        )
+        for pattern in benchmark_files:
+            for file in final.glob(pattern):
+                client.log_artifact(run_id, str(file), artifact_path="benchmark")
+
+
+class JobRun:
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def record(self, cfg: PipelineConfig, steps: list[Step]) -> None:
+        from mlflow.entities import Metric
+
+        for step in steps:
+            self.client.set_tag(self.run_id, f"fingerprint.{step.name}", step.fingerprint)
+        flat, series = _flat_metrics(steps, cfg)
+        sha = next((s.results.get("revision_sha") for s in steps if s.name == "fetch" and s.results), None)
+        if sha:  # hub models: the commit the revision resolved to
+            self.client.log_param(self.run_id, "model_revision", sha)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in flat.items()]
+        metrics += [Metric(k, v, now, s) for k, v, s in series]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per call
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        _artifacts(self.client, self.run_id, cfg, steps)
+
+
+@contextlib.contextmanager
+def job_run(cfg: PipelineConfig, parent_run_id: str | None = None) -> Iterator[JobRun | None]:
+    """An MLflow run around one build job; FAILED with the job's log when it raises."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    client, experiment_id = _client_and_experiment(cfg)
+    tags = {"pipeline.git_commit": _git_commit() or "unknown", "mlflow.runName": run_name(cfg)}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=tags)
+    run_id = run.info.run_id
+    for key, value in params(cfg).items():
+        client.log_param(run_id, key, value)
+    log.info("MLflow run %s in experiment %s at %s", run_id, experiment_id, tracking_uri(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        job_log = Path(tmp) / "job.log"
+        try:
+            with captured_to(job_log):
+                yield JobRun(client, run_id)
+        except BaseException:
+            job_log.write_text(redact(job_log.read_text()))
+            client.log_artifact(run_id, str(job_log))
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.log_artifact(run_id, str(job_log))
+        client.set_terminated(run_id, status="FINISHED")
+
+
+@contextlib.contextmanager
+def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None]:
+    """A parent run for a ``-m`` sweep; its children are the jobs."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    client, experiment_id = _client_and_experiment(cfg)
+    name = "sweep: " + "; ".join(" ".join(job) for job in jobs)[:200]
+    run = client.create_run(experiment_id, tags={"mlflow.runName": name, "pipeline.sweep": "true"})
+    client.log_param(run.info.run_id, "jobs", json.dumps([" ".join(j) for j in jobs])[:6000])
+    try:
+        yield run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
