@@ -1,16 +1,26 @@
 """Shared fixtures. Tests are hermetic: a temporary workdir, Hugging Face cache and environment
-without tokens; the pipeline runs as a user runs it (``python -m pipeline``) where the environment
-matters, since huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported."""
+without tokens. The command line runs in this process (``cli``: ``main(argv)`` with its output
+captured), or as a user runs it (``run_cli``: ``python -m pipeline`` in a subprocess) where the
+process matters: huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported, and a killed
+run must be a separate process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pipeline.__main__ import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "PIPELINE_DEBUG")
@@ -42,6 +52,34 @@ def run_cli(
     )
 
 
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """``python -m pipeline <args>`` as ``main(argv)`` in this process, stdout and stderr captured
+    (the log handler ``main`` installs writes to the captured stderr and is removed after)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    root = logging.getLogger()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for handler in [h for h in root.handlers if getattr(h, "_pipeline", False)]:
+            root.removeHandler(handler)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 def free_ports(count: int) -> list[int]:
     """Ports nothing listens on right now (for a server a test starts)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -61,10 +99,49 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@dataclass(frozen=True)
+class ResumedFetch:
+    """The session's fetch of the embedded SmolLM2, and what its killed first attempt left."""
+
+    workdir: Path
+    fingerprint: str
+    killed_status: int  # of the first attempt, SIGKILLed during the GGUF conversion
+    partial_after_kill: bool  # its unfinished folder was there ...
+    final_after_kill: bool  # ... and no finished one
+    resumed: CliResult  # the same command run again
+
+
 @pytest.fixture(scope="session")
-def smollm2_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A workdir where the embedded SmolLM2 has been fetched (GGUF converted) once per session."""
+def smollm2_fetch(tmp_path_factory: pytest.TempPathFactory) -> ResumedFetch:
+    """The embedded SmolLM2 fetched once per session, the way a crash-and-retry user gets it: the
+    GGUF conversion (tens of seconds) is killed with SIGKILL midway and the build run again.
+    tests/integration/test_fetch_gguf.py checks what each attempt left; the other tests use the
+    checkpoint. One conversion and a fraction, instead of two."""
+    from pipeline import runner, validate
+    from pipeline.stages import STAGES
+
     workdir = tmp_path_factory.mktemp("smollm2")
-    result = run_cli("build", f"workdir={workdir}", "target=cpu", "until=fetch", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    overrides = [f"workdir={workdir}", "target=cpu", "until=fetch"]
+    planned = runner.plan(validate.load(overrides), STAGES)[0]
+    log = planned.dirs.partial / "stage.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "build", *overrides],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "dequantizing" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside the conversion
+    process.send_signal(signal.SIGKILL)
+    status = process.wait()
+    partial, final = planned.dirs.partial.exists(), planned.dirs.final.exists()
+    return ResumedFetch(workdir, planned.fingerprint, status, partial, final, cli("build", *overrides))
+
+
+@pytest.fixture(scope="session")
+def smollm2_workdir(smollm2_fetch: ResumedFetch) -> Path:
+    """A workdir where the embedded SmolLM2 has been fetched (GGUF converted) once per session."""
+    assert smollm2_fetch.resumed.returncode == 0, smollm2_fetch.resumed.stderr[-3000:]
+    return smollm2_fetch.workdir

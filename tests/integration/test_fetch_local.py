@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 pytestmark = pytest.mark.slow  # a subprocess per case: make test runs them, make test-fast does not
 
@@ -19,7 +19,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _build(workdir: Path, folder: Path, *extra: str):
-    return run_cli("build", f"workdir={workdir}", "until=fetch", "model=local", f"model.path={folder}", *extra)
+    return cli("build", f"workdir={workdir}", "until=fetch", "model=local", f"model.path={folder}", *extra)
 
 
 def test_local_checkpoint_is_linked_and_refetched_when_it_changes(tiny_checkpoint: Path, tmp_path: Path) -> None:

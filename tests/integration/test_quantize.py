@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from pipeline import runner, validate
 from pipeline.stages import STAGES
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 FORMATS = {  # format -> (quant_algo, kv cache choice, group size)
     "none": (None, None, None),
@@ -121,7 +121,7 @@ def test_invalid_combinations_fail_in_seconds_before_loading(
     tmp_path: Path, overrides: list[str], expected: str
 ) -> None:
     started = time.monotonic()
-    result = run_cli("build", f"workdir={tmp_path}", *overrides)
+    result = cli("build", f"workdir={tmp_path}", *overrides)
     assert time.monotonic() - started < 15
     assert result.returncode == 1 and expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -131,7 +131,7 @@ def test_invalid_combinations_fail_in_seconds_before_loading(
 @pytest.mark.slow
 def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
     overrides = ("quant=fp8", "parallel.tp=3", "parallel.pp=2", "target=cpu", "until=engine")
-    result = run_cli("build", f"workdir={smollm2_workdir}", *overrides, timeout=600)
+    result = cli("build", f"workdir={smollm2_workdir}", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     step = runner.plan(validate.load([f"workdir={smollm2_workdir}", *overrides]), STAGES)[1]
     quality = step.dirs.final / "quality.json"
@@ -140,5 +140,5 @@ def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
     assert report["top1_agreement"] > 0.8
     assert abs(report["perplexity_change_pct"]) < 10
     assert len(list(quality.parent.glob("checkpoint/rank*.safetensors"))) == 6
-    again = run_cli("build", f"workdir={smollm2_workdir}", *overrides)
+    again = cli("build", f"workdir={smollm2_workdir}", *overrides)
     assert again.returncode == 0 and again.stdout.count("cached") == 3  # fetch, quantize, engine

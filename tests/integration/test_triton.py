@@ -24,21 +24,21 @@ from pipeline.deploy import server
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
 from pipeline.stages import STAGES
-from tests.conftest import free_ports, run_cli
+from tests.conftest import cli, free_ports
 
 QUESTION = "What is the capital of France?"
-_OVERRIDES: list[str] = []  # the served build's overrides, for commands run against it
 pytestmark = pytest.mark.slow
 
 
 class Served:
-    def __init__(self, running: server.Server, cfg: schema.PipelineConfig, final: Path):
+    def __init__(self, running: server.Server, cfg: schema.PipelineConfig, final: Path, overrides: list[str]):
         self.server, self.cfg, self.final = running, cfg, final
+        self.overrides = overrides  # the served build's, for commands run against it
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
         request = urllib.request.Request(f"{self.server.url}{path}", data=json.dumps(body).encode())
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
+            with urllib.request.urlopen(request) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
@@ -50,7 +50,7 @@ class Served:
 
     def metric(self, name: str, model: str) -> float:
         time.sleep(2.5)  # let counters of requests that just finished settle
-        with urllib.request.urlopen(self.server.metrics_url, timeout=10) as response:
+        with urllib.request.urlopen(self.server.metrics_url) as response:
             text = response.read().decode()
         match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
         assert match, f"{name} for {model} not in metrics"
@@ -71,13 +71,12 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         f"triton.grpc_port={grpc}",
         f"triton.metrics_port={metrics}",
     ]
-    _OVERRIDES[:] = overrides
     cfg = validate.load(overrides)
     steps = runner.build(cfg, STAGES)
     target = app.built_target(cfg)
     launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
     with server.Server(launch, cfg.triton, smollm2_workdir / "server.log") as running:
-        yield Served(running, cfg, steps[-1].dirs.final)
+        yield Served(running, cfg, steps[-1].dirs.final, overrides)
 
 
 def _reference_answer(served: Served, max_tokens: int) -> str:
@@ -167,8 +166,8 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(
 
 
 def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir: Path) -> None:
-    overrides = [o for o in _OVERRIDES if not o.startswith("until=")]
-    result = run_cli(
+    overrides = [o for o in served.overrides if not o.startswith("until=")]
+    result = cli(
         "bench",
         f"url={served.server.grpc_url}",
         *overrides,
@@ -176,7 +175,6 @@ def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir
         "benchmark.requests_per_point=2",
         "benchmark.warmup_requests=0",
         "benchmark.output_tokens=4",
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (table,) = smollm2_workdir.glob("bench/*/benchmark.json")

@@ -1,35 +1,46 @@
-"""The command line as a user meets it, through a subprocess."""
+"""The command line as a user meets it: ``main(argv)`` in this process, and one smoke test through
+``python -m pipeline`` in a subprocess."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 
 
-def test_help_lists_commands() -> None:
-    result = run_cli("--help")
-    assert result.returncode == 0
-    assert "build" in result.stdout and "plan" in result.stdout
+def test_python_m_pipeline_runs_and_refuses_in_one_line(tmp_path: Path) -> None:
+    helped = run_cli("--help")
+    assert helped.returncode == 0
+    assert "build" in helped.stdout and "plan" in helped.stdout
+    refused = run_cli("build", "parallel.tp=2", f"workdir={tmp_path}")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "parallel.tp=2" in refused.stderr
+
+
+def test_commands_called_twice_in_one_process_keep_no_arguments(tmp_path: Path) -> None:
+    """Command arguments are parameters, not module state: a second call starts clean."""
+    first = cli("compare", f"workdir={tmp_path}", "tracking.enabled=true", "sort=quant")
+    second = cli("compare", f"workdir={tmp_path}", "filter=params.quant = 'fp8'")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "matching" in second.stdout and "matching" not in first.stdout
 
 
 def test_missing_or_unknown_command_prints_usage_and_exits_2() -> None:
-    missing = run_cli()
+    missing = cli()
     assert missing.returncode == 2 and "usage:" in missing.stderr
-    unknown = run_cli("deploy")
+    unknown = cli("deploy")
     assert unknown.returncode == 2
     assert "unknown command 'deploy'" in unknown.stderr and "usage:" in unknown.stderr
 
 
 def test_build_help_shows_groups_and_keys() -> None:
-    result = run_cli("build", "--help")
+    result = cli("build", "--help")
     assert result.returncode == 0
     assert "model=hf|llama70b|llama8b|local|smollm2-135m" in result.stdout
     assert "parallel:" in result.stdout and "workdir:" in result.stdout
 
 
 def test_bad_option_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    result = run_cli("build", "model=nope", f"workdir={tmp_path}")
+    result = cli("build", "model=nope", f"workdir={tmp_path}")
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "error: unknown model 'nope': valid choices are model=hf|llama70b|llama8b|local|smollm2-135m"
@@ -38,12 +49,12 @@ def test_bad_option_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = run_cli("build", "model=nope", f"workdir={tmp_path}", env={"PIPELINE_DEBUG": "1"})
+    result = cli("build", "model=nope", f"workdir={tmp_path}", env={"PIPELINE_DEBUG": "1"})
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
 def test_plan_shows_stages_fingerprints_and_config_and_runs_nothing(tmp_path: Path) -> None:
-    result = run_cli("plan", f"workdir={tmp_path}", "parallel.tp=3")
+    result = cli("plan", f"workdir={tmp_path}", "parallel.tp=3")
     assert result.returncode == 0, result.stderr
     assert "# resolved config" in result.stdout and "tp: 3" in result.stdout
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("fetch ")]
@@ -52,21 +63,21 @@ def test_plan_shows_stages_fingerprints_and_config_and_runs_nothing(tmp_path: Pa
 
 
 def test_dry_run_prints_the_plan_and_stops(tmp_path: Path) -> None:
-    result = run_cli("build", "dry_run=true", f"workdir={tmp_path}")
+    result = cli("build", "dry_run=true", f"workdir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "will run" in result.stdout and "dry run: nothing was run" in result.stdout
     assert not (tmp_path / "fetch").exists()
 
 
 def test_multirun_runs_one_job_per_combination(tmp_path: Path) -> None:
-    result = run_cli("plan", "-m", "parallel.tp=1,3", "parallel.pp=1,2", f"workdir={tmp_path}")
+    result = cli("plan", "-m", "parallel.tp=1,3", "parallel.pp=1,2", f"workdir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("job ") == 4
     assert result.stdout.count("# resolved config") == 4
 
 
 def test_multirun_refuses_a_bad_combination_before_any_job(tmp_path: Path) -> None:
-    result = run_cli("build", "-m", "parallel.tp=1,2", f"workdir={tmp_path}")
+    result = cli("build", "-m", "parallel.tp=1,2", f"workdir={tmp_path}")
     assert result.returncode == 1
     assert "parallel.tp=2" in result.stderr and "job 1/2" not in result.stderr
     assert not any(tmp_path.iterdir())

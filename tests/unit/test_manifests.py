@@ -13,7 +13,7 @@ import yaml
 from pipeline import validate
 from pipeline.deploy import kubernetes
 from pipeline.errors import ConfigError
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 k8s = pytest.importorskip("kubernetes")
 
@@ -29,7 +29,7 @@ def _assert_schema(obj: dict[str, Any], kind: str) -> None:
 
 
 def test_embedded_model_gets_a_valid_deployment_service_and_inferenceservice(tmp_path: Path) -> None:
-    result = run_cli("manifests", f"workdir={tmp_path}", "target=cpu")
+    result = cli("manifests", f"workdir={tmp_path}", "target=cpu")
     assert result.returncode == 0, result.stderr
     folder = next((tmp_path / "manifests").iterdir())
     docs = {p.name: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}

@@ -11,7 +11,7 @@ from pipeline import validate
 from pipeline.config.schema import KVCacheDType, QuantFormat
 from pipeline.errors import ConfigError
 from pipeline.sizing import memory
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 KIB, GIB = 1024, 2**30
 
@@ -74,14 +74,14 @@ def test_unquantized_llama70b_on_one_h100_is_refused_with_the_smallest_tp() -> N
 
 
 def test_plan_prints_the_table_and_writes_plan_json(tmp_path: Path) -> None:
-    result = run_cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=fp8", "target=h100")
+    result = cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=fp8", "target=h100")
     assert result.returncode == 0, result.stderr
     assert "fits at tp=1 pp=1: KV cache room for" in result.stdout
     table = result.stdout.split("# memory plan")[1].split("# stages")[0]
     assert any(line.split()[:2] == ["2", "1"] for line in table.splitlines() if line.strip())
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["requested"]["fits"] and [o["tp"] for o in plan["options"]] == [1, 2, 4, 8]
-    refused = run_cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=none", "target=h100")
+    refused = cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=none", "target=h100")
     assert refused.returncode == 1 and "use parallel.tp=2" in refused.stderr
 
 
@@ -94,7 +94,7 @@ def test_quantizing_70b_needs_the_memory_to_hold_it() -> None:
 def test_plan_shows_the_gpu_path_a_user_will_get(tmp_path: Path) -> None:
     """The issue's acceptance command: build flags with NVIDIA's defaults, a quantize step spread over
     the host's GPUs, and engine-model parameters the backend needs to load."""
-    result = run_cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100")
+    result = cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for flag in ("--multiple_profiles enable", "--reduce_fusion enable", "--user_buffer enable", "--workers 2"):
@@ -102,6 +102,6 @@ def test_plan_shows_the_gpu_path_a_user_will_get(tmp_path: Path) -> None:
     assert "# quantize loads the model in bfloat16 spread over the host's 8 GPUs" in out
     for key in ("gpt_model_type", "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"):
         assert f"\n{key}: " in out
-    refused = run_cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=int8_sq", "target=b200")
+    refused = cli("plan", f"workdir={tmp_path}", "model=llama70b", "quant=int8_sq", "target=b200")
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "not supported on Blackwell" in refused.stderr

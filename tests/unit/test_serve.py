@@ -11,7 +11,7 @@ import pytest
 from pipeline import validate
 from pipeline.deploy import server
 from pipeline.errors import StageError
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 REPO = Path("/models/repo")
 
@@ -56,7 +56,7 @@ def test_busy_port_is_refused_with_the_override_to_change(tmp_path: Path) -> Non
 
 
 def test_plan_shows_the_mpirun_command_for_a_tp2_engine() -> None:
-    result = run_cli("plan", "model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100")
+    result = cli("plan", "model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100")
     assert result.returncode == 0, result.stderr
     serve_line = result.stdout.split("# serve (python -m pipeline serve)")[1]
     assert "mpirun --allow-run-as-root -n 1 tritonserver" in serve_line
@@ -64,8 +64,8 @@ def test_plan_shows_the_mpirun_command_for_a_tp2_engine() -> None:
 
 
 def test_serve_without_a_build_says_what_to_run(tmp_path: Path) -> None:
-    result = run_cli("serve", f"workdir={tmp_path}", "target=cpu")
+    result = cli("serve", f"workdir={tmp_path}", "target=cpu")
     assert result.returncode == 1
     assert "run `python -m pipeline build` with the same overrides first" in result.stderr
-    missing = run_cli("serve", f"repo={tmp_path}", "target=cpu")
+    missing = cli("serve", f"repo={tmp_path}", "target=cpu")
     assert missing.returncode == 1 and "is not a model repository" in missing.stderr
