@@ -25,7 +25,7 @@ COPY model_repo ./model_repo
 # The container's packages (tensorrt_llm, torch, transformers and the nvidia-modelopt that
 # TensorRT-LLM pins) stay exactly as they are: every installed version becomes a constraint, so pip
 # adds only what the container lacks, in versions that fit, and fails rather than upgrade one. The
-# quantize recipes work with both ModelOpt config schemas (pipeline/quant_recipes.py). `pip check`
+# quantize recipes work with both ModelOpt config schemas (pipeline/stages/quantize/recipes.py). `pip check`
 # fails the build on any remaining conflict.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN pip list --format=freeze > /tmp/container-packages.txt \

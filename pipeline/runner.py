@@ -21,6 +21,7 @@ from pipeline.artifacts import STAGE_LOG
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import captured_to
+from pipeline.tables import aligned
 from pipeline.workspace import Stage, StageDirs, StageWorkspace, fingerprint, locked, tool_versions
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,7 @@ def format_plan(steps: Sequence[Step], cfg: PipelineConfig) -> str:
         redo = _redo(cfg, step)
         status = "cached" if step.cached and not redo else ("redo" if step.cached else "will run")
         rows.append((step.name, step.fingerprint, status, str(step.dirs.final)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = aligned(rows)
     for step in steps:
         if step.command:
             lines += ["", f"# {step.name} runs:", proc.quote(step.command)]

@@ -1,4 +1,5 @@
-"""Where each stage's artifacts live and how they become "done".
+"""The stage contract (``Stage``, ``StageWorkspace``), where each stage's artifacts live and how
+they become "done".
 
 Layout under the workdir::
 

@@ -121,7 +121,7 @@ def smollm2_fetch(tmp_path_factory: pytest.TempPathFactory) -> ResumedFetch:
     from pipeline.stages import STAGES
 
     workdir = tmp_path_factory.mktemp("smollm2")
-    overrides = [f"workdir={workdir}", "target=cpu", "until=fetch"]
+    overrides = [f"workdir={workdir}", "target=cpu", "until=fetch", "tracking=none"]
     planned = runner.plan(validate.load(overrides), STAGES)[0]
     log = planned.dirs.partial / "stage.log"
     process = subprocess.Popen(
@@ -131,9 +131,9 @@ def smollm2_fetch(tmp_path_factory: pytest.TempPathFactory) -> ResumedFetch:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "dequantizing" not in (log.read_text() if log.exists() else ""):
+    while time.monotonic() < deadline and "converting" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.2)
-    time.sleep(1.0)  # well inside the conversion
+    time.sleep(2.0)  # inside the conversion (about 40 s), which writes into the partial folder
     process.send_signal(signal.SIGKILL)
     status = process.wait()
     partial, final = planned.dirs.partial.exists(), planned.dirs.final.exists()

@@ -112,7 +112,7 @@ class KVCacheDType(StrEnum):
 
 @dataclass
 class CalibConfig:
-    """Calibration data. A null value means "automatic" (see pipeline/calibration.py): small
+    """Calibration data. A null value means "automatic" (see pipeline/sizing/calibration.py): small
     models get CPU-friendly sizes, others NVIDIA's defaults (512 samples of 512 tokens; AWQ 32)."""
 
     dataset: str | None = None  # builtin | cnn_dailymail | /path/to/file.txt|.jsonl; null: the model's
@@ -155,7 +155,7 @@ class TargetConfig:
 @dataclass
 class BuildConfig:
     """Engine limits and trtllm-build options. A null switch means "follow NVIDIA's advice for this
-    model, format and GPU" (see pipeline/trtllm.py); true/false forces it."""
+    model, format and GPU" (see pipeline/stages/engine/trtllm.py); true/false forces it."""
 
     name: str = MISSING
     max_batch_size: int = 64

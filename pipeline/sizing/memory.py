@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.config.schema import Architecture, KVCacheDType, PipelineConfig, QuantFormat
 from pipeline.sizing import rules
+from pipeline.tables import aligned
 
 GIB = 2**30
 RUNTIME_RESERVE_GIB = 1.5  # CUDA context, TensorRT workspace, NCCL buffers (an estimate)
@@ -238,8 +239,7 @@ def format_table(cfg: PipelineConfig) -> str:
                 "yes" if p.fits else "NO",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines = aligned(rows, right=True)
     lines.insert(1, f"  (first row: the requested tp={chosen.tp} pp={chosen.pp}; then every valid tp)")
     verdict = "fits" if chosen.fits else "does NOT fit"
     total_kib = chosen.kv_bytes_per_token_total / 1024

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.tables import aligned
 from pipeline.tracking.runs import tracking_uri
 
 FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target"]
@@ -93,5 +94,4 @@ def table(cfg: PipelineConfig, sort: str | None = None, where: str | None = None
         missing = [r for r in data if r.get(key) is None]
         data = sorted(present, key=lambda r: r[key], reverse=descending) + missing
     cells = [columns] + [[_cell(r.get(c)) for c in columns] for r in data]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return "\n".join(aligned(cells))

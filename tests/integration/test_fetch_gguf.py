@@ -24,7 +24,7 @@ def test_build_killed_during_conversion_completes_when_run_again(smollm2_fetch: 
 
     assert fetched.resumed.returncode == 0, fetched.resumed.stderr
     assert "removing unfinished output" in fetched.resumed.stderr
-    overrides = [f"workdir={fetched.workdir}", "target=cpu", "until=fetch"]
+    overrides = [f"workdir={fetched.workdir}", "target=cpu", "until=fetch", "tracking=none"]
     done = runner.plan(validate.load(overrides), STAGES)[0]
     assert done.fingerprint == fetched.fingerprint and done.cached
     assert not done.dirs.partial.exists()

@@ -36,14 +36,23 @@ def hub() -> Iterator[HubServer]:
 
 
 def _fetch(
-    hub: HubServer, workdir: Path, repo: str, *extra: str, env: dict[str, str] | None = None, timeout: float = 120
+    hub: HubServer,
+    workdir: Path,
+    repo: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    tracked: bool = False,
 ) -> subprocess.CompletedProcess[str]:
+    """A fetch in a fresh process (huggingface_hub reads HF_ENDPOINT on import). Without MLflow unless
+    ``tracked``: creating a sqlite store takes seconds and these tests are about the Hub."""
     return run_cli(
         "build",
         f"workdir={workdir}",
         "until=fetch",
         "model=hf",
         f"model.repo_id={repo}",
+        *([] if tracked else ["tracking=none"]),
         *extra,
         env={"HF_ENDPOINT": hub.url, **(env or {})},
         timeout=timeout,
@@ -121,7 +130,8 @@ def test_gated_repo_with_token_sends_it_and_never_writes_it(
     wrong = _fetch(hub, tmp_path, "org/gated", env={"HF_TOKEN": "hf_wrong_token_123"})
     assert wrong.returncode == 1 and "is gated" in wrong.stderr
 
-    result = _fetch(hub, tmp_path, "org/gated", env={"HF_TOKEN": TOKEN, "PIPELINE_DEBUG": "1"})
+    # tracked: the MLflow store in the workdir is among the files the token must never reach
+    result = _fetch(hub, tmp_path, "org/gated", env={"HF_TOKEN": TOKEN, "PIPELINE_DEBUG": "1"}, tracked=True)
     assert result.returncode == 0, result.stderr
     downloads = [r for r in hub.requests_for("model.safetensors")]
     assert downloads and all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in downloads)
@@ -140,6 +150,7 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
         "build",
         f"workdir={tmp_path}",
         "model=llama70b",
+        "tracking=none",
         "until=fetch",  # beyond fetch, a small host is refused first: it cannot hold 70B to quantize it
         env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"},
         timeout=60,
@@ -159,6 +170,7 @@ def test_silent_hub_times_out_within_30_seconds(tmp_path: Path) -> None:
             "build",
             f"workdir={tmp_path}",
             "model=llama8b",
+            "tracking=none",
             "until=fetch",
             env={"HF_ENDPOINT": f"http://127.0.0.1:{sock.getsockname()[1]}"},
             timeout=60,
@@ -184,6 +196,7 @@ def test_killed_download_resumes_with_range_request(
         "until=fetch",
         "model=hf",
         "model.repo_id=org/big",
+        "tracking=none",
     ]
     process = subprocess.Popen(
         argv,

@@ -45,7 +45,9 @@ def test_int4_unpacking_inverts_modelopts_packing() -> None:
 @pytest.mark.parametrize(("tp", "pp"), [(1, 1), (3, 1), (1, 2), (3, 2)])
 def test_unquantized_checkpoints_reproduce_the_source_model(smollm2_workdir: Path, tp: int, pp: int) -> None:
     source, tokenizer = _source_model(smollm2_workdir)
-    reference = load_model(_engine(smollm2_workdir, "quant=none", f"parallel.tp={tp}", f"parallel.pp={pp}"))
+    # quant.eval_tokens=0: no quality report, the test compares the logits itself
+    mapping = ("quant=none", "quant.eval_tokens=0", f"parallel.tp={tp}", f"parallel.pp={pp}")
+    reference = load_model(_engine(smollm2_workdir, *mapping))
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")
     with torch.no_grad():
         expected, actual = source(ids).logits, reference(ids).logits
@@ -67,12 +69,15 @@ def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
         f"workdir={smollm2_workdir}",
         "target=cpu",
         "quant=none",
+        "quant.eval_tokens=0",
         "parallel.tp=3",
         "parallel.pp=2",
         "until=engine",
+        "tracking=none",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    cfg = validate.load([f"workdir={smollm2_workdir}", "target=cpu", "quant=none", "parallel.tp=3", "parallel.pp=2"])
+    mapping = ["quant=none", "quant.eval_tokens=0", "parallel.tp=3", "parallel.pp=2"]
+    cfg = validate.load([f"workdir={smollm2_workdir}", "target=cpu", *mapping])
     final = next(s for s in runner.plan(cfg, UP_TO_ENGINE) if s.name == "engine").dirs.final
     assert json.loads((final / "engine.json").read_text())["runtime"] == "reference"
     _, tokenizer = _source_model(smollm2_workdir)
