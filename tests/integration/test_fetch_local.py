@@ -19,7 +19,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _build(workdir: Path, folder: Path, *extra: str):
-    return cli("build", f"workdir={workdir}", "until=fetch", "model=local", f"model.path={folder}", *extra)
+    overrides = [f"workdir={workdir}", "until=fetch", "model=local", f"model.path={folder}", "tracking=none"]
+    return cli("build", *overrides, *extra)
 
 
 def test_local_checkpoint_is_linked_and_refetched_when_it_changes(tiny_checkpoint: Path, tmp_path: Path) -> None:
