@@ -48,13 +48,16 @@ class Served:
         assert status == 200, text
         return json.loads(text)
 
-    def metric(self, name: str, model: str) -> float:
-        time.sleep(2.5)  # let counters of requests that just finished settle
+    def metrics(self, model: str, *names: str) -> list[float]:
+        time.sleep(2.5)  # let counters of requests that just finished settle (Triton updates every 2 s)
         with urllib.request.urlopen(self.server.metrics_url) as response:
             text = response.read().decode()
-        match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
-        assert match, f"{name} for {model} not in metrics"
-        return float(match.group(1))
+        values = []
+        for name in names:
+            match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
+            assert match, f"{name} for {model} not in metrics"
+            values.append(float(match.group(1)))
+        return values
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +140,14 @@ def test_grpc_streaming_through_tritonclient(served: Served) -> None:
 
 
 def test_concurrent_requests_run_in_fewer_batches(served: Served) -> None:
-    before = served.metric("nv_inference_exec_count", "tensorrt_llm")
-    requests_before = served.metric("nv_inference_request_success", "tensorrt_llm")
+    counters = ("nv_inference_exec_count", "nv_inference_request_success")
+    before, requests_before = served.metrics("tensorrt_llm", *counters)
     prompts = [f"Name {n} colours." for n in range(1, 9)]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: served.generate(text_input=p, max_tokens=16)["text_output"], prompts))
     assert all(answers)
-    executions = served.metric("nv_inference_exec_count", "tensorrt_llm") - before
-    requests = served.metric("nv_inference_request_success", "tensorrt_llm") - requests_before
+    after, requests_after = served.metrics("tensorrt_llm", *counters)
+    executions, requests = after - before, requests_after - requests_before
     assert requests == 8 and executions < requests, (executions, requests)
 
 

@@ -207,8 +207,11 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "heldout": HELDOUT_TEXT.name,
         "kv_cache_dtype": cfg.quant.kv_cache_dtype and str(cfg.quant.kv_cache_dtype),
     }
+    quantized_model = cfg.quant.format is not QuantFormat.none  # none: the model is still the source
     if not _can_score(cfg, model):
         report["skipped"] = "NVFP4 inference needs a CUDA GPU; ModelOpt's quantized model is not scored here"
+    elif not quantized_model:
+        report.update(quality.compare(eval_batches, baseline, baseline))
     else:
         with measured(costs, "evaluation_quantized"):
             quantized = quality.log_probs(model, eval_batches)
@@ -219,8 +222,9 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     config = check_export(ws.out / CHECKPOINT, cfg)
     if eval_batches and _check_faithfulness(cfg):
         with measured(costs, "faithfulness"):
+            score_modelopt = quantized_model and _can_score(cfg, model)
             report["faithfulness"] = _faithfulness(
-                ws.out / CHECKPOINT, model, eval_batches, baseline, score_modelopt=_can_score(cfg, model)
+                ws.out / CHECKPOINT, model, eval_batches, baseline, score_modelopt=score_modelopt
             )
     del model
     log.info("quality: %s", {k: v for k, v in report.items() if k != "heldout"})
