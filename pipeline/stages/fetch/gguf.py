@@ -1,14 +1,16 @@
 """GGUF -> safetensors Hugging Face checkpoint, with transformers (and the ``gguf`` package).
 
 transformers dequantizes every tensor to floating point while loading, so the result is an
-ordinary checkpoint that ModelOpt and TensorRT-LLM can take. This is slow (about half a minute for
-SmolLM2-135M on 2 cores), which is why the fetch stage caches it.
+ordinary checkpoint that ModelOpt and TensorRT-LLM can take. This is slow (about 20 s for
+SmolLM2-135M on 2 cores, 44 s before the parse caches below), which is why the fetch stage caches it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import importlib
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -42,19 +44,53 @@ def locate(path: str | None, package: str | None, file: str | None) -> Path:
     raise FetchError(f"package {package} has no file {file}: check model.file")
 
 
-@contextlib.contextmanager
-def _tensor_name_maps_built_once() -> Iterator[None]:
-    """transformers (4.57) asks ``gguf.get_tensor_name_map(arch, layers)`` once per module of the
-    model, and each call rebuilds the same read-only table: 397 builds, about 11 s of a 45 s
-    SmolLM2 conversion on 2 cores. For the conversion, the function answers from a cache."""
-    import gguf as gguf_py
+# Modules of transformers (4.57) that bind ``load_gguf_checkpoint`` at import: config, tokenizer.
+GGUF_READERS = (
+    "transformers.configuration_utils",
+    "transformers.tokenization_utils_fast",
+    "transformers.models.auto.tokenization_auto",
+)
 
-    original = gguf_py.get_tensor_name_map
-    gguf_py.get_tensor_name_map = functools.cache(original)
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Two repeats in transformers' GGUF loading, answered from caches while a file converts.
+
+    It parses the GGUF's metadata (49k-token vocabulary included) three times, for the tokenizer's
+    config, the tokenizer and the model's config, about 6.5 s each for SmolLM2 on 2 cores; the
+    first parse is kept and each caller gets its own copy (callers change the dicts). And it builds
+    the same read-only ``gguf.get_tensor_name_map(arch, layers)`` table once per module of the
+    model (397 times). A transformers without these names is simply not sped up."""
+    import gguf as gguf_py
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    parse = loader.load_gguf_checkpoint
+    parsed: dict[tuple[str, bool], dict[str, Any]] = {}
+
+    def metadata_once(path: Any, return_tensors: bool = False, **kwargs: Any) -> dict[str, Any]:
+        if return_tensors or kwargs:
+            return parse(path, return_tensors=return_tensors, **kwargs)
+        key = (str(path), False)
+        if key not in parsed:
+            parsed[key] = parse(path, return_tensors=False)
+        return copy.deepcopy(parsed[key])
+
+    readers = []
+    for name in GGUF_READERS:
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(name)
+            if getattr(module, "load_gguf_checkpoint", None) is parse:
+                readers.append(module)
+    name_map = gguf_py.get_tensor_name_map
+    gguf_py.get_tensor_name_map = functools.cache(name_map)
+    for module in readers:
+        setattr(module, "load_gguf_checkpoint", metadata_once)  # noqa: B010
     try:
         yield
     finally:
-        gguf_py.get_tensor_name_map = original
+        gguf_py.get_tensor_name_map = name_map
+        for module in readers:
+            setattr(module, "load_gguf_checkpoint", parse)  # noqa: B010
 
 
 def convert(gguf: Path, out: Path, dtype: str, trust_remote_code: bool = False) -> None:
@@ -65,9 +101,11 @@ def convert(gguf: Path, out: Path, dtype: str, trust_remote_code: bool = False) 
     size_mb = gguf.stat().st_size / 2**20
     log.info("converting %s (%.0f MiB) to a %s safetensors checkpoint", gguf.name, size_mb, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
-        log.info("dequantizing tensors (progress bar below)")
-        with _tensor_name_maps_built_once():
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code
+            )
+            log.info("dequantizing tensors (progress bar below)")
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
             )
