@@ -48,6 +48,7 @@ def _build(workdir: Path, model: Path, *overrides: str) -> list[runner.Step]:
             "quant.calib.dataset=builtin",
             "quant.calib.num_samples=4",
             "quant.calib.max_length=64",
+            "quant.eval_tokens=256",
             *overrides,
         ]
     )

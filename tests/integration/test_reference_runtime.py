@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ UP_TO_ENGINE = STAGES[:3]  # fetch, quantize, engine
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _source_model(workdir: Path):
+@pytest.fixture(scope="module")
+def source_model(smollm2_workdir: Path) -> tuple[Any, Any]:
+    """The fetched SmolLM2 in float32 with its tokenizer, loaded once for the module."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    (checkpoint,) = workdir.glob("fetch/*/checkpoint")
+    (checkpoint,) = smollm2_workdir.glob("fetch/*/checkpoint")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(checkpoint)
 
@@ -43,8 +46,10 @@ def test_int4_unpacking_inverts_modelopts_packing() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("tp", "pp"), [(1, 1), (3, 1), (1, 2), (3, 2)])
-def test_unquantized_checkpoints_reproduce_the_source_model(smollm2_workdir: Path, tp: int, pp: int) -> None:
-    source, tokenizer = _source_model(smollm2_workdir)
+def test_unquantized_checkpoints_reproduce_the_source_model(
+    smollm2_workdir: Path, source_model: tuple[Any, Any], tp: int, pp: int
+) -> None:
+    source, tokenizer = source_model
     # quant.eval_tokens=0: no quality report, the test compares the logits itself
     mapping = ("quant=none", "quant.eval_tokens=0", f"parallel.tp={tp}", f"parallel.pp={pp}")
     reference = load_model(_engine(smollm2_workdir, *mapping))
@@ -63,7 +68,7 @@ def test_unquantized_checkpoints_reproduce_the_source_model(smollm2_workdir: Pat
 
 
 @pytest.mark.slow
-def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
+def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path, source_model: tuple[Any, Any]) -> None:
     result = cli(
         "build",
         f"workdir={smollm2_workdir}",
@@ -80,7 +85,7 @@ def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path) -> None:
     cfg = validate.load([f"workdir={smollm2_workdir}", "target=cpu", *mapping])
     final = next(s for s in runner.plan(cfg, UP_TO_ENGINE) if s.name == "engine").dirs.final
     assert json.loads((final / "engine.json").read_text())["runtime"] == "reference"
-    _, tokenizer = _source_model(smollm2_workdir)
+    _, tokenizer = source_model
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
     (answer,) = generate(load_model(final / "engine"), [Request(ids, 30, end_id=tokenizer.eos_token_id)])
     assert tokenizer.decode(answer.output_ids, skip_special_tokens=True) == "The capital of France is Paris."
