@@ -28,6 +28,23 @@ from pipeline.runner import Step
 from pipeline.workspace import MANIFEST, installed_version
 
 log = logging.getLogger(__name__)
+BENCHMARK_FILES = (
+    artifacts.BENCHMARK_JSON,
+    artifacts.BENCHMARK_CSV,
+    artifacts.PLOT,
+    artifacts.CLIENT_JSON,
+    artifacts.SERVER_LOG,
+)
+# Files of a stage's folder attached to the run (the checkpoints and engines stay in the workdir).
+LOGGED_FILES = (
+    MANIFEST,
+    artifacts.QUALITY_JSON,
+    artifacts.BUILD_LOG,
+    artifacts.STAGE_LOG,
+    artifacts.ENGINE_JSON,
+    artifacts.REPOSITORY_JSON,
+    *BENCHMARK_FILES,
+)
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -130,29 +147,13 @@ def _artifacts(client: Any, run_id: str, cfg: PipelineConfig, steps: list[Step])
         final = step.dirs.final
         if not final.is_dir():
             continue
-        stage_files = (
-            MANIFEST,
-            artifacts.QUALITY_JSON,
-            artifacts.BUILD_LOG,
-            artifacts.STAGE_LOG,
-            artifacts.ENGINE_JSON,
-            artifacts.REPOSITORY_JSON,
-        )
-        for pattern in stage_files:
-            for file in final.glob(pattern):
-                client.log_artifact(run_id, str(file), artifact_path=f"{step.name}")
+        for name in LOGGED_FILES:
+            for file in final.glob(name):
+                # a stage's records under its name; the benchmark's results under "benchmark"
+                where = "benchmark" if name in BENCHMARK_FILES else step.name
+                client.log_artifact(run_id, str(file), artifact_path=where)
         for pbtxt in final.glob(f"{artifacts.REPOSITORY}/*/config.pbtxt"):
             client.log_artifact(run_id, str(pbtxt), artifact_path=f"triton_repo/{pbtxt.parent.name}")
-        benchmark_files = (
-            artifacts.BENCHMARK_JSON,
-            artifacts.BENCHMARK_CSV,
-            artifacts.PLOT,
-            artifacts.CLIENT_JSON,
-            artifacts.SERVER_LOG,
-        )
-        for pattern in benchmark_files:
-            for file in final.glob(pattern):
-                client.log_artifact(run_id, str(file), artifact_path="benchmark")
 
 
 class JobRun:
