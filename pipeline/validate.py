@@ -103,6 +103,8 @@ def _triton_problems(cfg: PipelineConfig) -> list[str]:
         problems.append("triton.kv_cache_free_gpu_mem_fraction must lie in (0, 1]")
     if min(triton.preprocessing_instances, triton.postprocessing_instances, triton.bls_instances) < 1:
         problems.append("triton.*_instances must be at least 1")
+    if triton.cpu_threads is not None and triton.cpu_threads < 1:
+        problems.append("triton.cpu_threads must be at least 1 (or null: every core)")
     return problems
 
 

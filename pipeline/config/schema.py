@@ -209,6 +209,9 @@ class TritonConfig:
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
     bls_instances: int = 1
+    # CPU target: torch threads of the engine model; null: every core. On a shared host fewer
+    # threads degrade more gently than all of them (one busy neighbour can stall every core's work).
+    cpu_threads: int | None = None
     streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
     expose: Expose = Expose.ensemble
     chat_template: bool = True  # wrap text_input in the model's chat template (chat models)

@@ -1,7 +1,8 @@
 """Batched generation with the reference runtime: what the Triton ``tensorrt_llm`` model of the CPU
 target calls.
 
-Requests of different lengths run as one left-padded batch with a shared KV cache. Sampling follows
+Requests of different lengths run as one left-padded batch with a shared KV cache (padded with an
+internal id: a client's ``pad_id`` never enters the batch). Sampling follows
 TensorRT-LLM's conventions: ``top_k=0`` and ``top_p=0`` (or ``temperature=0``) mean greedy;
 otherwise temperature, then top-k, then top-p, with a per-request seed. ``end_id`` and stop word
 sequences finish a request; bad word sequences are never completed. A callback sees every new token
@@ -10,11 +11,14 @@ as it is chosen (streaming).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+PAD = 0  # any id works: padded positions are masked out of attention
 
 
 @dataclass
@@ -34,6 +38,37 @@ class Request:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or (self.top_k in (0, 1) and self.top_p == 0) or self.top_k == 1
+
+    def problems(self, vocab_size: int, max_seq_len: int | None = None) -> list[str]:
+        """What would make this request fail inside a shared batch, checked before it joins one,
+        so that a bad request fails alone."""
+        problems = []
+        if not self.input_ids:
+            problems.append("input_ids is empty")
+        outside = sorted({t for t in self.input_ids if not 0 <= t < vocab_size})
+        if outside:
+            problems.append(f"input_ids {outside[:5]} lie outside the vocabulary (0..{vocab_size - 1})")
+        words = [t for word in self.stop_words + self.bad_words for t in word]
+        if any(not 0 <= t < vocab_size for t in words):
+            problems.append(f"stop_words_list/bad_words_list hold ids outside the vocabulary (0..{vocab_size - 1})")
+        if self.end_id is not None and self.end_id != -1 and not 0 <= self.end_id < vocab_size:
+            problems.append(f"end_id={self.end_id} is outside the vocabulary (use -1 for none)")
+        if self.pad_id is not None and not 0 <= self.pad_id < vocab_size:
+            problems.append(f"pad_id={self.pad_id} is outside the vocabulary (0..{vocab_size - 1})")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be a finite number >= 0")
+        if self.top_k < 0:
+            problems.append(f"runtime_top_k={self.top_k} must be >= 0")
+        if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            problems.append(f"runtime_top_p={self.top_p} must lie in [0, 1]")
+        if self.max_new_tokens < 0:
+            problems.append(f"request_output_len={self.max_new_tokens} must be >= 0")
+        elif max_seq_len is not None and len(self.input_ids) + self.max_new_tokens > max_seq_len:
+            problems.append(
+                f"{len(self.input_ids)} input tokens plus request_output_len={self.max_new_tokens} exceed the "
+                f"engine's max_seq_len={max_seq_len}"
+            )
+        return problems
 
 
 @dataclass
@@ -96,7 +131,7 @@ def generate(
     if not requests:
         return []
     device = next(model.parameters()).device
-    pad = next((r.pad_id for r in requests if r.pad_id is not None), 0)
+    pad = PAD
     width = max(len(r.input_ids) for r in requests)
     ids = torch.full((len(requests), width), pad, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)

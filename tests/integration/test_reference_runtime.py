@@ -143,3 +143,32 @@ def test_sampling_stop_and_bad_words_and_streaming(tiny_checkpoint: Path, tmp_pa
     assert one.output_ids == two.output_ids  # same seed, same tokens
     assert seen == [(0, t) for t in one.output_ids]
     assert len(one.log_probs) == 8 and all(lp <= 0 for lp in one.log_probs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input_ids": []}, "input_ids is empty"),
+        ({"input_ids": [1, 99]}, "outside the vocabulary"),
+        ({"end_id": 64}, "end_id=64 is outside"),
+        ({"pad_id": -1}, "pad_id=-1 is outside"),
+        ({"temperature": float("nan")}, "must be a finite number >= 0"),
+        ({"top_k": -1}, "runtime_top_k=-1"),
+        ({"top_p": 1.5}, "runtime_top_p=1.5"),
+        ({"max_new_tokens": 60}, "exceed the engine's max_seq_len=64"),
+        ({"stop_words": [[70]]}, "stop_words_list/bad_words_list"),
+    ],
+)
+def test_requests_that_would_break_a_batch_are_named(change: dict[str, Any], message: str) -> None:
+    request = Request(**{"input_ids": [1, 5, 9, 3, 7], "max_new_tokens": 8, "end_id": -1, **change})
+    problems = request.problems(vocab_size=64, max_seq_len=64)
+    assert len(problems) == 1 and message in problems[0], problems
+    assert Request([1, 5, 9], max_new_tokens=8, end_id=-1, pad_id=0).problems(64, 64) == []
+
+
+def test_a_clients_pad_id_never_enters_the_batch(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = load_model(_engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none"))
+    # -1 would be an invalid embedding index if the batch were padded with it
+    short, long = Request([1, 5], max_new_tokens=4, pad_id=-1), Request([1, 4, 4, 8, 10], max_new_tokens=4, pad_id=9)
+    alone = [generate(model, [r])[0].output_ids for r in (short, long)]
+    assert [r.output_ids for r in generate(model, [short, long])] == alone

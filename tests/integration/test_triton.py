@@ -152,6 +152,33 @@ def test_concurrent_requests_run_in_fewer_batches(served: Served) -> None:
 
 
 @pytest.mark.parametrize(
+    ("poison", "message"),
+    [
+        ({"input_ids": [1, 2, 10**6]}, "outside the vocabulary"),
+        ({"pad_id": -1}, "pad_id=-1 is outside the vocabulary"),
+        ({"temperature": -1.0}, "temperature=-1.0 must be a finite number >= 0"),
+    ],
+)
+def test_a_poisoned_request_fails_alone_in_its_batch(served: Served, poison: dict[str, Any], message: str) -> None:
+    """Sent straight to the engine model (Triton serves every model of the repository), one bad
+    request among eight that arrive together gets its own error; the seven others answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served.final / "repository" / "preprocessing" / "tokenizer")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    good = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 8}
+    bad = {**good, **poison}
+    bad["input_lengths"] = len(bad["input_ids"])
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda body: served.post("/v2/models/tensorrt_llm/generate", body), [bad] + [good] * 7))
+    (status, text), answered = replies[0], replies[1:]
+    assert status >= 400 and message in text, text
+    assert all(code == 200 for code, _ in answered), answered
+    outputs = {tuple(json.loads(body)["output_ids"]) for _, body in answered}
+    assert len(outputs) == 1 and len(next(iter(outputs))) == 8  # greedy: seven identical answers
+
+
+@pytest.mark.parametrize(
     ("body", "message"),
     [
         ({"max_tokens": 20}, "missing required input(s) ['text_input']"),

@@ -149,3 +149,13 @@ def test_gpu_repository_carries_no_python_engine_code() -> None:
 def test_triton_batch_size_must_match_the_engine() -> None:
     with pytest.raises(ConfigError, match=r"differs from the engine's build\.max_batch_size"):
         validate.load(["triton.max_batch_size=8", "build.max_batch_size=64"])
+
+
+def test_cpu_engine_model_gets_its_thread_count_and_the_engine_limit() -> None:
+    cfg = validate.load(["target=cpu"])
+    default = render.engine_parameters(cfg)
+    assert default["threads"] == "0" and default["max_seq_len"] == str(cfg.build.max_seq_len)
+    two = render.engine_parameters(validate.load(["target=cpu", "triton.cpu_threads=2"]))
+    assert two["threads"] == "2"
+    with pytest.raises(ConfigError, match=r"triton.cpu_threads must be at least 1"):
+        validate.load(["target=cpu", "triton.cpu_threads=0"])

@@ -1,7 +1,9 @@
 """Triton python model of the CPU target: the reference runtime in place of a TensorRT-LLM engine.
 
 Same inputs and outputs as the TensorRT-LLM backend (a subset). Triton's dynamic batcher hands
-``execute`` every request that arrived together; they run as one batch. The model is decoupled:
+``execute`` every request that arrived together; they run as one batch. Each request is checked
+before it joins (ids inside the vocabulary, sampling values in range, length within the engine's
+``max_seq_len``): a bad one gets its own error and the others run. The model is decoupled:
 a streaming request gets one response per token, any other request one response with all of its
 tokens, and each request is closed as soon as it finishes, not when the whole batch does.
 """
@@ -49,10 +51,13 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        # triton.cpu_threads (0: every core torch sees)
         torch.set_num_threads(int(params.get("threads", "0")) or torch.get_num_threads())
         # relative to the repository root, so the folder can move
         self.model = load_model(Path(args["model_repository"]).parent / params["engine_dir"])
         self.exclude_input = params.get("exclude_input_in_output", "true").lower() == "true"
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.max_seq_len = int(params["max_seq_len"]) if params.get("max_seq_len") else None
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
 
@@ -93,6 +98,9 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 parsed = self._request(request)
+                problems = parsed.problems(self.vocab_size, self.max_seq_len)
+                if problems:
+                    raise ValueError("; ".join(problems))
             except Exception as error:  # a malformed request must not take its batch down
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
                 continue

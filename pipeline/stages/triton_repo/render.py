@@ -61,7 +61,12 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
     three optional: they are always written, empty meaning "no guided decoding"."""
     triton = cfg.triton
     if not cfg.target.is_gpu:
-        return {"engine_dir": REPO_ENGINE_DIR, "exclude_input_in_output": _flag(triton.exclude_input_in_output)}
+        return {
+            "engine_dir": REPO_ENGINE_DIR,
+            "exclude_input_in_output": _flag(triton.exclude_input_in_output),
+            "max_seq_len": str(cfg.build.max_seq_len),  # requests beyond it are refused one by one
+            "threads": str(triton.cpu_threads or 0),  # 0: every core
+        }
     return {
         "gpt_model_type": str(triton.batching_strategy),
         # relative to the repository root: serve starts every rank there, so the folder can move
