@@ -187,7 +187,7 @@ class Scheduler:
         cache = DynamicCache()
         with torch.no_grad():
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        sequence.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        sequence.layers = [_kv(layer) for layer in cache.layers]
         self._take(sequence, out.logits[0, -1, :].float().cpu())
 
     def _decode(self, batch: list[Sequence]) -> None:
@@ -217,8 +217,8 @@ class Scheduler:
             grown = longest + 1
             kept = sequence.length + 1
             sequence.layers = [
-                (layer.keys[row : row + 1, :, grown - kept :], layer.values[row : row + 1, :, grown - kept :])
-                for layer in cache.layers
+                (keys[row : row + 1, :, grown - kept :], values[row : row + 1, :, grown - kept :])
+                for keys, values in map(_kv, cache.layers)
             ]
             if sequence.cancelled:
                 self._retire(sequence, "cancelled")
@@ -262,6 +262,12 @@ class Scheduler:
         if not sequence.done:
             self._retire(sequence, "cancelled")  # removed without a finish callback
             sequence.on_error(message)
+
+
+def _kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values (set once the model has run)."""
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
