@@ -105,6 +105,11 @@ def _triton_problems(cfg: PipelineConfig) -> list[str]:
         problems.append("triton.*_instances must be at least 1")
     if triton.cpu_threads is not None and triton.cpu_threads < 1:
         problems.append("triton.cpu_threads must be at least 1 (or null: every core)")
+    if triton.cpu_kv_cache_tokens is not None and triton.cpu_kv_cache_tokens < cfg.build.max_seq_len:
+        problems.append(
+            f"triton.cpu_kv_cache_tokens={triton.cpu_kv_cache_tokens} cannot hold one {cfg.build.max_seq_len}-token "
+            "sequence (build.max_seq_len): raise it or lower build.max_seq_len"
+        )
     return problems
 
 

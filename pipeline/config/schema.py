@@ -189,6 +189,11 @@ class BatchingStrategy(StrEnum):
     V1 = "V1"  # static batching
 
 
+class CpuBatching(StrEnum):
+    inflight = "inflight"  # requests join and leave the running batch at every step (pipeline.runtime.scheduler)
+    run_to_completion = "run_to_completion"  # each dynamic batch runs until its last request ends
+
+
 class SchedulerPolicy(StrEnum):
     max_utilization = "max_utilization"
     guaranteed_no_evict = "guaranteed_no_evict"
@@ -201,9 +206,9 @@ class TritonConfig:
     name: str = MISSING
     max_batch_size: int | None = None  # null: the engine's build.max_batch_size (must be equal)
     preferred_batch_sizes: list[int] = field(default_factory=list)  # empty: [max_batch_size]
-    # How long the engine model's batcher waits to fill a batch. null: 0 on GPU targets (in-flight
-    # batching admits requests at every step anyway), 50 ms on the CPU target, whose python model
-    # batches only the requests that arrive together.
+    # How long the engine model's batcher waits to fill a batch. null: 0 with in-flight batching
+    # (GPU targets, and the CPU target's default: requests are admitted at every step anyway), 50 ms
+    # with triton.cpu_batching=run_to_completion, which batches only requests that arrive together.
     max_queue_delay_microseconds: int | None = None
     max_queue_size: int = 0  # requests waiting beyond this are rejected; 0: unbounded
     preprocessing_instances: int = 1
@@ -212,6 +217,10 @@ class TritonConfig:
     # CPU target: torch threads of the engine model; null: every core. On a shared host fewer
     # threads degrade more gently than all of them (one busy neighbour can stall every core's work).
     cpu_threads: int | None = None
+    # CPU target: how the engine model batches (GPU targets: batching_strategy), and its KV cache
+    # budget in tokens (null: build.max_batch_size x build.max_seq_len, the most the batch can hold)
+    cpu_batching: CpuBatching = CpuBatching.inflight
+    cpu_kv_cache_tokens: int | None = None
     streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
     expose: Expose = Expose.ensemble
     chat_template: bool = True  # wrap text_input in the model's chat template (chat models)

@@ -53,6 +53,7 @@ class Sequence:
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [1, heads, length, dim]
     last_token: int = PAD
     generator: torch.Generator | None = None
+    is_cancelled: Callable[[], bool] | None = None  # asked at every step (a client that went away)
     cancelled: bool = False
     done: bool = False
 
@@ -93,7 +94,12 @@ class Scheduler:
     # -- called from request threads -------------------------------------------------------------
 
     def submit(
-        self, request: Request, on_token: TokenCallback, on_finish: FinishCallback, on_error: ErrorCallback
+        self,
+        request: Request,
+        on_token: TokenCallback,
+        on_finish: FinishCallback,
+        on_error: ErrorCallback,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> Sequence | None:
         """Queue a request; a request that could never run gets ``on_error`` at once (and None)."""
         problems = request.problems(self.vocab_size, self.max_seq_len)
@@ -106,6 +112,7 @@ class Scheduler:
             on_error("; ".join(problems))
             return None
         sequence = Sequence(request, on_token, on_finish, on_error, Timings(time.monotonic()))
+        sequence.is_cancelled = is_cancelled
         if request.seed is not None:
             sequence.generator = torch.Generator().manual_seed(request.seed)
         with self._wake:
@@ -148,6 +155,14 @@ class Scheduler:
     def step(self) -> None:
         """Retire cancelled sequences, admit what fits, then one decoding step for the rest."""
         self.steps += 1
+        with self._wake:  # submitters append to the queue meanwhile
+            present = [*self.running, *self.waiting]
+        for sequence in present:
+            if sequence.is_cancelled is not None and not sequence.cancelled:
+                try:
+                    sequence.cancelled = bool(sequence.is_cancelled())
+                except Exception:  # the request is gone with its client
+                    sequence.cancelled = True
         for sequence in [s for s in self.running if s.cancelled]:
             self._retire(sequence, "cancelled")
         self._admit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -139,16 +140,23 @@ def test_grpc_streaming_through_tritonclient(served: Served) -> None:
     assert len(pieces) >= 5 and "".join(pieces) == "The capital of France is Paris."
 
 
-def test_concurrent_requests_run_in_fewer_batches(served: Served) -> None:
-    counters = ("nv_inference_exec_count", "nv_inference_request_success")
-    before, requests_before = served.metrics("tensorrt_llm", *counters)
-    prompts = [f"Name {n} colours." for n in range(1, 9)]
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda p: served.generate(text_input=p, max_tokens=16)["text_output"], prompts))
-    assert all(answers)
-    after, requests_after = served.metrics("tensorrt_llm", *counters)
-    executions, requests = after - before, requests_after - requests_before
-    assert requests == 8 and executions < requests, (executions, requests)
+def test_a_request_joins_the_running_batch_and_leaves_before_a_long_one(served: Served) -> None:
+    """In-flight batching: a short request sent while a long one runs is admitted at the next step
+    and answered while the long one is still generating (run to completion would make it wait)."""
+    ended: dict[str, float] = {}
+
+    def ask(name: str, max_tokens: int) -> None:
+        served.generate(text_input=f"Count from one to one hundred ({name}).", max_tokens=max_tokens)
+        ended[name] = time.monotonic()
+
+    long = threading.Thread(target=ask, args=("long", 60))
+    long.start()
+    time.sleep(1.0)  # the long request is generating by now
+    ask("short", 4)
+    long.join(timeout=120)
+    assert ended["short"] < ended["long"], ended
+    (executions,) = served.metrics("tensorrt_llm", "nv_inference_request_success")
+    assert executions >= 2
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,10 @@
 """Triton python model of the CPU target: the reference runtime in place of a TensorRT-LLM engine.
 
-Same inputs and outputs as the TensorRT-LLM backend (a subset). Triton's dynamic batcher hands
-``execute`` every request that arrived together; they run as one batch. Each request is checked
+Same inputs and outputs as the TensorRT-LLM backend (a subset). With ``batching=inflight`` (the
+default) ``execute`` hands each request to the in-flight scheduler (``reference_runtime/scheduler.py``),
+which admits it at the next decoding step and answers it as soon as it ends; with
+``run_to_completion`` the requests Triton's dynamic batcher delivers together run as one batch until
+the last of them ends. Each request is checked
 before it joins (ids inside the vocabulary, sampling values in range, length within the engine's
 ``max_seq_len``): a bad one gets its own error and the others run. The model is decoupled:
 a streaming request gets one response per token, any other request one response with all of its
@@ -23,6 +26,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
+from reference_runtime.scheduler import Scheduler
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -60,6 +64,19 @@ class TritonPythonModel:
         self.max_seq_len = int(params["max_seq_len"]) if params.get("max_seq_len") else None
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        self.scheduler: Scheduler | None = None
+        if self.decoupled and params.get("batching", "run_to_completion") == "inflight":
+            self.scheduler = Scheduler(
+                self.model,
+                max_batch_size=int(config["max_batch_size"]),
+                kv_cache_tokens=int(params["kv_cache_tokens"]),
+                max_seq_len=self.max_seq_len,
+            )
+            self.scheduler.start()
+
+    def finalize(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     def _request(self, request: Any) -> Request:
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
@@ -92,7 +109,39 @@ class TritonPythonModel:
             ]
         return pb_utils.InferenceResponse(tensors)
 
+    def _submit(self, request: Any, scheduler: Scheduler) -> None:
+        """Hand one request to the in-flight scheduler; its callbacks answer the client."""
+        sender = request.get_response_sender()
+
+        def on_error(message: str) -> None:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+
+        try:
+            parsed = self._request(request)
+        except Exception as error:
+            on_error(str(error))
+            return
+        streaming = bool(_scalar(request, "streaming", False))
+        prompt = [] if self.exclude_input else parsed.input_ids
+
+        def on_token(token: int) -> None:
+            if streaming:
+                sender.send(self._response([token]))
+
+        def on_finish(result: Result) -> None:
+            if streaming:
+                sender.send(flags=FINAL)
+                return
+            log_probs = result.log_probs if parsed.return_log_probs else None
+            sender.send(self._response(prompt + result.output_ids, log_probs), flags=FINAL)
+
+        scheduler.submit(parsed, on_token, on_finish, on_error, is_cancelled=request.is_cancelled)
+
     def execute(self, requests: list[Any]) -> None:
+        if self.scheduler is not None:
+            for request in requests:
+                self._submit(request, self.scheduler)
+            return None
         senders, batch, streaming, prompts = [], [], [], []
         for request in requests:
             sender = request.get_response_sender()

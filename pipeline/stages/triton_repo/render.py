@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.artifacts import ENGINE_MODEL, REPO_ENGINE_DIR, REPO_TOKENIZER_DIR
 from pipeline.assets import RUNTIME_DIR, TEMPLATES_DIR
-from pipeline.config.schema import Expose, PipelineConfig
+from pipeline.config.schema import CpuBatching, Expose, PipelineConfig
 from pipeline.errors import StageError
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -66,6 +66,8 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             "exclude_input_in_output": _flag(triton.exclude_input_in_output),
             "max_seq_len": str(cfg.build.max_seq_len),  # requests beyond it are refused one by one
             "threads": str(triton.cpu_threads or 0),  # 0: every core
+            "batching": str(triton.cpu_batching),
+            "kv_cache_tokens": str(cpu_kv_cache_tokens(cfg)),
         }
     return {
         "gpt_model_type": str(triton.batching_strategy),
@@ -85,6 +87,12 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
     }
 
 
+def cpu_kv_cache_tokens(cfg: PipelineConfig) -> int:
+    """The CPU engine model's KV cache budget: what the config says, else what a full batch of
+    the longest sequences needs."""
+    return cfg.triton.cpu_kv_cache_tokens or cfg.build.max_batch_size * cfg.build.max_seq_len
+
+
 def _parameters_block(params: dict[str, str]) -> str:
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
 
@@ -95,8 +103,9 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
     batch = build.max_batch_size
     preferred = triton.preferred_batch_sizes or [batch]
     delay = triton.max_queue_delay_microseconds
-    if delay is None:
-        delay = 0 if cfg.target.is_gpu else CPU_QUEUE_DELAY_US
+    if delay is None:  # in-flight batching admits requests at every step: waiting only adds latency
+        inflight = cfg.target.is_gpu or cfg.triton.cpu_batching is CpuBatching.inflight
+        delay = 0 if inflight else CPU_QUEUE_DELAY_US
     return {
         "max_batch_size": str(batch),
         "max_queue_delay_microseconds": str(delay),
@@ -163,7 +172,7 @@ def code_files(cfg: PipelineConfig) -> dict[str, Path]:
             files[f"{model}/1/model.py"] = source
     if not cfg.target.is_gpu:
         # the reference runtime travels with the repository (python models never import pipeline)
-        for name in ("__init__.py", "checkpoint.py", "generate.py"):
+        for name in ("__init__.py", "checkpoint.py", "generate.py", "scheduler.py"):
             files[f"{ENGINE_MODEL}/1/reference_runtime/{name}"] = RUNTIME_DIR / name
     return files
 
