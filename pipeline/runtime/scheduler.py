@@ -50,7 +50,9 @@ class Sequence:
     on_error: ErrorCallback
     timings: Timings
     result: Result = field(default_factory=lambda: Result([], "length"))
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [1, heads, length, dim]
+    # its own keys and values, [1, heads, length, dim] per layer, while it is outside the batched cache
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    length: int = 0  # cached positions
     last_token: int = PAD
     generator: torch.Generator | None = None
     is_cancelled: Callable[[], bool] | None = None  # asked at every step (a client that went away)
@@ -61,10 +63,6 @@ class Sequence:
     def reserved_tokens(self) -> int:
         """Cache positions this sequence may ever need: its prompt and every token it may generate."""
         return len(self.request.input_ids) + self.request.max_new_tokens
-
-    @property
-    def length(self) -> int:
-        return self.layers[0][0].shape[2] if self.layers else 0
 
 
 class Scheduler:
@@ -87,6 +85,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
+        # The running batch's cache, kept from step to step while nobody joins or leaves; rebuilt
+        # from each sequence's own keys and values when the batch changes.
+        self._members: list[Sequence] = []
+        self._cache: Any = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -167,7 +170,9 @@ class Scheduler:
             self._retire(sequence, "cancelled")
         self._admit()
         decoding = [s for s in self.running if not s.done]
-        if decoding:
+        if not decoding:
+            self._members, self._cache = [], None  # idle: hold no cache
+        else:
             try:
                 self._decode(decoding)
             except Exception as error:  # answer every open request rather than leave clients hanging
@@ -175,70 +180,108 @@ class Scheduler:
                     self._fail(sequence, f"decoding failed: {error}")
 
     def _admit(self) -> None:
-        while True:
-            with self._wake:
-                while self.waiting and self.waiting[0].cancelled:
-                    self.waiting.popleft()
-                if not self.waiting or len(self.running) >= self.max_batch_size:
-                    return
+        """Take waiting requests in arrival order while a slot and cache room remain, and prefill
+        them together (one left-padded forward pass, which also gives each its first token)."""
+        admitted: list[Sequence] = []
+        with self._wake:
+            while self.waiting:
                 head = self.waiting[0]
+                if head.cancelled:
+                    self.waiting.popleft()
+                    continue
+                if len(self.running) >= self.max_batch_size:
+                    break
                 if self.reserved_tokens + head.reserved_tokens > self.kv_cache_tokens:
-                    return  # first come, first served: it waits for room, later ones wait behind it
+                    break  # first come, first served: it waits for room, later ones wait behind it
                 self.waiting.popleft()
-            head.timings.scheduled = time.monotonic()
-            self.running.append(head)
+                head.timings.scheduled = time.monotonic()
+                self.running.append(head)
+                admitted.append(head)
+        for sequence in [s for s in admitted if s.request.max_new_tokens == 0]:
+            self._retire(sequence, None)
+        admitted = [s for s in admitted if not s.done]
+        if admitted:
             try:
-                self._prefill(head)
+                self._prefill(admitted)
             except Exception as error:
-                self._fail(head, f"prefill failed: {error}")
+                for sequence in admitted:
+                    self._fail(sequence, f"prefill failed: {error}")
 
-    def _prefill(self, sequence: Sequence) -> None:
+    def _prefill(self, batch: list[Sequence]) -> None:
         from transformers import DynamicCache
 
-        if sequence.request.max_new_tokens == 0:
-            self._retire(sequence, None)
-            return
-        ids = torch.tensor([sequence.request.input_ids], dtype=torch.long, device=self.device)
+        longest = max(len(s.request.input_ids) for s in batch)
+        ids = torch.full((len(batch), longest), PAD, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, sequence in enumerate(batch):  # left padding: every prompt ends in the last column
+            prompt = sequence.request.input_ids
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+            mask[row, longest - len(prompt) :] = 1
         cache = DynamicCache()
         with torch.no_grad():
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        sequence.layers = [_kv(layer) for layer in cache.layers]
-        self._take(sequence, out.logits[0, -1, :].float().cpu())
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        logits = out.logits[:, -1, :].float().cpu()
+        layers = [_kv(layer) for layer in cache.layers]
+        for row, sequence in enumerate(batch):
+            length = len(sequence.request.input_ids)
+            start = longest - length
+            sequence.layers = [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in layers]
+            sequence.length = length
+            self._take(sequence, logits[row])
 
     def _decode(self, batch: list[Sequence]) -> None:
+        if batch != self._members:
+            self._rebuild(batch)
+        longest = self._mask.shape[1]
+        self._mask = torch.cat([self._mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
+        positions = torch.tensor([[s.length] for s in batch], dtype=torch.long)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=self._mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        assert self._cache.get_seq_length() == longest + 1
+        logits = out.logits[:, -1, :].float().cpu()
+        for row, sequence in enumerate(batch):
+            sequence.length += 1
+            if sequence.cancelled:
+                self._retire(sequence, "cancelled")
+            else:
+                self._take(sequence, logits[row])
+
+    def _rebuild(self, batch: list[Sequence]) -> None:
+        """One left-padded cache for ``batch``: members of the old batch take their rows out of the
+        old cache, newcomers bring the keys and values of their prefill."""
         from transformers import DynamicCache
 
+        if self._cache is not None:
+            old = [_kv(layer) for layer in self._cache.layers]
+            width = self._mask.shape[1]
+            for row, sequence in enumerate(self._members):
+                if sequence in batch:
+                    start = width - sequence.length
+                    sequence.layers = [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in old]
         longest = max(s.length for s in batch)
         cache = DynamicCache()
         for index in range(len(batch[0].layers)):
             keys = [_left_pad(s.layers[index][0], longest) for s in batch]
             values = [_left_pad(s.layers[index][1], longest) for s in batch]
             cache.update(torch.cat(keys), torch.cat(values), index)
-        mask = torch.zeros((len(batch), longest + 1), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, sequence in enumerate(batch):
             mask[row, longest - sequence.length :] = 1
-        ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
-        positions = torch.tensor([[s.length] for s in batch], dtype=torch.long)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        logits = out.logits[:, -1, :].float().cpu()
-        for row, sequence in enumerate(batch):
-            grown = longest + 1
-            kept = sequence.length + 1
-            sequence.layers = [
-                (keys[row : row + 1, :, grown - kept :], values[row : row + 1, :, grown - kept :])
-                for keys, values in map(_kv, cache.layers)
-            ]
-            if sequence.cancelled:
-                self._retire(sequence, "cancelled")
-            else:
-                self._take(sequence, logits[row])
+            sequence.layers = []  # its keys and values now live in the batched cache
+        self._members, self._cache, self._mask = list(batch), cache, mask
 
     def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Choose the next token from ``logits``, hand it out, and retire a finished sequence."""
@@ -265,7 +308,7 @@ class Scheduler:
         if sequence.done:
             return
         sequence.done = True
-        sequence.layers = []  # frees its share of the cache
+        sequence.layers = []  # its rows leave the batched cache when the batch is next rebuilt
         if sequence in self.running:
             self.running.remove(sequence)
         if reason:
