@@ -27,6 +27,7 @@ import torch
 
 from .generate import PAD, Request, Result, _ban_bad_words, _choose, _stopped
 
+CANCEL_POLL_S = 0.5
 TokenCallback = Callable[[int], None]  # the new token id
 FinishCallback = Callable[[Result], None]
 ErrorCallback = Callable[[str], None]
@@ -90,6 +91,8 @@ class Scheduler:
         self._members: list[Sequence] = []
         self._cache: Any = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._next_cancel_poll = 0.0
+        self._threads = torch.get_num_threads()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -143,6 +146,8 @@ class Scheduler:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        # torch's intra-op thread count is per OS thread with OpenMP: take the creator's
+        torch.set_num_threads(self._threads)
         while True:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.running:
@@ -158,14 +163,8 @@ class Scheduler:
     def step(self) -> None:
         """Retire cancelled sequences, admit what fits, then one decoding step for the rest."""
         self.steps += 1
-        with self._wake:  # submitters append to the queue meanwhile
-            present = [*self.running, *self.waiting]
-        for sequence in present:
-            if sequence.is_cancelled is not None and not sequence.cancelled:
-                try:
-                    sequence.cancelled = bool(sequence.is_cancelled())
-                except Exception:  # the request is gone with its client
-                    sequence.cancelled = True
+        if time.monotonic() >= self._next_cancel_poll:
+            self._poll_cancellations()
         for sequence in [s for s in self.running if s.cancelled]:
             self._retire(sequence, "cancelled")
         self._admit()
@@ -178,6 +177,19 @@ class Scheduler:
             except Exception as error:  # answer every open request rather than leave clients hanging
                 for sequence in decoding:
                     self._fail(sequence, f"decoding failed: {error}")
+
+    def _poll_cancellations(self) -> None:
+        """Ask each request whether its client went away. Asking is a round trip to the server, so
+        it happens every CANCEL_POLL_S rather than at every step."""
+        self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
+        with self._wake:  # submitters append to the queue meanwhile
+            present = [*self.running, *self.waiting]
+        for sequence in present:
+            if sequence.is_cancelled is not None and not sequence.cancelled:
+                try:
+                    sequence.cancelled = bool(sequence.is_cancelled())
+                except Exception:  # the request is gone with its client
+                    sequence.cancelled = True
 
     def _admit(self) -> None:
         """Take waiting requests in arrival order while a slot and cache room remain, and prefill

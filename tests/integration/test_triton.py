@@ -69,6 +69,7 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         "target=cpu",
         "quant=none",
         "triton=bls",
+        "triton.cpu_batching=inflight",  # the in-flight scheduler (the benchmark test serves the default)
         "build.max_batch_size=8",
         "until=triton_repo",
         f"triton.http_port={http}",

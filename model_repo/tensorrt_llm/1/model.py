@@ -1,13 +1,13 @@
 """Triton python model of the CPU target: the reference runtime in place of a TensorRT-LLM engine.
 
-Same inputs and outputs as the TensorRT-LLM backend (a subset). With ``batching=inflight`` (the
-default) ``execute`` hands each request to the in-flight scheduler (``reference_runtime/scheduler.py``),
-which admits it at the next decoding step and answers it as soon as it ends; with
-``run_to_completion`` the requests Triton's dynamic batcher delivers together run as one batch until
-the last of them ends. Each request is checked
-before it joins (ids inside the vocabulary, sampling values in range, length within the engine's
-``max_seq_len``): a bad one gets its own error and the others run. The model is decoupled:
-a streaming request gets one response per token, any other request one response with all of its
+Same inputs and outputs as the TensorRT-LLM backend (a subset). With ``batching=inflight``
+(``triton.cpu_batching=inflight``) ``execute`` hands each request to the in-flight scheduler
+(``reference_runtime/scheduler.py``), which admits it at the next decoding step and answers it as
+soon as it ends; with ``run_to_completion`` (the default) the requests Triton's dynamic batcher
+delivers together run as one batch until the last of them ends. Each request is checked before it
+joins (ids inside the vocabulary, sampling values in range, length within the engine's
+``max_seq_len``): a bad one gets its own error and the others run. The model is decoupled: a
+streaming request gets one response per token, any other request one response with all of its
 tokens, and each request is closed as soon as it finishes, not when the whole batch does.
 """
 
