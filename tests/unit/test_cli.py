@@ -18,10 +18,11 @@ def test_python_m_pipeline_runs_and_refuses_in_one_line(tmp_path: Path) -> None:
 
 def test_commands_called_twice_in_one_process_keep_no_arguments(tmp_path: Path) -> None:
     """Command arguments are parameters, not module state: a second call starts clean."""
-    first = cli("compare", f"workdir={tmp_path}", "tracking.enabled=true", "sort=quant")
-    second = cli("compare", f"workdir={tmp_path}", "filter=params.quant = 'fp8'")
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert "matching" in second.stdout and "matching" not in first.stdout
+    first = cli("serve", f"workdir={tmp_path}", f"repo={tmp_path / 'elsewhere'}")
+    second = cli("serve", f"workdir={tmp_path}")
+    assert first.returncode == second.returncode == 1
+    assert "is not a model repository" in first.stderr
+    assert "no finished Triton repository for these overrides" in second.stderr  # no repo= left over
 
 
 def test_missing_or_unknown_command_prints_usage_and_exits_2() -> None:
