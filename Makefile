@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m pytest
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
-# full quantize matrix) and gpu; under 90 s on 2 cores. CI runs `make test`.
+# full quantize matrix) and gpu; about 90 s on 2 cores. CI runs `make test`.
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not gpu"
 
