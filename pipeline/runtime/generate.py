@@ -116,6 +116,27 @@ def _stopped(generated: list[int], stop_words: list[list[int]]) -> bool:
     return any(word and generated[-len(word) :] == word for word in stop_words)
 
 
+def advance(
+    logits: torch.Tensor, request: Request, result: Result, generator: torch.Generator | None
+) -> tuple[int | None, str | None]:
+    """One decoding step of one request, shared by ``generate`` and the in-flight scheduler: ban
+    bad words, choose a token, record it. Returns (the token handed out, or None when it is the
+    end token; why the request finished, or None while it goes on)."""
+    scores = logits.clone()
+    _ban_bad_words(scores, result.output_ids, request.bad_words)
+    token = _choose(scores, request, generator)
+    if request.end_id is not None and token == request.end_id:
+        return None, "end"
+    result.output_ids.append(token)
+    if request.return_log_probs:
+        result.log_probs.append(float(torch.log_softmax(logits, -1)[token]))
+    if _stopped(result.output_ids, request.stop_words):
+        return token, "stop"
+    if len(result.output_ids) >= request.max_new_tokens:
+        return token, "length"
+    return token, None
+
+
 def generate(
     model: Any,
     requests: Sequence[Request],
@@ -170,22 +191,13 @@ def generate(
             for row, request in enumerate(requests):
                 if not active[row]:
                     continue
-                result, row_logits = results[row], logits[row].clone()
-                _ban_bad_words(row_logits, result.output_ids, request.bad_words)
-                token = _choose(row_logits, request, generators[row])
-                chosen[row, 0] = token
-                if request.end_id is not None and token == request.end_id:
-                    finish(row, "end")
-                    continue
-                result.output_ids.append(token)
-                if request.return_log_probs:
-                    result.log_probs.append(float(torch.log_softmax(logits[row], -1)[token]))
-                if on_token is not None:
-                    on_token(row, token)
-                if _stopped(result.output_ids, request.stop_words):
-                    finish(row, "stop")
-                elif len(result.output_ids) >= request.max_new_tokens:
-                    finish(row)
+                token, finished = advance(logits[row], request, results[row], generators[row])
+                if token is not None:
+                    chosen[row, 0] = token
+                    if on_token is not None:
+                        on_token(row, token)
+                if finished is not None:
+                    finish(row, finished)
             # finished rows keep a slot in the batch; their new positions are masked out
             mask = torch.cat([mask, torch.tensor([[1 if a else 0] for a in active], dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .generate import PAD, Request, Result, _ban_bad_words, _choose, _stopped
+from .generate import PAD, Request, Result, advance
 
 CANCEL_POLL_S = 0.5
 TokenCallback = Callable[[int], None]  # the new token id
@@ -85,14 +85,12 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.steps = 0
         # The running batch's cache, kept from step to step while nobody joins or leaves; rebuilt
         # from each sequence's own keys and values when the batch changes.
         self._members: list[Sequence] = []
         self._cache: Any = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._next_cancel_poll = 0.0
-        self._threads = torch.get_num_threads()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -146,8 +144,6 @@ class Scheduler:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        # torch's intra-op thread count is per OS thread with OpenMP: take the creator's
-        torch.set_num_threads(self._threads)
         while True:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.running:
@@ -162,7 +158,6 @@ class Scheduler:
 
     def step(self) -> None:
         """Retire cancelled sequences, admit what fits, then one decoding step for the rest."""
-        self.steps += 1
         if time.monotonic() >= self._next_cancel_poll:
             self._poll_cancellations()
         for sequence in [s for s in self.running if s.cancelled]:
@@ -297,24 +292,15 @@ class Scheduler:
 
     def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Choose the next token from ``logits``, hand it out, and retire a finished sequence."""
-        request, result = sequence.request, sequence.result
-        _ban_bad_words(logits, result.output_ids, request.bad_words)
-        token = _choose(logits, request, sequence.generator)
-        now = time.monotonic()
-        if request.end_id is not None and token == request.end_id:
-            self._retire(sequence, "end")
-            return
-        result.output_ids.append(token)
-        sequence.last_token = token
-        sequence.timings.first_token = sequence.timings.first_token or now
-        sequence.timings.last_token = now
-        if request.return_log_probs:
-            result.log_probs.append(float(torch.log_softmax(logits, -1)[token]))
-        sequence.on_token(token)
-        if _stopped(result.output_ids, request.stop_words):
-            self._retire(sequence, "stop")
-        elif len(result.output_ids) >= request.max_new_tokens:
-            self._retire(sequence, None)
+        token, finished = advance(logits, sequence.request, sequence.result, sequence.generator)
+        if token is not None:
+            now = time.monotonic()
+            sequence.last_token = token
+            sequence.timings.first_token = sequence.timings.first_token or now
+            sequence.timings.last_token = now
+            sequence.on_token(token)
+        if finished is not None:
+            self._retire(sequence, finished)
 
     def _retire(self, sequence: Sequence, reason: str | None) -> None:
         if sequence.done:

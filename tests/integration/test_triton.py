@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 import time
 import urllib.error
@@ -48,17 +47,6 @@ class Served:
         status, text = self.post(f"/v2/models/{model}/generate", body)
         assert status == 200, text
         return json.loads(text)
-
-    def metrics(self, model: str, *names: str) -> list[float]:
-        time.sleep(2.5)  # let counters of requests that just finished settle (Triton updates every 2 s)
-        with urllib.request.urlopen(self.server.metrics_url) as response:
-            text = response.read().decode()
-        values = []
-        for name in names:
-            match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
-            assert match, f"{name} for {model} not in metrics"
-            values.append(float(match.group(1)))
-        return values
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +144,6 @@ def test_a_request_joins_the_running_batch_and_leaves_before_a_long_one(served: 
     ask("short", 4)
     long.join(timeout=120)
     assert ended["short"] < ended["long"], ended
-    (executions,) = served.metrics("tensorrt_llm", "nv_inference_request_success")
-    assert executions >= 2
 
 
 POISONS = [

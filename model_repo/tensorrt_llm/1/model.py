@@ -96,88 +96,86 @@ class TritonPythonModel:
             return_log_probs=bool(_scalar(request, "return_log_probs", False)),
         )
 
-    @staticmethod
-    def _response(tokens: list[int], log_probs: list[float] | None = None) -> Any:
-        tensors = [
-            pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
-            pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-        ]
-        if log_probs is not None:
-            tensors += [
-                pb_utils.Tensor("cum_log_probs", np.array([[sum(log_probs)]], dtype=np.float32)),
-                pb_utils.Tensor("output_log_probs", np.array([[log_probs]], dtype=np.float32)),
-            ]
-        return pb_utils.InferenceResponse(tensors)
-
-    def _submit(self, request: Any, scheduler: Scheduler) -> None:
-        """Hand one request to the in-flight scheduler; its callbacks answer the client."""
+    def _client(self, request: Any) -> _Client | None:
+        """The request parsed, with its way back to the client; a malformed one is answered here."""
         sender = request.get_response_sender()
-
-        def on_error(message: str) -> None:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
-
         try:
             parsed = self._request(request)
         except Exception as error:
-            on_error(str(error))
-            return
-        streaming = bool(_scalar(request, "streaming", False))
-        prompt = [] if self.exclude_input else parsed.input_ids
-
-        def on_token(token: int) -> None:
-            if streaming:
-                sender.send(self._response([token]))
-
-        def on_finish(result: Result) -> None:
-            if streaming:
-                sender.send(flags=FINAL)
-                return
-            log_probs = result.log_probs if parsed.return_log_probs else None
-            sender.send(self._response(prompt + result.output_ids, log_probs), flags=FINAL)
-
-        scheduler.submit(parsed, on_token, on_finish, on_error, is_cancelled=request.is_cancelled)
+            _send_error(sender, str(error))
+            return None
+        streaming = self.decoupled and bool(_scalar(request, "streaming", False))
+        return _Client(sender, parsed, streaming, [] if self.exclude_input else parsed.input_ids)
 
     def execute(self, requests: list[Any]) -> None:
+        accepted = [(client, request) for request in requests if (client := self._client(request)) is not None]
+        clients = [client for client, _ in accepted]
         if self.scheduler is not None:
-            for request in requests:
-                self._submit(request, self.scheduler)
+            for client, request in accepted:
+                self.scheduler.submit(
+                    client.parsed, client.token, client.finish, client.error, is_cancelled=request.is_cancelled
+                )
             return None
-        senders, batch, streaming, prompts = [], [], [], []
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                parsed = self._request(request)
-                problems = parsed.problems(self.vocab_size, self.max_seq_len)
-                if problems:
-                    raise ValueError("; ".join(problems))
-            except Exception as error:  # a malformed request must not take its batch down
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
-                continue
-            senders.append(sender)
-            batch.append(parsed)
-            streaming.append(self.decoupled and bool(_scalar(request, "streaming", False)))
-            prompts.append([] if self.exclude_input else parsed.input_ids)
-
-        def on_token(row: int, token: int) -> None:
-            if streaming[row]:
-                senders[row].send(self._response([token]))
-
-        done: set[int] = set()
-
-        def on_finish(row: int, result: Result) -> None:
-            done.add(row)
-            if streaming[row]:
-                senders[row].send(flags=FINAL)
-                return
-            log_probs = result.log_probs if batch[row].return_log_probs else None
-            senders[row].send(self._response(prompts[row] + result.output_ids, log_probs), flags=FINAL)
-
+        batch = []
+        for client in clients:  # a bad request must not take its batch down
+            problems = client.parsed.problems(self.vocab_size, self.max_seq_len)
+            if problems:
+                client.error("; ".join(problems))
+            else:
+                batch.append(client)
         started = time.monotonic()
         try:
-            generate(self.model, batch, on_token=on_token, on_finish=on_finish)
+            generate(
+                self.model,
+                [c.parsed for c in batch],
+                on_token=lambda row, token: batch[row].token(token),
+                on_finish=lambda row, result: batch[row].finish(result),
+            )
         except Exception as error:  # answer every open request rather than leave clients hanging
-            for row, sender in enumerate(senders):
-                if row not in done:
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+            for client in batch:
+                if not client.answered:
+                    client.error(str(error))
         pb_utils.Logger.log_verbose(f"batch of {len(batch)} in {time.monotonic() - started:.2f} s")
         return None
+
+
+def _send_error(sender: Any, message: str) -> None:
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+
+
+def _response(tokens: list[int], log_probs: list[float] | None = None) -> Any:
+    tensors = [
+        pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
+        pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+    ]
+    if log_probs is not None:
+        tensors += [
+            pb_utils.Tensor("cum_log_probs", np.array([[sum(log_probs)]], dtype=np.float32)),
+            pb_utils.Tensor("output_log_probs", np.array([[log_probs]], dtype=np.float32)),
+        ]
+    return pb_utils.InferenceResponse(tensors)
+
+
+class _Client:
+    """One request's way back: one response per token when streaming, else one with all of them;
+    either way closed as soon as the request ends."""
+
+    def __init__(self, sender: Any, parsed: Request, streaming: bool, prompt: list[int]):
+        self.sender, self.parsed, self.streaming, self.prompt = sender, parsed, streaming, prompt
+        self.answered = False
+
+    def token(self, token: int) -> None:
+        if self.streaming:
+            self.sender.send(_response([token]))
+
+    def finish(self, result: Result) -> None:
+        self.answered = True
+        if self.streaming:
+            self.sender.send(flags=FINAL)
+            return
+        log_probs = result.log_probs if self.parsed.return_log_probs else None
+        self.sender.send(_response(self.prompt + result.output_ids, log_probs), flags=FINAL)
+
+    def error(self, message: str) -> None:
+        self.answered = True
+        _send_error(self.sender, message)
