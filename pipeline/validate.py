@@ -105,17 +105,27 @@ def _triton_problems(cfg: PipelineConfig) -> list[str]:
         problems.append("triton.*_instances must be at least 1")
     if triton.cpu_threads is not None and triton.cpu_threads < 1:
         problems.append("triton.cpu_threads must be at least 1 (or null: every core)")
-    if triton.cpu_kv_cache_tokens is not None and triton.cpu_kv_cache_tokens < cfg.build.max_seq_len:
+    tokens = triton.max_tokens_in_paged_kv_cache
+    if tokens is not None and tokens < cfg.build.max_seq_len:
         problems.append(
-            f"triton.cpu_kv_cache_tokens={triton.cpu_kv_cache_tokens} cannot hold one {cfg.build.max_seq_len}-token "
+            f"triton.max_tokens_in_paged_kv_cache={tokens} cannot hold one {cfg.build.max_seq_len}-token "
             "sequence (build.max_seq_len): raise it or lower build.max_seq_len"
         )
+    if not 1 <= triton.cpu_max_num_tokens <= cfg.build.max_num_tokens:
+        problems.append(
+            f"triton.cpu_max_num_tokens={triton.cpu_max_num_tokens} must lie in 1..{cfg.build.max_num_tokens} "
+            "(build.max_num_tokens)"
+        )
+    if triton.cancellation_check_period_ms < 1:
+        problems.append("triton.cancellation_check_period_ms must be at least 1")
     return problems
 
 
 def _build_problems(cfg: PipelineConfig) -> list[str]:
     build, context = cfg.build, cfg.model.arch.max_position_embeddings
     problems = []
+    if build.tokens_per_block < 1 or build.tokens_per_block & (build.tokens_per_block - 1):
+        problems.append(f"build.tokens_per_block={build.tokens_per_block} must be a power of two (e.g. 32, 64)")
     if build.max_input_len > build.max_seq_len:
         problems.append(
             f"build.max_input_len={build.max_input_len} exceeds build.max_seq_len={build.max_seq_len}: "

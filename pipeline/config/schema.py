@@ -163,6 +163,7 @@ class BuildConfig:
     max_seq_len: int = 4096
     max_num_tokens: int = 8192
     kv_cache_type: str = "paged"  # paged | continuous
+    tokens_per_block: int = 32  # positions per KV cache block (pages of the paged cache, units of reuse)
     gemm_plugin: str | None = None  # null: auto for 16-bit weights, off for FP8/NVFP4
     use_paged_context_fmha: bool = True
     use_fp8_context_fmha: bool | None = None  # null: on with FP8 on SM >= 89
@@ -217,11 +218,13 @@ class TritonConfig:
     # CPU target: torch threads of the engine model; null: every core. On a shared host fewer
     # threads degrade more gently than all of them (one busy neighbour can stall every core's work).
     cpu_threads: int | None = None
-    # CPU target: how the engine model batches (GPU targets: batching_strategy), and its KV cache
-    # budget in tokens (null: build.max_batch_size x build.max_seq_len, the most the batch can hold).
-    # inflight is opt-in until it matches run_to_completion's throughput at c=8 (36 vs 26 tok/s here)
-    cpu_batching: CpuBatching = CpuBatching.run_to_completion
-    cpu_kv_cache_tokens: int | None = None
+    # CPU target: how the engine model batches (GPU targets: batching_strategy). inflight: the
+    # in-flight scheduler of pipeline/runtime; run_to_completion: dynamic batches run to their end.
+    cpu_batching: CpuBatching = CpuBatching.inflight
+    # CPU target: tokens per scheduler step, all sequences together (GPU targets: the engine's
+    # build.max_num_tokens, which is sized for GPU compute; a CPU step of that many tokens would
+    # stall every running stream for seconds). At most build.max_num_tokens.
+    cpu_max_num_tokens: int = 64
     streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
     expose: Expose = Expose.ensemble
     chat_template: bool = True  # wrap text_input in the model's chat template (chat models)
@@ -229,7 +232,11 @@ class TritonConfig:
     # engine (GPU) settings of Triton's TensorRT-LLM backend
     batching_strategy: BatchingStrategy = BatchingStrategy.inflight_fused_batching
     batch_scheduler_policy: SchedulerPolicy = SchedulerPolicy.guaranteed_no_evict
+    # KV cache size: this fraction of the memory free once the weights are loaded (CPU target:
+    # host memory), capped by max_tokens_in_paged_kv_cache when set
     kv_cache_free_gpu_mem_fraction: float = 0.9
+    max_tokens_in_paged_kv_cache: int | None = None
+    cancellation_check_period_ms: int = 100  # how often a request's cancellation is checked
     enable_chunked_context: bool = True
     enable_kv_cache_reuse: bool | None = None  # null: on when chat prompts share a template prefix
     exclude_input_in_output: bool = True

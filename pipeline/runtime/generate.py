@@ -76,6 +76,7 @@ class Result:
     output_ids: list[int]  # generated tokens only (end_id excluded)
     finish_reason: str  # "length" | "end" | "stop"
     log_probs: list[float] = field(default_factory=list)
+    metrics: dict[str, int] = field(default_factory=dict)  # perf metrics (in-flight scheduler)
 
     @property
     def sequence_length(self) -> int:

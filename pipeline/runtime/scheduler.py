@@ -1,14 +1,20 @@
 """In-flight batching over the reference runtime: requests join and leave the running batch at
-every decoding step, as TensorRT-LLM's batch manager does on GPUs.
+every step, as TensorRT-LLM's batch manager does on GPUs.
 
-A scheduler thread loops: admit waiting requests (each prefilled alone, which also gives its first
-token), run one decoding step for every running sequence as one left-padded batch, hand each new
-token to its request's callback, and retire finished or cancelled sequences at once. A request is
-admitted only while the batch has a free slot (``max_batch_size``) and the KV cache budget
-(``kv_cache_tokens``) can hold its prompt plus every token it may generate, TensorRT-LLM's
-``guaranteed_no_evict`` policy: a running sequence never has to be paused, and memory for the
-cache never grows past the budget. Each sequence keeps its own keys and values; a step pads them
-into one batch and takes the new position back out.
+A scheduler thread loops. Each step it retires cancelled sequences, gives every running sequence
+its next tokens within a budget of ``max_num_tokens`` per step (one token for a sequence that is
+generating; a prompt chunk for one still in its context phase, so a long prompt is prefilled over
+several steps while the others keep streaming), admits waiting requests into what is left, runs
+all of it as one packed forward pass (``packed.forward``), hands each new token to its request's
+callback and retires finished sequences at once.
+
+Memory is a paged KV cache of fixed size (``kvcache.KVCache``). Admission follows TensorRT-LLM's
+batch scheduler policies: ``guaranteed_no_evict`` (the default) admits a request only when the
+cache can hold its prompt and every token it may generate beside what the running sequences may
+still need, so nothing is ever paused; ``max_utilization`` admits on the prompt alone and, when
+the cache runs out mid-generation, pauses the most recently admitted sequence (its blocks freed,
+its tokens recomputed when it resumes, named blocks often still cached). With block reuse a prompt
+starts from the cached blocks of an earlier prompt with the same prefix.
 
 Like the rest of ``pipeline.runtime`` this module imports nothing from the pipeline: it travels
 into the Triton model repository.
@@ -25,22 +31,48 @@ from typing import Any
 
 import torch
 
-from .generate import PAD, Request, Result, advance
+from .generate import Request, Result, advance
+from .kvcache import BlockTable, KVCache
+from .packed import Span, forward
 
-CANCEL_POLL_S = 0.5
 TokenCallback = Callable[[int], None]  # the new token id
 FinishCallback = Callable[[Result], None]
 ErrorCallback = Callable[[str], None]
+POLICIES = ("guaranteed_no_evict", "max_utilization")
+
+
+@dataclass
+class SchedulerConfig:
+    """The knobs, named after the TensorRT-LLM backend parameters they mirror."""
+
+    max_batch_size: int  # sequences in the running batch
+    max_num_tokens: int  # tokens per step, all sequences together
+    kv_cache_tokens: int  # the KV cache budget (rounded down to whole blocks)
+    tokens_per_block: int = 32
+    max_seq_len: int | None = None
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    enable_chunked_context: bool = True
+    enable_kv_cache_reuse: bool = True
+    cancellation_check_period_ms: int = 100
+
+    def __post_init__(self) -> None:
+        if self.batch_scheduler_policy not in POLICIES:
+            raise ValueError(f"batch_scheduler_policy={self.batch_scheduler_policy}: use one of {', '.join(POLICIES)}")
+        for name in ("max_batch_size", "max_num_tokens", "tokens_per_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.kv_cache_tokens < self.tokens_per_block:
+            raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} holds no block of {self.tokens_per_block}")
 
 
 @dataclass
 class Timings:
-    """Monotonic times of a request's life, for perf metrics."""
+    """Monotonic nanoseconds of a request's life, for perf metrics."""
 
-    arrival: float
-    scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
+    arrival: int
+    scheduled: int = 0
+    first_token: int = 0
+    last_token: int = 0
 
 
 @dataclass(eq=False)
@@ -51,18 +83,21 @@ class Sequence:
     on_error: ErrorCallback
     timings: Timings
     result: Result = field(default_factory=lambda: Result([], "length"))
-    # its own keys and values, [1, heads, length, dim] per layer, while it is outside the batched cache
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    length: int = 0  # cached positions
-    last_token: int = PAD
+    table: BlockTable = field(default_factory=BlockTable)
+    computed: int = 0  # positions whose keys and values are in the cache
     generator: torch.Generator | None = None
-    is_cancelled: Callable[[], bool] | None = None  # asked at every step (a client that went away)
+    is_cancelled: Callable[[], bool] | None = None  # asked periodically (a client that went away)
     cancelled: bool = False
     done: bool = False
+    paused: int = 0  # times it was paused for lack of cache (max_utilization)
 
     @property
-    def reserved_tokens(self) -> int:
-        """Cache positions this sequence may ever need: its prompt and every token it may generate."""
+    def tokens(self) -> list[int]:
+        """Every token it knows: the prompt and what it generated (the last one not yet cached)."""
+        return self.request.input_ids + self.result.output_ids
+
+    @property
+    def final_length(self) -> int:
         return len(self.request.input_ids) + self.request.max_new_tokens
 
 
@@ -70,30 +105,29 @@ class Scheduler:
     """Thread-safe: ``submit`` and ``cancel`` from any thread; the work happens on the scheduler's
     own thread (``start``), or step by step with ``step`` (tests)."""
 
-    def __init__(
-        self,
-        model: Any,
-        max_batch_size: int,
-        kv_cache_tokens: int,
-        max_seq_len: int | None = None,
-    ):
-        self.model = model
-        self.max_batch_size = max_batch_size
-        self.kv_cache_tokens = kv_cache_tokens
-        self.max_seq_len = max_seq_len
-        self.vocab_size = int(model.config.vocab_size)
-        self.device = next(model.parameters()).device
+    def __init__(self, model: Any, config: SchedulerConfig):
+        self.model, self.config = model, config
+        cfg = model.config
+        self.vocab_size = int(cfg.vocab_size)
+        self.cache = KVCache(
+            layers=cfg.num_hidden_layers,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            num_blocks=config.kv_cache_tokens // config.tokens_per_block,
+            block_size=config.tokens_per_block,
+            reuse=config.enable_kv_cache_reuse,
+        )
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        # The running batch's cache, kept from step to step while nobody joins or leaves; rebuilt
-        # from each sequence's own keys and values when the batch changes.
-        self._members: list[Sequence] = []
-        self._cache: Any = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long)
-        self._next_cancel_poll = 0.0
+        self.running: list[Sequence] = []  # in admission order
+        self.peak_blocks = 0  # the most blocks ever held at once
+        self._next_cancel_poll = 0
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.cache.num_blocks * self.cache.block_size
 
     # -- called from request threads -------------------------------------------------------------
 
@@ -106,16 +140,13 @@ class Scheduler:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> Sequence | None:
         """Queue a request; a request that could never run gets ``on_error`` at once (and None)."""
-        problems = request.problems(self.vocab_size, self.max_seq_len)
-        if not problems and len(request.input_ids) + request.max_new_tokens > self.kv_cache_tokens:
-            problems.append(
-                f"{len(request.input_ids)} input tokens plus request_output_len={request.max_new_tokens} exceed "
-                f"the KV cache budget of {self.kv_cache_tokens} tokens"
-            )
+        problems = request.problems(self.vocab_size, self.config.max_seq_len)
+        if not problems:
+            problems = self._capacity_problems(request)
         if problems:
             on_error("; ".join(problems))
             return None
-        sequence = Sequence(request, on_token, on_finish, on_error, Timings(time.monotonic()))
+        sequence = Sequence(request, on_token, on_finish, on_error, Timings(time.monotonic_ns()))
         sequence.is_cancelled = is_cancelled
         if request.seed is not None:
             sequence.generator = torch.Generator().manual_seed(request.seed)
@@ -124,8 +155,22 @@ class Scheduler:
             self._wake.notify()
         return sequence
 
+    def _capacity_problems(self, request: Request) -> list[str]:
+        prompt = len(request.input_ids)
+        if prompt + request.max_new_tokens > self.capacity_tokens:
+            return [
+                f"{prompt} input tokens plus request_output_len={request.max_new_tokens} exceed the KV cache "
+                f"of {self.capacity_tokens} tokens (raise max_tokens_in_paged_kv_cache or the memory fraction)"
+            ]
+        if not self.config.enable_chunked_context and prompt > self.config.max_num_tokens:
+            return [
+                f"{prompt} input tokens exceed max_num_tokens={self.config.max_num_tokens} per step "
+                "(enable chunked context or raise max_num_tokens)"
+            ]
+        return []
+
     def cancel(self, sequence: Sequence) -> None:
-        """The sequence leaves the batch at the next step and frees its cache."""
+        """The sequence leaves the batch at the next step and frees its blocks."""
         sequence.cancelled = True
         with self._wake:
             self._wake.notify()
@@ -150,33 +195,40 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            if not self.step():  # nothing could run (e.g. only cancelled requests): do not spin
+                with self._wake:
+                    self._wake.wait(timeout=0.01)
 
-    @property
-    def reserved_tokens(self) -> int:
-        return sum(s.reserved_tokens for s in self.running)
-
-    def step(self) -> None:
-        """Retire cancelled sequences, admit what fits, then one decoding step for the rest."""
-        if time.monotonic() >= self._next_cancel_poll:
+    def step(self) -> bool:
+        """One step: retire cancelled sequences, schedule tokens, run them. False when nothing ran."""
+        now = time.monotonic_ns()
+        if now >= self._next_cancel_poll:
+            self._next_cancel_poll = now + self.config.cancellation_check_period_ms * 1_000_000
             self._poll_cancellations()
         for sequence in [s for s in self.running if s.cancelled]:
             self._retire(sequence, "cancelled")
-        self._admit()
-        decoding = [s for s in self.running if not s.done]
-        if not decoding:
-            self._members, self._cache = [], None  # idle: hold no cache
-        else:
-            try:
-                self._decode(decoding)
-            except Exception as error:  # answer every open request rather than leave clients hanging
-                for sequence in decoding:
-                    self._fail(sequence, f"decoding failed: {error}")
+        spans = self._schedule()
+        self.peak_blocks = max(self.peak_blocks, self.cache.used)
+        if not spans:
+            return False
+        try:
+            logits = forward(self.model, self.cache, [span for _, span in spans])
+        except Exception as error:  # answer every request of the step rather than leave clients hanging
+            for sequence, _ in spans:
+                self._fail(sequence, f"the forward pass failed: {error}")
+            return True
+        row = 0
+        for sequence, span in spans:
+            sequence.computed = span.stop
+            self.cache.name_full_blocks(sequence.table, sequence.tokens, sequence.computed)
+            if span.wants_logits:
+                self._take(sequence, logits[row])
+                row += 1
+        return True
 
     def _poll_cancellations(self) -> None:
-        """Ask each request whether its client went away. Asking is a round trip to the server, so
-        it happens every CANCEL_POLL_S rather than at every step."""
-        self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
+        """Ask each request whether its client went away (a round trip to the server, so it happens
+        every cancellation_check_period_ms rather than at every step)."""
         with self._wake:  # submitters append to the queue meanwhile
             present = [*self.running, *self.waiting]
         for sequence in present:
@@ -186,116 +238,96 @@ class Scheduler:
                 except Exception:  # the request is gone with its client
                     sequence.cancelled = True
 
-    def _admit(self) -> None:
-        """Take waiting requests in arrival order while a slot and cache room remain, and prefill
-        them together (one left-padded forward pass, which also gives each its first token)."""
-        admitted: list[Sequence] = []
+    # -- scheduling -------------------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[Sequence, Span]]:
+        """This step's spans: running sequences first (in admission order), then newcomers, while
+        the token budget lasts."""
+        budget = self.config.max_num_tokens
+        spans: list[tuple[Sequence, Span]] = []
+        for sequence in list(self.running):
+            if sequence.done or sequence not in self.running:  # paused by an earlier one's growth
+                continue
+            span = self._span(sequence, budget)
+            if span is None:
+                break
+            spans.append((sequence, span))
+            budget -= len(span.tokens)
+        while budget > 0 and self._admit_next():
+            sequence = self.running[-1]
+            span = self._span(sequence, budget)
+            if span is None:
+                break
+            spans.append((sequence, span))
+            budget -= len(span.tokens)
+        return spans
+
+    def _span(self, sequence: Sequence, budget: int) -> Span | None:
+        """The sequence's next tokens within ``budget``, with cache blocks for them; None when the
+        budget or the cache has no room for them this step."""
+        tokens = sequence.tokens
+        count = min(len(tokens) - sequence.computed, budget)
+        if count < len(tokens) - sequence.computed and not self.config.enable_chunked_context:
+            return None
+        if count <= 0:
+            return None
+        while not self.cache.grow(sequence.table, sequence.computed + count):
+            victim = self._pause_latest(sequence)
+            if victim is sequence:
+                return None
+        stop = sequence.computed + count
+        return Span(sequence.table, tokens[sequence.computed : stop], sequence.computed, stop == len(tokens))
+
+    def _pause_latest(self, needy: Sequence) -> Sequence:
+        """max_utilization: free the blocks of the most recently admitted sequence (``needy`` itself
+        when it is the latest); it waits at the head of the queue and recomputes when resumed.
+        Under guaranteed_no_evict admission leaves room for every sequence, so this never runs."""
+        victim = self.running[-1]
+        self.running.remove(victim)
+        self.cache.release(victim.table)
+        victim.table, victim.computed = BlockTable(), 0
+        victim.paused += 1
         with self._wake:
-            while self.waiting:
-                head = self.waiting[0]
-                if head.cancelled:
-                    self.waiting.popleft()
-                    continue
-                if len(self.running) >= self.max_batch_size:
-                    break
-                if self.reserved_tokens + head.reserved_tokens > self.kv_cache_tokens:
-                    break  # first come, first served: it waits for room, later ones wait behind it
-                self.waiting.popleft()
-                head.timings.scheduled = time.monotonic()
-                self.running.append(head)
-                admitted.append(head)
-        for sequence in [s for s in admitted if s.request.max_new_tokens == 0]:
-            self._retire(sequence, None)
-        admitted = [s for s in admitted if not s.done]
-        if admitted:
-            try:
-                self._prefill(admitted)
-            except Exception as error:
-                for sequence in admitted:
-                    self._fail(sequence, f"prefill failed: {error}")
+            self.waiting.appendleft(victim)
+        return victim
 
-    def _prefill(self, batch: list[Sequence]) -> None:
-        from transformers import DynamicCache
-
-        longest = max(len(s.request.input_ids) for s in batch)
-        ids = torch.full((len(batch), longest), PAD, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, sequence in enumerate(batch):  # left padding: every prompt ends in the last column
-            prompt = sequence.request.input_ids
-            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-            mask[row, longest - len(prompt) :] = 1
-        cache = DynamicCache()
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        logits = out.logits[:, -1, :].float().cpu()
-        layers = [_kv(layer) for layer in cache.layers]
-        for row, sequence in enumerate(batch):
-            length = len(sequence.request.input_ids)
-            start = longest - length
-            sequence.layers = [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in layers]
-            sequence.length = length
-            self._take(sequence, logits[row])
-
-    def _decode(self, batch: list[Sequence]) -> None:
-        if batch != self._members:
-            self._rebuild(batch)
-        longest = self._mask.shape[1]
-        self._mask = torch.cat([self._mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
-        ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
-        positions = torch.tensor([[s.length] for s in batch], dtype=torch.long)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=self._mask.to(self.device),
-                position_ids=positions.to(self.device),
-                past_key_values=self._cache,
-                use_cache=True,
-            )
-        assert self._cache.get_seq_length() == longest + 1
-        logits = out.logits[:, -1, :].float().cpu()
-        for row, sequence in enumerate(batch):
-            sequence.length += 1
-            if sequence.cancelled:
-                self._retire(sequence, "cancelled")
+    def _admit_next(self) -> bool:
+        """Move the head of the queue into the running batch if a slot and the cache allow it
+        (first come, first served: a request that does not fit holds back those behind it)."""
+        with self._wake:
+            while self.waiting and self.waiting[0].cancelled:
+                self.waiting.popleft().done = True
+            if not self.waiting or len(self.running) >= self.config.max_batch_size:
+                return False
+            head = self.waiting[0]
+            tokens = head.tokens
+            cached = self.cache.cached_prefix(tokens)
+            idle_cached = sum(1 for b in cached if self.cache.refs[b] == 0)
+            free = self.cache.available - idle_cached
+            if self.config.batch_scheduler_policy == "guaranteed_no_evict":
+                free -= sum(self.cache.blocks_for(s.final_length) - len(s.table.blocks) for s in self.running)
+                needed = self.cache.blocks_for(head.final_length) - len(cached)
             else:
-                self._take(sequence, logits[row])
+                needed = self.cache.blocks_for(len(tokens)) - len(cached)
+            if needed > free:
+                return False
+            self.waiting.popleft()
+        self.cache.share(head.table, cached)
+        head.computed = len(cached) * self.cache.block_size
+        head.timings.scheduled = head.timings.scheduled or time.monotonic_ns()
+        self.running.append(head)
+        if head.request.max_new_tokens == 0:
+            self._retire(head, None)
+            return self._admit_next()
+        return True
 
-    def _rebuild(self, batch: list[Sequence]) -> None:
-        """One left-padded cache for ``batch``: members of the old batch take their rows out of the
-        old cache, newcomers bring the keys and values of their prefill."""
-        from transformers import DynamicCache
-
-        if self._cache is not None:
-            old = [_kv(layer) for layer in self._cache.layers]
-            width = self._mask.shape[1]
-            for row, sequence in enumerate(self._members):
-                if sequence in batch:
-                    start = width - sequence.length
-                    sequence.layers = [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in old]
-        longest = max(s.length for s in batch)
-        cache = DynamicCache()
-        for index in range(len(batch[0].layers)):
-            keys = [_left_pad(s.layers[index][0], longest) for s in batch]
-            values = [_left_pad(s.layers[index][1], longest) for s in batch]
-            cache.update(torch.cat(keys), torch.cat(values), index)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, sequence in enumerate(batch):
-            mask[row, longest - sequence.length :] = 1
-            sequence.layers = []  # its keys and values now live in the batched cache
-        self._members, self._cache, self._mask = list(batch), cache, mask
+    # -- results ----------------------------------------------------------------------------------
 
     def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Choose the next token from ``logits``, hand it out, and retire a finished sequence."""
         token, finished = advance(logits, sequence.request, sequence.result, sequence.generator)
         if token is not None:
-            now = time.monotonic()
-            sequence.last_token = token
+            now = time.monotonic_ns()
             sequence.timings.first_token = sequence.timings.first_token or now
             sequence.timings.last_token = now
             sequence.on_token(token)
@@ -306,12 +338,14 @@ class Scheduler:
         if sequence.done:
             return
         sequence.done = True
-        sequence.layers = []  # its rows leave the batched cache when the batch is next rebuilt
         if sequence in self.running:
             self.running.remove(sequence)
+        self.peak_blocks = max(self.peak_blocks, self.cache.used)
+        self.cache.release(sequence.table)
         if reason:
             sequence.result.finish_reason = reason
         if reason != "cancelled":
+            sequence.result.metrics = metrics(sequence)
             sequence.on_finish(sequence.result)
 
     def _fail(self, sequence: Sequence, message: str) -> None:
@@ -320,16 +354,15 @@ class Scheduler:
             sequence.on_error(message)
 
 
-def _kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cache layer's keys and values (set once the model has run)."""
-    assert layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
-
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, heads, n, dim] -> [1, heads, length, dim], zeros in front (masked out of attention)."""
-    missing = length - tensor.shape[2]
-    if missing == 0:
-        return tensor
-    pad = torch.zeros((*tensor.shape[:2], missing, tensor.shape[3]), dtype=tensor.dtype, device=tensor.device)
-    return torch.cat([pad, tensor], dim=2)
+def metrics(sequence: Sequence) -> dict[str, int]:
+    """The request's perf metrics, named like the TensorRT-LLM backend's outputs."""
+    table, timings = sequence.table, sequence.timings
+    return {
+        "arrival_time_ns": timings.arrival,
+        "first_scheduled_time_ns": timings.scheduled,
+        "first_token_time_ns": timings.first_token,
+        "last_token_time_ns": timings.last_token,
+        "kv_cache_reused_blocks": table.reused,
+        "kv_cache_alloc_new_blocks": table.allocated,
+        "kv_cache_alloc_total_blocks": table.reused + table.allocated,
+    }

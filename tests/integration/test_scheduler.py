@@ -1,6 +1,7 @@
 """In-flight batching in the reference runtime (``pipeline.runtime.scheduler``) on a real exported
-checkpoint of the tiny Llama: requests join and leave at every step and still produce what they
-produce alone."""
+checkpoint of the tiny Llama: requests join and leave at every step, prompts are prefilled in
+chunks, blocks are shared between prompts with a common prefix, and every request still produces
+exactly what it produces alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from pipeline import runner, validate
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, Result, generate
-from pipeline.runtime.scheduler import Scheduler
+from pipeline.runtime.scheduler import Scheduler, SchedulerConfig
 from pipeline.stages import STAGES
 
 
@@ -50,99 +51,180 @@ class Client:
 PROMPTS = [[1, 5], [1, 4, 4, 8, 10, 12, 2], [1, 7, 3], [1, 9, 9, 9, 2, 6, 5, 4, 3, 11], [1], [1, 6, 2, 8]]
 
 
+def scheduler(model: Any, **settings: Any) -> Scheduler:
+    """Small blocks and a small step budget, so that chunking and paging happen on short prompts."""
+    knobs: dict[str, Any] = {"max_batch_size": 4, "max_num_tokens": 64, "kv_cache_tokens": 1024, "tokens_per_block": 4}
+    return Scheduler(model, SchedulerConfig(**{**knobs, **settings}))
+
+
 def _run(scheduler: Scheduler, clients: list[Client]) -> None:
     while scheduler.running or scheduler.waiting:
         scheduler.step()
+        assert scheduler.cache.used <= scheduler.cache.num_blocks
     assert all(c.done.is_set() for c in clients)
+    assert scheduler.cache.used == 0  # every block came back
+
+
+def _alone(model: Any, requests: list[Request]) -> list[list[int]]:
+    return [generate(model, [r])[0].output_ids for r in requests]
 
 
 def test_requests_arriving_at_different_steps_answer_as_they_do_alone(model: Any) -> None:
-    requests = [Request(p, max_new_tokens=4 + 2 * (i % 3)) for i, p in enumerate(PROMPTS)]
-    alone = [generate(model, [r])[0].output_ids for r in requests]
-    scheduler = Scheduler(model, max_batch_size=3, kv_cache_tokens=1000)
+    prompts = [*PROMPTS, [1, *range(3, 20), 5, 7], [1, *range(8, 21, 2)] * 3]
+    requests = [Request(p, max_new_tokens=4 + 2 * (i % 3)) for i, p in enumerate(prompts)]
+    alone = _alone(model, requests)
+    # 6 tokens a step: long prompts are prefilled over several steps beside the running ones
+    batched = scheduler(model, max_batch_size=3, max_num_tokens=6)
     clients = [Client() for _ in requests]
     for index, (client, request) in enumerate(zip(clients, requests, strict=True)):
-        client.submit(scheduler, request)
+        client.submit(batched, request)
         for _ in range(index % 3):  # the batch moves on between arrivals
-            scheduler.step()
-    _run(scheduler, clients)
+            batched.step()
+    _run(batched, clients)
     assert [c.tokens for c in clients] == alone
     assert [c.result.output_ids for c in clients if c.result] == alone
 
 
 def test_a_request_joining_a_running_batch_gets_its_first_token_within_two_steps(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch_size=4, kv_cache_tokens=1000)
+    batched = scheduler(model)
     long, late = Client(), Client()
-    long.submit(scheduler, Request(PROMPTS[3], max_new_tokens=20))
+    long.submit(batched, Request(PROMPTS[3], max_new_tokens=20))
     for _ in range(3):
-        scheduler.step()
+        batched.step()
     before = len(long.tokens)
-    late.submit(scheduler, Request(PROMPTS[1], max_new_tokens=5))
-    scheduler.step()
+    late.submit(batched, Request(PROMPTS[1], max_new_tokens=5))
+    batched.step()
     assert late.tokens  # admitted at the next step: prefilled, first token out
-    scheduler.step()
+    batched.step()
     assert len(late.tokens) >= 2 and len(long.tokens) == before + 2 and not long.done.is_set()
-    _run(scheduler, [long, late])
+    _run(batched, [long, late])
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_keeps_its_pace(model: Any) -> None:
+    batched = scheduler(model, max_num_tokens=8)
+    running, long = Client(), Client()
+    running.submit(batched, Request(PROMPTS[1], max_new_tokens=30))
+    batched.step()
+    long_prompt = [1, *range(3, 20)] * 3  # 54 tokens: 7 chunks of at most 7 beside the running token
+    long.submit(batched, Request(long_prompt, max_new_tokens=3))
+    for step in range(8):
+        before = len(running.tokens)
+        batched.step()
+        assert len(running.tokens) == before + 1, f"the running stream stalled at step {step}"
+        if long.tokens:
+            break
+    assert long.tokens and step == 7  # 7 steps of prefill, the first token at the 8th
+    _run(batched, [running, long])
+    assert long.tokens == _alone(model, [Request(long_prompt, max_new_tokens=3)])[0]
+
+
+def test_without_chunked_context_a_prompt_longer_than_a_step_is_refused(model: Any) -> None:
+    client = Client()
+    assert client.submit(scheduler(model, max_num_tokens=8, enable_chunked_context=False), Request([1] * 9)) is None
+    assert client.error and "max_num_tokens=8" in client.error
+
+
+def test_prompts_sharing_a_prefix_reuse_its_cached_blocks(model: Any) -> None:
+    system = [1, *range(3, 20)]  # 18 tokens: 4 full blocks of 4
+    requests = [Request(system + tail, max_new_tokens=3) for tail in ([5, 6], [7, 8, 9], [5, 6])]
+    alone = _alone(model, requests)
+    batched = scheduler(model)
+    clients = [Client() for _ in requests]
+    for client, request in zip(clients, requests, strict=True):
+        client.submit(batched, request)
+        _run(batched, [client])  # one after the other: each finds what the earlier ones left
+    assert [c.tokens for c in clients] == alone
+    reused = [c.result.metrics["kv_cache_reused_blocks"] for c in clients if c.result]
+    # the third prompt equals the first: its 20 tokens hold 5 full blocks, the last token is recomputed
+    assert reused == [0, 4, 4]
+    total = [c.result.metrics["kv_cache_alloc_total_blocks"] for c in clients if c.result]
+    assert total == [6, 6, 6]  # 20 or 21 prompt tokens + 3 generated, in blocks of 4
+
+
+def test_reuse_can_be_turned_off(model: Any) -> None:
+    batched = scheduler(model, enable_kv_cache_reuse=False)
+    clients = [Client(), Client()]
+    for client in clients:
+        client.submit(batched, Request([1, *range(3, 20)], max_new_tokens=2))
+        _run(batched, [client])
+    assert [c.result.metrics["kv_cache_reused_blocks"] for c in clients if c.result] == [0, 0]
 
 
 def test_a_bad_request_fails_alone(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch_size=4, kv_cache_tokens=1000, max_seq_len=64)
+    batched = scheduler(model, max_seq_len=64)
     good, bad, nan = Client(), Client(), Client()
-    good.submit(scheduler, Request(PROMPTS[1], max_new_tokens=4))
-    assert bad.submit(scheduler, Request([1, 10**6], max_new_tokens=4)) is None
-    assert nan.submit(scheduler, Request([1, 2], max_new_tokens=4, temperature=float("nan"))) is None
-    _run(scheduler, [good])
+    good.submit(batched, Request(PROMPTS[1], max_new_tokens=4))
+    assert bad.submit(batched, Request([1, 10**6], max_new_tokens=4)) is None
+    assert nan.submit(batched, Request([1, 2], max_new_tokens=4, temperature=float("nan"))) is None
+    _run(batched, [good])
     assert bad.error and "outside the vocabulary" in bad.error
     assert nan.error and "finite" in nan.error
     assert good.result is not None and len(good.result.output_ids) == 4
 
 
-def test_the_kv_cache_budget_is_never_exceeded_and_a_request_that_does_not_fit_waits(model: Any) -> None:
-    requests = [Request([1, 5, 9, 3, 7], max_new_tokens=10) for _ in range(4)]  # 15 tokens each
-    scheduler = Scheduler(model, max_batch_size=4, kv_cache_tokens=30)
+def test_the_cache_budget_is_never_exceeded_and_a_request_that_does_not_fit_waits(model: Any) -> None:
+    requests = [Request([1, 5, 9, 3, 7], max_new_tokens=10) for _ in range(4)]  # 15 tokens: 4 blocks each
+    batched = scheduler(model, kv_cache_tokens=32, enable_kv_cache_reuse=False)  # 8 blocks
     clients = [Client() for _ in requests]
     for client, request in zip(clients, requests, strict=True):
-        client.submit(scheduler, request)
+        client.submit(batched, request)
     most = 0
-    while scheduler.running or scheduler.waiting:
-        scheduler.step()
-        most = max(most, len(scheduler.running))
-        assert scheduler.reserved_tokens <= 30
-    assert most == 2 and all(c.result and len(c.result.output_ids) == 10 for c in clients)
+    while batched.running or batched.waiting:
+        batched.step()
+        most = max(most, len(batched.running))
+    assert most == 2 and batched.peak_blocks <= 8
+    assert all(c.result and len(c.result.output_ids) == 10 for c in clients)
     too_big = Client()
-    assert too_big.submit(scheduler, Request([1] * 25, max_new_tokens=10)) is None
-    assert too_big.error and "KV cache budget of 30 tokens" in too_big.error
+    assert too_big.submit(batched, Request([1] * 25, max_new_tokens=10)) is None
+    assert too_big.error and "KV cache of 32 tokens" in too_big.error
+
+
+def test_max_utilization_pauses_the_latest_sequence_and_it_resumes_where_it_was(model: Any) -> None:
+    requests = [Request(p, max_new_tokens=12) for p in (PROMPTS[3], PROMPTS[1], PROMPTS[5])]
+    alone = _alone(model, requests)
+    # 6 blocks of 4: all three prompts fit, their 12 new tokens each do not
+    batched = scheduler(model, kv_cache_tokens=24, batch_scheduler_policy="max_utilization")
+    clients = [Client() for _ in requests]
+    for client, request in zip(clients, requests, strict=True):
+        client.submit(batched, request)
+    batched.step()
+    assert len(batched.running) == 3  # admitted on their prompts alone
+    sequences = list(batched.running)
+    _run(batched, clients)
+    assert sum(s.paused for s in sequences) >= 1 and batched.peak_blocks <= 6
+    assert [c.tokens for c in clients] == alone
 
 
 def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_room(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch_size=1, kv_cache_tokens=1000)
+    batched = scheduler(model, max_batch_size=1)
     first, second = Client(), Client()
-    handle = first.submit(scheduler, Request(PROMPTS[3], max_new_tokens=50))
-    second.submit(scheduler, Request(PROMPTS[1], max_new_tokens=3))
-    scheduler.step()
-    scheduler.step()
-    assert scheduler.running and scheduler.waiting  # one slot: the second waits
-    scheduler.cancel(handle)
-    scheduler.step()
+    handle = first.submit(batched, Request(PROMPTS[3], max_new_tokens=50))
+    second.submit(batched, Request(PROMPTS[1], max_new_tokens=3))
+    batched.step()
+    batched.step()
+    assert batched.running and batched.waiting  # one slot: the second waits
+    assert handle is not None
+    batched.cancel(handle)
+    batched.step()
     assert first.result is None and len(first.tokens) < 50  # cancelled: no final answer
-    _run(scheduler, [second])
+    _run(batched, [second])
     assert second.result is not None and len(second.result.output_ids) == 3
 
 
 @pytest.mark.slow  # the thread path also serves every Triton test
 def test_the_scheduler_thread_serves_concurrent_submitters(model: Any) -> None:
     requests = [Request(p, max_new_tokens=6) for p in PROMPTS]
-    alone = [generate(model, [r])[0].output_ids for r in requests]
-    scheduler = Scheduler(model, max_batch_size=4, kv_cache_tokens=1000)
-    scheduler.start()
+    alone = _alone(model, requests)
+    threaded = scheduler(model)
+    threaded.start()
     try:
         clients = [Client() for _ in requests]
         threads = [
-            threading.Thread(target=c.submit, args=(scheduler, r)) for c, r in zip(clients, requests, strict=True)
+            threading.Thread(target=c.submit, args=(threaded, r)) for c, r in zip(clients, requests, strict=True)
         ]
         for thread in threads:
             thread.start()
         assert all(c.done.wait(60) for c in clients)
     finally:
-        scheduler.stop()
+        threaded.stop()
     assert [c.tokens for c in clients] == alone

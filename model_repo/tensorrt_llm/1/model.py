@@ -1,10 +1,11 @@
 """Triton python model of the CPU target: the reference runtime in place of a TensorRT-LLM engine.
 
-Same inputs and outputs as the TensorRT-LLM backend (a subset). With ``batching=inflight``
-(``triton.cpu_batching=inflight``) ``execute`` hands each request to the in-flight scheduler
-(``reference_runtime/scheduler.py``), which admits it at the next decoding step and answers it as
-soon as it ends; with ``run_to_completion`` (the default) the requests Triton's dynamic batcher
-delivers together run as one batch until the last of them ends. Each request is checked before it
+Same inputs and outputs as the TensorRT-LLM backend (a subset). With ``batching=inflight`` (the
+default, ``triton.cpu_batching``) ``execute`` hands each request to the in-flight scheduler
+(``reference_runtime/scheduler.py``): paged KV cache, chunked context, block reuse and the batch
+scheduler policies, sized by the same parameters as the GPU backend. With ``run_to_completion``
+the requests Triton's dynamic batcher delivers together run as one batch until the last of them
+ends (kept to measure what in-flight batching gains). Each request is checked before it
 joins (ids inside the vocabulary, sampling values in range, length within the engine's
 ``max_seq_len``): a bad one gets its own error and the others run. The model is decoupled: a
 streaming request gets one response per token, any other request one response with all of its
@@ -26,7 +27,8 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
-from reference_runtime.scheduler import Scheduler
+from reference_runtime.kvcache import KVCache, budget_tokens
+from reference_runtime.scheduler import Scheduler, SchedulerConfig
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -65,14 +67,38 @@ class TritonPythonModel:
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         self.scheduler: Scheduler | None = None
-        if self.decoupled and params.get("batching", "run_to_completion") == "inflight":
-            self.scheduler = Scheduler(
-                self.model,
-                max_batch_size=int(config["max_batch_size"]),
-                kv_cache_tokens=int(params["kv_cache_tokens"]),
-                max_seq_len=self.max_seq_len,
-            )
+        if self.decoupled and params.get("batching", "inflight") == "inflight":
+            self.scheduler = Scheduler(self.model, self._scheduler_config(config, params))
             self.scheduler.start()
+
+    def _scheduler_config(self, config: dict[str, Any], params: dict[str, str]) -> SchedulerConfig:
+        """The in-flight scheduler's knobs, from the parameters the GPU backend reads too."""
+        hf = self.model.config
+        batch, seq_len = int(config["max_batch_size"]), self.max_seq_len or int(hf.max_position_embeddings)
+        per_token = KVCache.bytes_per_token(hf.num_hidden_layers, hf.num_key_value_heads, hf.head_dim)
+        tokens = budget_tokens(
+            per_token,
+            float(params.get("kv_cache_free_gpu_mem_fraction", "0.9")),
+            int(params.get("max_tokens_in_paged_kv_cache") or 0) or None,
+            ceiling=batch * seq_len,
+        )
+        scheduler = SchedulerConfig(
+            max_batch_size=batch,
+            max_num_tokens=int(params.get("max_num_tokens", "64")),
+            kv_cache_tokens=tokens,
+            tokens_per_block=int(params.get("tokens_per_block", "32")),
+            max_seq_len=self.max_seq_len,
+            batch_scheduler_policy=params.get("batch_scheduler_policy", "guaranteed_no_evict"),
+            enable_chunked_context=params.get("enable_chunked_context", "true") == "true",
+            enable_kv_cache_reuse=params.get("enable_kv_cache_reuse", "false") == "true",
+            cancellation_check_period_ms=int(params.get("cancellation_check_period_ms", "100")),
+        )
+        pb_utils.Logger.log_info(
+            f"in-flight batching: KV cache of {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB), "
+            f"{scheduler.max_num_tokens} tokens per step, {scheduler.batch_scheduler_policy}, "
+            f"chunked context {scheduler.enable_chunked_context}, block reuse {scheduler.enable_kv_cache_reuse}"
+        )
+        return scheduler
 
     def finalize(self) -> None:
         if self.scheduler is not None:
@@ -105,7 +131,9 @@ class TritonPythonModel:
             _send_error(sender, str(error))
             return None
         streaming = self.decoupled and bool(_scalar(request, "streaming", False))
-        return _Client(sender, parsed, streaming, [] if self.exclude_input else parsed.input_ids)
+        client = _Client(sender, parsed, streaming, [] if self.exclude_input else parsed.input_ids)
+        client.perf_metrics = bool(_scalar(request, "return_perf_metrics", False))
+        return client
 
     def execute(self, requests: list[Any]) -> None:
         accepted = [(client, request) for request in requests if (client := self._client(request)) is not None]
@@ -143,7 +171,7 @@ def _send_error(sender: Any, message: str) -> None:
     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
 
-def _response(tokens: list[int], log_probs: list[float] | None = None) -> Any:
+def _response(tokens: list[int], log_probs: list[float] | None = None, metrics: dict[str, int] | None = None) -> Any:
     tensors = [
         pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
         pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
@@ -153,6 +181,9 @@ def _response(tokens: list[int], log_probs: list[float] | None = None) -> Any:
             pb_utils.Tensor("cum_log_probs", np.array([[sum(log_probs)]], dtype=np.float32)),
             pb_utils.Tensor("output_log_probs", np.array([[log_probs]], dtype=np.float32)),
         ]
+    for name, value in (metrics or {}).items():  # the backend's perf metrics outputs
+        dtype = np.int64 if name.endswith("_ns") else np.int32
+        tensors.append(pb_utils.Tensor(name, np.array([value], dtype=dtype)))
     return pb_utils.InferenceResponse(tensors)
 
 
@@ -163,6 +194,7 @@ class _Client:
     def __init__(self, sender: Any, parsed: Request, streaming: bool, prompt: list[int]):
         self.sender, self.parsed, self.streaming, self.prompt = sender, parsed, streaming, prompt
         self.answered = False
+        self.perf_metrics = False  # return_perf_metrics: the final response carries them
 
     def token(self, token: int) -> None:
         if self.streaming:
@@ -170,11 +202,12 @@ class _Client:
 
     def finish(self, result: Result) -> None:
         self.answered = True
-        if self.streaming:
-            self.sender.send(flags=FINAL)
+        metrics = result.metrics if self.perf_metrics else None
+        if self.streaming:  # every token is out: the last response carries only the metrics asked for
+            self.sender.send(_response([], metrics=metrics) if metrics else None, flags=FINAL)
             return
         log_probs = result.log_probs if self.parsed.return_log_probs else None
-        self.sender.send(_response(self.prompt + result.output_ids, log_probs), flags=FINAL)
+        self.sender.send(_response(self.prompt + result.output_ids, log_probs, metrics), flags=FINAL)
 
     def error(self, message: str) -> None:
         self.answered = True

@@ -139,6 +139,8 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
         str(build.max_num_tokens),
         "--kv_cache_type",
         build.kv_cache_type,
+        "--tokens_per_block",
+        str(build.tokens_per_block),
     ]
     if chosen.gemm_plugin is not None:
         argv += ["--gemm_plugin", chosen.gemm_plugin]

@@ -60,24 +60,32 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
     load with "Cannot find parameter with name" when one is absent, although the docs call the last
     three optional: they are always written, empty meaning "no guided decoding"."""
     triton = cfg.triton
-    if not cfg.target.is_gpu:
-        return {
-            "engine_dir": REPO_ENGINE_DIR,
-            "exclude_input_in_output": _flag(triton.exclude_input_in_output),
-            "max_seq_len": str(cfg.build.max_seq_len),  # requests beyond it are refused one by one
-            "threads": str(triton.cpu_threads or 0),  # 0: every core
-            "batching": str(triton.cpu_batching),
-            "kv_cache_tokens": str(cpu_kv_cache_tokens(cfg)),
-        }
-    return {
-        "gpt_model_type": str(triton.batching_strategy),
-        # relative to the repository root: serve starts every rank there, so the folder can move
-        "gpt_model_path": REPO_ENGINE_DIR,
+    # what both targets read, under the backend's names
+    shared = {
         "batch_scheduler_policy": str(triton.batch_scheduler_policy),
         "kv_cache_free_gpu_mem_fraction": str(triton.kv_cache_free_gpu_mem_fraction),
         "enable_chunked_context": _flag(triton.enable_chunked_context),
         "enable_kv_cache_reuse": _flag(kv_cache_reuse(cfg)),
         "exclude_input_in_output": _flag(triton.exclude_input_in_output),
+        "cancellation_check_period_ms": str(triton.cancellation_check_period_ms),
+    }
+    if triton.max_tokens_in_paged_kv_cache is not None:
+        shared["max_tokens_in_paged_kv_cache"] = str(triton.max_tokens_in_paged_kv_cache)
+    if not cfg.target.is_gpu:
+        return {
+            "engine_dir": REPO_ENGINE_DIR,
+            **shared,
+            "max_seq_len": str(cfg.build.max_seq_len),  # requests beyond it are refused one by one
+            "threads": str(triton.cpu_threads or 0),  # 0: every core
+            "batching": str(triton.cpu_batching),
+            "max_num_tokens": str(triton.cpu_max_num_tokens),
+            "tokens_per_block": str(cfg.build.tokens_per_block),
+        }
+    return {
+        "gpt_model_type": str(triton.batching_strategy),
+        # relative to the repository root: serve starts every rank there, so the folder can move
+        "gpt_model_path": REPO_ENGINE_DIR,
+        **shared,
         "max_beam_width": "1",
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
@@ -85,12 +93,6 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
         "guided_decoding_backend": "",
         "xgrammar_tokenizer_info_path": "",
     }
-
-
-def cpu_kv_cache_tokens(cfg: PipelineConfig) -> int:
-    """The CPU engine model's KV cache budget: what the config says, else what a full batch of
-    the longest sequences needs."""
-    return cfg.triton.cpu_kv_cache_tokens or cfg.build.max_batch_size * cfg.build.max_seq_len
 
 
 def _parameters_block(params: dict[str, str]) -> str:
@@ -172,7 +174,7 @@ def code_files(cfg: PipelineConfig) -> dict[str, Path]:
             files[f"{model}/1/model.py"] = source
     if not cfg.target.is_gpu:
         # the reference runtime travels with the repository (python models never import pipeline)
-        for name in ("__init__.py", "checkpoint.py", "generate.py", "scheduler.py"):
+        for name in sorted(p.name for p in RUNTIME_DIR.glob("*.py")):
             files[f"{ENGINE_MODEL}/1/reference_runtime/{name}"] = RUNTIME_DIR / name
     return files
 

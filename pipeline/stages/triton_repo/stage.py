@@ -32,7 +32,9 @@ from pipeline.stages.triton_repo import render
 from pipeline.workspace import StageWorkspace, link_or_copy
 
 NAME = "triton_repo"
-VERSION = 3  # 2: repository.json inside the repository; 3: CPU engine model knows max_seq_len
+VERSION = (
+    4  # 2: repository.json inside the repository; 3: CPU engine model knows max_seq_len; 4: paged in-flight scheduler
+)
 TOOLS = ("tritonclient",)
 SERVER_ONLY = ("name", "host", "http_port", "grpc_port", "metrics_port", "ready_timeout_s")
 

@@ -1,0 +1,111 @@
+"""One forward pass of a transformers Llama over a packed step: the new tokens of every scheduled
+sequence side by side (no padding), keys and values read from and written to the paged cache.
+
+This is how TensorRT-LLM runs a step with ``remove_input_padding``: prompt chunks (context phase)
+and single tokens (generation phase) share one pass, so the linear layers see one [tokens, hidden]
+matrix whatever the mix. Only attention differs per sequence: generation-phase sequences attend
+as one padded batch over their gathered blocks, each prompt chunk on its own with a causal mask
+offset by what is already cached. The model's own modules do the work (norms, projections with
+the checkpoint's quantization hooks, rotary embedding, MLP), so the numbers are the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .kvcache import BlockTable, KVCache
+
+
+@dataclass
+class Span:
+    """One sequence's part of a step: positions start..start+count-1, all after ``start`` new."""
+
+    table: BlockTable
+    tokens: list[int]  # the new tokens
+    start: int  # positions already in the cache
+    wants_logits: bool  # the span ends the sequence's known tokens: the next one is chosen from it
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.tokens)
+
+
+def forward(model: Any, cache: KVCache, spans: list[Span]) -> torch.Tensor:
+    """Run ``spans`` through the model, writing their keys and values into ``cache``. Returns the
+    float32 logits of the last position of every span that wants them, in span order."""
+    inner = model.model
+    size = cache.block_size
+    ids = torch.tensor([t for s in spans for t in s.tokens], dtype=torch.long)
+    positions = torch.cat([torch.arange(s.start, s.stop) for s in spans])
+    writes = torch.cat([s.table.slots(s.start, s.stop, size) for s in spans])
+    offsets = [0]
+    for span in spans:
+        offsets.append(offsets[-1] + len(span.tokens))
+
+    single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
+    chunks = [i for i, s in enumerate(spans) if len(s.tokens) > 1]
+    # generation phase: one padded gather of every sequence's cached positions
+    longest = max((spans[i].stop for i in single), default=0)
+    gather = torch.zeros((len(single), longest), dtype=torch.long)
+    visible = torch.zeros((len(single), 1, 1, longest), dtype=torch.bool)
+    for row, i in enumerate(single):
+        gather[row, : spans[i].stop] = spans[i].table.slots(0, spans[i].stop, size)
+        visible[row, ..., : spans[i].stop] = True
+    single_rows = torch.tensor([offsets[i] for i in single], dtype=torch.long)
+    chunk_reads = {i: spans[i].table.slots(0, spans[i].stop, size) for i in chunks}
+
+    with torch.no_grad():
+        hidden = inner.embed_tokens(ids)  # [tokens, hidden]
+        cos, sin = inner.rotary_emb(hidden[None], positions[None])  # [1, tokens, head_dim]
+        for index, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(len(ids), -1, attn.head_dim).transpose(0, 1)  # [heads, tokens, dim]
+            k = attn.k_proj(x).view(len(ids), -1, attn.head_dim).transpose(0, 1)
+            v = attn.v_proj(x).view(len(ids), -1, attn.head_dim)
+            q, k = _rotate(q, k, cos[0], sin[0])
+            keys, values = cache.keys[index], cache.values[index]  # [slots, kv_heads, dim]
+            keys[writes] = k.transpose(0, 1).to(keys.dtype)
+            values[writes] = v.to(values.dtype)
+            out = torch.empty_like(q)  # [heads, tokens, dim]
+            if single:
+                k_all = keys[gather].transpose(1, 2).to(q.dtype)  # [batch, kv_heads, longest, dim]
+                v_all = values[gather].transpose(1, 2).to(q.dtype)
+                q_single = q[:, single_rows].transpose(0, 1).unsqueeze(2)  # [batch, heads, 1, dim]
+                attended = F.scaled_dot_product_attention(
+                    q_single, k_all, v_all, attn_mask=visible, scale=attn.scaling, enable_gqa=True
+                )
+                out[:, single_rows] = attended.squeeze(2).transpose(0, 1)
+            for i in chunks:
+                span, rows = spans[i], slice(offsets[i], offsets[i + 1])
+                reads = chunk_reads[i]
+                k_seq = keys[reads].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kv_heads, length, dim]
+                v_seq = values[reads].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                # query at position p sees keys 0..p
+                mask = torch.arange(span.stop)[None, :] <= torch.arange(span.start, span.stop)[:, None]
+                attended = F.scaled_dot_product_attention(
+                    q[None, :, rows], k_seq, v_seq, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                )
+                out[:, rows] = attended[0]
+            hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = torch.tensor([offsets[i + 1] - 1 for i, s in enumerate(spans) if s.wants_logits], dtype=torch.long)
+        if len(last) == 0:
+            return torch.empty((0, model.config.vocab_size))
+        return model.lm_head(inner.norm(hidden[last])).float()
+
+
+def _rotate(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of [heads, tokens, dim] queries and keys at their own positions."""
+
+    def half_turn(x: torch.Tensor) -> torch.Tensor:
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((-second, first), dim=-1)
+
+    return q * cos + half_turn(q) * sin, k * cos + half_turn(k) * sin
