@@ -7,10 +7,9 @@ quantize: for the embedded model on this machine, each quant format is quantized
 phase are read back from the stage manifest. All formats run in one invocation so their numbers
 can be compared as ratios on the same, noisy machine.
 
-serving: the CPU repository of the embedded model served by a real Triton, at concurrency 1 and 8
-(the benchmark stage), against the reference runtime called directly with the same prompt and
-output lengths at batch 1 and 8. Reports the batching gain (c8 / c1) and what serving costs at
-concurrency 1 (served / direct), plus the load generator's own CPU share.
+serving (``benchmarks/serving.py``): in-flight against run-to-completion batching and raw
+transformers generate, prefix reuse, chunked context and memory under load, with the ratios the
+scheduler is held to (``python -m benchmarks serving [soak_s=300]``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import artifacts, runner, validate
+from benchmarks import serving
+from pipeline import runner, validate
 from pipeline.stages import STAGES
 
 FORMATS = ("none", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")
@@ -75,45 +75,6 @@ def bench_quantize(workdir: Path) -> list[dict]:
     return rows
 
 
-def _direct_tokens_per_s(engine: Path, batch: int, input_tokens: int, output_tokens: int) -> float:
-    """The reference runtime called in-process: the ceiling the served repository is measured against."""
-    from pipeline.runtime.checkpoint import load_model
-    from pipeline.runtime.generate import Request, generate
-
-    model = load_model(engine)
-    prompt = list(range(1000, 1000 + input_tokens + 30))  # + the chat template's tokens in the server
-    generate(model, [Request(prompt, 4)])  # warm-up
-    started = time.perf_counter()
-    generate(model, [Request(prompt, output_tokens) for _ in range(batch)])
-    return batch * output_tokens / (time.perf_counter() - started)
-
-
-def bench_serving(workdir: Path) -> list[dict]:
-    overrides = [f"workdir={workdir}", "target=cpu", "tracking=none"]
-    overrides += ["benchmark.concurrency=[1,8]", "benchmark.requests_per_point=16"]
-    subprocess.run([sys.executable, "-m", "pipeline", "build", *overrides], check=True)
-    results = _final("benchmark", overrides) / artifacts.BENCHMARK_JSON
-    points = {p["load"]: p for p in json.loads(results.read_text())}
-    engine = _final("engine", overrides) / artifacts.ENGINE
-    direct = {b: _direct_tokens_per_s(engine, b, 64, 32) for b in (1, 8)}
-    rows = [
-        {
-            "load": load,
-            "served_tok_s": round(points[load]["output_tokens_per_s"], 2),
-            "direct_tok_s": round(direct[batch], 2),
-            "served_vs_direct": round(points[load]["output_tokens_per_s"] / direct[batch], 3),
-            "ttft_p50_ms": round(points[load]["ttft_ms_p50"]),
-            "itl_p50_ms": round(points[load]["itl_ms_p50"], 1),
-            "client_cpu_fraction": round(points[load]["client_cpu_fraction"], 4),
-        }
-        for load, batch in (("c=1", 1), ("c=8", 8))
-    ]
-    rows.append({"load": "c=8 / c=1", "served_tok_s": round(rows[1]["served_tok_s"] / rows[0]["served_tok_s"], 2)})
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    return rows
-
-
 def _table(rows: list[dict]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -122,14 +83,21 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    workdir = Path(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("workdir=")), "artifacts"))
+    options = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    workdir = Path(options.get("workdir", "artifacts")).resolve()
     chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving")] or ["quantize", "serving"]
     for name in chosen:
-        rows = (bench_quantize if name == "quantize" else bench_serving)(workdir.resolve())
         out = workdir / "benchmarks" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"\n{_table(rows)}\n\nwritten to {out}")
+        if name == "quantize":
+            rows = bench_quantize(workdir)
+            out.write_text(json.dumps(rows, indent=2) + "\n")
+            print(f"\n{_table(rows)}")
+        else:
+            result = serving.bench_serving(workdir, float(options.get("soak_s", 300)))
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            serving.print_tables(result)
+        print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ TokenCallback = Callable[[int], None]  # the new token id
 FinishCallback = Callable[[Result], None]
 ErrorCallback = Callable[[str], None]
 POLICIES = ("guaranteed_no_evict", "max_utilization")
+CANCELLED = "request cancelled"  # how an error for a cancelled request begins
 
 
 @dataclass
@@ -205,7 +206,11 @@ class Scheduler:
         if now >= self._next_cancel_poll:
             self._next_cancel_poll = now + self.config.cancellation_check_period_ms * 1_000_000
             self._poll_cancellations()
-        for sequence in [s for s in self.running if s.cancelled]:
+        with self._wake:
+            gone = [s for s in self.waiting if s.cancelled]
+            for sequence in gone:
+                self.waiting.remove(sequence)
+        for sequence in gone + [s for s in self.running if s.cancelled]:
             self._retire(sequence, "cancelled")
         spans = self._schedule()
         self.peak_blocks = max(self.peak_blocks, self.cache.used)
@@ -296,7 +301,7 @@ class Scheduler:
         (first come, first served: a request that does not fit holds back those behind it)."""
         with self._wake:
             while self.waiting and self.waiting[0].cancelled:
-                self.waiting.popleft().done = True
+                self._retire(self.waiting.popleft(), "cancelled")
             if not self.waiting or len(self.running) >= self.config.max_batch_size:
                 return False
             head = self.waiting[0]
@@ -334,24 +339,29 @@ class Scheduler:
         if finished is not None:
             self._retire(sequence, finished)
 
-    def _retire(self, sequence: Sequence, reason: str | None) -> None:
+    def _retire(self, sequence: Sequence, reason: str | None, error: str | None = None) -> None:
+        """Take the sequence out and give its blocks back; its client hears the result, or an
+        error (a cancelled request is answered with one, so that the server can close it)."""
         if sequence.done:
             return
         sequence.done = True
         if sequence in self.running:
             self.running.remove(sequence)
         self.peak_blocks = max(self.peak_blocks, self.cache.used)
+        blocks = len(sequence.table.blocks)
         self.cache.release(sequence.table)
+        if reason == "cancelled" and error is None:
+            error = f"{CANCELLED}: after {len(sequence.result.output_ids)} tokens, {blocks} KV cache blocks freed"
+        if error is not None:
+            sequence.on_error(error)
+            return
         if reason:
             sequence.result.finish_reason = reason
-        if reason != "cancelled":
-            sequence.result.metrics = metrics(sequence)
-            sequence.on_finish(sequence.result)
+        sequence.result.metrics = metrics(sequence)
+        sequence.on_finish(sequence.result)
 
     def _fail(self, sequence: Sequence, message: str) -> None:
-        if not sequence.done:
-            self._retire(sequence, "cancelled")  # removed without a finish callback
-            sequence.on_error(message)
+        self._retire(sequence, "failed", message)
 
 
 def metrics(sequence: Sequence) -> dict[str, int]:

@@ -206,7 +206,8 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_room(model: A
     assert handle is not None
     batched.cancel(handle)
     batched.step()
-    assert first.result is None and len(first.tokens) < 50  # cancelled: no final answer
+    assert first.result is None and len(first.tokens) < 50  # cancelled: no final answer ...
+    assert first.error and first.error.startswith("request cancelled: after 2 tokens")  # ... but an error
     _run(batched, [second])
     assert second.result is not None and len(second.result.output_ids) == 3
 

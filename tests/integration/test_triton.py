@@ -31,9 +31,22 @@ pytestmark = pytest.mark.slow
 
 
 class Served:
-    def __init__(self, running: server.Server, cfg: schema.PipelineConfig, final: Path, overrides: list[str]):
-        self.server, self.cfg, self.final = running, cfg, final
+    def __init__(
+        self, running: server.Server, cfg: schema.PipelineConfig, final: Path, overrides: list[str], log: Path
+    ):
+        self.server, self.cfg, self.final, self.log = running, cfg, final, log
         self.overrides = overrides  # the served build's, for commands run against it
+
+    def chat_ids(self, question: str, system: str | None = None) -> list[int]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.final / "repository" / "preprocessing" / "tokenizer")
+        messages = [{"role": "system", "content": system}] if system else []
+        return list(
+            tokenizer.apply_chat_template(
+                [*messages, {"role": "user", "content": question}], add_generation_prompt=True
+            )
+        )
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
         request = urllib.request.Request(f"{self.server.url}{path}", data=json.dumps(body).encode())
@@ -57,7 +70,6 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         "target=cpu",
         "quant=none",
         "triton=bls",
-        "triton.cpu_batching=inflight",  # the in-flight scheduler (the benchmark test serves the default)
         "build.max_batch_size=8",
         "until=triton_repo",
         f"triton.http_port={http}",
@@ -68,8 +80,9 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
     steps = runner.build(cfg, STAGES)
     target = app.built_target(cfg)
     launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
-    with server.Server(launch, cfg.triton, smollm2_workdir / "server.log") as running:
-        yield Served(running, cfg, steps[-1].dirs.final, overrides)
+    log = smollm2_workdir / "server.log"
+    with server.Server(launch, cfg.triton, log) as running:
+        yield Served(running, cfg, steps[-1].dirs.final, overrides, log)
 
 
 def _reference_answer(served: Served, max_tokens: int) -> str:
@@ -144,6 +157,61 @@ def test_a_request_joins_the_running_batch_and_leaves_before_a_long_one(served: 
     ask("short", 4)
     long.join(timeout=120)
     assert ended["short"] < ended["long"], ended
+
+
+def test_prompts_sharing_a_prefix_reuse_cached_blocks_and_report_perf_metrics(served: Served) -> None:
+    """Sent straight to the engine model with return_perf_metrics: the second prompt starts with the
+    first one's system prompt (over 2 blocks of 32 tokens) and reuses its cached blocks."""
+    system = f"You are assistant {time.time_ns()}. " + "Answer briefly, in plain words, and never use lists. " * 6
+    metrics = []
+    for question in (QUESTION, "What is the capital of Italy?"):
+        ids = served.chat_ids(question, system)
+        body = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 4, "return_perf_metrics": True}
+        status, text = served.post("/v2/models/tensorrt_llm/generate", body)
+        assert status == 200, text
+        reply = json.loads(text)
+        metrics.append(
+            {k: np.ravel(v)[0] for k, v in reply.items() if k.startswith(("kv_cache", "arrival", "first", "last"))}
+        )
+    first, second = metrics
+    assert first["kv_cache_reused_blocks"] == 0 and second["kv_cache_reused_blocks"] >= 2, metrics
+    assert (
+        second["kv_cache_alloc_total_blocks"] == second["kv_cache_reused_blocks"] + second["kv_cache_alloc_new_blocks"]
+    )
+    for m in metrics:
+        assert (
+            m["arrival_time_ns"] <= m["first_scheduled_time_ns"] <= m["first_token_time_ns"] <= m["last_token_time_ns"]
+        )
+
+
+def test_a_cancelled_grpc_stream_leaves_the_batch_and_frees_its_blocks(served: Served) -> None:
+    import tritonclient.grpc as grpcclient
+
+    ids = served.chat_ids("Count from one to one thousand.")
+    values = {"input_ids": [ids], "input_lengths": [[len(ids)]], "request_output_len": [[1000]], "streaming": [[True]]}
+    types = {"input_ids": np.int32, "input_lengths": np.int32, "request_output_len": np.int32, "streaming": bool}
+    inputs = []
+    for name, value in values.items():
+        array = np.array(value, dtype=types[name])
+        inputs.append(grpcclient.InferInput(name, list(array.shape), "BOOL" if array.dtype == bool else "INT32"))
+        inputs[-1].set_data_from_numpy(array)
+    received: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    before = served.log.read_text().count("request cancelled: after")
+    try:
+        client.async_stream_infer("tensorrt_llm", inputs, request_id="cancel-me")
+        for _ in range(3):
+            item = received.get(timeout=60)
+            assert not isinstance(item, Exception), item
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    deadline = time.monotonic() + 10  # checked every cancellation_check_period_ms
+    while served.log.read_text().count("request cancelled: after") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert served.log.read_text().count("request cancelled: after") == before + 1
+    assert served.generate(text_input=QUESTION, max_tokens=4)["text_output"]  # and the server serves on
 
 
 POISONS = [

@@ -159,3 +159,29 @@ def test_cpu_engine_model_gets_its_thread_count_and_the_engine_limit() -> None:
     assert two["threads"] == "2"
     with pytest.raises(ConfigError, match=r"triton.cpu_threads must be at least 1"):
         validate.load(["target=cpu", "triton.cpu_threads=0"])
+
+
+def test_the_cpu_scheduler_reads_the_gpu_backends_parameter_names() -> None:
+    overrides = ["triton.batch_scheduler_policy=max_utilization", "triton.max_tokens_in_paged_kv_cache=8192"]
+    cpu = render.engine_parameters(validate.load(["target=cpu", "triton.cpu_max_num_tokens=16", *overrides]))
+    gpu = render.engine_parameters(validate.load([*GPU, *overrides]))
+    shared = ["batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction", "enable_chunked_context"]
+    shared += ["enable_kv_cache_reuse", "max_tokens_in_paged_kv_cache", "cancellation_check_period_ms"]
+    assert all(cpu[key] == gpu[key] for key in shared)
+    assert cpu["max_tokens_in_paged_kv_cache"] == "8192" and cpu["batch_scheduler_policy"] == "max_utilization"
+    assert cpu["max_num_tokens"] == "16" and cpu["tokens_per_block"] == "32" and cpu["batching"] == "inflight"
+    assert "max_tokens_in_paged_kv_cache" not in render.engine_parameters(validate.load(["target=cpu"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("triton.max_tokens_in_paged_kv_cache=1000", r"cannot hold one 4096-token sequence"),
+        ("triton.cpu_max_num_tokens=0", r"triton.cpu_max_num_tokens=0 must lie in 1..8192"),
+        ("build.tokens_per_block=48", r"build.tokens_per_block=48 must be a power of two"),
+        ("triton.cancellation_check_period_ms=0", r"cancellation_check_period_ms must be at least 1"),
+    ],
+)
+def test_scheduler_settings_out_of_range_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate.load(["target=cpu", override])

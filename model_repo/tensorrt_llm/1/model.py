@@ -15,6 +15,7 @@ tokens, and each request is closed as soon as it finishes, not when the whole ba
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
-from reference_runtime.scheduler import Scheduler, SchedulerConfig
+from reference_runtime.scheduler import CANCELLED, Scheduler, SchedulerConfig
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -57,8 +58,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        # triton.cpu_threads (0: every core torch sees)
-        torch.set_num_threads(int(params.get("threads", "0")) or torch.get_num_threads())
+        # triton.cpu_threads (0: every core but one, left to Triton's other processes and clients)
+        torch.set_num_threads(int(params.get("threads", "0")) or max(1, len(os.sched_getaffinity(0)) - 1))
         # relative to the repository root, so the folder can move
         self.model = load_model(Path(args["model_repository"]).parent / params["engine_dir"])
         self.exclude_input = params.get("exclude_input_in_output", "true").lower() == "true"
@@ -84,7 +85,7 @@ class TritonPythonModel:
         )
         scheduler = SchedulerConfig(
             max_batch_size=batch,
-            max_num_tokens=int(params.get("max_num_tokens", "64")),
+            max_num_tokens=int(params.get("max_num_tokens", "32")),
             kv_cache_tokens=tokens,
             tokens_per_block=int(params.get("tokens_per_block", "32")),
             max_seq_len=self.max_seq_len,
@@ -211,4 +212,9 @@ class _Client:
 
     def error(self, message: str) -> None:
         self.answered = True
+        if message.startswith(CANCELLED):
+            pb_utils.Logger.log_info(message)
+            cancelled = getattr(pb_utils.TritonError, "CANCELLED", None)
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, cancelled)), flags=FINAL)
+            return
         _send_error(self.sender, message)

@@ -147,9 +147,11 @@ def run_point(
     seed: int = 0,
     timeout_s: float = 300.0,
     on_done: Callable[[Measured], None] | None = None,
+    stop_after_s: float | None = None,
 ) -> tuple[list[Measured], float, str | None]:
-    """Send every prompt (closed loop at ``concurrency`` or open loop at ``rate``); return the
-    measurements, the wall time of the point, and why it ended early (None when it did not)."""
+    """Send every prompt (closed loop at ``concurrency`` or open loop at ``rate``), or as many as
+    start within ``stop_after_s``; return the measurements, the wall time of the point, and why it
+    ended early (None when it did not)."""
     workers_n = concurrency or max(1, min(len(prompts), 64))
     pending: queue.Queue[tuple[int, Prompt]] = queue.Queue()
     for index, prompt in enumerate(prompts):
@@ -164,6 +166,8 @@ def run_point(
         worker = _Worker(url, model, timeout_s)
         try:
             while not gone:
+                if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
+                    return
                 try:
                     index, prompt = pending.get_nowait()
                 except queue.Empty:
