@@ -228,7 +228,7 @@ def bench_serving(workdir: Path, soak_s: float) -> dict[str, Any]:
     inflight_cfg, inflight = _repository(workdir, [f"triton.max_tokens_in_paged_kv_cache={SOAK_KV_TOKENS}"])
     static_cfg, static = _repository(workdir, ["triton.cpu_batching=run_to_completion"])
     tokenizer = AutoTokenizer.from_pretrained(inflight.repo / "preprocessing" / "tokenizer")
-    prompts8 = workload.synthetic(tokenizer, 32, WORKLOAD, 1)
+    prompts8 = workload.synthetic(tokenizer, 32 + 8, WORKLOAD, 1)  # 32 measured after each worker's first
     chat = [
         tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True)
         for p in prompts8[:8]
@@ -241,14 +241,14 @@ def bench_serving(workdir: Path, soak_s: float) -> dict[str, Any]:
     with _served(static_cfg, static, out / "serving-run_to_completion.log") as running:
         bench = Bench(running, tokenizer)
         bench.warm_up()
-        rows.append(_row("run_to_completion c=8", bench.run(prompts8, 8)[0]))
+        rows.append(_row("run_to_completion c=8", bench.run(prompts8, 8, ramp_up=True)[0]))
     print("in-flight batching", flush=True)
     with _served(inflight_cfg, inflight, out / "serving-inflight.log") as running:
         bench = Bench(running, tokenizer)
         bench.warm_up()
         for concurrency, count in ((1, 8), (8, 32), (16, 48)):
-            prompts = prompts8 if concurrency == 8 else bench.prompts(count, concurrency)
-            rows.append(_row(f"inflight c={concurrency}", bench.run(prompts, concurrency)[0]))
+            prompts = prompts8 if concurrency == 8 else bench.prompts(count + concurrency, concurrency)
+            rows.append(_row(f"inflight c={concurrency}", bench.run(prompts, concurrency, ramp_up=True)[0]))
         print("prefix reuse", flush=True)
         prefix = prefix_reuse(bench)
         print("chunked context", flush=True)

@@ -269,6 +269,9 @@ class BenchmarkConfig:
     rates: list[float] = field(default_factory=list)  # open loop (Poisson), requests/s, one point each
     requests_per_point: int = 16
     warmup_requests: int = 2
+    # closed loop: each worker's first request is sent but not measured (the burst of the start,
+    # which a running server never sees again); requests_per_point are measured after it
+    ramp_up: bool = True
     input_tokens: int = 64
     input_tokens_stddev: float = 0.0
     output_tokens: int = 32

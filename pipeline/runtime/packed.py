@@ -48,15 +48,17 @@ def forward(model: Any, cache: KVCache, spans: list[Span]) -> torch.Tensor:
 
     single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
     chunks = [i for i, s in enumerate(spans) if len(s.tokens) > 1]
-    # generation phase: one padded gather of every sequence's cached positions
-    longest = max((spans[i].stop for i in single), default=0)
-    gather = torch.zeros((len(single), longest), dtype=torch.long)
-    visible = torch.zeros((len(single), 1, 1, longest), dtype=torch.bool)
+    # generation phase: one padded gather of every sequence's blocks (whole blocks: far fewer
+    # indices than positions), positions past a sequence's end masked out
+    widest = max((len(spans[i].table.blocks) for i in single), default=0)
+    gather = torch.zeros((len(single), widest), dtype=torch.long)
+    visible = torch.zeros((len(single), 1, 1, widest * size), dtype=torch.bool)
     for row, i in enumerate(single):
-        gather[row, : spans[i].stop] = spans[i].table.slots(0, spans[i].stop, size)
+        blocks = spans[i].table.blocks
+        gather[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         visible[row, ..., : spans[i].stop] = True
     single_rows = torch.tensor([offsets[i] for i in single], dtype=torch.long)
-    chunk_reads = {i: spans[i].table.slots(0, spans[i].stop, size) for i in chunks}
+    chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in chunks}
 
     with torch.no_grad():
         hidden = inner.embed_tokens(ids)  # [tokens, hidden]
@@ -73,8 +75,9 @@ def forward(model: Any, cache: KVCache, spans: list[Span]) -> torch.Tensor:
             values[writes] = v.to(values.dtype)
             out = torch.empty_like(q)  # [heads, tokens, dim]
             if single:
-                k_all = keys[gather].transpose(1, 2).to(q.dtype)  # [batch, kv_heads, longest, dim]
-                v_all = values[gather].transpose(1, 2).to(q.dtype)
+                paged = (len(single), widest * size, *keys.shape[1:])  # [batch, positions, kv_heads, dim]
+                k_all = keys.view(-1, size, *keys.shape[1:])[gather].view(paged).transpose(1, 2).to(q.dtype)
+                v_all = values.view(-1, size, *values.shape[1:])[gather].view(paged).transpose(1, 2).to(q.dtype)
                 q_single = q[:, single_rows].transpose(0, 1).unsqueeze(2)  # [batch, heads, 1, dim]
                 attended = F.scaled_dot_product_attention(
                     q_single, k_all, v_all, attn_mask=visible, scale=attn.scaling, enable_gqa=True
@@ -82,9 +85,11 @@ def forward(model: Any, cache: KVCache, spans: list[Span]) -> torch.Tensor:
                 out[:, single_rows] = attended.squeeze(2).transpose(0, 1)
             for i in chunks:
                 span, rows = spans[i], slice(offsets[i], offsets[i + 1])
-                reads = chunk_reads[i]
-                k_seq = keys[reads].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kv_heads, length, dim]
-                v_seq = values[reads].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                # [1, kv_heads, length, dim] from the sequence's whole blocks, cut at its end
+                k_seq = keys.view(-1, size, *keys.shape[1:])[chunk_blocks[i]].flatten(0, 1)[: span.stop]
+                v_seq = values.view(-1, size, *values.shape[1:])[chunk_blocks[i]].flatten(0, 1)[: span.stop]
+                k_seq = k_seq.transpose(0, 1).unsqueeze(0).to(q.dtype)
+                v_seq = v_seq.transpose(0, 1).unsqueeze(0).to(q.dtype)
                 # query at position p sees keys 0..p
                 mask = torch.arange(span.stop)[None, :] <= torch.arange(span.start, span.stop)[:, None]
                 attended = F.scaled_dot_product_attention(

@@ -60,6 +60,7 @@ def test_benchmark_results_are_complete(tracked: tuple[Path, list[str]], smollm2
     assert [p["load"] for p in points] == ["c=1", "c=2"]
     for point in points:
         assert point["successful"] == 3 and point["errors"] == 0
+        assert point["ramp_up_requests"] == point["concurrency"]  # each worker's first request, unmeasured
         assert point["input_tokens_mean"] == 16 and point["output_tokens_mean"] == 6
         assert 0 < point["ttft_ms_p50"] <= point["ttft_ms_p99"] < point["e2e_ms_p99"]
         assert point["output_tokens_per_s"] > 0 and point["goodput_requests_per_s"] == point["requests_per_s"]

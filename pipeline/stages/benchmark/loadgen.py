@@ -148,10 +148,16 @@ def run_point(
     timeout_s: float = 300.0,
     on_done: Callable[[Measured], None] | None = None,
     stop_after_s: float | None = None,
+    ramp_up: bool = False,
 ) -> tuple[list[Measured], float, str | None]:
     """Send every prompt (closed loop at ``concurrency`` or open loop at ``rate``), or as many as
     start within ``stop_after_s``; return the measurements, the wall time of the point, and why it
-    ended early (None when it did not)."""
+    ended early (None when it did not).
+
+    ``ramp_up`` (closed loop): each worker's first request is sent but not measured, and the wall
+    time runs from the first measured request. All workers start at once, so their first requests
+    arrive as one burst that a running server never sees again; without the ramp-up that burst
+    weighs on every percentile of a short point."""
     workers_n = concurrency or max(1, min(len(prompts), 64))
     pending: queue.Queue[tuple[int, Prompt]] = queue.Queue()
     for index, prompt in enumerate(prompts):
@@ -164,6 +170,7 @@ def run_point(
 
     def work() -> None:
         worker = _Worker(url, model, timeout_s)
+        unmeasured = 1 if ramp_up and concurrency else 0
         try:
             while not gone:
                 if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
@@ -179,6 +186,9 @@ def run_point(
                 except ServerGone as error:
                     gone.append(str(error))
                     return
+                if unmeasured:
+                    unmeasured -= 1
+                    continue
                 with lock:
                     results.append(measured)
                 if on_done is not None:
@@ -191,7 +201,8 @@ def run_point(
         thread.start()
     for thread in threads:
         thread.join()
-    return results, time.perf_counter() - started, (gone[0] if gone else None)
+    first = min((m.sent for m in results), default=started) if ramp_up and concurrency else started
+    return results, time.perf_counter() - first, (gone[0] if gone else None)
 
 
 def _arrival_times(count: int, rate: float, seed: int) -> list[float]:

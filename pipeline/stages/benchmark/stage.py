@@ -57,8 +57,10 @@ def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: P
         loadgen.run_point(grpc_url, model, warm, sampling, concurrency=bench.warmup_requests, timeout_s=bench.timeout_s)
     points: list[dict[str, Any]] = []
     for index, label in enumerate(_points(cfg)):
-        prompts = workload.prompts(tokenizer, bench.requests_per_point, bench, bench.seed + index)
-        bar = tqdm(total=len(prompts), desc=f"benchmark {label['load']}", unit="req")
+        ramp_up = bench.ramp_up and label["concurrency"] is not None
+        count = bench.requests_per_point + (label["concurrency"] if ramp_up else 0)
+        prompts = workload.prompts(tokenizer, count, bench, bench.seed + index)
+        bar = tqdm(total=bench.requests_per_point, desc=f"benchmark {label['load']}", unit="req")
 
         def done(measured: loadgen.Measured, bar: Any = bar) -> None:
             measured.output_tokens = len(tokenizer.encode(measured.text, add_special_tokens=False))
@@ -75,9 +77,11 @@ def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: P
             seed=bench.seed + index,
             timeout_s=bench.timeout_s,
             on_done=done,
+            ramp_up=ramp_up,
         )
         bar.close()
         point = report.summarize(label, results, seconds, slo)
+        point["ramp_up_requests"] = label["concurrency"] if ramp_up else 0  # sent, not measured
         point["client_cpu_s"] = time.process_time() - cpu_before
         point["client_cpu_fraction"] = point["client_cpu_s"] / seconds if seconds else 0.0
         points.append(point)
