@@ -223,7 +223,8 @@ class TritonConfig:
     # CPU target: how the engine model batches (GPU targets: batching_strategy). inflight: the
     # in-flight scheduler of pipeline/runtime; run_to_completion: dynamic batches run to their end.
     cpu_batching: CpuBatching = CpuBatching.inflight
-    # CPU target: tokens per scheduler step, all sequences together (GPU targets: the engine's
+    # CPU target: prompt tokens per scheduler step, all sequences together, generating sequences'
+    # tokens riding along uncounted (GPU targets: the engine's
     # build.max_num_tokens, which is sized for GPU compute; a CPU step of that many tokens would
     # stall every running stream for seconds). At most build.max_num_tokens. Measured on 2 cores:
     # 32 keeps running streams' ITL p99 within 2.6x of p50 while a 1500-token prompt is admitted
@@ -269,8 +270,9 @@ class BenchmarkConfig:
     rates: list[float] = field(default_factory=list)  # open loop (Poisson), requests/s, one point each
     requests_per_point: int = 16
     warmup_requests: int = 2
-    # closed loop: each worker's first request is sent but not measured (the burst of the start,
-    # which a running server never sees again); requests_per_point are measured after it
+    # closed loop: each worker's first request counts toward throughput but not toward latency
+    # percentiles (the burst of the start, which a running server never sees again);
+    # requests_per_point are measured after it
     ramp_up: bool = True
     input_tokens: int = 64
     input_tokens_stddev: float = 0.0

@@ -1,10 +1,10 @@
 """In-flight batching over the reference runtime: requests join and leave the running batch at
 every step, as TensorRT-LLM's batch manager does on GPUs.
 
-A scheduler thread loops. Each step it retires cancelled sequences, gives every running sequence
-its next tokens within a budget of ``max_num_tokens`` per step (one token for a sequence that is
-generating; a prompt chunk for one still in its context phase, so a long prompt is prefilled over
-several steps while the others keep streaming), admits waiting requests into what is left, runs
+A scheduler thread loops. Each step it retires cancelled sequences, gives every generating
+sequence its next token and every sequence still in its context phase a prompt chunk, within a
+budget of ``max_num_tokens`` prompt tokens per step (so a long prompt is prefilled over several
+steps while the others keep streaming), admits waiting requests into what is left, runs
 all of it as one packed forward pass (``packed.forward``), hands each new token to its request's
 callback and retires finished sequences at once.
 
@@ -246,18 +246,22 @@ class Scheduler:
     # -- scheduling -------------------------------------------------------------------------------
 
     def _schedule(self) -> list[tuple[Sequence, Span]]:
-        """This step's spans: running sequences first (in admission order), then newcomers, while
-        the token budget lasts."""
+        """This step's spans: running sequences first (in admission order), then newcomers. Every
+        generating sequence gets its token; prompts share ``max_num_tokens``. Unlike TensorRT-LLM,
+        whose budget counts both, generation tokens ride along free: on a CPU one more row costs
+        almost nothing beside a prompt chunk, and a newcomer's prompt then advances as fast at
+        concurrency 8 as alone."""
         budget = self.config.max_num_tokens
         spans: list[tuple[Sequence, Span]] = []
         for sequence in list(self.running):
             if sequence.done or sequence not in self.running:  # paused by an earlier one's growth
                 continue
-            span = self._span(sequence, budget)
-            if span is None:
-                break
+            generating = len(sequence.tokens) - sequence.computed == 1
+            span = self._span(sequence, 1 if generating else budget)
+            if span is None:  # a prompt with no budget left this step, or a paused sequence
+                continue
             spans.append((sequence, span))
-            budget -= len(span.tokens)
+            budget -= 0 if generating else len(span.tokens)
         while budget > 0 and self._admit_next():
             sequence = self.running[-1]
             span = self._span(sequence, budget)

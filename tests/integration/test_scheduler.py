@@ -105,7 +105,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_keeps_its
     running, long = Client(), Client()
     running.submit(batched, Request(PROMPTS[1], max_new_tokens=30))
     batched.step()
-    long_prompt = [1, *range(3, 20)] * 3  # 54 tokens: 7 chunks of at most 7 beside the running token
+    long_prompt = [1, *range(3, 20)] * 3  # 54 tokens: 7 chunks of at most 8 beside the running token
     long.submit(batched, Request(long_prompt, max_new_tokens=3))
     for step in range(8):
         before = len(running.tokens)
@@ -113,7 +113,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_keeps_its
         assert len(running.tokens) == before + 1, f"the running stream stalled at step {step}"
         if long.tokens:
             break
-    assert long.tokens and step == 7  # 7 steps of prefill, the first token at the 8th
+    assert long.tokens and step == 6  # the 7th chunk completes the prompt and gives its first token
     _run(batched, [running, long])
     assert long.tokens == _alone(model, [Request(long_prompt, max_new_tokens=3)])[0]
 

@@ -37,6 +37,7 @@ class Measured:
     output_tokens: int = 0
     error: str | None = None
     done: float | None = None
+    ramp_up: bool = False  # a worker's first request of a ramped-up point: in throughput, not latency
 
     @property
     def ttft(self) -> float | None:
@@ -154,10 +155,10 @@ def run_point(
     start within ``stop_after_s``; return the measurements, the wall time of the point, and why it
     ended early (None when it did not).
 
-    ``ramp_up`` (closed loop): each worker's first request is sent but not measured, and the wall
-    time runs from the first measured request. All workers start at once, so their first requests
-    arrive as one burst that a running server never sees again; without the ramp-up that burst
-    weighs on every percentile of a short point."""
+    ``ramp_up`` (closed loop): each worker's first request is marked ``ramp_up``: it counts toward
+    throughput but not toward latency percentiles. All workers start at once, so their first
+    requests arrive as one burst that a running server never sees again; without the ramp-up that
+    burst weighs on every percentile of a short point."""
     workers_n = concurrency or max(1, min(len(prompts), 64))
     pending: queue.Queue[tuple[int, Prompt]] = queue.Queue()
     for index, prompt in enumerate(prompts):
@@ -188,7 +189,7 @@ def run_point(
                     return
                 if unmeasured:
                     unmeasured -= 1
-                    continue
+                    measured.ramp_up = True
                 with lock:
                     results.append(measured)
                 if on_done is not None:
@@ -201,8 +202,7 @@ def run_point(
         thread.start()
     for thread in threads:
         thread.join()
-    first = min((m.sent for m in results), default=started) if ramp_up and concurrency else started
-    return results, time.perf_counter() - first, (gone[0] if gone else None)
+    return results, time.perf_counter() - started, (gone[0] if gone else None)
 
 
 def _arrival_times(count: int, rate: float, seed: int) -> list[float]:

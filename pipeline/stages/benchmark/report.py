@@ -1,9 +1,10 @@
 """Benchmark statistics per load point, and the tables and plot written from them.
 
 Definitions (genai-perf / AIPerf): TTFT, ITL and end-to-end latency per request, reported as mean
-and p50/p90/p95/p99 over the successful requests of a point; output token throughput = output
-tokens of all successful requests / wall time of the point; request throughput = successful
-requests / wall time; goodput = requests that met every configured SLO / wall time.
+and p50/p90/p95/p99 over the successful measured requests of a point (a ramped-up point's first
+request per worker is not measured); output token throughput = output tokens of all successful
+requests / wall time of the point; request throughput = successful requests / wall time; goodput
+= requests that met every configured SLO / wall time.
 """
 
 from __future__ import annotations
@@ -52,21 +53,25 @@ def meets_slo(m: Measured, slo: dict[str, float | None]) -> bool:
 def summarize(
     label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float | None]
 ) -> dict[str, Any]:
-    ok = [m for m in results if m.error is None and m.done is not None]
-    errors = Counter(m.error for m in results if m.error is not None)
-    out_tokens = sum(m.output_tokens for m in ok)
+    # throughput over every request of the point; counts and latencies over the measured ones
+    # (ramp-up requests excluded: loadgen.run_point)
+    done = [m for m in results if m.error is None and m.done is not None]
+    out_tokens = sum(m.output_tokens for m in done)
+    measured = [m for m in results if not m.ramp_up]
+    ok = [m for m in measured if m.error is None and m.done is not None]
+    errors = Counter(m.error for m in measured if m.error is not None)
     point: dict[str, Any] = {
         **label,
-        "requests": len(results),
+        "requests": len(measured),
         "successful": len(ok),
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
         "seconds": seconds,
         "input_tokens_mean": sum(m.input_tokens for m in ok) / len(ok) if ok else math.nan,
-        "output_tokens_mean": out_tokens / len(ok) if ok else math.nan,
+        "output_tokens_mean": sum(m.output_tokens for m in ok) / len(ok) if ok else math.nan,
         "output_tokens_per_s": out_tokens / seconds if seconds > 0 else math.nan,
-        "requests_per_s": len(ok) / seconds if seconds > 0 else math.nan,
-        "goodput_requests_per_s": sum(meets_slo(m, slo) for m in ok) / seconds if seconds > 0 else math.nan,
+        "requests_per_s": len(done) / seconds if seconds > 0 else math.nan,
+        "goodput_requests_per_s": sum(meets_slo(m, slo) for m in done) / seconds if seconds > 0 else math.nan,
     }
     series = {
         "ttft_ms": [m.ttft * 1000 for m in ok if m.ttft is not None],

@@ -60,7 +60,7 @@ def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: P
         ramp_up = bench.ramp_up and label["concurrency"] is not None
         count = bench.requests_per_point + (label["concurrency"] if ramp_up else 0)
         prompts = workload.prompts(tokenizer, count, bench, bench.seed + index)
-        bar = tqdm(total=bench.requests_per_point, desc=f"benchmark {label['load']}", unit="req")
+        bar = tqdm(total=len(prompts), desc=f"benchmark {label['load']}", unit="req")
 
         def done(measured: loadgen.Measured, bar: Any = bar) -> None:
             measured.output_tokens = len(tokenizer.encode(measured.text, add_special_tokens=False))
@@ -81,7 +81,7 @@ def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: P
         )
         bar.close()
         point = report.summarize(label, results, seconds, slo)
-        point["ramp_up_requests"] = label["concurrency"] if ramp_up else 0  # sent, not measured
+        point["ramp_up_requests"] = sum(m.ramp_up for m in results)  # in throughput, not in latencies
         point["client_cpu_s"] = time.process_time() - cpu_before
         point["client_cpu_fraction"] = point["client_cpu_s"] / seconds if seconds else 0.0
         points.append(point)
