@@ -4,7 +4,11 @@ target calls.
 Requests of different lengths run as one left-padded batch with a shared KV cache (padded with an
 internal id: a client's ``pad_id`` never enters the batch). Sampling follows
 TensorRT-LLM's conventions: ``top_k=0`` and ``top_p=0`` (or ``temperature=0``) mean greedy;
-otherwise temperature, then top-k, then top-p, with a per-request seed. ``end_id`` and stop word
+otherwise temperature, then top-k, then top-p, with a per-request seed. Penalties follow its
+penalty kernel: after temperature, every token that occurs in the sequence so far (prompt and
+output) has its logit divided by ``repetition_penalty`` (multiplied when negative), lowered by
+``presence_penalty`` once and by ``frequency_penalty`` per occurrence; ``min_tokens`` masks the
+end token until that many tokens are out. ``end_id`` and stop word
 sequences finish a request; bad word sequences are never completed. A callback sees every new token
 as it is chosen (streaming).
 """
@@ -34,6 +38,10 @@ class Request:
     stop_words: list[list[int]] = field(default_factory=list)
     bad_words: list[list[int]] = field(default_factory=list)
     return_log_probs: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +65,13 @@ class Request:
             problems.append(f"pad_id={self.pad_id} is outside the vocabulary (0..{vocab_size - 1})")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             problems.append(f"temperature={self.temperature} must be a finite number >= 0")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            problems.append(f"repetition_penalty={self.repetition_penalty} must be a finite number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)} must be a finite number")
+        if self.min_tokens < 0:
+            problems.append(f"min_tokens={self.min_tokens} must be >= 0")
         if self.top_k < 0:
             problems.append(f"runtime_top_k={self.top_k} must be >= 0")
         if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
@@ -97,10 +112,27 @@ def _ban_bad_words(logits: torch.Tensor, generated: list[int], bad_words: list[l
             logits[word[-1]] = float("-inf")
 
 
-def _choose(logits: torch.Tensor, request: Request, generator: torch.Generator | None) -> int:
+def _penalize(scores: torch.Tensor, request: Request, generated: list[int]) -> torch.Tensor:
+    """Temperature, then the penalties on every token seen so far (TensorRT-LLM's order)."""
+    if request.temperature > 0:
+        scores = scores / request.temperature
+    penalized = request.repetition_penalty != 1 or request.presence_penalty or request.frequency_penalty
+    if penalized:
+        counts = torch.bincount(torch.tensor(request.input_ids + generated), minlength=scores.numel())
+        seen = counts[: scores.numel()] > 0
+        if request.repetition_penalty != 1:
+            repeated = torch.where(scores < 0, scores * request.repetition_penalty, scores / request.repetition_penalty)
+            scores = torch.where(seen, repeated, scores)
+        scores = scores - seen * request.presence_penalty - counts[: scores.numel()] * request.frequency_penalty
+    if request.end_id is not None and 0 <= request.end_id < scores.numel() and len(generated) < request.min_tokens:
+        scores[request.end_id] = float("-inf")
+    return scores
+
+
+def _choose(scores: torch.Tensor, request: Request, generator: torch.Generator | None) -> int:
+    """A token from temperature-scaled, penalized scores."""
     if request.greedy:
-        return int(torch.argmax(logits))
-    scores = logits / max(request.temperature, 1e-6)
+        return int(torch.argmax(scores))
     if request.top_k > 0:
         kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -123,7 +155,7 @@ def advance(
     """One decoding step of one request, shared by ``generate`` and the in-flight scheduler: ban
     bad words, choose a token, record it. Returns (the token handed out, or None when it is the
     end token; why the request finished, or None while it goes on)."""
-    scores = logits.clone()
+    scores = _penalize(logits.clone(), request, result.output_ids)
     _ban_bad_words(scores, result.output_ids, request.bad_words)
     token = _choose(scores, request, generator)
     if request.end_id is not None and token == request.end_id:

@@ -157,6 +157,9 @@ def test_sampling_stop_and_bad_words_and_streaming(tiny_checkpoint: Path, tmp_pa
         ({"top_p": 1.5}, "runtime_top_p=1.5"),
         ({"max_new_tokens": 60}, "exceed the engine's max_seq_len=64"),
         ({"stop_words": [[70]]}, "stop_words_list/bad_words_list"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty=0.0 must be a finite number > 0"),
+        ({"presence_penalty": float("inf")}, "presence_penalty=inf must be a finite number"),
+        ({"min_tokens": -1}, "min_tokens=-1 must be >= 0"),
     ],
 )
 def test_requests_that_would_break_a_batch_are_named(change: dict[str, Any], message: str) -> None:
@@ -164,6 +167,46 @@ def test_requests_that_would_break_a_batch_are_named(change: dict[str, Any], mes
     problems = request.problems(vocab_size=64, max_seq_len=64)
     assert len(problems) == 1 and message in problems[0], problems
     assert Request([1, 5, 9], max_new_tokens=8, end_id=-1, pad_id=0).problems(64, 64) == []
+
+
+def test_penalties_follow_tensorrt_llms_kernel_exactly() -> None:
+    """Temperature first; then, for every token seen in prompt or output, repetition (divide a
+    positive logit, multiply a negative one), presence once, frequency per occurrence."""
+    from pipeline.runtime.generate import _penalize
+
+    request = Request(
+        [0, 1],
+        temperature=2.0,
+        repetition_penalty=2.0,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        min_tokens=3,
+        end_id=3,
+    )
+    scores = _penalize(torch.tensor([2.0, -2.0, 1.0, 4.0]), request, generated=[1])
+    # token 0 (seen once): 2/2=1 -> 1/2 -> -0.5 -> -0.25; token 1 (twice): -2/2=-1 -> -2 -> -2.5 -> -3.0
+    # token 2 (unseen): 1/2; token 3: the end id, masked while fewer than min_tokens are out
+    assert scores.tolist() == [-0.25, -3.0, 0.5, float("-inf")]
+    assert _penalize(torch.tensor([2.0, -2.0, 1.0, 4.0]), request, generated=[1, 2, 2])[3] == 2.0
+
+
+def test_penalties_and_min_tokens_change_generation_as_defined(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = load_model(_engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none"))
+    prompt = [1, 5, 9, 3]
+
+    def repeats(tokens: list[int]) -> int:
+        return len(tokens) - len(set(tokens))
+
+    (plain,) = generate(model, [Request(prompt, max_new_tokens=16)])
+    assert repeats(plain.output_ids) > 4  # the tiny random model loops
+    for penalty in ({"repetition_penalty": 3.0}, {"presence_penalty": 5.0}, {"frequency_penalty": 5.0}):
+        (penalized,) = generate(model, [Request(prompt, max_new_tokens=16, **penalty)])
+        assert repeats(penalized.output_ids) < repeats(plain.output_ids), penalty
+    end = plain.output_ids[0]  # greedy's first choice made the end token: it ends at once ...
+    (ended,) = generate(model, [Request(prompt, max_new_tokens=16, end_id=end)])
+    assert ended.output_ids == [] and ended.finish_reason == "end"
+    (held,) = generate(model, [Request(prompt, max_new_tokens=16, end_id=end, min_tokens=5)])
+    assert len(held.output_ids) >= 5 and end not in held.output_ids[:5]  # ... unless min_tokens holds it
 
 
 def test_a_clients_pad_id_never_enters_the_batch(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -103,6 +103,15 @@ def test_http_generate_equals_the_reference_runtime(served: Served) -> None:
 
 
 @pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_penalties_and_min_tokens_reach_the_engine(served: Served, model: str) -> None:
+    plain = served.generate(model, text_input=QUESTION, max_tokens=24)["text_output"]
+    held = served.generate(model, text_input=QUESTION, max_tokens=24, min_tokens=16)["text_output"]
+    assert plain == "The capital of France is Paris." and held.startswith(plain) and len(held) > len(plain) + 20
+    for penalty in ({"repetition_penalty": 2.0}, {"presence_penalty": 10.0}, {"frequency_penalty": 10.0}):
+        assert served.generate(model, text_input=QUESTION, max_tokens=24, **penalty)["text_output"] != plain, penalty
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
 def test_http_generate_stream_sends_one_event_per_token(served: Served, model: str) -> None:
     status, body = served.post(
         f"/v2/models/{model}/generate_stream", {"text_input": QUESTION, "max_tokens": 20, "stream": True}

@@ -121,6 +121,10 @@ class TritonPythonModel:
             stop_words=_word_list(request, "stop_words_list"),
             bad_words=_word_list(request, "bad_words_list"),
             return_log_probs=bool(_scalar(request, "return_log_probs", False)),
+            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
+            presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
+            frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
+            min_tokens=int(_scalar(request, "min_tokens", 0)),
         )
 
     def _client(self, request: Any) -> _Client | None:
