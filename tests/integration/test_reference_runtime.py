@@ -45,7 +45,7 @@ def test_int4_unpacking_inverts_modelopts_packing() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (3, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (3, 2)])  # 3x2 merges tensor shards and orders stages at once
 def test_unquantized_checkpoints_reproduce_the_source_model(
     smollm2_workdir: Path, source_model: tuple[Any, Any], tp: int, pp: int
 ) -> None:
