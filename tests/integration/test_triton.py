@@ -122,6 +122,35 @@ def test_http_generate_stream_sends_one_event_per_token(served: Served, model: s
     assert "".join(e["text_output"] for e in events) == "The capital of France is Paris."
 
 
+NON_ASCII_PROMPTS = ["Write the word 'hello' in Japanese and in Chinese.", "Reply with three emoji about the sea."]
+
+
+def test_streamed_pieces_concatenate_to_the_unstreamed_text(served: Served) -> None:
+    """Through the BLS model, characters of several tokens (CJK, emoji) are never split into
+    U+FFFD between two pieces (the ensemble cannot: postprocessing.py says why)."""
+    model = "tensorrt_llm_bls"
+    outputs = []
+    for prompt in NON_ASCII_PROMPTS:
+        whole = served.generate(model, text_input=prompt, max_tokens=24)["text_output"]
+        status, body = served.post(
+            f"/v2/models/{model}/generate_stream", {"text_input": prompt, "max_tokens": 24, "stream": True}
+        )
+        assert status == 200, body
+        pieces = [
+            json.loads(line[len("data: ") :])["text_output"] for line in body.splitlines() if line.startswith("data: ")
+        ]
+        # a character cut by max_tokens stays held back in the stream, where the whole text shows U+FFFD
+        assert "".join(pieces) == whole.rstrip("\ufffd") and not any("\ufffd" in p for p in pieces)
+        outputs.append(whole)
+    assert any(not text.isascii() for text in outputs), outputs  # the prompts did produce such characters
+    # the ensemble, decoding piece by piece as upstream's does, splits at least one of them
+    split = [
+        served.post("/v2/models/ensemble/generate_stream", {"text_input": p, "max_tokens": 24, "stream": True})[1]
+        for p in NON_ASCII_PROMPTS
+    ]
+    assert any("\\ufffd" in body or "\ufffd" in body for body in split)
+
+
 def test_grpc_streaming_through_tritonclient(served: Served) -> None:
     import tritonclient.grpc as grpcclient
 

@@ -1,13 +1,18 @@
 """Triton python model: generated token ids -> text (special tokens skipped by default).
 
-In streaming mode each response carries only the new tokens, so each is decoded on its own; the
-concatenated pieces equal the full text for byte-level BPE tokenizers such as Llama 3's and
-SmolLM2's, except where one character spans two tokens.
+A streamed response carries only its new tokens. With ``STREAM`` true and a ``STREAM_KEY`` (sent
+by the BLS model, one per request), the text of each piece is decoded in the context of the
+stream's earlier tokens and a character still missing bytes is held back (``detokenize.py``), so
+the pieces of a stream concatenate to the non-streamed text. Without them every response is
+decoded on its own, as upstream's postprocessing does: the ensemble cannot give postprocessing a
+stream's identity (Triton refuses an ensemble step whose inputs come from a decoupled model and
+from another one), so UTF-8-safe streaming needs the BLS model, as upstream advises.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,18 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from detokenize import Streams
+
 
 def _in_repository(args: dict[str, Any], path: str) -> Path:
     """Paths in the repository's configs are relative to its root, so the folder can move."""
     return Path(args["model_repository"]).parent / path
+
+
+def _optional(request: Any, name: str) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
 
 class TritonPythonModel:
@@ -26,16 +39,22 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.tokenizer = AutoTokenizer.from_pretrained(_in_repository(args, params["tokenizer_dir"]))
         self.skip_special = params.get("skip_special_tokens", "true").lower() != "false"
+        self.streams = Streams(self.tokenizer, self.skip_special)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
             tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [1, beams, len]
             lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # [1, beams]
-            texts = [
-                self.tokenizer.decode(beam[:length].tolist(), skip_special_tokens=self.skip_special).encode()
-                for beam, length in zip(tokens[0], lengths[0], strict=True)
-            ]
+            key = _optional(request, "STREAM_KEY")
+            streaming = bool(_optional(request, "STREAM")) and key is not None
+            texts = []
+            for beam, (ids, length) in enumerate(zip(tokens[0], lengths[0], strict=True)):
+                ids = ids[:length].tolist()
+                if streaming:
+                    texts.append(self.streams.push(f"{key!r}/{beam}", ids).encode())
+                else:
+                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special).encode())
             output = pb_utils.Tensor("OUTPUT", np.array([texts], dtype=object))
             responses.append(pb_utils.InferenceResponse([output]))
         return responses

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from typing import Any
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -71,14 +73,16 @@ class TritonPythonModel:
         self.engine_decoupled = params["engine_decoupled"].lower() == "true"
         self.threads: list[threading.Thread] = []
 
-    def _text(self, engine_response: Any) -> Any:
+    def _text(self, engine_response: Any, stream_key: str | None) -> Any:
+        """Text of one engine response; a streamed one is decoded in the context of its stream
+        (``stream_key``), so no character is split between two responses."""
         tokens = pb_utils.get_output_tensor_by_name(engine_response, "output_ids").as_numpy()
         lengths = pb_utils.get_output_tensor_by_name(engine_response, "sequence_length").as_numpy()
-        post = pb_utils.InferenceRequest(
-            model_name="postprocessing",
-            requested_output_names=["OUTPUT"],
-            inputs=[pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)],
-        )
+        inputs = [pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)]
+        if stream_key is not None:
+            inputs.append(pb_utils.Tensor("STREAM_KEY", np.array([[stream_key.encode()]], dtype=object)))
+            inputs.append(pb_utils.Tensor("STREAM", np.array([[True]])))
+        post = pb_utils.InferenceRequest(model_name="postprocessing", requested_output_names=["OUTPUT"], inputs=inputs)
         text = pb_utils.get_output_tensor_by_name(_checked(post.exec()), "OUTPUT").as_numpy()
         outputs = [pb_utils.Tensor("text_output", text)]
         for name in ("cum_log_probs", "output_log_probs"):
@@ -106,10 +110,13 @@ class TritonPythonModel:
                 inputs=engine_inputs,
             )
             responses = engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()]
+            stream = pb_utils.get_input_tensor_by_name(request, "stream")
+            streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
+            stream_key = uuid.uuid4().hex if streaming else None
             for response in responses:
                 if pb_utils.get_output_tensor_by_name(_checked(response), "output_ids") is None:
                     continue  # the empty closing response of a stream
-                sender.send(self._text(response))
+                sender.send(self._text(response, stream_key))
             sender.send(flags=FINAL)
         except Exception as error:  # every failure reaches the client as an error response
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)

@@ -167,11 +167,10 @@ def code_files(cfg: PipelineConfig) -> dict[str, Path]:
     """Repository-relative path -> source file of every python model file to copy in."""
     files = {}
     for model in models(cfg):
-        source = TEMPLATES_DIR / model / "1" / "model.py"
         if model == ENGINE_MODEL and cfg.target.is_gpu:
             continue  # the tensorrtllm backend needs no code
-        if source.is_file():
-            files[f"{model}/1/model.py"] = source
+        for source in sorted((TEMPLATES_DIR / model / "1").glob("*.py")):  # model.py and its helpers
+            files[f"{model}/1/{source.name}"] = source
     if not cfg.target.is_gpu:
         # the reference runtime travels with the repository (python models never import pipeline)
         for name in sorted(p.name for p in RUNTIME_DIR.glob("*.py")):
