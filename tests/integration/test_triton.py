@@ -131,9 +131,9 @@ def test_streamed_pieces_concatenate_to_the_unstreamed_text(served: Served) -> N
     model = "tensorrt_llm_bls"
     outputs = []
     for prompt in NON_ASCII_PROMPTS:
-        whole = served.generate(model, text_input=prompt, max_tokens=24)["text_output"]
+        whole = served.generate(model, text_input=prompt, max_tokens=16)["text_output"]
         status, body = served.post(
-            f"/v2/models/{model}/generate_stream", {"text_input": prompt, "max_tokens": 24, "stream": True}
+            f"/v2/models/{model}/generate_stream", {"text_input": prompt, "max_tokens": 16, "stream": True}
         )
         assert status == 200, body
         pieces = [
@@ -145,7 +145,7 @@ def test_streamed_pieces_concatenate_to_the_unstreamed_text(served: Served) -> N
     assert any(not text.isascii() for text in outputs), outputs  # the prompts did produce such characters
     # the ensemble, decoding piece by piece as upstream's does, splits at least one of them
     split = [
-        served.post("/v2/models/ensemble/generate_stream", {"text_input": p, "max_tokens": 24, "stream": True})[1]
+        served.post("/v2/models/ensemble/generate_stream", {"text_input": p, "max_tokens": 16, "stream": True})[1]
         for p in NON_ASCII_PROMPTS
     ]
     assert any("\\ufffd" in body or "\ufffd" in body for body in split)
