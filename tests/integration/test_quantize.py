@@ -27,9 +27,7 @@ MAPPINGS = [(1, 1), (3, 1), (1, 2), (3, 2)]
 # every mapping, 24 builds, cost half a minute for what 3x2 and the diagonal already show.)
 DIAGONAL = [(fmt, *MAPPINGS[i % len(MAPPINGS)]) for i, fmt in enumerate(FORMATS)]
 MATRIX = [pytest.param(*case, id="-".join(map(str, case))) for case in DIAGONAL] + [
-    pytest.param(fmt, 3, 2, id=f"{fmt}-3-2", marks=pytest.mark.slow)
-    for fmt in FORMATS
-    if (fmt, 3, 2) not in DIAGONAL
+    pytest.param(fmt, 3, 2, id=f"{fmt}-3-2", marks=pytest.mark.slow) for fmt in FORMATS if (fmt, 3, 2) not in DIAGONAL
 ]
 
 
