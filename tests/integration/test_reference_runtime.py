@@ -124,8 +124,8 @@ def test_batched_generation_equals_one_by_one(tiny_checkpoint: Path, tmp_path: P
     assert all(len(r.output_ids) == 6 and r.finish_reason == "length" for r in batched)
 
 
-def test_sampling_stop_and_bad_words_and_streaming(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = load_model(_engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none"))
+def test_sampling_stop_and_bad_words_and_streaming(tiny_engine: Path) -> None:
+    model = load_model(tiny_engine)
     prompt = [1, 5, 9, 3]
     (greedy,) = generate(model, [Request(prompt, max_new_tokens=8)])
     first = greedy.output_ids[0]
@@ -190,8 +190,8 @@ def test_penalties_follow_tensorrt_llms_kernel_exactly() -> None:
     assert _penalize(torch.tensor([2.0, -2.0, 1.0, 4.0]), request, generated=[1, 2, 2])[3] == 2.0
 
 
-def test_penalties_and_min_tokens_change_generation_as_defined(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = load_model(_engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none"))
+def test_penalties_and_min_tokens_change_generation_as_defined(tiny_engine: Path) -> None:
+    model = load_model(tiny_engine)
     prompt = [1, 5, 9, 3]
 
     def repeats(tokens: list[int]) -> int:
@@ -209,8 +209,8 @@ def test_penalties_and_min_tokens_change_generation_as_defined(tiny_checkpoint: 
     assert len(held.output_ids) >= 5 and end not in held.output_ids[:5]  # ... unless min_tokens holds it
 
 
-def test_a_clients_pad_id_never_enters_the_batch(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = load_model(_engine(tmp_path, "model=local", f"model.path={tiny_checkpoint}", "quant=none"))
+def test_a_clients_pad_id_never_enters_the_batch(tiny_engine: Path) -> None:
+    model = load_model(tiny_engine)
     # -1 would be an invalid embedding index if the batch were padded with it
     short, long = Request([1, 5], max_new_tokens=4, pad_id=-1), Request([1, 4, 4, 8, 10], max_new_tokens=4, pad_id=9)
     alone = [generate(model, [r])[0].output_ids for r in (short, long)]

@@ -11,20 +11,14 @@ from typing import Any
 
 import pytest
 
-from pipeline import runner, validate
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, Result, generate
 from pipeline.runtime.scheduler import Scheduler, SchedulerConfig
-from pipeline.stages import STAGES
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    workdir = tmp_path_factory.mktemp("scheduler")
-    overrides = [f"workdir={workdir}", "target=cpu", "model=local", f"model.path={tiny_checkpoint}", "quant=none"]
-    overrides.append("quant.eval_tokens=0")  # the export's quality is tested elsewhere
-    steps = runner.build(validate.load(overrides), STAGES[:3])  # fetch, quantize, engine
-    return load_model(steps[-1].dirs.final / "engine")
+def model(tiny_engine: Path) -> Any:
+    return load_model(tiny_engine)
 
 
 class Client:
