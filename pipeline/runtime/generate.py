@@ -47,12 +47,14 @@ class Request:
     def greedy(self) -> bool:
         return self.temperature == 0 or (self.top_k in (0, 1) and self.top_p == 0) or self.top_k == 1
 
-    def problems(self, vocab_size: int, max_seq_len: int | None = None) -> list[str]:
+    def problems(self, vocab_size: int, max_seq_len: int | None = None, max_input_len: int | None = None) -> list[str]:
         """What would make this request fail inside a shared batch, checked before it joins one,
         so that a bad request fails alone."""
         problems = []
         if not self.input_ids:
             problems.append("input_ids is empty")
+        if max_input_len is not None and len(self.input_ids) > max_input_len:
+            problems.append(f"{len(self.input_ids)} input tokens exceed the engine's max_input_len={max_input_len}")
         outside = sorted({t for t in self.input_ids if not 0 <= t < vocab_size})
         if outside:
             problems.append(f"input_ids {outside[:5]} lie outside the vocabulary (0..{vocab_size - 1})")

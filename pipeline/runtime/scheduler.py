@@ -51,6 +51,7 @@ class SchedulerConfig:
     kv_cache_tokens: int  # the KV cache budget (rounded down to whole blocks)
     tokens_per_block: int = 32
     max_seq_len: int | None = None
+    max_input_len: int | None = None
     batch_scheduler_policy: str = "guaranteed_no_evict"
     enable_chunked_context: bool = True
     enable_kv_cache_reuse: bool = True
@@ -141,7 +142,7 @@ class Scheduler:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> Sequence | None:
         """Queue a request; a request that could never run gets ``on_error`` at once (and None)."""
-        problems = request.problems(self.vocab_size, self.config.max_seq_len)
+        problems = request.problems(self.vocab_size, self.config.max_seq_len, self.config.max_input_len)
         if not problems:
             problems = self._capacity_problems(request)
         if problems:

@@ -160,11 +160,12 @@ def test_sampling_stop_and_bad_words_and_streaming(tiny_engine: Path) -> None:
         ({"repetition_penalty": 0.0}, "repetition_penalty=0.0 must be a finite number > 0"),
         ({"presence_penalty": float("inf")}, "presence_penalty=inf must be a finite number"),
         ({"min_tokens": -1}, "min_tokens=-1 must be >= 0"),
+        ({"input_ids": [1] * 40}, "40 input tokens exceed the engine's max_input_len=32"),
     ],
 )
 def test_requests_that_would_break_a_batch_are_named(change: dict[str, Any], message: str) -> None:
     request = Request(**{"input_ids": [1, 5, 9, 3, 7], "max_new_tokens": 8, "end_id": -1, **change})
-    problems = request.problems(vocab_size=64, max_seq_len=64)
+    problems = request.problems(vocab_size=64, max_seq_len=64, max_input_len=32)
     assert len(problems) == 1 and message in problems[0], problems
     assert Request([1, 5, 9], max_new_tokens=8, end_id=-1, pad_id=0).problems(64, 64) == []
 

@@ -256,6 +256,7 @@ POISONS = [
     ({"input_ids": [1, 2, 10**6]}, "outside the vocabulary"),
     ({"pad_id": -1}, "pad_id=-1 is outside the vocabulary"),
     ({"temperature": -1.0}, "temperature=-1.0 must be a finite number >= 0"),
+    ({"input_ids": [1] * 2049}, "2049 input tokens exceed the engine's max_input_len=2048"),
 ]
 
 
@@ -287,6 +288,7 @@ def test_poisoned_requests_fail_alone_in_their_batch(served: Served) -> None:
         ({"text_input": QUESTION, "max_tokens": 100000}, "prompt plus max_tokens must be between"),
         ({"text_input": QUESTION, "max_tokens": "many"}, "Unable to parse"),
         ({"text_input": QUESTION, "max_tokens": 0}, "prompt plus max_tokens must be between"),
+        ({"text_input": "a" * 200_000, "max_tokens": 4}, "max_input_len=2048 tokens takes at most 131072"),
     ],
 )
 def test_bad_requests_get_an_error_and_the_server_keeps_serving(

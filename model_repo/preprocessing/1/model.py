@@ -28,6 +28,11 @@ def _strings(array: np.ndarray | None) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1) if v not in (b"", "")]
 
 
+# A text longer than max_input_len x this many bytes is refused before tokenizing: far more than any
+# prompt of max_input_len tokens needs (English text averages about 4 bytes a token)
+MAX_BYTES_PER_TOKEN = 64
+
+
 def _in_repository(args: dict[str, Any], path: str) -> Path:
     """Paths in the repository's configs are relative to its root, so the folder can move."""
     return Path(args["model_repository"]).parent / path
@@ -66,7 +71,14 @@ class TritonPythonModel:
 
     def _one(self, request: Any) -> Any:
         query = _strings(_optional(request, "QUERY"))
-        ids = self._encode(query[0] if query else "")
+        text = query[0] if query else ""
+        size = len(text.encode())
+        if size > self.max_input_len * MAX_BYTES_PER_TOKEN:  # refused before the tokenizer works on it
+            raise ValueError(
+                f"text_input is {size} bytes; the engine's max_input_len={self.max_input_len} tokens takes at most "
+                f"{self.max_input_len * MAX_BYTES_PER_TOKEN}"
+            )
+        ids = self._encode(text)
         max_tokens = int(_optional(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
         if not ids:
             raise ValueError("text_input is empty")

@@ -65,6 +65,7 @@ class TritonPythonModel:
         self.exclude_input = params.get("exclude_input_in_output", "true").lower() == "true"
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_seq_len = int(params["max_seq_len"]) if params.get("max_seq_len") else None
+        self.max_input_len = int(params["max_input_len"]) if params.get("max_input_len") else None
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         self.scheduler: Scheduler | None = None
@@ -89,6 +90,7 @@ class TritonPythonModel:
             kv_cache_tokens=tokens,
             tokens_per_block=int(params.get("tokens_per_block", "32")),
             max_seq_len=self.max_seq_len,
+            max_input_len=self.max_input_len,
             batch_scheduler_policy=params.get("batch_scheduler_policy", "guaranteed_no_evict"),
             enable_chunked_context=params.get("enable_chunked_context", "true") == "true",
             enable_kv_cache_reuse=params.get("enable_kv_cache_reuse", "false") == "true",
@@ -151,7 +153,7 @@ class TritonPythonModel:
             return None
         batch = []
         for client in clients:  # a bad request must not take its batch down
-            problems = client.parsed.problems(self.vocab_size, self.max_seq_len)
+            problems = client.parsed.problems(self.vocab_size, self.max_seq_len, self.max_input_len)
             if problems:
                 client.error("; ".join(problems))
             else:

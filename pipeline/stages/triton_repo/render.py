@@ -76,6 +76,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             "engine_dir": REPO_ENGINE_DIR,
             **shared,
             "max_seq_len": str(cfg.build.max_seq_len),  # requests beyond it are refused one by one
+            "max_input_len": str(cfg.build.max_input_len),
             "threads": str(triton.cpu_threads or 0),  # 0: every core but one
             "batching": str(triton.cpu_batching),
             "max_num_tokens": str(triton.cpu_max_num_tokens),
