@@ -65,9 +65,14 @@ class KVCache:
         reuse: bool = True,
     ):
         self.block_size, self.num_blocks, self.reuse = block_size, num_blocks, reuse
-        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        # one extra block, never handed out, pads gathers. Attention masks padded and unwritten
+        # positions, but a masked NaN still poisons the sum (0 x NaN), and torch.empty memory can
+        # hold any bits: so the padding block and every block handed out are zeroed first.
+        shape = (layers, (num_blocks + 1) * block_size, kv_heads, head_dim)
         self.keys = torch.empty(shape, dtype=dtype)
         self.values = torch.empty(shape, dtype=dtype)
+        self.padding_block = num_blocks
+        self._zero(self.padding_block)
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # unnamed, never handed out yet first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, oldest first
@@ -132,7 +137,13 @@ class KVCache:
             block, _ = self.evictable.popitem(last=False)
             del self.by_name[self.name_of.pop(block)]
         self.refs[block] = 1
+        self._zero(block)
         return block
+
+    def _zero(self, block: int) -> None:
+        positions = slice(block * self.block_size, (block + 1) * self.block_size)
+        self.keys[:, positions] = 0
+        self.values[:, positions] = 0
 
     def name_full_blocks(self, table: BlockTable, tokens: list[int], computed: int) -> None:
         """Register the blocks whose positions are all computed, so later requests can reuse them."""

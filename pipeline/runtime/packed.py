@@ -51,7 +51,7 @@ def forward(model: Any, cache: KVCache, spans: list[Span]) -> torch.Tensor:
     # generation phase: one padded gather of every sequence's blocks (whole blocks: far fewer
     # indices than positions), positions past a sequence's end masked out
     widest = max((len(spans[i].table.blocks) for i in single), default=0)
-    gather = torch.zeros((len(single), widest), dtype=torch.long)
+    gather = torch.full((len(single), widest), cache.padding_block, dtype=torch.long)
     visible = torch.zeros((len(single), 1, 1, widest * size), dtype=torch.bool)
     for row, i in enumerate(single):
         blocks = spans[i].table.blocks

@@ -79,6 +79,21 @@ def test_requests_arriving_at_different_steps_answer_as_they_do_alone(model: Any
     assert [c.result.output_ids for c in clients if c.result] == alone
 
 
+def test_whatever_the_cache_memory_held_before_does_not_leak_into_attention(model: Any) -> None:
+    """The pool comes from torch.empty: a NaN left there by earlier use of the memory must not reach
+    a sequence through masked positions (a masked NaN still poisons the weighted sum)."""
+    requests = [Request(p, max_new_tokens=6) for p in PROMPTS[:4]]
+    batched = scheduler(model)
+    unused = batched.cache.num_blocks * batched.cache.block_size  # all but the padding block
+    batched.cache.keys[:, :unused] = float("nan")
+    batched.cache.values[:, :unused] = float("nan")
+    clients = [Client() for _ in requests]
+    for client, request in zip(clients, requests, strict=True):
+        client.submit(batched, request)
+    _run(batched, clients)
+    assert [c.tokens for c in clients] == _alone(model, requests)
+
+
 def test_a_request_joining_a_running_batch_gets_its_first_token_within_two_steps(model: Any) -> None:
     batched = scheduler(model)
     long, late = Client(), Client()
