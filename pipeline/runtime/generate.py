@@ -120,12 +120,13 @@ def _penalize(scores: torch.Tensor, request: Request, generated: list[int]) -> t
         scores = scores / request.temperature
     penalized = request.repetition_penalty != 1 or request.presence_penalty or request.frequency_penalty
     if penalized:
+        # ids are checked to lie inside the vocabulary, so there are exactly vocabulary-many counts
         counts = torch.bincount(torch.tensor(request.input_ids + generated), minlength=scores.numel())
-        seen = counts[: scores.numel()] > 0
+        seen = counts > 0
         if request.repetition_penalty != 1:
             repeated = torch.where(scores < 0, scores * request.repetition_penalty, scores / request.repetition_penalty)
             scores = torch.where(seen, repeated, scores)
-        scores = scores - seen * request.presence_penalty - counts[: scores.numel()] * request.frequency_penalty
+        scores = scores - seen * request.presence_penalty - counts * request.frequency_penalty
     if request.end_id is not None and 0 <= request.end_id < scores.numel() and len(generated) < request.min_tokens:
         scores[request.end_id] = float("-inf")
     return scores

@@ -352,7 +352,6 @@ class Scheduler:
         sequence.done = True
         if sequence in self.running:
             self.running.remove(sequence)
-        self.peak_blocks = max(self.peak_blocks, self.cache.used)
         blocks = len(sequence.table.blocks)
         self.cache.release(sequence.table)
         if reason == "cancelled" and error is None:

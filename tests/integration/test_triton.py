@@ -3,6 +3,7 @@ HTTP and gRPC: answers, streaming, batching of concurrent requests, bad requests
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -37,10 +38,14 @@ class Served:
         self.server, self.cfg, self.final, self.log = running, cfg, final, log
         self.overrides = overrides  # the served build's, for commands run against it
 
-    def chat_ids(self, question: str, system: str | None = None) -> list[int]:
+    @functools.cached_property
+    def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.final / "repository" / "preprocessing" / "tokenizer")
+        return AutoTokenizer.from_pretrained(self.final / "repository" / "preprocessing" / "tokenizer")
+
+    def chat_ids(self, question: str, system: str | None = None) -> list[int]:
+        tokenizer = self.tokenizer
         messages = [{"role": "system", "content": system}] if system else []
         return list(
             tokenizer.apply_chat_template(
@@ -86,14 +91,9 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
 
 
 def _reference_answer(served: Served, max_tokens: int) -> str:
-    from transformers import AutoTokenizer
-
-    repo = served.final / "repository"
-    tokenizer = AutoTokenizer.from_pretrained(repo / "preprocessing" / "tokenizer")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
-    model = load_model(repo / "tensorrt_llm" / "1" / "engine")
-    (result,) = generate(model, [Request(ids, max_tokens, end_id=tokenizer.eos_token_id)])
-    return tokenizer.decode(result.output_ids, skip_special_tokens=True)
+    model = load_model(served.final / "repository" / "tensorrt_llm" / "1" / "engine")
+    (result,) = generate(model, [Request(served.chat_ids(QUESTION), max_tokens, end_id=served.tokenizer.eos_token_id)])
+    return served.tokenizer.decode(result.output_ids, skip_special_tokens=True)
 
 
 def test_http_generate_equals_the_reference_runtime(served: Served) -> None:
@@ -263,10 +263,7 @@ POISONS = [
 def test_poisoned_requests_fail_alone_in_their_batch(served: Served) -> None:
     """Sent straight to the engine model (Triton serves every model of the repository), three bad
     requests among eight that arrive together each get their own error; the five others answer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(served.final / "repository" / "preprocessing" / "tokenizer")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    ids = served.chat_ids(QUESTION)
     good = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 8}
     bad = [{**good, **poison} for poison, _ in POISONS]
     for body in bad:

@@ -74,27 +74,28 @@ class TritonPythonModel:
             self.scheduler.start()
 
     def _scheduler_config(self, config: dict[str, Any], params: dict[str, str]) -> SchedulerConfig:
-        """The in-flight scheduler's knobs, from the parameters the GPU backend reads too."""
+        """The in-flight scheduler's knobs, from the parameters the GPU backend reads too (the
+        triton_repo stage always writes them)."""
         hf = self.model.config
         batch, seq_len = int(config["max_batch_size"]), self.max_seq_len or int(hf.max_position_embeddings)
         per_token = KVCache.bytes_per_token(hf.num_hidden_layers, hf.num_key_value_heads, hf.head_dim)
         tokens = budget_tokens(
             per_token,
-            float(params.get("kv_cache_free_gpu_mem_fraction", "0.9")),
+            float(params["kv_cache_free_gpu_mem_fraction"]),
             int(params.get("max_tokens_in_paged_kv_cache") or 0) or None,
             ceiling=batch * seq_len,
         )
         scheduler = SchedulerConfig(
             max_batch_size=batch,
-            max_num_tokens=int(params.get("max_num_tokens", "32")),
+            max_num_tokens=int(params["max_num_tokens"]),
             kv_cache_tokens=tokens,
-            tokens_per_block=int(params.get("tokens_per_block", "32")),
+            tokens_per_block=int(params["tokens_per_block"]),
             max_seq_len=self.max_seq_len,
             max_input_len=self.max_input_len,
-            batch_scheduler_policy=params.get("batch_scheduler_policy", "guaranteed_no_evict"),
-            enable_chunked_context=params.get("enable_chunked_context", "true") == "true",
-            enable_kv_cache_reuse=params.get("enable_kv_cache_reuse", "false") == "true",
-            cancellation_check_period_ms=int(params.get("cancellation_check_period_ms", "100")),
+            batch_scheduler_policy=params["batch_scheduler_policy"],
+            enable_chunked_context=params["enable_chunked_context"] == "true",
+            enable_kv_cache_reuse=params["enable_kv_cache_reuse"] == "true",
+            cancellation_check_period_ms=int(params["cancellation_check_period_ms"]),
         )
         pb_utils.Logger.log_info(
             f"in-flight batching: KV cache of {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB), "
