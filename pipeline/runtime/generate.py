@@ -42,6 +42,9 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0
+    embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits before anything else
+    return_generation_logits: bool = False  # keep each step's raw logits
+    return_context_logits: bool = False  # keep the raw logits of every prompt position (in-flight only)
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +75,12 @@ class Request:
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{name}={getattr(self, name)} must be a finite number")
+        if self.embedding_bias is not None:
+            if self.embedding_bias.numel() != vocab_size:
+                size = self.embedding_bias.numel()
+                problems.append(f"embedding_bias has {size} values; the vocabulary has {vocab_size}")
+            elif not bool(torch.isfinite(self.embedding_bias).all()):
+                problems.append("embedding_bias holds a value that is not a finite number")
         if self.min_tokens < 0:
             problems.append(f"min_tokens={self.min_tokens} must be >= 0")
         if self.top_k < 0:
@@ -94,13 +103,15 @@ class Result:
     finish_reason: str  # "length" | "end" | "stop"
     log_probs: list[float] = field(default_factory=list)
     metrics: dict[str, int] = field(default_factory=dict)  # perf metrics (in-flight scheduler)
+    generation_logits: list[torch.Tensor] = field(default_factory=list)  # [vocab] per output token
+    context_logits: list[torch.Tensor] = field(default_factory=list)  # [positions, vocab] per prompt chunk
 
     @property
     def sequence_length(self) -> int:
         return len(self.output_ids)
 
 
-TokenCallback = Callable[[int, int], None]  # (request index, token id)
+TokenCallback = Callable[[int, int, "Result"], None]  # (request index, token id, its result so far)
 FinishCallback = Callable[[int, "Result"], None]  # (request index, its final result)
 
 
@@ -115,7 +126,10 @@ def _ban_bad_words(logits: torch.Tensor, generated: list[int], bad_words: list[l
 
 
 def _penalize(scores: torch.Tensor, request: Request, generated: list[int]) -> torch.Tensor:
-    """Temperature, then the penalties on every token seen so far (TensorRT-LLM's order)."""
+    """The embedding bias, temperature, then the penalties on every token seen so far (TensorRT-LLM's
+    order)."""
+    if request.embedding_bias is not None:
+        scores = scores + request.embedding_bias.reshape(-1).to(scores.dtype)
     if request.temperature > 0:
         scores = scores / request.temperature
     penalized = request.repetition_penalty != 1 or request.presence_penalty or request.frequency_penalty
@@ -164,6 +178,8 @@ def advance(
     if request.end_id is not None and token == request.end_id:
         return None, "end"
     result.output_ids.append(token)
+    if request.return_generation_logits:
+        result.generation_logits.append(logits.clone())
     if request.return_log_probs:
         result.log_probs.append(float(torch.log_softmax(logits, -1)[token]))
     if _stopped(result.output_ids, request.stop_words):
@@ -231,7 +247,7 @@ def generate(
                 if token is not None:
                     chosen[row, 0] = token
                     if on_token is not None:
-                        on_token(row, token)
+                        on_token(row, token, results[row])
                 if finished is not None:
                     finish(row, finished)
             # finished rows keep a slot in the batch; their new positions are masked out

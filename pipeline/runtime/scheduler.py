@@ -35,7 +35,7 @@ from .generate import Request, Result, advance
 from .kvcache import BlockTable, KVCache
 from .packed import Span, forward
 
-TokenCallback = Callable[[int], None]  # the new token id
+TokenCallback = Callable[[int, Result], None]  # the new token id, the result so far (with it)
 FinishCallback = Callable[[Result], None]
 ErrorCallback = Callable[[str], None]
 POLICIES = ("guaranteed_no_evict", "max_utilization")
@@ -223,13 +223,16 @@ class Scheduler:
             for sequence, _ in spans:
                 self._fail(sequence, f"the forward pass failed: {error}")
             return True
-        row = 0
-        for sequence, span in spans:
+        for (sequence, span), rows in zip(spans, logits, strict=True):
             sequence.computed = span.stop
             self.cache.name_full_blocks(sequence.table, sequence.tokens, sequence.computed)
+            if span.all_logits:  # prompt positions, once each (a resumed sequence recomputes them)
+                known = sum(len(chunk) for chunk in sequence.result.context_logits)
+                if span.start == known:
+                    prompt = len(sequence.request.input_ids)
+                    sequence.result.context_logits.append(rows[: max(0, prompt - span.start)].clone())
             if span.wants_logits:
-                self._take(sequence, logits[row])
-                row += 1
+                self._take(sequence, rows[-1])
         return True
 
     def _poll_cancellations(self) -> None:
@@ -286,7 +289,14 @@ class Scheduler:
             if victim is sequence:
                 return None
         stop = sequence.computed + count
-        return Span(sequence.table, tokens[sequence.computed : stop], sequence.computed, stop == len(tokens))
+        in_prompt = sequence.computed < len(sequence.request.input_ids)
+        return Span(
+            sequence.table,
+            tokens[sequence.computed : stop],
+            sequence.computed,
+            wants_logits=stop == len(tokens),
+            all_logits=in_prompt and sequence.request.return_context_logits,
+        )
 
     def _pause_latest(self, needy: Sequence) -> Sequence:
         """max_utilization: free the blocks of the most recently admitted sequence (``needy`` itself
@@ -311,7 +321,8 @@ class Scheduler:
                 return False
             head = self.waiting[0]
             tokens = head.tokens
-            cached = self.cache.cached_prefix(tokens)
+            # context logits need every prompt position computed, so such a request reuses nothing
+            cached = [] if head.request.return_context_logits else self.cache.cached_prefix(tokens)
             idle_cached = sum(1 for b in cached if self.cache.refs[b] == 0)
             free = self.cache.available - idle_cached
             if self.config.batch_scheduler_policy == "guaranteed_no_evict":
@@ -340,7 +351,7 @@ class Scheduler:
             now = time.monotonic_ns()
             sequence.timings.first_token = sequence.timings.first_token or now
             sequence.timings.last_token = now
-            sequence.on_token(token)
+            sequence.on_token(token, sequence.result)
         if finished is not None:
             self._retire(sequence, finished)
 

@@ -138,7 +138,7 @@ def test_sampling_stop_and_bad_words_and_streaming(tiny_engine: Path) -> None:
 
     sample = Request(prompt, max_new_tokens=8, temperature=1.5, top_k=10, top_p=0.9, seed=7, return_log_probs=True)
     seen: list[tuple[int, int]] = []
-    (one,) = generate(model, [sample], on_token=lambda row, token: seen.append((row, token)))
+    (one,) = generate(model, [sample], on_token=lambda row, token, _: seen.append((row, token)))
     (two,) = generate(model, [sample])
     assert one.output_ids == two.output_ids  # same seed, same tokens
     assert seen == [(0, t) for t in one.output_ids]

@@ -31,7 +31,7 @@ class Client:
         self.done = threading.Event()
 
     def submit(self, scheduler: Scheduler, request: Request) -> Any:
-        return scheduler.submit(request, self.tokens.append, self._finish, self._error)
+        return scheduler.submit(request, lambda token, _: self.tokens.append(token), self._finish, self._error)
 
     def _finish(self, result: Result) -> None:
         self.result = result

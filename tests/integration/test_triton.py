@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -294,6 +295,189 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(
     status, text = served.post("/v2/models/ensemble/generate", body)
     assert status >= 400 and message in json.loads(text)["error"]  # Triton answers 500 to a bad JSON type
     assert served.generate(text_input=QUESTION, max_tokens=4)["text_output"]
+
+
+def _grpc_inputs(values: dict[str, Any]) -> list[Any]:
+    """tritonclient inputs of shape [1, ...]: str -> BYTES, bool -> BOOL, float -> FP32, int -> INT32
+    (``seed`` and ``lora_task_id`` UINT64)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if isinstance(items[0], str):
+            array = np.array([[v.encode() for v in items]], dtype=object)
+        else:
+            kind = bool if isinstance(items[0], bool) else np.float32 if isinstance(items[0], float) else np.int32
+            array = np.array([items], dtype=np.uint64 if name in ("seed", "lora_task_id") else kind)
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _grpc_stream(served: Served, model: str, values: dict[str, Any], request_id: str = "1") -> list[Any]:
+    """Every response of one request over a gRPC stream (the last one ends it)."""
+    import tritonclient.grpc as grpcclient
+
+    received: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    responses = []
+    try:
+        client.async_stream_infer(model, _grpc_inputs(values), request_id=request_id, enable_empty_final_response=True)
+        while True:
+            item = received.get(timeout=120)
+            if isinstance(item, Exception):
+                raise item
+            final = item.get_response().parameters["triton_final_response"].bool_param
+            if item.get_response().outputs:
+                responses.append(item)
+            if final:
+                return responses
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+# what upstream's end-to-end client sends to the ensemble and the BLS model, beside text_input and
+# max_tokens (tensorrtllm_backend's tools/inflight_batcher_llm clients)
+UPSTREAM_OPTIONAL = {
+    "beam_width": 1,
+    "temperature": 1.0,
+    "top_k": 1,
+    "top_p": 0.0,
+    "num_return_sequences": 1,
+    "exclude_input_in_output": True,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "length_penalty": 1.0,
+    "min_tokens": 1,
+    "return_log_probs": True,
+    "return_perf_metrics": True,
+    "return_num_input_tokens": True,
+    "return_num_output_tokens": True,
+    "stop_words": ["Berlin"],
+    "bad_words": ["London"],
+    "end_id": 2,
+    "pad_id": 2,
+    "seed": 7,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_a_client_written_for_upstreams_backend_is_answered(served: Served, model: str, stream: bool) -> None:
+    """Every optional input upstream's clients send, over gRPC, streaming and not: the greedy answer,
+    log probs, perf metrics and token counts."""
+    values = {"text_input": QUESTION, "max_tokens": 12, "stream": stream, **UPSTREAM_OPTIONAL}
+    responses = _grpc_stream(served, model, values)
+    texts = [r.as_numpy("text_output") for r in responses]
+    text = "".join(t.reshape(-1)[0].decode() for t in texts if t is not None)
+    assert text == "The capital of France is Paris."
+    last = responses[-1] if not stream else None
+    if last is not None:
+        generated = len(served.tokenizer.encode(text, add_special_tokens=False))  # the end token is not one
+        log_probs = last.as_numpy("output_log_probs").reshape(-1)
+        assert len(log_probs) == generated and np.isclose(log_probs.sum(), last.as_numpy("cum_log_probs").ravel()[0])
+        assert last.as_numpy("num_output_tokens").reshape(-1)[0] == generated
+        assert last.as_numpy("num_input_tokens").reshape(-1)[0] == len(served.chat_ids(QUESTION))
+    final = responses[-1]
+    assert final.as_numpy("kv_cache_alloc_total_blocks").reshape(-1)[0] >= 1
+    assert final.as_numpy("total_draft_tokens").reshape(-1)[0] == 0
+
+
+def test_the_core_model_answers_upstreams_core_client(served: Served) -> None:
+    """What upstream's core-model client sends straight to tensorrt_llm, with logits asked for."""
+    ids = served.chat_ids(QUESTION)
+    values = {
+        "input_ids": ids,
+        "input_lengths": len(ids),
+        "request_output_len": 8,
+        "beam_width": 1,
+        "temperature": 1.0,
+        "streaming": False,
+        "end_id": 2,
+        "pad_id": 2,
+        "runtime_top_k": 1,
+        "runtime_top_p": 0.0,
+        "return_context_logits": True,
+        "return_generation_logits": True,
+        "exclude_input_in_output": True,
+    }
+    (response,) = _grpc_stream(served, "tensorrt_llm", values)
+    output = response.as_numpy("output_ids").reshape(-1).tolist()
+    assert served.tokenizer.decode(output) == "The capital of France is Paris."
+    vocab = len(served.tokenizer)
+    context = response.as_numpy("context_logits")
+    generation = response.as_numpy("generation_logits")
+    assert context.shape == (1, len(ids), vocab) and generation.shape == (1, 1, len(output), vocab)
+    # greedy: each output token is the argmax of its step's logits, the first one of the prompt's last
+    assert generation[0, 0].argmax(-1).tolist() == output and context[0, -1].argmax() == output[0]
+
+
+def test_num_return_sequences_gives_distinct_reproducible_samples(served: Served) -> None:
+    values = {"text_input": "Write a word.", "max_tokens": 8, "temperature": 1.0, "top_k": 50, "seed": 3}
+    values |= {"num_return_sequences": 3, "stream": False}
+    first = _grpc_stream(served, "tensorrt_llm_bls", values)
+    again = _grpc_stream(served, "tensorrt_llm_bls", values)
+
+    def texts(responses: list[Any]) -> dict[int, str]:
+        return {
+            int(r.as_numpy("sequence_index").reshape(-1)[0]): r.as_numpy("text_output").reshape(-1)[0].decode()
+            for r in responses
+        }
+
+    assert sorted(texts(first)) == [0, 1, 2] and texts(first) == texts(again)
+    assert len(set(texts(first).values())) == 3, texts(first)
+
+
+def test_embedding_bias_words_steer_the_answer(served: Served) -> None:
+    plain = served.generate(text_input=QUESTION, max_tokens=8)["text_output"]
+    biased = served.generate(
+        text_input=QUESTION, max_tokens=8, embedding_bias_words=[" Paris"], embedding_bias_weights=[-100.0]
+    )["text_output"]
+    assert "Paris" in plain and "Paris" not in biased, biased
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("ensemble", {"lora_task_id": 3}, "lora_task_id: LoRA adapters are not available on the CPU target"),
+        ("ensemble", {"beam_width": 4}, "beam_width=4: the CPU target samples one beam"),
+        ("tensorrt_llm_bls", {"num_draft_tokens": 4}, "num_draft_tokens: speculative decoding"),
+        ("tensorrt_llm_bls", {"image_url_input": "http://x/y.png"}, "IMAGE_URL: multimodal models are not served"),
+        ("ensemble", {"prompt_vocab_size": 4}, "prompt_vocab_size: prompt tables (p-tuning) are not available"),
+    ],
+)
+def test_what_the_cpu_target_cannot_do_is_refused_by_name(
+    served: Served, model: str, extra: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(Exception, match=re.escape(message)):
+        _grpc_stream(served, model, {"text_input": QUESTION, "max_tokens": 4, **extra})
+
+
+def test_a_stop_request_cancels_the_running_request_with_its_id(served: Served) -> None:
+    ids = served.chat_ids("Count from one to one thousand.")
+    body = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 400}
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["responses"] = _grpc_stream(served, "tensorrt_llm", {**body, "streaming": True}, "stop-me")
+        except Exception as error:  # the cancelled request ends with an error
+            outcome["error"] = error
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.5)
+    stop = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 1, "stop": True}
+    assert _grpc_stream(served, "tensorrt_llm", stop, "stop-me") == []
+    thread.join(timeout=60)
+    assert "request cancelled" in str(outcome.get("error")) and time.monotonic() - started < 30
 
 
 def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir: Path) -> None:

@@ -28,6 +28,16 @@ def _strings(array: np.ndarray | None) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1) if v not in (b"", "")]
 
 
+# inputs of upstream's preprocessing for models this pipeline does not build: refused by name
+NOT_SERVED = {
+    "DECODER_QUERY": "encoder-decoder models",
+    "IMAGE_BYTES": "multimodal models",
+    "IMAGE_URL": "multimodal models",
+    "IMAGE_SIZES": "multimodal models",
+    "VIDEO_BYTES": "multimodal models",
+    "PROMPT_TABLE_EXTRA_ID": "prompt tables (p-tuning)",
+}
+
 # A text longer than max_input_len x this many bytes is refused before tokenizing: far more than any
 # prompt of max_input_len tokens needs (English text averages about 4 bytes a token)
 MAX_BYTES_PER_TOKEN = 64
@@ -69,7 +79,30 @@ class TritonPythonModel:
         table[1, : len(offsets)] = offsets
         return table[None]
 
+    def _embedding_bias(self, request: Any) -> np.ndarray | None:
+        """EMBEDDING_BIAS_WORDS / _WEIGHTS -> a bias over the vocabulary: each word's weight is added
+        at every token id of the word (upstream's rule; the word is tokenized without special
+        tokens, so a BOS token is never biased)."""
+        words = _strings(_optional(request, "EMBEDDING_BIAS_WORDS"))
+        weights = _optional(request, "EMBEDDING_BIAS_WEIGHTS")
+        weights = [] if weights is None else weights.reshape(-1).tolist()
+        if not words and not weights:
+            return None
+        if len(words) != len(weights):
+            raise ValueError(
+                f"embedding_bias_words has {len(words)} words and embedding_bias_weights {len(weights)} weights: "
+                "give one weight per word"
+            )
+        bias = np.zeros(len(self.tokenizer), dtype=np.float32)
+        for word, weight in zip(words, weights, strict=True):
+            for token in self.tokenizer.encode(word, add_special_tokens=False):
+                bias[token] += weight
+        return bias[None]
+
     def _one(self, request: Any) -> Any:
+        for name, models in NOT_SERVED.items():
+            if pb_utils.get_input_tensor_by_name(request, name) is not None:
+                raise ValueError(f"{name}: {models} are not served by this pipeline (it builds text-only LLMs)")
         query = _strings(_optional(request, "QUERY"))
         text = query[0] if query else ""
         size = len(text.encode())
@@ -100,6 +133,9 @@ class TritonPythonModel:
             "OUT_END_ID": np.array([[int(end.reshape(-1)[0]) if end is not None else self.end_id]], dtype=np.int32),
             "OUT_PAD_ID": np.array([[int(pad.reshape(-1)[0]) if pad is not None else self.pad_id]], dtype=np.int32),
         }
+        bias = self._embedding_bias(request)
+        if bias is not None:  # absent otherwise, as upstream leaves out what was not asked for
+            outputs["EMBEDDING_BIAS"] = bias
         return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -1,6 +1,7 @@
 """Triton python model of the CPU target: the reference runtime in place of a TensorRT-LLM engine.
 
-Same inputs and outputs as the TensorRT-LLM backend (a subset). With ``batching=inflight`` (the
+Same inputs and outputs as the TensorRT-LLM backend (``inputs.py`` says what it does with each;
+what it cannot do is answered with an error naming the input). With ``batching=inflight`` (the
 default, ``triton.cpu_batching``) ``execute`` hands each request to the in-flight scheduler
 (``reference_runtime/scheduler.py``): paged KV cache, chunked context, block reuse and the batch
 scheduler policies, sized by the same parameters as the GPU backend. With ``run_to_completion``
@@ -9,7 +10,10 @@ ends (kept to measure what in-flight batching gains). Each request is checked be
 joins (ids inside the vocabulary, sampling values in range, length within the engine's
 ``max_seq_len``): a bad one gets its own error and the others run. The model is decoupled: a
 streaming request gets one response per token, any other request one response with all of its
-tokens, and each request is closed as soon as it finishes, not when the whole batch does.
+tokens, and each request is closed as soon as it finishes, not when the whole batch does. With
+``num_return_sequences`` n > 1 each of the n sequences answers on its own, its responses carrying
+``sequence_index``, and the request closes with the last. A ``stop`` request cancels the running
+request that has its request id, as on the GPU backend.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +31,16 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
+from inputs import embedding_bias, flag, refusals, scalar, tensor, word_list
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
 from reference_runtime.scheduler import CANCELLED, Scheduler, SchedulerConfig
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _scalar(request: Any, name: str, default: Any) -> Any:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
-
-
-def _word_list(request: Any, name: str) -> list[list[int]]:
-    """[1, 2, N] TensorRT-LLM word list (ids, end offsets padded with -1) -> token sequences."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return []
-    ids, offsets = tensor.as_numpy().reshape(2, -1).tolist()
-    words, start = [], 0
-    for end in offsets:
-        if end < 0:
-            break
-        words.append(ids[start:end])
-        start = end
-    return [w for w in words if w]
+MAX_RETURN_SEQUENCES = 16
+# no speculative decoding here: the draft-token perf metrics are always zero
+NO_DRAFT_METRICS = {"acceptance_rate": 0.0, "total_accepted_draft_tokens": 0, "total_draft_tokens": 0}
 
 
 class TritonPythonModel:
@@ -69,6 +58,7 @@ class TritonPythonModel:
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         self.scheduler: Scheduler | None = None
+        self.live: dict[str, list[Any]] = {}  # request id -> its sequences, for stop requests
         if self.decoupled and params.get("batching", "inflight") == "inflight":
             self.scheduler = Scheduler(self.model, self._scheduler_config(config, params))
             self.scheduler.start()
@@ -109,119 +99,252 @@ class TritonPythonModel:
             self.scheduler.stop()
 
     def _request(self, request: Any) -> Request:
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
-        length = int(_scalar(request, "input_lengths", len(ids)))
-        seed = _scalar(request, "seed", None)
+        ids = tensor(request, "input_ids")
+        assert ids is not None  # refusals() checked it
+        ids = ids.reshape(-1)
+        length = int(scalar(request, "input_lengths", len(ids)))
+        seed = scalar(request, "seed", None)
         return Request(
             input_ids=ids[:length].tolist(),
-            max_new_tokens=int(_scalar(request, "request_output_len", 16)),
-            end_id=_scalar(request, "end_id", None),
-            pad_id=_scalar(request, "pad_id", None),
-            temperature=float(_scalar(request, "temperature", 1.0)),
-            top_k=int(_scalar(request, "runtime_top_k", 0)),
-            top_p=float(_scalar(request, "runtime_top_p", 0.0)),
+            max_new_tokens=int(scalar(request, "request_output_len", 16)),
+            end_id=scalar(request, "end_id", None),
+            pad_id=scalar(request, "pad_id", None),
+            temperature=float(scalar(request, "temperature", 1.0)),
+            top_k=int(scalar(request, "runtime_top_k", 0)),
+            top_p=float(scalar(request, "runtime_top_p", 0.0)),
             seed=None if seed is None else int(seed),
-            stop_words=_word_list(request, "stop_words_list"),
-            bad_words=_word_list(request, "bad_words_list"),
-            return_log_probs=bool(_scalar(request, "return_log_probs", False)),
-            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
-            frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
-            min_tokens=int(_scalar(request, "min_tokens", 0)),
+            stop_words=word_list(request, "stop_words_list"),
+            bad_words=word_list(request, "bad_words_list"),
+            return_log_probs=flag(request, "return_log_probs"),
+            repetition_penalty=float(scalar(request, "repetition_penalty", 1.0)),
+            presence_penalty=float(scalar(request, "presence_penalty", 0.0)),
+            frequency_penalty=float(scalar(request, "frequency_penalty", 0.0)),
+            min_tokens=int(scalar(request, "min_tokens", 0)),
+            embedding_bias=embedding_bias(request, self.vocab_size),
+            return_generation_logits=flag(request, "return_generation_logits"),
+            return_context_logits=flag(request, "return_context_logits"),
         )
 
-    def _client(self, request: Any) -> _Client | None:
-        """The request parsed, with its way back to the client; a malformed one is answered here."""
+    def _reply(self, request: Any) -> _Reply | None:
+        """The request parsed, with its way back to the client; one that cannot be served is
+        answered here."""
         sender = request.get_response_sender()
         try:
+            problems = refusals(request)
+            count = int(scalar(request, "num_return_sequences", 1))
+            if not 1 <= count <= MAX_RETURN_SEQUENCES:
+                problems.append(f"num_return_sequences={count} must lie in 1..{MAX_RETURN_SEQUENCES}")
+            elif count > 1 and not self.decoupled:
+                problems.append(
+                    f"num_return_sequences={count} needs a decoupled engine model (triton.streaming=true): "
+                    "each sequence is its own response"
+                )
+            if problems:
+                raise ValueError("; ".join(problems))
             parsed = self._request(request)
+            if parsed.return_context_logits and self.scheduler is None:
+                raise ValueError("return_context_logits needs in-flight batching (triton.cpu_batching=inflight)")
         except Exception as error:
             _send_error(sender, str(error))
             return None
-        streaming = self.decoupled and bool(_scalar(request, "streaming", False))
-        client = _Client(sender, parsed, streaming, [] if self.exclude_input else parsed.input_ids)
-        client.perf_metrics = bool(_scalar(request, "return_perf_metrics", False))
-        return client
+        options = Options(
+            streaming=self.decoupled and flag(request, "streaming"),
+            exclude_input=flag(request, "exclude_input_in_output", self.exclude_input),
+            perf_metrics=flag(request, "return_perf_metrics"),
+            num_input_tokens=flag(request, "return_num_input_tokens"),
+            num_output_tokens=flag(request, "return_num_output_tokens"),
+            indexed=count > 1,
+        )
+        # n samples of one prompt: sequence i draws from seed + i, so the n differ and repeat
+        copies = [
+            replace(parsed, seed=None if parsed.seed is None else parsed.seed + i) if i else parsed
+            for i in range(count)
+        ]
+        return _Reply(sender, options, copies)
+
+    def _stop(self, request: Any) -> None:
+        """``stop``: cancel the running request with this request's id (the backend's semantics)."""
+        sender = request.get_response_sender()
+        target = request.request_id()
+        live = self.live.get(target) if target else None
+        if live is None:
+            _send_error(sender, f"stop: no running request has the id {target!r} (send the id of the request to stop)")
+            return
+        for sequence in live:
+            if self.scheduler is not None:
+                self.scheduler.cancel(sequence)
+        sender.send(None, flags=FINAL)
 
     def execute(self, requests: list[Any]) -> None:
-        accepted = [(client, request) for request in requests if (client := self._client(request)) is not None]
-        clients = [client for client, _ in accepted]
+        accepted = []
+        for request in requests:
+            if flag(request, "stop"):
+                self._stop(request)
+            elif (reply := self._reply(request)) is not None:
+                accepted.append((reply, request))
         if self.scheduler is not None:
-            for client, request in accepted:
-                self.scheduler.submit(
-                    client.parsed, client.token, client.finish, client.error, is_cancelled=request.is_cancelled
-                )
+            for reply, request in accepted:
+                self._submit(reply, request)
             return None
-        batch = []
-        for client in clients:  # a bad request must not take its batch down
+        batch = [client for reply, _ in accepted for client in reply.clients]
+        ready = []
+        for client in batch:  # a bad request must not take its batch down
             problems = client.parsed.problems(self.vocab_size, self.max_seq_len, self.max_input_len)
             if problems:
                 client.error("; ".join(problems))
             else:
-                batch.append(client)
+                ready.append(client)
         started = time.monotonic()
         try:
             generate(
                 self.model,
-                [c.parsed for c in batch],
-                on_token=lambda row, token: batch[row].token(token),
-                on_finish=lambda row, result: batch[row].finish(result),
+                [c.parsed for c in ready],
+                on_token=lambda row, token, result: ready[row].token(token, result),
+                on_finish=lambda row, result: ready[row].finish(result),
             )
         except Exception as error:  # answer every open request rather than leave clients hanging
-            for client in batch:
+            for client in ready:
                 if not client.answered:
                     client.error(str(error))
-        pb_utils.Logger.log_verbose(f"batch of {len(batch)} in {time.monotonic() - started:.2f} s")
+        pb_utils.Logger.log_verbose(f"batch of {len(ready)} in {time.monotonic() - started:.2f} s")
         return None
+
+    def _submit(self, reply: _Reply, request: Any) -> None:
+        assert self.scheduler is not None
+        key = request.request_id()
+        sequences = []
+        for client in reply.clients:
+            sequence = self.scheduler.submit(
+                client.parsed, client.token, client.finish, client.error, is_cancelled=request.is_cancelled
+            )
+            if sequence is not None:
+                sequences.append(sequence)
+        reply.siblings = sequences
+        reply.scheduler = self.scheduler
+        if key and sequences:
+            self.live[key] = sequences
+            reply.on_close = lambda: self.live.pop(key, None)
 
 
 def _send_error(sender: Any, message: str) -> None:
     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
 
-def _response(tokens: list[int], log_probs: list[float] | None = None, metrics: dict[str, int] | None = None) -> Any:
-    tensors = [
-        pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
-        pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-    ]
-    if log_probs is not None:
-        tensors += [
-            pb_utils.Tensor("cum_log_probs", np.array([[sum(log_probs)]], dtype=np.float32)),
-            pb_utils.Tensor("output_log_probs", np.array([[log_probs]], dtype=np.float32)),
-        ]
-    for name, value in (metrics or {}).items():  # the backend's perf metrics outputs
-        dtype = np.int64 if name.endswith("_ns") else np.int32
-        tensors.append(pb_utils.Tensor(name, np.array([value], dtype=dtype)))
-    return pb_utils.InferenceResponse(tensors)
+@dataclass
+class Options:
+    """What a request asked to get back, beside its tokens."""
+
+    streaming: bool
+    exclude_input: bool
+    perf_metrics: bool
+    num_input_tokens: bool
+    num_output_tokens: bool
+    indexed: bool  # num_return_sequences > 1: every response names its sequence
 
 
-class _Client:
-    """One request's way back: one response per token when streaming, else one with all of them;
-    either way closed as soon as the request ends."""
+def _int32(value: int) -> np.ndarray:
+    return np.array([[value]], dtype=np.int32)
 
-    def __init__(self, sender: Any, parsed: Request, streaming: bool, prompt: list[int]):
-        self.sender, self.parsed, self.streaming, self.prompt = sender, parsed, streaming, prompt
-        self.answered = False
-        self.perf_metrics = False  # return_perf_metrics: the final response carries them
 
-    def token(self, token: int) -> None:
-        if self.streaming:
-            self.sender.send(_response([token]))
+class _Reply:
+    """One Triton request's way back, shared by its ``num_return_sequences`` sequences: each
+    sequence answers with its own responses (one per token when streaming), and the request closes
+    when the last of them ends, or at the first error."""
 
-    def finish(self, result: Result) -> None:
-        self.answered = True
-        metrics = result.metrics if self.perf_metrics else None
-        if self.streaming:  # every token is out: the last response carries only the metrics asked for
-            self.sender.send(_response([], metrics=metrics) if metrics else None, flags=FINAL)
+    def __init__(self, sender: Any, options: Options, requests: list[Request]):
+        self.sender, self.options = sender, options
+        self.clients = [_Client(self, request, index) for index, request in enumerate(requests)]
+        self.open = len(requests)
+        self.closed = False
+        self.siblings: list[Any] = []  # the scheduler's sequences, cancelled when one fails
+        self.scheduler: Scheduler | None = None
+        self.on_close: Any = None
+
+    def send(self, response: Any, last: bool) -> None:
+        if self.closed:
             return
-        log_probs = result.log_probs if self.parsed.return_log_probs else None
-        self.sender.send(_response(self.prompt + result.output_ids, log_probs, metrics), flags=FINAL)
+        if last:
+            self.open -= 1
+        final = self.open == 0
+        if final:
+            self.sender.send(response, flags=FINAL)
+            self._close()
+        elif response is not None:  # nothing to say before the end: the closing response says it
+            self.sender.send(response)
 
-    def error(self, message: str) -> None:
-        self.answered = True
+    def fail(self, message: str) -> None:
+        if self.closed:
+            return
         if message.startswith(CANCELLED):
             pb_utils.Logger.log_info(message)
             cancelled = getattr(pb_utils.TritonError, "CANCELLED", None)
-            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, cancelled)), flags=FINAL)
+            error = pb_utils.TritonError(message, cancelled)
+        else:
+            error = pb_utils.TritonError(message)
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        self._close()
+        if self.scheduler is not None:  # the request is over: its other sequences stop too
+            for sequence in self.siblings:
+                self.scheduler.cancel(sequence)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.on_close is not None:
+            self.on_close()
+
+
+class _Client:
+    """One sequence of a request: hands its tokens and its end to the request's reply."""
+
+    def __init__(self, reply: _Reply, parsed: Request, index: int):
+        self.reply, self.parsed, self.index = reply, parsed, index
+        self.answered = False
+        self.cum_log_prob = 0.0
+
+    def _tensors(self, tokens: list[int], log_probs: list[float], logits: list[torch.Tensor]) -> list[Any]:
+        tensors = [pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32))]
+        tensors.append(pb_utils.Tensor("sequence_length", _int32(len(tokens))))
+        if self.parsed.return_log_probs:
+            tensors.append(pb_utils.Tensor("cum_log_probs", np.array([[self.cum_log_prob]], dtype=np.float32)))
+            tensors.append(pb_utils.Tensor("output_log_probs", np.array([[log_probs]], dtype=np.float32)))
+        if self.parsed.return_generation_logits and logits:  # [batch, beam, tokens, vocab]
+            tensors.append(pb_utils.Tensor("generation_logits", torch.stack(logits)[None, None].numpy()))
+        if self.reply.options.indexed:
+            tensors.append(pb_utils.Tensor("sequence_index", _int32(self.index)))
+        return tensors
+
+    def token(self, token: int, result: Result) -> None:
+        """A new token; ``result`` already holds its log prob and logits."""
+        if not self.reply.options.streaming:
             return
-        _send_error(self.sender, message)
+        log_probs = result.log_probs[-1:] if self.parsed.return_log_probs else []
+        self.cum_log_prob += sum(log_probs)
+        logits = result.generation_logits[-1:] if self.parsed.return_generation_logits else []
+        self.reply.send(pb_utils.InferenceResponse(self._tensors([token], log_probs, logits)), last=False)
+
+    def finish(self, result: Result) -> None:
+        self.answered = True
+        options = self.reply.options
+        tensors: list[Any] = []
+        if not options.streaming:
+            self.cum_log_prob = sum(result.log_probs)
+            prompt = [] if options.exclude_input else self.parsed.input_ids
+            tensors = self._tensors(prompt + result.output_ids, result.log_probs, result.generation_logits)
+        if self.parsed.return_context_logits and result.context_logits:  # [batch, positions, vocab]
+            tensors.append(pb_utils.Tensor("context_logits", torch.cat(result.context_logits)[None].numpy()))
+        if options.num_input_tokens:
+            tensors.append(pb_utils.Tensor("num_input_tokens", _int32(len(self.parsed.input_ids))))
+        if options.num_output_tokens:
+            tensors.append(pb_utils.Tensor("num_output_tokens", _int32(len(result.output_ids))))
+        if options.perf_metrics:
+            for name, value in {**result.metrics, **NO_DRAFT_METRICS}.items():
+                dtype = np.int64 if name.endswith("_ns") else np.float32 if name == "acceptance_rate" else np.int32
+                tensors.append(pb_utils.Tensor(name, np.array([[value]], dtype=dtype)))
+        if options.streaming and tensors:  # tokens are all out; what is left rides on zero tokens,
+            tensors = self._tensors([], [], []) + tensors  # since the ensemble's postprocessing needs some
+        # a stream whose tokens are all out closes with an empty response unless something is left to say
+        self.reply.send(pb_utils.InferenceResponse(tensors) if tensors else None, last=True)
+
+    def error(self, message: str) -> None:
+        self.answered = True
+        self.reply.fail(message)

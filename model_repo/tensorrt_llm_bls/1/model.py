@@ -16,38 +16,94 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# BLS input -> (preprocessing input) or (engine input)
+# BLS input -> preprocessing input
 TO_PREPROCESSING = {
     "text_input": "QUERY",
+    "decoder_text_input": "DECODER_QUERY",
+    "image_bytes_input": "IMAGE_BYTES",
+    "image_url_input": "IMAGE_URL",
+    "image_sizes_input": "IMAGE_SIZES",
+    "video_bytes_input": "VIDEO_BYTES",
     "max_tokens": "REQUEST_OUTPUT_LEN",
     "bad_words": "BAD_WORDS_DICT",
     "stop_words": "STOP_WORDS_DICT",
+    "embedding_bias_words": "EMBEDDING_BIAS_WORDS",
+    "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS",
     "end_id": "END_ID",
     "pad_id": "PAD_ID",
+    "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID",
 }
+# BLS input -> engine input
 TO_ENGINE = {
+    "exclude_input_in_output": "exclude_input_in_output",
     "top_k": "runtime_top_k",
     "top_p": "runtime_top_p",
     "temperature": "temperature",
-    "seed": "seed",
+    "length_penalty": "len_penalty",
     "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_tokens",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
-    "min_tokens": "min_tokens",
+    "seed": "seed",
     "return_log_probs": "return_log_probs",
-    "exclude_input_in_output": "exclude_input_in_output",
+    "return_context_logits": "return_context_logits",
+    "return_generation_logits": "return_generation_logits",
+    "num_return_sequences": "num_return_sequences",
+    "beam_width": "beam_width",
     "stream": "streaming",
+    "prompt_embedding_table": "prompt_embedding_table",
+    "prompt_vocab_size": "prompt_vocab_size",
+    "lora_task_id": "lora_task_id",
+    "lora_weights": "lora_weights",
+    "lora_config": "lora_config",
+    "return_perf_metrics": "return_perf_metrics",
+    "return_num_input_tokens": "return_num_input_tokens",
+    "return_num_output_tokens": "return_num_output_tokens",
+    "guided_decoding_guide_type": "guided_decoding_guide_type",
+    "guided_decoding_guide": "guided_decoding_guide",
 }
-# preprocessing output -> engine input
+# preprocessing output -> engine input (those it leaves out are not sent)
 PREPROCESSED = {
     "INPUT_ID": "input_ids",
     "REQUEST_INPUT_LEN": "input_lengths",
+    "DECODER_INPUT_ID": "decoder_input_ids",
+    "REQUEST_DECODER_INPUT_LEN": "decoder_input_lengths",
     "REQUEST_OUTPUT_LEN": "request_output_len",
     "BAD_WORDS_IDS": "bad_words_list",
     "STOP_WORDS_IDS": "stop_words_list",
+    "EMBEDDING_BIAS": "embedding_bias",
     "OUT_END_ID": "end_id",
     "OUT_PAD_ID": "pad_id",
+    "OUT_PROMPT_TABLE_EXTRA_IDS": "prompt_table_extra_ids",
 }
+# inputs of upstream's BLS for what this pipeline does not deploy (a multimodal encoder model, a
+# draft model for speculative decoding): refused by name rather than ignored
+NOT_SERVED = {
+    "image_input": "multimodal models (an encoder model in the repository)",
+    "num_draft_tokens": "speculative decoding with a draft model",
+    "use_draft_logits": "speculative decoding with a draft model",
+}
+# engine outputs passed through to the client unchanged (output_ids become text_output)
+PASSED_THROUGH = (
+    "cum_log_probs",
+    "output_log_probs",
+    "context_logits",
+    "generation_logits",
+    "batch_index",
+    "sequence_index",
+    "kv_cache_alloc_new_blocks",
+    "kv_cache_reused_blocks",
+    "kv_cache_alloc_total_blocks",
+    "arrival_time_ns",
+    "first_scheduled_time_ns",
+    "first_token_time_ns",
+    "last_token_time_ns",
+    "acceptance_rate",
+    "total_accepted_draft_tokens",
+    "total_draft_tokens",
+    "num_input_tokens",
+    "num_output_tokens",
+)
 
 
 def _renamed(request: Any, names: dict[str, str]) -> list[Any]:
@@ -55,7 +111,10 @@ def _renamed(request: Any, names: dict[str, str]) -> list[Any]:
     for source, target in names.items():
         tensor = pb_utils.get_input_tensor_by_name(request, source)
         if tensor is not None:
-            tensors.append(pb_utils.Tensor(target, tensor.as_numpy()))
+            array = tensor.as_numpy()
+            # scalars this model declares with an empty reshape arrive as [batch]; the next model
+            # declares them [batch, 1]
+            tensors.append(pb_utils.Tensor(target, array.reshape(-1, 1) if array.ndim == 1 else array))
     return tensors
 
 
@@ -75,25 +134,37 @@ class TritonPythonModel:
 
     def _text(self, engine_response: Any, stream_key: str | None) -> Any:
         """Text of one engine response; a streamed one is decoded in the context of its stream
-        (``stream_key``), so no character is split between two responses."""
+        (``stream_key`` and the sequence's index), so no character is split between two responses."""
         tokens = pb_utils.get_output_tensor_by_name(engine_response, "output_ids").as_numpy()
+        index = pb_utils.get_output_tensor_by_name(engine_response, "sequence_index")
+        if stream_key is not None and index is not None:
+            stream_key = f"{stream_key}-{int(index.as_numpy().reshape(-1)[0])}"
         lengths = pb_utils.get_output_tensor_by_name(engine_response, "sequence_length").as_numpy()
         inputs = [pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)]
         if stream_key is not None:
             inputs.append(pb_utils.Tensor("STREAM_KEY", np.array([[stream_key.encode()]], dtype=object)))
             inputs.append(pb_utils.Tensor("STREAM", np.array([[True]])))
         post = pb_utils.InferenceRequest(model_name="postprocessing", requested_output_names=["OUTPUT"], inputs=inputs)
-        text = pb_utils.get_output_tensor_by_name(_checked(post.exec()), "OUTPUT").as_numpy()
-        outputs = [pb_utils.Tensor("text_output", text)]
-        for name in ("cum_log_probs", "output_log_probs"):
-            tensor = pb_utils.get_output_tensor_by_name(engine_response, name)
-            if tensor is not None:
-                outputs.append(pb_utils.Tensor(name, tensor.as_numpy()))
-        return pb_utils.InferenceResponse(outputs)
+        return pb_utils.get_output_tensor_by_name(_checked(post.exec()), "OUTPUT").as_numpy()
+
+    def _response(self, engine_response: Any, stream_key: str | None) -> Any:
+        """The client's response to one engine response: its text (when it has tokens) and the
+        engine outputs passed through; None when it has neither (an empty end of stream)."""
+        outputs = [
+            pb_utils.Tensor(name, tensor.as_numpy())
+            for name in PASSED_THROUGH
+            if (tensor := pb_utils.get_output_tensor_by_name(engine_response, name)) is not None
+        ]
+        if pb_utils.get_output_tensor_by_name(engine_response, "output_ids") is not None:
+            outputs.insert(0, pb_utils.Tensor("text_output", self._text(engine_response, stream_key)))
+        return pb_utils.InferenceResponse(outputs) if outputs else None
 
     def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
         try:
+            for name, what in NOT_SERVED.items():
+                if pb_utils.get_input_tensor_by_name(request, name) is not None:
+                    raise ValueError(f"{name}: {what} are not served by this pipeline")
             pre = pb_utils.InferenceRequest(
                 model_name="preprocessing",
                 requested_output_names=list(PREPROCESSED),
@@ -101,12 +172,13 @@ class TritonPythonModel:
             )
             pre_response = _checked(pre.exec())
             engine_inputs = [
-                pb_utils.Tensor(PREPROCESSED[name], pb_utils.get_output_tensor_by_name(pre_response, name).as_numpy())
-                for name in PREPROCESSED
+                pb_utils.Tensor(target, tensor.as_numpy())
+                for name, target in PREPROCESSED.items()
+                if (tensor := pb_utils.get_output_tensor_by_name(pre_response, name)) is not None
             ] + _renamed(request, TO_ENGINE)
             engine = pb_utils.InferenceRequest(
                 model_name=self.engine,
-                requested_output_names=["output_ids", "sequence_length", "cum_log_probs", "output_log_probs"],
+                requested_output_names=["output_ids", "sequence_length", *PASSED_THROUGH],
                 inputs=engine_inputs,
             )
             responses = engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()]
@@ -114,9 +186,9 @@ class TritonPythonModel:
             streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
             stream_key = uuid.uuid4().hex if streaming else None
             for response in responses:
-                if pb_utils.get_output_tensor_by_name(_checked(response), "output_ids") is None:
-                    continue  # the empty closing response of a stream
-                sender.send(self._text(response, stream_key))
+                reply = self._response(_checked(response), stream_key)
+                if reply is not None:
+                    sender.send(reply)
             sender.send(flags=FINAL)
         except Exception as error:  # every failure reaches the client as an error response
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)

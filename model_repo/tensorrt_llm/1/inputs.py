@@ -1,0 +1,116 @@
+"""How the CPU target's engine model reads each input of the TensorRT-LLM backend's contract.
+
+The config declares every input upstream declares, so that a client written for NVIDIA's backend
+is never refused by Triton for an unknown name. What the reference runtime cannot do is answered
+with a per-request error naming the input, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+# input -> the feature it belongs to, which the reference runtime does not have
+UNSUPPORTED = {
+    "encoder_input_features": "encoder-decoder models",
+    "encoder_output_lengths": "encoder-decoder models",
+    "decoder_input_ids": "encoder-decoder models",
+    "decoder_input_lengths": "encoder-decoder models",
+    "cross_attention_mask": "encoder-decoder models",
+    "skip_cross_attn_blocks": "encoder-decoder models",
+    "draft_input_ids": "speculative decoding (draft tokens)",
+    "draft_logits": "speculative decoding (draft tokens)",
+    "draft_acceptance_threshold": "speculative decoding (draft tokens)",
+    "lookahead_window_size": "lookahead decoding",
+    "lookahead_ngram_size": "lookahead decoding",
+    "lookahead_verification_set_size": "lookahead decoding",
+    "prompt_embedding_table": "prompt tables (p-tuning)",
+    "prompt_table_extra_ids": "prompt tables (p-tuning)",
+    "prompt_vocab_size": "prompt tables (p-tuning)",
+    "mrope_rotary_cos_sin": "multimodal models (mrope)",
+    "mrope_position_deltas": "multimodal models (mrope)",
+    "lora_task_id": "LoRA adapters",
+    "lora_weights": "LoRA adapters",
+    "lora_config": "LoRA adapters",
+    "context_phase_params": "disaggregated serving (context phase hand-over)",
+    "retention_token_range_starts": "KV cache retention priorities",
+    "retention_token_range_ends": "KV cache retention priorities",
+    "retention_token_range_priorities": "KV cache retention priorities",
+    "retention_token_range_durations_ms": "KV cache retention priorities",
+    "retention_decode_priority": "KV cache retention priorities",
+    "retention_decode_duration_ms": "KV cache retention priorities",
+    "runtime_top_p_min": "top-p decay",
+    "runtime_top_p_decay": "top-p decay",
+    "runtime_top_p_reset_ids": "top-p decay",
+}
+# beam-search knobs: meaningless at beam_width 1, where the GPU backend ignores them as well
+BEAM_ONLY = ("len_penalty", "early_stopping", "beam_search_diversity_rate")
+
+
+def tensor(request: Any, name: str) -> np.ndarray | None:
+    """The input as an array, or None when absent or empty (an empty tensor asks for nothing)."""
+    found = pb_utils.get_input_tensor_by_name(request, name)
+    if found is None:
+        return None
+    array = found.as_numpy()
+    return array if array.size else None
+
+
+def scalar(request: Any, name: str, default: Any) -> Any:
+    array = tensor(request, name)
+    return default if array is None else array.reshape(-1)[0].item()
+
+
+def flag(request: Any, name: str, default: bool = False) -> bool:
+    return bool(scalar(request, name, default))
+
+
+def word_list(request: Any, name: str) -> list[list[int]]:
+    """[1, 2, N] TensorRT-LLM word list (ids, end offsets padded with -1) -> token sequences."""
+    array = tensor(request, name)
+    if array is None:
+        return []
+    ids, offsets = array.reshape(2, -1).tolist()
+    words, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        words.append(ids[start:end])
+        start = end
+    return [w for w in words if w]
+
+
+def embedding_bias(request: Any, vocab_size: int) -> torch.Tensor | None:
+    """The bias over the vocabulary; one over the tokenizer's ids only (shorter than a padded
+    vocabulary) is padded with zeros."""
+    array = tensor(request, "embedding_bias")
+    if array is None:
+        return None
+    bias = torch.from_numpy(array.astype(np.float32).reshape(-1).copy())
+    if len(bias) < vocab_size:
+        bias = torch.cat([bias, torch.zeros(vocab_size - len(bias))])
+    return bias
+
+
+def refusals(request: Any) -> list[str]:
+    """Why the CPU target cannot serve this request as asked (empty when it can)."""
+    problems = [
+        f"{name}: {feature} are not available on the CPU target (the reference runtime); use a GPU target"
+        for name, feature in UNSUPPORTED.items()
+        if tensor(request, name) is not None
+    ]
+    beam_width = int(scalar(request, "beam_width", 1))
+    if beam_width != 1:
+        problems.append(f"beam_width={beam_width}: the CPU target samples one beam; use beam_width=1 or a GPU target")
+    for name in ("guided_decoding_guide_type", "guided_decoding_guide"):
+        if tensor(request, name) is not None:
+            problems.append(f"{name}: guided decoding is not available on the CPU target yet; use a GPU target")
+    ids = tensor(request, "input_ids")
+    if ids is None:
+        problems.append("input_ids is missing: the CPU target needs token ids (prompt tables are not supported)")
+    elif ids.ndim > 1 and ids.shape[0] != 1:
+        problems.append(f"input_ids holds {ids.shape[0]} sequences: send one request per prompt")
+    return problems
