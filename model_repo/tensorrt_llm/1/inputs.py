@@ -83,6 +83,14 @@ def word_list(request: Any, name: str) -> list[list[int]]:
     return [w for w in words if w]
 
 
+def text(request: Any, name: str) -> str | None:
+    array = tensor(request, name)
+    if array is None:
+        return None
+    value = array.reshape(-1)[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def embedding_bias(request: Any, vocab_size: int) -> torch.Tensor | None:
     """The bias over the vocabulary; one over the tokenizer's ids only (shorter than a padded
     vocabulary) is padded with zeros."""
@@ -105,9 +113,6 @@ def refusals(request: Any) -> list[str]:
     beam_width = int(scalar(request, "beam_width", 1))
     if beam_width != 1:
         problems.append(f"beam_width={beam_width}: the CPU target samples one beam; use beam_width=1 or a GPU target")
-    for name in ("guided_decoding_guide_type", "guided_decoding_guide"):
-        if tensor(request, name) is not None:
-            problems.append(f"{name}: guided decoding is not available on the CPU target yet; use a GPU target")
     ids = tensor(request, "input_ids")
     if ids is None:
         problems.append("input_ids is missing: the CPU target needs token ids (prompt tables are not supported)")

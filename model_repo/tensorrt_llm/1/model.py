@@ -31,7 +31,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inputs import embedding_bias, flag, refusals, scalar, tensor, word_list
+from guided import Grammars
+from inputs import embedding_bias, flag, refusals, scalar, tensor, text, word_list
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
@@ -57,6 +58,12 @@ class TritonPythonModel:
         self.max_input_len = int(params["max_input_len"]) if params.get("max_input_len") else None
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        # guided decoding through xgrammar with the repository's tokenizer (as the GPU backend's
+        # guided_decoding_backend=xgrammar and tokenizer_dir)
+        self.grammars: Grammars | None = None
+        if params.get("guided_decoding_backend") == "xgrammar":
+            tokenizer_dir = Path(args["model_repository"]).parent / params["tokenizer_dir"]
+            self.grammars = Grammars(tokenizer_dir, self.vocab_size)
         self.scheduler: Scheduler | None = None
         self.live: dict[str, list[Any]] = {}  # request id -> its sequences, for stop requests
         if self.decoupled and params.get("batching", "inflight") == "inflight":
@@ -160,7 +167,26 @@ class TritonPythonModel:
             replace(parsed, seed=None if parsed.seed is None else parsed.seed + i) if i else parsed
             for i in range(count)
         ]
+        try:
+            compiled = self._grammar(request)
+        except ValueError as error:
+            _send_error(sender, str(error))
+            return None
+        if compiled is not None:
+            assert self.grammars is not None
+            copies = [replace(copy, guide=self.grammars.matcher(compiled)) for copy in copies]
         return _Reply(sender, options, copies)
+
+    def _grammar(self, request: Any) -> Any:
+        """The request's compiled guide, or None when it asks for no guided decoding."""
+        guide_type, guide = text(request, "guided_decoding_guide_type"), text(request, "guided_decoding_guide")
+        if guide_type is None:
+            if guide is not None:
+                raise ValueError("guided_decoding_guide without guided_decoding_guide_type: say which kind of guide")
+            return None
+        if self.grammars is None:
+            raise ValueError("guided decoding is off in this repository (guided_decoding_backend is not xgrammar)")
+        return self.grammars.compile(guide_type, guide or "")
 
     def _stop(self, request: Any) -> None:
         """``stop``: cancel the running request with this request's id (the backend's semantics)."""

@@ -81,6 +81,9 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             "batching": str(triton.cpu_batching),
             "max_num_tokens": str(triton.cpu_max_num_tokens),
             "tokens_per_block": str(cfg.build.tokens_per_block),
+            # guided decoding through xgrammar with the repository's tokenizer, as the GPU backend names it
+            "guided_decoding_backend": "xgrammar",
+            "tokenizer_dir": REPO_TOKENIZER_DIR,
         }
     return {
         "gpt_model_type": str(triton.batching_strategy),
