@@ -40,6 +40,7 @@ FinishCallback = Callable[[Result], None]
 ErrorCallback = Callable[[str], None]
 POLICIES = ("guaranteed_no_evict", "max_utilization")
 CANCELLED = "request cancelled"  # how an error for a cancelled request begins
+FORWARD_FAILED = "the forward pass failed"  # how an error of the server (not the request) begins
 
 
 @dataclass
@@ -221,7 +222,7 @@ class Scheduler:
             logits = forward(self.model, self.cache, [span for _, span in spans])
         except Exception as error:  # answer every request of the step rather than leave clients hanging
             for sequence, _ in spans:
-                self._fail(sequence, f"the forward pass failed: {error}")
+                self._fail(sequence, f"{FORWARD_FAILED}: {error}")
             return True
         for (sequence, span), rows in zip(spans, logits, strict=True):
             sequence.computed = span.stop

@@ -144,5 +144,6 @@ class TritonPythonModel:
             try:
                 responses.append(self._one(request))
             except ValueError as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                invalid = pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)  # HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=invalid))
         return responses

@@ -36,7 +36,7 @@ from inputs import embedding_bias, flag, refusals, scalar, tensor, text, word_li
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
-from reference_runtime.scheduler import CANCELLED, Scheduler, SchedulerConfig
+from reference_runtime.scheduler import CANCELLED, FORWARD_FAILED, Scheduler, SchedulerConfig
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 MAX_RETURN_SEQUENCES = 16
@@ -253,7 +253,9 @@ class TritonPythonModel:
 
 
 def _send_error(sender: Any, message: str) -> None:
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+    """A request the model cannot serve as asked: the client's to fix (HTTP 400)."""
+    error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
 
 @dataclass
@@ -305,8 +307,10 @@ class _Reply:
             pb_utils.Logger.log_info(message)
             cancelled = getattr(pb_utils.TritonError, "CANCELLED", None)
             error = pb_utils.TritonError(message, cancelled)
-        else:
+        elif message.startswith(FORWARD_FAILED):  # the server's fault, not the request's
             error = pb_utils.TritonError(message)
+        else:  # a request that failed its checks
+            error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         self._close()
         if self.scheduler is not None:  # the request is over: its other sequences stop too

@@ -118,9 +118,17 @@ def _renamed(request: Any, names: dict[str, str]) -> list[Any]:
     return tensors
 
 
+class _Failed(Exception):
+    """A composing model's error, with its code (a bad request stays a 400 through the BLS)."""
+
+    def __init__(self, message: str, code: Any):
+        super().__init__(message)
+        self.code = code
+
+
 def _checked(response: Any) -> Any:
     if response.has_error():
-        raise pb_utils.TritonModelException(response.error().message())
+        raise _Failed(response.error().message(), response.error().code())
     return response
 
 
@@ -191,7 +199,13 @@ class TritonPythonModel:
                     sender.send(reply)
             sender.send(flags=FINAL)
         except Exception as error:  # every failure reaches the client as an error response
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+            if isinstance(error, _Failed):
+                reply = pb_utils.TritonError(str(error), error.code)
+            elif isinstance(error, ValueError):  # refused here
+                reply = pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+            else:
+                reply = pb_utils.TritonError(str(error))
+            sender.send(pb_utils.InferenceResponse(error=reply), flags=FINAL)
 
     def execute(self, requests: list[Any]) -> None:
         self.threads = [t for t in self.threads if t.is_alive()]
