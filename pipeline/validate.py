@@ -136,8 +136,8 @@ def _build_problems(cfg: PipelineConfig) -> list[str]:
             f"build.max_seq_len={build.max_seq_len} exceeds the {context}-token context of "
             f"{cfg.model.name}: use build.max_seq_len<={context}"
         )
-    if build.max_batch_size < 1 or build.max_num_tokens < 1:
-        problems.append("build.max_batch_size and build.max_num_tokens must be at least 1")
+    if build.max_batch_size < 1 or build.max_num_tokens < 1 or build.max_beam_width < 1:
+        problems.append("build.max_batch_size, build.max_num_tokens and build.max_beam_width must be at least 1")
     problems += trtllm.extra_arg_problems(build.extra_args)
     problems += trtllm.switch_problems(cfg)
     if build.workers is not None and build.workers < 1:

@@ -162,6 +162,7 @@ class BuildConfig:
     max_input_len: int = 2048
     max_seq_len: int = 4096
     max_num_tokens: int = 8192
+    max_beam_width: int = 1  # beams a request may ask for (beam_width); wider engines take more memory
     kv_cache_type: str = "paged"  # paged | continuous
     tokens_per_block: int = 32  # positions per KV cache block (pages of the paged cache, units of reuse)
     gemm_plugin: str | None = None  # null: auto for 16-bit weights, off for FP8/NVFP4

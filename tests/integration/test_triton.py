@@ -77,6 +77,7 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         "quant=none",
         "triton=bls",
         "build.max_batch_size=8",
+        "build.max_beam_width=4",
         "until=triton_repo",
         f"triton.http_port={http}",
         f"triton.grpc_port={grpc}",
@@ -423,6 +424,16 @@ def test_the_core_model_answers_upstreams_core_client(served: Served) -> None:
     assert generation[0, 0].argmax(-1).tolist() == output and context[0, -1].argmax() == output[0]
 
 
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_beam_search_returns_the_beams_best_first(served: Served, model: str) -> None:
+    values = {"text_input": QUESTION, "max_tokens": 10, "beam_width": 3, "return_log_probs": True}
+    (response,) = _grpc_stream(served, model, values)
+    texts = [t.decode() for t in response.as_numpy("text_output").reshape(-1)]
+    cum = response.as_numpy("cum_log_probs").reshape(-1)
+    assert len(texts) == 3 and len(set(texts)) == 3 and "Paris" in texts[0], texts
+    assert len(cum) == 3 and all(c <= 0 for c in cum)
+
+
 def test_num_return_sequences_gives_distinct_reproducible_samples(served: Served) -> None:
     values = {"text_input": "Write a word.", "max_tokens": 8, "temperature": 1.0, "top_k": 50, "seed": 3}
     values |= {"num_return_sequences": 3, "stream": False}
@@ -451,7 +462,8 @@ def test_embedding_bias_words_steer_the_answer(served: Served) -> None:
     ("model", "extra", "message"),
     [
         ("ensemble", {"lora_task_id": 3}, "lora_task_id: LoRA adapters are not available on the CPU target"),
-        ("ensemble", {"beam_width": 4}, "beam_width=4: the CPU target samples one beam"),
+        ("ensemble", {"beam_width": 9}, "beam_width=9 must lie in 1..4 (the engine's build.max_beam_width)"),
+        ("ensemble", {"beam_width": 2, "return_generation_logits": True}, "not available with beam search"),
         ("tensorrt_llm_bls", {"num_draft_tokens": 4}, "num_draft_tokens: speculative decoding"),
         ("tensorrt_llm_bls", {"image_url_input": "http://x/y.png"}, "IMAGE_URL: multimodal models are not served"),
         ("ensemble", {"prompt_vocab_size": 4}, "prompt_vocab_size: prompt tables (p-tuning) are not available"),

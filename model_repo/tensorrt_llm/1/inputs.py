@@ -46,8 +46,14 @@ UNSUPPORTED = {
     "runtime_top_p_decay": "top-p decay",
     "runtime_top_p_reset_ids": "top-p decay",
 }
-# beam-search knobs: meaningless at beam_width 1, where the GPU backend ignores them as well
-BEAM_ONLY = ("len_penalty", "early_stopping", "beam_search_diversity_rate")
+# what the CPU target's beam search does not combine with (it runs outside the in-flight batch)
+BEAMLESS = (
+    "return_context_logits",
+    "return_generation_logits",
+    "guided_decoding_guide_type",
+    "beam_search_diversity_rate",
+    "return_perf_metrics",
+)
 
 
 def tensor(request: Any, name: str) -> np.ndarray | None:
@@ -103,7 +109,7 @@ def embedding_bias(request: Any, vocab_size: int) -> torch.Tensor | None:
     return bias
 
 
-def refusals(request: Any) -> list[str]:
+def refusals(request: Any, max_beam_width: int) -> list[str]:
     """Why the CPU target cannot serve this request as asked (empty when it can)."""
     problems = [
         f"{name}: {feature} are not available on the CPU target (the reference runtime); use a GPU target"
@@ -111,8 +117,11 @@ def refusals(request: Any) -> list[str]:
         if tensor(request, name) is not None
     ]
     beam_width = int(scalar(request, "beam_width", 1))
-    if beam_width != 1:
-        problems.append(f"beam_width={beam_width}: the CPU target samples one beam; use beam_width=1 or a GPU target")
+    if not 1 <= beam_width <= max_beam_width:
+        problems.append(f"beam_width={beam_width} must lie in 1..{max_beam_width} (the engine's build.max_beam_width)")
+    elif beam_width > 1:
+        asked = [name for name in BEAMLESS if scalar(request, name, None)]  # false, 0 and "" ask for nothing
+        problems += [f"{name} is not available with beam search on the CPU target (beam_width=1)" for name in asked]
     ids = tensor(request, "input_ids")
     if ids is None:
         problems.append("input_ids is missing: the CPU target needs token ids (prompt tables are not supported)")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +35,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).parent))
 from guided import Grammars
 from inputs import embedding_bias, flag, refusals, scalar, tensor, text, word_list
+from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
@@ -56,6 +59,9 @@ class TritonPythonModel:
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_seq_len = int(params["max_seq_len"]) if params.get("max_seq_len") else None
         self.max_input_len = int(params["max_input_len"]) if params.get("max_input_len") else None
+        self.max_beam_width = int(params["max_beam_width"])
+        # beam search requests, one at a time beside the batch
+        self.beams = BeamWorker(self.model, self.max_seq_len, self.max_input_len)
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         # guided decoding through xgrammar with the repository's tokenizer (as the GPU backend's
@@ -104,6 +110,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        self.beams.stop()
 
     def _request(self, request: Any) -> Request:
         ids = tensor(request, "input_ids")
@@ -137,11 +144,12 @@ class TritonPythonModel:
         answered here."""
         sender = request.get_response_sender()
         try:
-            problems = refusals(request)
+            problems = refusals(request, self.max_beam_width)
             count = int(scalar(request, "num_return_sequences", 1))
+            beam_width = int(scalar(request, "beam_width", 1))
             if not 1 <= count <= MAX_RETURN_SEQUENCES:
                 problems.append(f"num_return_sequences={count} must lie in 1..{MAX_RETURN_SEQUENCES}")
-            elif count > 1 and not self.decoupled:
+            elif count > 1 and beam_width == 1 and not self.decoupled:
                 problems.append(
                     f"num_return_sequences={count} needs a decoupled engine model (triton.streaming=true): "
                     "each sequence is its own response"
@@ -160,8 +168,16 @@ class TritonPythonModel:
             perf_metrics=flag(request, "return_perf_metrics"),
             num_input_tokens=flag(request, "return_num_input_tokens"),
             num_output_tokens=flag(request, "return_num_output_tokens"),
-            indexed=count > 1,
+            indexed=count > 1 and beam_width == 1,
+            beam_width=beam_width,
+            length_penalty=float(scalar(request, "len_penalty", 1.0)),
+            early_stopping=int(scalar(request, "early_stopping", 1)),
         )
+        if beam_width > 1:  # one search returns the beams: num_return_sequences of them (default all)
+            options.beams_returned = (
+                min(count, beam_width) if tensor(request, "num_return_sequences") is not None else beam_width
+            )
+            return _Reply(sender, options, [parsed])
         # n samples of one prompt: sequence i draws from seed + i, so the n differ and repeat
         copies = [
             replace(parsed, seed=None if parsed.seed is None else parsed.seed + i) if i else parsed
@@ -208,6 +224,10 @@ class TritonPythonModel:
                 self._stop(request)
             elif (reply := self._reply(request)) is not None:
                 accepted.append((reply, request))
+        beams = [reply for reply, _ in accepted if reply.options.beam_width > 1]
+        for reply in beams:
+            self.beams.submit(reply)
+        accepted = [(reply, request) for reply, request in accepted if reply.options.beam_width == 1]
         if self.scheduler is not None:
             for reply, request in accepted:
                 self._submit(reply, request)
@@ -268,6 +288,10 @@ class Options:
     num_input_tokens: bool
     num_output_tokens: bool
     indexed: bool  # num_return_sequences > 1: every response names its sequence
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: int = 1
+    beams_returned: int = 1
 
 
 def _int32(value: int) -> np.ndarray:
@@ -378,3 +402,66 @@ class _Client:
     def error(self, message: str) -> None:
         self.answered = True
         self.reply.fail(message)
+
+
+class BeamWorker:
+    """Beam search requests run here, one at a time on their own thread, beside the in-flight batch
+    (the scheduler's packed steps carry one token per sequence; a search's beams fork and reorder).
+    Each answers with one response holding its beams, best first, as [1, beams, tokens]."""
+
+    def __init__(self, model: Any, max_seq_len: int | None, max_input_len: int | None):
+        self.model, self.max_seq_len, self.max_input_len = model, max_seq_len, max_input_len
+        self.queue: queue.Queue[_Reply | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, reply: _Reply) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="beam-search", daemon=True)
+            self.thread.start()
+        self.queue.put(reply)
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while (reply := self.queue.get()) is not None:
+            try:
+                self._run(reply)
+            except Exception as error:
+                reply.fail(f"{FORWARD_FAILED} (beam search): {error}")
+
+    def _run(self, reply: _Reply) -> None:
+        options, request = reply.options, reply.clients[0].parsed
+        problems = request.problems(self.model.config.vocab_size, self.max_seq_len, self.max_input_len)
+        if problems:
+            reply.fail("; ".join(problems))
+            return
+        hypotheses = beam_search(
+            self.model, request, options.beam_width, options.length_penalty, options.early_stopping
+        )
+        hypotheses = hypotheses[: options.beams_returned]
+        prompt = [] if options.exclude_input else request.input_ids
+        outputs = [prompt + h.output_ids for h in hypotheses]
+        width = max(len(o) for o in outputs)
+        end = request.end_id if request.end_id is not None and request.end_id >= 0 else 0
+        ids = np.full((1, len(outputs), width), end, dtype=np.int32)  # padded with the end id, like the backend
+        for beam, output in enumerate(outputs):
+            ids[0, beam, : len(output)] = output
+        tensors = [
+            pb_utils.Tensor("output_ids", ids),
+            pb_utils.Tensor("sequence_length", np.array([[len(o) for o in outputs]], dtype=np.int32)),
+        ]
+        if request.return_log_probs:
+            steps = max(len(h.log_probs) for h in hypotheses)
+            log_probs = np.zeros((1, len(hypotheses), steps), dtype=np.float32)
+            for beam, h in enumerate(hypotheses):
+                log_probs[0, beam, : len(h.log_probs)] = h.log_probs
+            cum = np.array([[h.cum_log_prob for h in hypotheses]], dtype=np.float32)
+            tensors += [pb_utils.Tensor("cum_log_probs", cum), pb_utils.Tensor("output_log_probs", log_probs)]
+        if options.num_input_tokens:
+            tensors.append(pb_utils.Tensor("num_input_tokens", _int32(len(request.input_ids))))
+        if options.num_output_tokens:
+            tensors.append(pb_utils.Tensor("num_output_tokens", _int32(len(hypotheses[0].output_ids))))
+        reply.send(pb_utils.InferenceResponse(tensors), last=True)

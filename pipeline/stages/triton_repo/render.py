@@ -77,6 +77,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             **shared,
             "max_seq_len": str(cfg.build.max_seq_len),  # requests beyond it are refused one by one
             "max_input_len": str(cfg.build.max_input_len),
+            "max_beam_width": str(cfg.build.max_beam_width),
             "threads": str(triton.cpu_threads or 0),  # 0: every core but one
             "batching": str(triton.cpu_batching),
             "max_num_tokens": str(triton.cpu_max_num_tokens),
@@ -90,7 +91,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
         # relative to the repository root: serve starts every rank there, so the folder can move
         "gpt_model_path": REPO_ENGINE_DIR,
         **shared,
-        "max_beam_width": "1",
+        "max_beam_width": str(cfg.build.max_beam_width),
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
         "tokenizer_dir": "",
