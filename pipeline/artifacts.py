@@ -38,6 +38,7 @@ SERVER_LOG = "server.log"
 ENGINE_MODEL = "tensorrt_llm"
 REPO_TOKENIZER_DIR = "preprocessing/tokenizer"
 REPO_ENGINE_DIR = f"{ENGINE_MODEL}/1/engine"
+REPO_XGRAMMAR_INFO = f"{ENGINE_MODEL}/1/xgrammar_tokenizer_info.json"  # the GPU backend's guided decoding
 
 
 def timing_cache(workdir: Path, sm: int | None) -> Path:

@@ -234,6 +234,9 @@ class TritonConfig:
     streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
     expose: Expose = Expose.ensemble
     chat_template: bool = True  # wrap text_input in the model's chat template (chat models)
+    # guided decoding (guided_decoding_guide_type/guide) through xgrammar: GPU repositories get the
+    # xgrammar tokenizer-info file the backend needs, the CPU engine model xgrammar itself
+    guided_decoding: bool = True
     add_special_tokens: bool = False  # when chat_template is off: let the tokenizer add BOS
     # engine (GPU) settings of Triton's TensorRT-LLM backend
     batching_strategy: BatchingStrategy = BatchingStrategy.inflight_fused_batching

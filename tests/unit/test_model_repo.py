@@ -108,8 +108,12 @@ def test_gpu_engine_model_follows_the_backend_contract() -> None:
     required = contract.get("required_parameters", REQUIRED_PARAMETERS)
     assert set(required) <= set(engine.parameters), "the backend refuses to load without these"
     params = {k: v.string_value for k, v in engine.parameters.items()}
-    # empty disables guided decoding (the backend returns no guided-decoding config for "")
-    assert params["guided_decoding_backend"] == params["xgrammar_tokenizer_info_path"] == ""
+    # guided decoding: xgrammar with the tokenizer info the stage writes (relative to the root)
+    assert params["guided_decoding_backend"] == "xgrammar"
+    assert params["xgrammar_tokenizer_info_path"] == artifacts.REPO_XGRAMMAR_INFO
+    off_cfg = validate.load([*GPU, "triton.guided_decoding=false"])
+    off = render.parse(render.rendered_configs(off_cfg)["tensorrt_llm"], "e")
+    assert off.parameters["guided_decoding_backend"].string_value == ""  # empty: no guided decoding
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == "tensorrt_llm/1/engine"
     assert engine.model_transaction_policy.decoupled  # streaming is on by default
@@ -216,3 +220,23 @@ def test_the_cpu_scheduler_reads_the_gpu_backends_parameter_names() -> None:
 def test_scheduler_settings_out_of_range_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate.load(["target=cpu", override])
+
+
+def test_the_gpu_backends_xgrammar_tokenizer_info_reads_back_as_the_tokenizer(tiny_checkpoint: Path) -> None:
+    """The file the C++ backend builds its xgrammar tokenizer from (vocabulary, serialized fast
+    tokenizer, stop id) describes the same tokenizer xgrammar reads from Hugging Face directly."""
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    from pipeline.stages.triton_repo.stage import xgrammar_tokenizer_info
+
+    info = json.loads(json.dumps(xgrammar_tokenizer_info(tiny_checkpoint)))  # as written to disk
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    direct = xgrammar.TokenizerInfo.from_huggingface(tokenizer)
+    metadata = xgrammar.TokenizerInfo._detect_metadata_from_hf(info["tokenizer_str"])  # as the C++ does
+    from_file = xgrammar.TokenizerInfo(
+        info["encoded_vocab"], metadata["vocab_type"], add_prefix_space=metadata["add_prefix_space"]
+    )
+    assert from_file.vocab_type == direct.vocab_type and from_file.vocab_size == direct.vocab_size
+    assert from_file.decoded_vocab == direct.decoded_vocab
+    assert info["stop_token_ids"] == [tokenizer.eos_token_id]

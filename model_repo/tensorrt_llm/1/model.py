@@ -201,7 +201,7 @@ class TritonPythonModel:
                 raise ValueError("guided_decoding_guide without guided_decoding_guide_type: say which kind of guide")
             return None
         if self.grammars is None:
-            raise ValueError("guided decoding is off in this repository (guided_decoding_backend is not xgrammar)")
+            raise ValueError("guided decoding is off in this repository (triton.guided_decoding=false)")
         return self.grammars.compile(guide_type, guide or "")
 
     def _stop(self, request: Any) -> None:

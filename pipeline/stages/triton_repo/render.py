@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import ENGINE_MODEL, REPO_ENGINE_DIR, REPO_TOKENIZER_DIR
+from pipeline.artifacts import ENGINE_MODEL, REPO_ENGINE_DIR, REPO_TOKENIZER_DIR, REPO_XGRAMMAR_INFO
 from pipeline.assets import RUNTIME_DIR, TEMPLATES_DIR
 from pipeline.config.schema import CpuBatching, Expose, PipelineConfig
 from pipeline.errors import StageError
@@ -58,7 +58,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
     The backend's C++ reads ``gpt_model_type``, ``tokenizer_dir``, ``guided_decoding_backend`` and
     ``xgrammar_tokenizer_info_path`` with no fallback (model_instance_state.cc) and fails the model
     load with "Cannot find parameter with name" when one is absent, although the docs call the last
-    three optional: they are always written, empty meaning "no guided decoding"."""
+    three optional: they are always written, an empty backend meaning "no guided decoding"."""
     triton = cfg.triton
     # what both targets read, under the backend's names
     shared = {
@@ -83,7 +83,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             "max_num_tokens": str(triton.cpu_max_num_tokens),
             "tokens_per_block": str(cfg.build.tokens_per_block),
             # guided decoding through xgrammar with the repository's tokenizer, as the GPU backend names it
-            "guided_decoding_backend": "xgrammar",
+            "guided_decoding_backend": "xgrammar" if triton.guided_decoding else "",
             "tokenizer_dir": REPO_TOKENIZER_DIR,
         }
     return {
@@ -94,9 +94,11 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
         "max_beam_width": str(cfg.build.max_beam_width),
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
+        # the C++ backend ignores tokenizer_dir and reads xgrammar's tokenizer info instead
+        # (the triton_repo stage writes it; relative to the repository root, where ranks start)
         "tokenizer_dir": "",
-        "guided_decoding_backend": "",
-        "xgrammar_tokenizer_info_path": "",
+        "guided_decoding_backend": "xgrammar" if triton.guided_decoding else "",
+        "xgrammar_tokenizer_info_path": REPO_XGRAMMAR_INFO if triton.guided_decoding else "",
     }
 
 

@@ -23,11 +23,13 @@ from pipeline.artifacts import (
     ENGINE_JSON,
     REPO_ENGINE_DIR,
     REPO_TOKENIZER_DIR,
+    REPO_XGRAMMAR_INFO,
     REPOSITORY,
     REPOSITORY_JSON,
     TOKENIZER,
 )
 from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.errors import StageError
 from pipeline.stages.triton_repo import render
 from pipeline.workspace import StageWorkspace, link_or_copy
 
@@ -61,6 +63,26 @@ def _link_tree(source: Path, target: Path) -> int:
     return count
 
 
+def xgrammar_tokenizer_info(tokenizer_dir: Path) -> dict[str, Any]:
+    """What the GPU backend's guided decoding reads (``xgrammar_tokenizer_info_path``): the
+    vocabulary in id order, the fast tokenizer's serialized backend (xgrammar infers how tokens
+    encode bytes from it) and the stop token, as TensorRT-LLM's own generator writes it."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise StageError(
+            f"the tokenizer in {tokenizer_dir} is not a fast (tokenizers) one, which xgrammar needs on GPUs: "
+            "set triton.guided_decoding=false"
+        )
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return {
+        "encoded_vocab": [token for token, _ in vocab],
+        "tokenizer_str": tokenizer.backend_tokenizer.to_str(),
+        "stop_token_ids": [tokenizer.eos_token_id],
+    }
+
+
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     repo = ws.out / REPOSITORY
     configs = render.rendered_configs(cfg)  # strict: fails before anything is copied
@@ -74,6 +96,9 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     log.info("copying the engine and tokenizer into %s", repo)
     engine_files = _link_tree(engine / ENGINE, repo / REPO_ENGINE_DIR)
     _link_tree(ws.input("quantize") / TOKENIZER, repo / REPO_TOKENIZER_DIR)
+    if cfg.target.is_gpu and cfg.triton.guided_decoding:
+        info_file = repo / REPO_XGRAMMAR_INFO
+        info_file.write_text(json.dumps(xgrammar_tokenizer_info(repo / REPO_TOKENIZER_DIR)))
     engine_info = json.loads((engine / ENGINE_JSON).read_text())
     info = {
         "models": list(configs),
