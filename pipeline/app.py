@@ -102,9 +102,17 @@ def built_target(cfg: PipelineConfig) -> server.Target:
 
 
 def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
-    """Serve the last build's repository (or the folder ``repo``) until Ctrl-C."""
+    """Serve the last build's repository (or the folder ``repo``) until Ctrl-C, with the
+    OpenAI-compatible API beside it (openai.enabled)."""
     target = server.target_of_folder(repo, cfg.workdir_path) if repo else built_target(cfg)
-    server.serve_until_stopped(cfg.triton, target, cfg.workdir_path)
+
+    def start_gateway(grpc_url: str) -> server.RunningGateway:
+        from pipeline.gateway import serve as gateway
+
+        settings = gateway.settings_for(cfg.openai, target.repo, cfg.model.name, grpc_url)
+        return gateway.start(cfg.openai, cfg.triton.host, settings)
+
+    server.serve_until_stopped(cfg.triton, target, cfg.workdir_path, start_gateway if cfg.openai.enabled else None)
 
 
 def bench(cfg: PipelineConfig, url: str | None = None) -> None:

@@ -232,7 +232,10 @@ class TritonConfig:
     # (64: 3.4x), for 8% less throughput at c=8 and 25% more TTFT at c=1.
     cpu_max_num_tokens: int = 32
     streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
-    expose: Expose = Expose.ensemble
+    # both: the ensemble (entry model of benchmarks, upstream's clients) and the BLS model, which
+    # the OpenAI gateway uses: its streamed text is UTF-8 safe and a client that goes away cancels
+    # the engine's request (Triton does not pass a cancelled ensemble request on to its steps)
+    expose: Expose = Expose.both
     chat_template: bool = True  # wrap text_input in the model's chat template (chat models)
     # guided decoding (guided_decoding_guide_type/guide) through xgrammar: GPU repositories get the
     # xgrammar tokenizer-info file the backend needs, the CPU engine model xgrammar itself
@@ -313,6 +316,19 @@ class ParallelConfig:
 
 
 @dataclass
+class OpenAIConfig:
+    """The OpenAI-compatible API that ``serve`` starts next to Triton (pipeline/gateway)."""
+
+    enabled: bool = True
+    host: str | None = None  # null: triton.host (127.0.0.1 unless configured)
+    port: int = 9000
+    # the API key clients must send, read from this environment variable (never from the config,
+    # which is logged); unset or empty: no key needed
+    api_key_env: str = "PIPELINE_OPENAI_API_KEY"
+    default_max_tokens: int = 256  # chat requests without max_tokens (completions: 16, as OpenAI)
+
+
+@dataclass
 class PipelineConfig:
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
@@ -322,6 +338,7 @@ class PipelineConfig:
     benchmark: BenchmarkConfig = MISSING
     tracking: TrackingConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
     redo: list[str] = field(default_factory=list)  # redo these stages only, e.g. redo=[quantize]

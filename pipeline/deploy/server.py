@@ -19,8 +19,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from pipeline import proc
 from pipeline.artifacts import ENGINE_MODEL, REPOSITORY_JSON, serve_logs, triton_backends
@@ -230,8 +232,20 @@ def target_of_repository(repo: Path, log_dir: Path) -> Target:
     return Target(repo, on_gpu, int(info["world_size"]), info["entry_model"], log_dir)
 
 
-def serve_until_stopped(triton: TritonConfig, target: Target, workdir: Path) -> None:
-    """Serve until Ctrl-C or SIGTERM; a server that dies is an error."""
+class RunningGateway(Protocol):
+    url: str
+
+    def stop(self) -> None: ...
+
+
+GatewayStart = Callable[[str], RunningGateway]  # Triton's gRPC URL -> the started OpenAI API
+
+
+def serve_until_stopped(
+    triton: TritonConfig, target: Target, workdir: Path, gateway: GatewayStart | None = None
+) -> None:
+    """Serve until Ctrl-C or SIGTERM; a server that dies is an error. ``gateway`` starts the
+    OpenAI-compatible API once Triton is ready (given Triton's gRPC URL) and is stopped with it."""
 
     def terminate(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -247,6 +261,9 @@ def serve_until_stopped(triton: TritonConfig, target: Target, workdir: Path) -> 
             f'  try:  curl -s -d \'{{"text_input": "What is the capital of France?", "max_tokens": 20}}\' '
             f"{server.url}/v2/models/{target.entry_model}/generate"
         )
+        api = gateway(server.grpc_url) if gateway is not None else None
+        if api is not None:
+            print(f"  OpenAI API  {api.url}   (/chat/completions, /completions, /models; /health and /metrics)")
         print("Ctrl-C stops the server", flush=True)
         try:
             while server.alive():
@@ -254,4 +271,7 @@ def serve_until_stopped(triton: TritonConfig, target: Target, workdir: Path) -> 
         except KeyboardInterrupt:
             print("stopping Triton", flush=True)
             return
+        finally:
+            if api is not None:
+                api.stop()
     raise StageError(f"Triton exited unexpectedly; see {log_file}")

@@ -3,15 +3,11 @@ HTTP and gRPC: answers, streaming, batching of concurrent requests, bad requests
 
 from __future__ import annotations
 
-import functools
 import json
 import queue
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,76 +16,14 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline import app, runner, validate
-from pipeline.config import schema
 from pipeline.deploy import server
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
-from pipeline.stages import STAGES
-from tests.conftest import cli, free_ports
+from tests.conftest import cli
+from tests.integration.conftest import Served
 
 QUESTION = "What is the capital of France?"
 pytestmark = pytest.mark.slow
-
-
-class Served:
-    def __init__(
-        self, running: server.Server, cfg: schema.PipelineConfig, final: Path, overrides: list[str], log: Path
-    ):
-        self.server, self.cfg, self.final, self.log = running, cfg, final, log
-        self.overrides = overrides  # the served build's, for commands run against it
-
-    @functools.cached_property
-    def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.final / "repository" / "preprocessing" / "tokenizer")
-
-    def chat_ids(self, question: str, system: str | None = None) -> list[int]:
-        tokenizer = self.tokenizer
-        messages = [{"role": "system", "content": system}] if system else []
-        return list(
-            tokenizer.apply_chat_template(
-                [*messages, {"role": "user", "content": question}], add_generation_prompt=True
-            )
-        )
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
-        request = urllib.request.Request(f"{self.server.url}{path}", data=json.dumps(body).encode())
-        try:
-            with urllib.request.urlopen(request) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def generate(self, model: str = "ensemble", **body: Any) -> dict[str, Any]:
-        status, text = self.post(f"/v2/models/{model}/generate", body)
-        assert status == 200, text
-        return json.loads(text)
-
-
-@pytest.fixture(scope="module")
-def served(smollm2_workdir: Path) -> Iterator[Served]:
-    http, grpc, metrics = free_ports(3)
-    overrides = [
-        f"workdir={smollm2_workdir}",
-        "target=cpu",
-        "quant=none",
-        "triton=bls",
-        "build.max_batch_size=8",
-        "build.max_beam_width=4",
-        "until=triton_repo",
-        f"triton.http_port={http}",
-        f"triton.grpc_port={grpc}",
-        f"triton.metrics_port={metrics}",
-    ]
-    cfg = validate.load(overrides)
-    steps = runner.build(cfg, STAGES)
-    target = app.built_target(cfg)
-    launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
-    log = smollm2_workdir / "server.log"
-    with server.Server(launch, cfg.triton, log) as running:
-        yield Served(running, cfg, steps[-1].dirs.final, overrides, log)
 
 
 def _reference_answer(served: Served, max_tokens: int) -> str:
@@ -424,10 +358,9 @@ def test_the_core_model_answers_upstreams_core_client(served: Served) -> None:
     assert generation[0, 0].argmax(-1).tolist() == output and context[0, -1].argmax() == output[0]
 
 
-@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
-def test_beam_search_returns_the_beams_best_first(served: Served, model: str) -> None:
+def test_beam_search_returns_the_beams_best_first(served: Served) -> None:
     values = {"text_input": QUESTION, "max_tokens": 10, "beam_width": 3, "return_log_probs": True}
-    (response,) = _grpc_stream(served, model, values)
+    (response,) = _grpc_stream(served, "tensorrt_llm_bls", values)
     texts = [t.decode() for t in response.as_numpy("text_output").reshape(-1)]
     cum = response.as_numpy("cum_log_probs").reshape(-1)
     assert len(texts) == 3 and len(set(texts)) == 3 and "Paris" in texts[0], texts
@@ -487,12 +420,12 @@ CITY_SCHEMA = {
 }
 
 
-@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
-def test_guided_decoding_answers_match_the_schema_and_the_regex(served: Served, model: str) -> None:
+def test_guided_decoding_answers_match_the_schema_and_the_regex(served: Served) -> None:
+    """The schema through the ensemble, the regex through the BLS model."""
     import jsonschema
 
     guided = served.generate(
-        model,
+        "ensemble",
         text_input="Give the capital of France as JSON.",
         max_tokens=60,
         guided_decoding_guide_type="json_schema",
@@ -500,7 +433,7 @@ def test_guided_decoding_answers_match_the_schema_and_the_regex(served: Served, 
     )["text_output"]
     jsonschema.validate(json.loads(guided), CITY_SCHEMA)
     phone = served.generate(
-        model,
+        "tensorrt_llm_bls",
         text_input="Give me a phone number.",
         max_tokens=20,
         guided_decoding_guide_type="regex",
@@ -508,7 +441,7 @@ def test_guided_decoding_answers_match_the_schema_and_the_regex(served: Served, 
     )["text_output"]
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", phone), phone
     status, text = served.post(
-        f"/v2/models/{model}/generate",
+        "/v2/models/ensemble/generate",
         {"text_input": QUESTION, "max_tokens": 4, "guided_decoding_guide_type": "xml", "guided_decoding_guide": "x"},
     )
     assert status >= 400 and "guided_decoding_guide_type='xml': use one of json, json_schema" in text, text

@@ -28,6 +28,17 @@ def _strings(array: np.ndarray | None) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1) if v not in (b"", "")]
 
 
+def _chat(text: str) -> list[dict[str, str]]:
+    """MESSAGES: a JSON list of {"role", "content"} objects."""
+    try:
+        chat = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"messages is not JSON: {error}") from error
+    if not isinstance(chat, list) or not chat or not all(isinstance(m, dict) and "role" in m for m in chat):
+        raise ValueError('messages must be a JSON list of {"role": ..., "content": ...} objects')
+    return [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in chat]
+
+
 # inputs of upstream's preprocessing for models this pipeline does not build: refused by name
 NOT_SERVED = {
     "DECODER_QUERY": "encoder-decoder models",
@@ -60,8 +71,18 @@ class TritonPythonModel:
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
 
-    def _encode(self, text: str) -> list[int]:
-        if self.chat:
+    def _encode(self, request: Any, text: str) -> list[int]:
+        """Token ids of the request's prompt: MESSAGES (a JSON chat) through the chat template;
+        otherwise the text, wrapped as one user message unless the chat template is off (for the
+        repository, or for this request by APPLY_CHAT_TEMPLATE)."""
+        messages = _strings(_optional(request, "MESSAGES"))
+        if messages:
+            if not self.tokenizer.chat_template:
+                raise ValueError("messages: this model's tokenizer has no chat template; send text_input instead")
+            return list(self.tokenizer.apply_chat_template(_chat(messages[0]), add_generation_prompt=True))
+        wanted = _optional(request, "APPLY_CHAT_TEMPLATE")
+        chat = self.chat if wanted is None else bool(wanted.reshape(-1)[0]) and bool(self.tokenizer.chat_template)
+        if chat:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
 
@@ -105,13 +126,13 @@ class TritonPythonModel:
                 raise ValueError(f"{name}: {models} are not served by this pipeline (it builds text-only LLMs)")
         query = _strings(_optional(request, "QUERY"))
         text = query[0] if query else ""
-        size = len(text.encode())
+        size = len(text.encode()) + sum(len(m.encode()) for m in _strings(_optional(request, "MESSAGES")))
         if size > self.max_input_len * MAX_BYTES_PER_TOKEN:  # refused before the tokenizer works on it
             raise ValueError(
-                f"text_input is {size} bytes; the engine's max_input_len={self.max_input_len} tokens takes at most "
-                f"{self.max_input_len * MAX_BYTES_PER_TOKEN}"
+                f"text_input (with messages) is {size} bytes; the engine's max_input_len={self.max_input_len} "
+                f"tokens takes at most {self.max_input_len * MAX_BYTES_PER_TOKEN}"
             )
-        ids = self._encode(text)
+        ids = self._encode(request, text)
         max_tokens = int(_optional(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
         if not ids:
             raise ValueError("text_input is empty")

@@ -32,6 +32,8 @@ TO_PREPROCESSING = {
     "end_id": "END_ID",
     "pad_id": "PAD_ID",
     "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID",
+    "messages": "MESSAGES",
+    "apply_chat_template": "APPLY_CHAT_TEMPLATE",
 }
 # BLS input -> engine input
 TO_ENGINE = {
@@ -184,16 +186,28 @@ class TritonPythonModel:
                 for name, target in PREPROCESSED.items()
                 if (tensor := pb_utils.get_output_tensor_by_name(pre_response, name)) is not None
             ] + _renamed(request, TO_ENGINE)
+            if request.is_cancelled():  # gone while its prompt was tokenized
+                raise _Failed("request cancelled", getattr(pb_utils.TritonError, "CANCELLED", None))
+            engine_id = uuid.uuid4().hex  # a stop request names it
             engine = pb_utils.InferenceRequest(
                 model_name=self.engine,
                 requested_output_names=["output_ids", "sequence_length", *PASSED_THROUGH],
                 inputs=engine_inputs,
+                request_id=engine_id,
             )
             responses = engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()]
             stream = pb_utils.get_input_tensor_by_name(request, "stream")
             streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
             stream_key = uuid.uuid4().hex if streaming else None
             for response in responses:
+                if request.is_cancelled():  # the client went away: so does the engine's request
+                    self._stop(engine_id)
+                    cancelled = getattr(pb_utils.TritonError, "CANCELLED", None)
+                    sender.send(
+                        pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled", cancelled)),
+                        flags=FINAL,
+                    )
+                    return
                 reply = self._response(_checked(response), stream_key)
                 if reply is not None:
                     sender.send(reply)
@@ -206,6 +220,22 @@ class TritonPythonModel:
             else:
                 reply = pb_utils.TritonError(str(error))
             sender.send(pb_utils.InferenceResponse(error=reply), flags=FINAL)
+
+    def _stop(self, engine_id: str) -> None:
+        """Cancel the engine's request with the backend's ``stop`` input (this python backend's
+        BLS response iterator has no cancel())."""
+        one = np.ones((1, 1), dtype=np.int32)
+        inputs = [
+            pb_utils.Tensor("input_ids", one),
+            pb_utils.Tensor("input_lengths", one),
+            pb_utils.Tensor("request_output_len", one),
+            pb_utils.Tensor("stop", np.array([[True]])),
+        ]
+        stop = pb_utils.InferenceRequest(
+            model_name=self.engine, requested_output_names=[], inputs=inputs, request_id=engine_id
+        )
+        for _ in stop.exec(decoupled=True) if self.engine_decoupled else [stop.exec()]:
+            pass
 
     def execute(self, requests: list[Any]) -> None:
         self.threads = [t for t in self.threads if t.is_alive()]

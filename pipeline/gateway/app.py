@@ -1,0 +1,341 @@
+"""An OpenAI-compatible HTTP API (FastAPI) in front of the Triton deployment, on both targets.
+
+``/v1/chat/completions`` and ``/v1/completions`` become one streaming gRPC request to the
+repository's entry model (the BLS model when the repository has it: its streamed text is UTF-8
+safe; otherwise the ensemble). The chat template is applied by the preprocessing model, the one
+place that does it for every client. Errors use OpenAI's error object: 400 for a request this
+server cannot take, 401 without the API key (when one is set), 404 for an unknown model, 429 when
+Triton's queue is full, 503 when Triton is not there.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from pipeline.gateway.protocol import ChatRequest, CompletionRequest, Sampling, Unsupported
+from pipeline.gateway.stops import StopMatcher
+from pipeline.gateway.triton_stream import Piece, TritonError, TritonStream
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+@dataclass
+class GatewaySettings:
+    served_model: str  # the name clients put in "model"
+    max_model_len: int  # the engine's max_seq_len
+    grpc_url: str
+    entry_model: str  # the repository model the gateway talks to
+    default_max_tokens: int
+    api_key: str | None  # from the environment, never logged
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+def _triton_error(error: TritonError) -> OpenAIError:
+    message = str(error)
+    if "queue size" in message or error.status == "RESOURCE_EXHAUSTED":
+        return OpenAIError(429, f"the server is at capacity: {message}", "rate_limit_error", code="queue_full")
+    if error.status == "UNAVAILABLE":
+        return OpenAIError(503, f"Triton is not reachable: {message}", "server_error", code="unavailable")
+    if error.status in (None, "INVALID_ARGUMENT"):  # a request the models refused: the client's to fix
+        return OpenAIError(400, message, "invalid_request_error")
+    return OpenAIError(500, message, "server_error")
+
+
+class Metrics:
+    """Prometheus histograms of what clients see, as trtllm-serve and vLLM expose them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(
+            "pipeline_time_to_first_token_seconds",
+            "Time to first token",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "pipeline_time_per_output_token_seconds",
+            "Time per output token after the first",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "pipeline_e2e_request_latency_seconds",
+            "End-to-end latency",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "pipeline_requests", "Requests by endpoint and outcome", ["endpoint", "status"], registry=self.registry
+        )
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    log_probs: list[tuple[str, float]] | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+class Generation:
+    """One OpenAI request's run through Triton: pieces in, per-choice text out, stop strings cut."""
+
+    def __init__(self, body: Sampling, values: dict[str, Any], settings: GatewaySettings, metrics: Metrics):
+        self.body, self.values, self.settings, self.metrics = body, values, settings, metrics
+        self.matchers = [StopMatcher(body.stops()) for _ in range(body.n)]
+        self.choices = [Choice(log_probs=[] if values.get("return_log_probs") else None) for _ in range(body.n)]
+        self.prompt_tokens = 0
+        self.started = time.monotonic()
+        self.first_token: float | None = None
+
+    async def deltas(self, triton: TritonStream) -> AsyncGenerator[tuple[int, str], None]:
+        """(choice index, new text) as it comes; sets finish reasons and token counts. Closing
+        this generator early closes the Triton stream, which cancels the request."""
+        async with aclosing(triton.generate(self.values, uuid.uuid4().hex)) as pieces:
+            async for piece in pieces:
+                text = self._take(piece)
+                if text:
+                    yield piece.sequence, text
+                if all(m.stopped for m in self.matchers):
+                    break  # every choice hit a stop string: the request is cancelled
+        self._observe()
+
+    def _take(self, piece: Piece) -> str:
+        """Account for one piece; the text that can go out now."""
+        if piece.num_input_tokens is not None:
+            self.prompt_tokens = piece.num_input_tokens
+        choice, matcher = self.choices[piece.sequence], self.matchers[piece.sequence]
+        closing = piece.num_output_tokens is not None  # the sequence's last response: no new token
+        if not closing:
+            choice.tokens += 1
+            if self.first_token is None:
+                self.first_token = time.monotonic()
+                self.metrics.ttft.observe(self.first_token - self.started)
+            if choice.log_probs is not None and piece.log_prob is not None and not matcher.stopped:
+                choice.log_probs.append((piece.text, piece.log_prob))
+        text = matcher.push(piece.text)
+        if closing:
+            text += matcher.flush()
+            choice.tokens = piece.num_output_tokens or 0  # the server's count
+            if choice.finish_reason is None:
+                choice.finish_reason = "length" if choice.tokens >= self.values["max_tokens"] else "stop"
+        if matcher.stopped and choice.finish_reason is None:
+            choice.finish_reason = "stop"
+        choice.text += text
+        return text
+
+    def _observe(self) -> None:
+        ended = time.monotonic()
+        self.metrics.e2e.observe(ended - self.started)
+        tokens = sum(c.tokens for c in self.choices)
+        if self.first_token is not None and tokens > self.body.n:
+            self.metrics.tpot.observe((ended - self.first_token) / (tokens - self.body.n))
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.tokens for c in self.choices)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+def _log_probs(choice: Choice, chat: bool) -> Any:
+    if choice.log_probs is None:
+        return None
+    if chat:
+        return {
+            "content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in choice.log_probs
+            ]
+        }
+    return {"tokens": [t for t, _ in choice.log_probs], "token_logprobs": [lp for _, lp in choice.log_probs]}
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    app = FastAPI(title="pipeline OpenAI-compatible API")
+    triton = TritonStream(settings.grpc_url, settings.entry_model)
+    metrics = Metrics()
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_request: Request, error: OpenAIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", error))
+        return OpenAIError(400, message, "invalid_request_error", param=where).response()
+
+    async def authorize(request: Request) -> None:
+        """The API key, when one is set. A dependency rather than an HTTP middleware: Starlette's
+        middleware hides a client's disconnect from a streaming response."""
+        sent = request.headers.get("authorization", "")
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if settings.api_key and not hmac.compare_digest(sent.encode(), f"Bearer {settings.api_key}".encode()):
+            raise OpenAIError(401, "missing or wrong API key", "invalid_request_error", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        ready = await triton.ready()
+        return JSONResponse({"status": "ok" if ready else "triton unavailable"}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": settings.served_model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "pipeline",
+            "max_model_len": settings.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    async def run(request: Request, body: ChatRequest | CompletionRequest, endpoint: str) -> Response:
+        chat = isinstance(body, ChatRequest)
+        if body.model != settings.served_model:
+            raise OpenAIError(404, f"model {body.model!r} does not exist; this server serves {settings.served_model!r}",
+                              "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
+        try:
+            default = settings.default_max_tokens if chat else 16  # OpenAI's completions default
+            values = body.triton_values(default)
+        except Unsupported as error:
+            raise OpenAIError(400, str(error), "invalid_request_error") from error
+        generation = Generation(body, values, settings, metrics)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if body.stream:
+            return StreamingResponse(
+                _sse(request, generation, triton, ident, created, kind, chat, metrics, endpoint),
+                media_type="text/event-stream",
+            )
+        try:
+            async with aclosing(generation.deltas(triton)) as deltas:
+                async for _ in deltas:
+                    pass
+        except TritonError as error:
+            metrics.requests.labels(endpoint, "error").inc()
+            raise _triton_error(error) from error
+        metrics.requests.labels(endpoint, "ok").inc()
+        choices = []
+        for index, choice in enumerate(generation.choices):
+            entry: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason or "stop"}
+            entry["logprobs"] = _log_probs(choice, chat)
+            if chat:
+                entry["message"] = {"role": "assistant", "content": choice.text}
+            else:
+                entry["text"] = choice.text
+            choices.append(entry)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": settings.served_model,
+                "choices": choices,
+                "usage": generation.usage(),
+            }
+        )
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request, body: ChatRequest) -> Response:
+        return await run(request, body, "chat")
+
+    @v1.post("/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await run(request, body, "completions")
+
+    app.include_router(v1)
+
+    @app.on_event("shutdown")
+    async def close() -> None:
+        await triton.close()
+
+    return app
+
+
+async def _sse(
+    request: Request,
+    generation: Generation,
+    triton: TritonStream,
+    ident: str,
+    created: int,
+    kind: str,
+    chat: bool,
+    metrics: Metrics,
+    endpoint: str,
+) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per piece of text, one per finished choice, usage if asked,
+    then ``[DONE]``. A client that disconnects ends it, and with it the Triton request."""
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": ident,
+            "object": chunk_kind,
+            "created": created,
+            "model": generation.settings.served_model,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def piece(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+    if chat:
+        yield event([piece(i, "", None, role=True) for i in range(generation.body.n)])
+    try:
+        async with aclosing(generation.deltas(triton)) as deltas:
+            async for index, text in deltas:
+                # uvicorn drops writes to a client that went away without telling the app:
+                # ask, and leave (closing the Triton stream cancels the request)
+                if await request.is_disconnected():
+                    metrics.requests.labels(endpoint, "disconnected").inc()
+                    return
+                yield event([piece(index, text, None)])
+    except TritonError as error:
+        metrics.requests.labels(endpoint, "error").inc()
+        failure = _triton_error(error)
+        yield f"data: {json.dumps({'error': {'message': str(failure), 'type': failure.kind}})}\n\n"
+        return
+    metrics.requests.labels(endpoint, "ok").inc()
+    yield event([piece(i, None if chat else "", c.finish_reason or "stop") for i, c in enumerate(generation.choices)])
+    if generation.body.include_usage():
+        yield event([], generation.usage())
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,142 @@
+"""The OpenAI request bodies the gateway accepts, and how each maps onto the entry model's inputs.
+
+Fields OpenAI defines and this server cannot honour are refused with a 400 naming them; fields
+it does not know are ignored, as OpenAI ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Unsupported(ValueError):
+    """A valid OpenAI request this server cannot serve as asked (answered with a 400)."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:  # content parts: text only (the pipeline serves text models)
+            if part.get("type") != "text":
+                raise Unsupported(f"message content of type {part.get('type')!r}: this model takes text only")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class Sampling(BaseModel):
+    """What chat and completion requests share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if len(stops) > 4:
+            raise Unsupported("stop takes at most 4 strings")
+        return stops
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def triton_values(self, default_max_tokens: int, log_probs: bool) -> dict[str, Any]:
+        """The entry model's inputs for the sampling part of this request."""
+        values: dict[str, Any] = {
+            "max_tokens": self.max_tokens or default_max_tokens,
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "presence_penalty": float(self.presence_penalty),
+            "frequency_penalty": float(self.frequency_penalty),
+            "stream": True,  # always: pieces arrive as they are made, stop strings can cut the request short
+            "return_num_input_tokens": True,
+            "return_num_output_tokens": True,
+            "return_log_probs": log_probs,
+            "exclude_input_in_output": True,
+        }
+        if self.seed is not None:
+            values["seed"] = self.seed
+        if self.n > 1:
+            values["num_return_sequences"] = self.n
+        values.update(_guide(self.response_format))
+        return values
+
+
+def _guide(response_format: ResponseFormat | None) -> dict[str, Any]:
+    """``response_format`` as guided decoding."""
+    if response_format is None or response_format.type == "text":
+        return {}
+    if response_format.type == "json_object":
+        return {"guided_decoding_guide_type": "json", "guided_decoding_guide": ""}
+    spec = response_format.json_schema or {}
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise Unsupported("response_format json_schema needs json_schema.schema, a JSON Schema object")
+    return {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": json.dumps(schema)}
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def triton_values(self, default_max_tokens: int, log_probs: bool = False) -> dict[str, Any]:
+        if self.top_logprobs:
+            raise Unsupported("top_logprobs: this server returns the chosen token's log probability only")
+        values = super().triton_values(default_max_tokens, self.logprobs)
+        if self.max_completion_tokens is not None:
+            values["max_tokens"] = self.max_completion_tokens
+        # the chat template is applied in one place, the repository's preprocessing model
+        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        return {"text_input": "", "messages": json.dumps(messages), **values}
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+    def triton_values(self, default_max_tokens: int, log_probs: bool = False) -> dict[str, Any]:
+        if self.logprobs:
+            raise Unsupported("logprobs > 0: this server returns the chosen token's log probability only")
+        if self.echo:
+            raise Unsupported("echo is not supported")
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise Unsupported("prompt: send one prompt per request")
+        values = super().triton_values(default_max_tokens, self.logprobs == 0)
+        # a completion continues the text as given: no chat template
+        return {"text_input": prompts[0], "apply_chat_template": False, **values}

@@ -1,0 +1,72 @@
+"""Running the gateway next to a Triton server: uvicorn on its own thread, stopped with the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import REPOSITORY_JSON
+from pipeline.config.schema import OpenAIConfig
+from pipeline.errors import StageError
+from pipeline.gateway.app import GatewaySettings, create_app
+
+log = logging.getLogger(__name__)
+
+
+def settings_for(openai: OpenAIConfig, repo: Path, served_model: str, grpc_url: str) -> GatewaySettings:
+    """The gateway's settings for a rendered repository served at ``grpc_url``."""
+    info = json.loads((repo / REPOSITORY_JSON).read_text())
+    # the BLS model streams UTF-8-safe text; the ensemble may split a character over two pieces
+    entry = "tensorrt_llm_bls" if "tensorrt_llm_bls" in info["models"] else "ensemble"
+    if entry == "ensemble":
+        log.warning(
+            "the repository has no tensorrt_llm_bls model (triton.expose=ensemble): the OpenAI API streams through "
+            "the ensemble, which may split a multi-byte character and does not cancel a request whose client left"
+        )
+    return GatewaySettings(
+        served_model=served_model,
+        max_model_len=int(info["max_seq_len"]),
+        grpc_url=grpc_url,
+        entry_model=entry,
+        default_max_tokens=openai.default_max_tokens,
+        api_key=os.environ.get(openai.api_key_env) or None,
+    )
+
+
+@dataclass
+class Gateway:
+    url: str  # the OpenAI base URL, .../v1
+    server: object
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True  # type: ignore[attr-defined]
+        self.thread.join(timeout=15)
+
+
+def start(openai: OpenAIConfig, host: str, settings: GatewaySettings, timeout_s: float = 30) -> Gateway:
+    """Start the gateway and wait until it accepts connections."""
+    import uvicorn
+
+    bind = openai.host or host
+    config = uvicorn.Config(create_app(settings), host=bind, port=openai.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="openai-gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise StageError(
+                f"the OpenAI gateway could not listen on {bind}:{openai.port} (in use?): set openai.port, "
+                "or openai.enabled=false"
+            )
+        time.sleep(0.05)
+    url = f"http://{bind}:{openai.port}/v1"
+    log.info("OpenAI-compatible API at %s (model %s, via %s)", url, settings.served_model, settings.entry_model)
+    return Gateway(url, server, thread)

@@ -1,0 +1,140 @@
+"""Requests to Triton over gRPC bi-directional streaming (``ModelStreamInfer``), from asyncio.
+
+tritonclient's asyncio client cannot ask for the empty final response that marks the end of a
+decoupled request, so the stream is driven through its generated gRPC stub, with the request built
+by tritonclient's own helper. Leaving the ``async for`` early (a client that went away, a stop
+string) cancels the call, which Triton turns into a cancelled request: the engine model frees its
+slot at the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class TritonError(Exception):
+    """An error response from Triton, with the gRPC status when the call itself failed."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Piece:
+    """One response of the entry model: a token's text (empty at the end), with its sequence."""
+
+    text: str
+    sequence: int
+    log_prob: float | None
+    final: bool  # the request's last response
+    num_input_tokens: int | None
+    num_output_tokens: int | None
+
+
+def _inputs(values: dict[str, Any]) -> list[Any]:
+    """tritonclient inputs of shape [1, 1] (strings, bools, floats as FP32, ints as INT32; seed UINT64)."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in values.items():
+        if isinstance(value, str):
+            array = np.array([[value.encode()]], dtype=object)
+        elif isinstance(value, bool):
+            array = np.array([[value]], dtype=bool)
+        elif isinstance(value, float):
+            array = np.array([[value]], dtype=np.float32)
+        else:
+            array = np.array([[value]], dtype=np.uint64 if name == "seed" else np.int32)
+        tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _scalar(result: Any, name: str) -> Any:
+    array = result.as_numpy(name)
+    return None if array is None or array.size == 0 else array.reshape(-1)[0].item()
+
+
+class TritonStream:
+    def __init__(self, grpc_url: str, model: str):
+        self.grpc_url, self.model = grpc_url, model
+        self._channel: Any = None
+        self._stub: Any = None
+
+    def _connect(self) -> Any:
+        if self._stub is None:
+            import grpc
+            from tritonclient.grpc import service_pb2_grpc
+
+            self._channel = grpc.aio.insecure_channel(self.grpc_url)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    async def ready(self) -> bool:
+        from tritonclient.grpc import service_pb2
+
+        try:
+            return bool((await self._connect().ServerReady(service_pb2.ServerReadyRequest(), timeout=5)).ready)
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def generate(self, values: dict[str, Any], request_id: str) -> AsyncGenerator[Piece, None]:
+        """Every response of one request to the entry model, as pieces of text."""
+        import grpc
+        from tritonclient.grpc import InferResult
+        from tritonclient.grpc._utils import _get_inference_request
+
+        request = _get_inference_request(
+            model_name=self.model,
+            inputs=_inputs(values),
+            model_version="",
+            request_id=request_id,
+            outputs=None,
+            sequence_id=0,
+            sequence_start=False,
+            sequence_end=False,
+            priority=0,
+            timeout=None,
+            parameters=None,
+        )
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+
+        async def one_request() -> AsyncIterator[Any]:
+            yield request
+
+        call = self._connect().ModelStreamInfer(one_request())
+        try:
+            async for response in call:
+                if response.error_message:
+                    raise TritonError(response.error_message)
+                final = response.infer_response.parameters["triton_final_response"].bool_param
+                if not response.infer_response.outputs:  # the empty response that only ends the request
+                    return
+                result = InferResult(response.infer_response)
+                text = result.as_numpy("text_output")
+                log_probs = result.as_numpy("output_log_probs")
+                yield Piece(
+                    text="" if text is None else b"".join(text.reshape(-1)).decode("utf-8", "replace"),
+                    sequence=int(_scalar(result, "sequence_index") or 0),
+                    log_prob=None if log_probs is None or log_probs.size == 0 else float(log_probs.reshape(-1)[-1]),
+                    final=final,
+                    num_input_tokens=_scalar(result, "num_input_tokens"),
+                    num_output_tokens=_scalar(result, "num_output_tokens"),
+                )
+                if final:
+                    return
+        except grpc.aio.AioRpcError as error:
+            raise TritonError(error.details() or str(error), error.code().name) from error
+        finally:
+            call.cancel()  # a no-op when the call ended; otherwise Triton cancels the request

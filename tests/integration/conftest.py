@@ -1,0 +1,81 @@
+"""Fixtures shared by the integration tests that talk to a real Triton: one server per package
+run, serving the CPU repository of SmolLM2 (test_gateway.py uses it before test_triton.py, whose
+last test stops it)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import app, runner, validate
+from pipeline.config import schema
+from pipeline.deploy import server
+from pipeline.stages import STAGES
+from tests.conftest import free_ports
+
+
+class Served:
+    def __init__(
+        self, running: server.Server, cfg: schema.PipelineConfig, final: Path, overrides: list[str], log: Path
+    ):
+        self.server, self.cfg, self.final, self.log = running, cfg, final, log
+        self.overrides = overrides  # the served build's, for commands run against it
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.final / "repository" / "preprocessing" / "tokenizer")
+
+    def chat_ids(self, question: str, system: str | None = None) -> list[int]:
+        tokenizer = self.tokenizer
+        messages = [{"role": "system", "content": system}] if system else []
+        return list(
+            tokenizer.apply_chat_template(
+                [*messages, {"role": "user", "content": question}], add_generation_prompt=True
+            )
+        )
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
+        request = urllib.request.Request(f"{self.server.url}{path}", data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def generate(self, model: str = "ensemble", **body: Any) -> dict[str, Any]:
+        status, text = self.post(f"/v2/models/{model}/generate", body)
+        assert status == 200, text
+        return json.loads(text)
+
+
+@pytest.fixture(scope="package")
+def served(smollm2_workdir: Path) -> Iterator[Served]:
+    http, grpc, metrics = free_ports(3)
+    overrides = [
+        f"workdir={smollm2_workdir}",
+        "target=cpu",
+        "quant=none",
+        "triton=bls",
+        "build.max_batch_size=8",
+        "build.max_beam_width=4",
+        "until=triton_repo",
+        f"triton.http_port={http}",
+        f"triton.grpc_port={grpc}",
+        f"triton.metrics_port={metrics}",
+    ]
+    cfg = validate.load(overrides)
+    steps = runner.build(cfg, STAGES)
+    target = app.built_target(cfg)
+    launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
+    log = smollm2_workdir / "server.log"
+    with server.Server(launch, cfg.triton, log) as running:
+        yield Served(running, cfg, steps[-1].dirs.final, overrides, log)

@@ -1,0 +1,182 @@
+"""The OpenAI-compatible gateway over a real Triton serving SmolLM2 on the CPU target, driven by the
+real ``openai`` client and by raw HTTP (SSE framing, error bodies, disconnects)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pipeline.config.schema import OpenAIConfig
+from pipeline.gateway import serve as gateway
+from tests.conftest import free_ports
+from tests.integration.conftest import Served
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is the capital of France?"
+MODEL = "smollm2-135m"
+KEY = "sk-test-gateway-key-0123"
+
+
+@pytest.fixture(scope="module")
+def api(served: Served) -> Iterator[str]:
+    (port,) = free_ports(1)
+    config = OpenAIConfig(port=port)
+    settings = gateway.settings_for(config, served.final / "repository", MODEL, served.server.grpc_url)
+    running = gateway.start(config, "127.0.0.1", settings)
+    yield running.url
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(api: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=api, api_key="unused", max_retries=0)
+
+
+def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_models_chat_and_usage_counts(client: Any, served: Served) -> None:
+    (card,) = client.models.list().data
+    assert card.id == MODEL and card.max_model_len == served.cfg.build.max_seq_len
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0)
+    answer = reply.choices[0].message.content
+    assert answer == "The capital of France is Paris." and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == len(served.chat_ids(QUESTION))
+    assert reply.usage.completion_tokens == len(served.tokenizer.encode(answer, add_special_tokens=False))
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+
+
+def test_streaming_chat_equals_the_whole_answer_and_reports_usage(client: Any) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}],
+        stream=True,
+        stream_options={"include_usage": True},
+        temperature=0,
+        max_tokens=16,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=16,
+    )
+    assert text == whole.choices[0].message.content and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_continue_raw_text_and_stop_strings_cut_it(client: Any) -> None:
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert plain.choices[0].text.lstrip().startswith("Paris"), plain.choices[0].text
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 8
+    cut = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], stop=["Paris", "Lyon"], temperature=0
+    )
+    assert cut.choices[0].message.content == "The capital of France is " and cut.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_a_seed_and_json_schema_output(client: Any) -> None:
+    import jsonschema
+
+    asked = {"model": MODEL, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8}
+    first = client.chat.completions.create(**asked, n=2, seed=5, temperature=1.0)
+    again = client.chat.completions.create(**asked, n=2, seed=5, temperature=1.0)
+    texts = [c.message.content for c in first.choices]
+    assert len(texts) == 2 and texts == [c.message.content for c in again.choices]
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}
+    shaped = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        temperature=0,
+    )
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), schema)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_seq_len"),
+    ],
+)
+def test_errors_come_as_openai_error_objects(api: str, body: dict[str, Any], status: int, needle: str) -> None:
+    code, text = _post(f"{api}/chat/completions", {**body, "unknown_field": 1})  # unknown fields are ignored
+    assert code == status, text
+    error = json.loads(text)["error"]
+    assert needle in error["message"] and error["type"] in ("invalid_request_error", "server_error"), error
+
+
+def test_sse_framing_metrics_and_health(api: str) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "stream": True}
+    status, text = _post(f"{api}/completions", body)
+    events = [line for line in text.split("\n\n") if line]
+    assert status == 200 and all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
+    base = api.removesuffix("/v1")
+    with urllib.request.urlopen(f"{base}/metrics") as response:
+        metrics = response.read().decode()
+    assert "pipeline_time_to_first_token_seconds_count" in metrics and "pipeline_e2e_request_latency_seconds" in metrics
+    with urllib.request.urlopen(f"{base}/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def test_a_client_that_disconnects_cancels_its_triton_request(api: str, served: Served) -> None:
+    import http.client
+
+    before = served.log.read_text().count("request cancelled: after")
+    host, port = api.removeprefix("http://").removesuffix("/v1").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 400}
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    received = b""
+    while received.count(b'"content"') < 3:  # the role, then two tokens: the request is generating
+        received += response.read1(4096)
+    response.close()
+    connection.close()
+    deadline = time.monotonic() + 15
+    while served.log.read_text().count("request cancelled: after") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served.log.read_text().count("request cancelled: after") == before + 1
+
+
+def test_an_api_key_is_required_when_set(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    (port,) = free_ports(1)
+    config = OpenAIConfig(port=port, api_key_env="TEST_GATEWAY_KEY")
+    monkeypatch.setenv("TEST_GATEWAY_KEY", KEY)
+    settings = gateway.settings_for(config, served.final / "repository", MODEL, served.server.grpc_url)
+    running = gateway.start(config, "127.0.0.1", settings)
+    try:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+        status, text = _post(f"{running.url}/completions", body)
+        assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+        assert _post(f"{running.url}/completions", body, {"authorization": f"Bearer {KEY}"})[0] == 200
+    finally:
+        running.stop()
