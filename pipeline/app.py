@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline import artifacts, proc, runner
-from pipeline.config.schema import PipelineConfig, to_yaml
+from pipeline.config.schema import PipelineConfig, served_model_name, to_yaml
 from pipeline.deploy import kubernetes, server
 from pipeline.errors import PipelineError, StageError
 from pipeline.runner import Step
@@ -64,6 +64,9 @@ def plan(cfg: PipelineConfig) -> None:
         print("\n".join(f'{key}: "{value}"' for key, value in params.items()))
         print("\n# serve (python -m pipeline serve)")
         print(_serve_line(cfg, _repository_step(steps)))
+        if cfg.openai.enabled:
+            url = f"http://{cfg.openai.host or cfg.triton.host}:{cfg.openai.port}/v1"
+            print(f"# and the OpenAI-compatible API at {url} (model {served_model_name(cfg)!r})")
 
 
 def _print_memory_plan(cfg: PipelineConfig) -> None:
@@ -109,7 +112,7 @@ def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
     def start_gateway(grpc_url: str) -> server.RunningGateway:
         from pipeline.gateway import serve as gateway
 
-        settings = gateway.settings_for(cfg.openai, target.repo, cfg.model.name, grpc_url)
+        settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url)
         return gateway.start(cfg.openai, cfg.triton.host, settings)
 
     server.serve_until_stopped(cfg.triton, target, cfg.workdir_path, start_gateway if cfg.openai.enabled else None)

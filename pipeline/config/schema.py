@@ -326,6 +326,7 @@ class OpenAIConfig:
     # which is logged); unset or empty: no key needed
     api_key_env: str = "PIPELINE_OPENAI_API_KEY"
     default_max_tokens: int = 256  # chat requests without max_tokens (completions: 16, as OpenAI)
+    served_model_name: str | None = None  # what clients put in "model"; null: the model config's name
 
 
 @dataclass
@@ -348,6 +349,11 @@ class PipelineConfig:
     @property
     def workdir_path(self) -> Path:
         return Path(self.workdir).expanduser().resolve()
+
+
+def served_model_name(cfg: PipelineConfig) -> str:
+    """The model's name on the OpenAI API."""
+    return cfg.openai.served_model_name or cfg.model.name
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

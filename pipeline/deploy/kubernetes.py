@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config.schema import PipelineConfig
+from pipeline.config.schema import PipelineConfig, served_model_name
 
 MOUNT = "/models/repo"
 DEFAULT_IMAGE = "pipeline:latest"  # docker build -t pipeline . (see the Dockerfile)
@@ -24,14 +24,26 @@ def _name(cfg: PipelineConfig) -> str:
     return "".join(c if c.isalnum() else "-" for c in raw.lower()).strip("-")[:63]
 
 
-def _container(cfg: PipelineConfig, gpus: int) -> dict[str, Any]:
+def _ports(cfg: PipelineConfig) -> dict[str, int]:
     triton = cfg.triton
     ports = {"http": triton.http_port, "grpc": triton.grpc_port, "metrics": triton.metrics_port}
+    if cfg.openai.enabled:
+        ports["openai"] = cfg.openai.port
+    return ports
+
+
+def _container(cfg: PipelineConfig, gpus: int) -> dict[str, Any]:
+    triton = cfg.triton
+    ports = _ports(cfg)
+    args = ["serve", f"repo={MOUNT}", f"target={cfg.target.name}", "triton.host=0.0.0.0"]
+    args += [f"triton.{k}_port={ports[k]}" for k in ("http", "grpc", "metrics")]
+    if cfg.openai.enabled:  # the OpenAI-compatible API beside Triton, under the model's name
+        args += ["openai.host=0.0.0.0", f"openai.port={cfg.openai.port}"]
+        args += [f"openai.served_model_name={served_model_name(cfg)}"]
     container: dict[str, Any] = {
         "name": "triton",
         "image": DEFAULT_IMAGE,
-        "args": ["serve", f"repo={MOUNT}", f"target={cfg.target.name}", "triton.host=0.0.0.0"]
-        + [f"triton.{k}_port={v}" for k, v in ports.items()],
+        "args": args,
         "ports": [{"name": k, "containerPort": v} for k, v in ports.items()],
         "readinessProbe": {
             "httpGet": {"path": "/v2/health/ready", "port": "http"},
@@ -45,6 +57,11 @@ def _container(cfg: PipelineConfig, gpus: int) -> dict[str, Any]:
         },
         "volumeMounts": [{"name": "repo", "mountPath": MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}],
     }
+    if cfg.openai.enabled:
+        # the gateway's API key, when the Secret exists (optional: without it no key is asked for)
+        secret = {"name": f"{_name(cfg)}-openai", "key": "api-key", "optional": True}
+        container["env"] = [{"name": cfg.openai.api_key_env, "valueFrom": {"secretKeyRef": secret}}]
+        container["livenessProbe"] = {"httpGet": {"path": "/health", "port": "openai"}, "periodSeconds": 30}
     if gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
     return container
@@ -97,14 +114,7 @@ def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str
         "metadata": {"name": name, "labels": labels, "annotations": _annotations(cfg)},
         "spec": {
             "selector": labels,
-            "ports": [
-                {"name": k, "port": v, "targetPort": k}
-                for k, v in (
-                    ("http", cfg.triton.http_port),
-                    ("grpc", cfg.triton.grpc_port),
-                    ("metrics", cfg.triton.metrics_port),
-                )
-            ],
+            "ports": [{"name": k, "port": v, "targetPort": k} for k, v in _ports(cfg).items()],
         },
     }
     predictor_container = _container(cfg, gpus)

@@ -39,6 +39,12 @@ def test_embedded_model_gets_a_valid_deployment_service_and_inferenceservice(tmp
     pod = docs["deployment.yaml"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # the OpenAI-compatible API: its port on the container and the Service, its key from a Secret
+    assert {"name": "openai", "containerPort": 9000} in container["ports"]
+    assert {"name": "openai", "port": 9000, "targetPort": "openai"} in docs["service.yaml"]["spec"]["ports"]
+    assert "openai.served_model_name=smollm2-135m" in container["args"] and "openai.host=0.0.0.0" in container["args"]
+    (key,) = container["env"]
+    assert key["name"] == "PIPELINE_OPENAI_API_KEY" and key["valueFrom"]["secretKeyRef"]["optional"] is True
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     assert "resources" not in container  # the CPU target asks for no GPU
     assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "triton-repo"
