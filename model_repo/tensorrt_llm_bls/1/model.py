@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -246,5 +247,11 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
+        # requests still running get a moment to finish; their threads are daemons and must not
+        # hold the server's shutdown (Triton waits for every model to unload)
+        deadline = time.monotonic() + 5
         for thread in self.threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        alive = sum(t.is_alive() for t in self.threads)
+        if alive:
+            pb_utils.Logger.log_warn(f"unloading with {alive} request thread(s) still running")
