@@ -258,6 +258,9 @@ class TritonConfig:
     grpc_port: int = 8001
     metrics_port: int = 8002
     ready_timeout_s: int = 600  # large engines take minutes to load
+    # on stop, how long Triton lets in-flight requests finish and models unload before it exits
+    # (tritonserver --exit-timeout-secs)
+    exit_timeout_s: int = 30
 
 
 @dataclass

@@ -42,7 +42,9 @@ class Launch:
 
 
 def _ports(triton: TritonConfig) -> list[str]:
+    """Where the server listens, and how long it drains on stop."""
     return [
+        f"--exit-timeout-secs={triton.exit_timeout_s}",
         f"--http-port={triton.http_port}",
         f"--grpc-port={triton.grpc_port}",
         f"--metrics-port={triton.metrics_port}",

@@ -38,7 +38,7 @@ VERSION = (
     4  # 2: repository.json inside the repository; 3: CPU engine model knows max_seq_len; 4: paged in-flight scheduler
 )
 TOOLS = ("tritonclient",)
-SERVER_ONLY = ("name", "host", "http_port", "grpc_port", "metrics_port", "ready_timeout_s")
+SERVER_ONLY = ("name", "host", "http_port", "grpc_port", "metrics_port", "ready_timeout_s", "exit_timeout_s")
 
 log = logging.getLogger(__name__)
 
