@@ -83,6 +83,9 @@ class ModelConfig:
     allow_pickle: bool = False  # accept *.bin (pickle) weights, which can run code when loaded
     trust_remote_code: bool = False  # allow the checkpoint's own Python code
     calib_dataset: str = "cnn_dailymail"  # calibration text when quant.calib.dataset is null
+    # sampling defaults of the model card (e.g. temperature, top_p): the OpenAI API uses them for
+    # fields a request leaves out; they travel in the repository's repository.json
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
     arch: Architecture = field(default_factory=Architecture)
 
 

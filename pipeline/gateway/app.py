@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -39,6 +39,7 @@ class GatewaySettings:
     entry_model: str  # the repository model the gateway talks to
     default_max_tokens: int
     api_key: str | None  # from the environment, never logged
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # the model card's, for omitted fields
 
 
 class OpenAIError(Exception):
@@ -226,7 +227,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
         try:
             default = settings.default_max_tokens if chat else 16  # OpenAI's completions default
-            values = body.triton_values(default)
+            values = body.triton_values(default, settings.sampling_defaults)
         except Unsupported as error:
             raise OpenAIError(400, str(error), "invalid_request_error") from error
         generation = Generation(body, values, settings, metrics)

@@ -49,8 +49,8 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # None: the model's default, else 1
+    top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
@@ -72,12 +72,15 @@ class Sampling(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def triton_values(self, default_max_tokens: int, log_probs: bool) -> dict[str, Any]:
-        """The entry model's inputs for the sampling part of this request."""
+    def sampling_values(self, default_max_tokens: int, defaults: dict[str, float], log_probs: bool) -> dict[str, Any]:
+        """The entry model's inputs for the sampling part of this request; ``defaults`` (the
+        model card's) fill what the request leaves out, then OpenAI's own defaults."""
+        temperature = self.temperature if self.temperature is not None else defaults.get("temperature", 1.0)
+        top_p = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
         values: dict[str, Any] = {
             "max_tokens": self.max_tokens or default_max_tokens,
-            "temperature": float(self.temperature),
-            "top_p": float(self.top_p),
+            "temperature": float(temperature),
+            "top_p": float(top_p),
             "presence_penalty": float(self.presence_penalty),
             "frequency_penalty": float(self.frequency_penalty),
             "stream": True,  # always: pieces arrive as they are made, stop strings can cut the request short
@@ -113,10 +116,10 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    def triton_values(self, default_max_tokens: int, log_probs: bool = False) -> dict[str, Any]:
+    def triton_values(self, default_max_tokens: int, defaults: dict[str, float]) -> dict[str, Any]:
         if self.top_logprobs:
             raise Unsupported("top_logprobs: this server returns the chosen token's log probability only")
-        values = super().triton_values(default_max_tokens, self.logprobs)
+        values = self.sampling_values(default_max_tokens, defaults, self.logprobs)
         if self.max_completion_tokens is not None:
             values["max_tokens"] = self.max_completion_tokens
         # the chat template is applied in one place, the repository's preprocessing model
@@ -129,7 +132,7 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
-    def triton_values(self, default_max_tokens: int, log_probs: bool = False) -> dict[str, Any]:
+    def triton_values(self, default_max_tokens: int, defaults: dict[str, float]) -> dict[str, Any]:
         if self.logprobs:
             raise Unsupported("logprobs > 0: this server returns the chosen token's log probability only")
         if self.echo:
@@ -137,6 +140,6 @@ class CompletionRequest(Sampling):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise Unsupported("prompt: send one prompt per request")
-        values = super().triton_values(default_max_tokens, self.logprobs == 0)
+        values = self.sampling_values(default_max_tokens, defaults, self.logprobs == 0)
         # a completion continues the text as given: no chat template
         return {"text_input": prompts[0], "apply_chat_template": False, **values}

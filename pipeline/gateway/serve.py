@@ -35,6 +35,7 @@ def settings_for(openai: OpenAIConfig, repo: Path, served_model: str, grpc_url: 
         entry_model=entry,
         default_max_tokens=openai.default_max_tokens,
         api_key=os.environ.get(openai.api_key_env) or None,
+        sampling_defaults=dict(info.get("sampling_defaults", {})),
     )
 
 

@@ -51,6 +51,7 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
         "limits": [build.max_batch_size, build.max_input_len, build.max_seq_len],
         "target": str(cfg.target.kind),
         "templates": render.templates_digest(cfg),
+        "sampling_defaults": dict(cfg.model.sampling_defaults),
     }
 
 
@@ -110,6 +111,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "max_input_len": cfg.build.max_input_len,
         "max_seq_len": cfg.build.max_seq_len,
         "streaming": cfg.triton.streaming,
+        "sampling_defaults": dict(cfg.model.sampling_defaults),
         "engine_files": engine_files,
     }
     text = json.dumps(info, indent=2) + "\n"
