@@ -179,7 +179,8 @@ def test_silent_hub_times_out_within_30_seconds(tmp_path: Path) -> None:
             "model=llama8b",
             "tracking=none",
             "until=fetch",
-            env={"HF_ENDPOINT": f"http://127.0.0.1:{sock.getsockname()[1]}"},
+            # a 3 s metadata timeout (10 s by default) keeps the wait short
+            env={"HF_ENDPOINT": f"http://127.0.0.1:{sock.getsockname()[1]}", "PIPELINE_HUB_TIMEOUT_S": "3"},
             timeout=60,
         )
     assert time.monotonic() - started < 30

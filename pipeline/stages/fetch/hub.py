@@ -20,7 +20,8 @@ from pipeline.errors import FetchError
 
 log = logging.getLogger(__name__)
 
-METADATA_TIMEOUT_S = 10.0
+# how long a metadata call to the Hub may take; PIPELINE_HUB_TIMEOUT_S raises it behind a slow proxy
+METADATA_TIMEOUT_S = float(os.environ.get("PIPELINE_HUB_TIMEOUT_S", "10"))
 # Everything a checkpoint needs besides weights: configs, tokenizers (fast, sentencepiece,
 # tiktoken, BPE vocab/merges) and chat templates.
 SUPPORT_PATTERNS = ("*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
