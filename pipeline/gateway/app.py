@@ -68,27 +68,15 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            "pipeline_time_to_first_token_seconds",
-            "Time to first token",
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.tpot = Histogram(
-            "pipeline_time_per_output_token_seconds",
-            "Time per output token after the first",
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.e2e = Histogram(
-            "pipeline_e2e_request_latency_seconds",
-            "End-to-end latency",
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
+        self.ttft = self._latency("time_to_first_token", "Time to first token")
+        self.tpot = self._latency("time_per_output_token", "Time per output token after the first")
+        self.e2e = self._latency("e2e_request_latency", "End-to-end latency")
         self.requests = Counter(
             "pipeline_requests", "Requests by endpoint and outcome", ["endpoint", "status"], registry=self.registry
         )
+
+    def _latency(self, name: str, description: str) -> Histogram:
+        return Histogram(f"pipeline_{name}_seconds", description, registry=self.registry, buckets=LATENCY_BUCKETS)
 
 
 @dataclass

@@ -9,11 +9,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.artifacts import REPOSITORY_JSON
 from pipeline.config.schema import OpenAIConfig
 from pipeline.errors import StageError
 from pipeline.gateway.app import GatewaySettings, create_app
+
+if TYPE_CHECKING:  # uvicorn is imported when the gateway starts
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +46,11 @@ def settings_for(openai: OpenAIConfig, repo: Path, served_model: str, grpc_url: 
 @dataclass
 class Gateway:
     url: str  # the OpenAI base URL, .../v1
-    server: object
+    server: uvicorn.Server
     thread: threading.Thread
 
     def stop(self) -> None:
-        self.server.should_exit = True  # type: ignore[attr-defined]
+        self.server.should_exit = True
         self.thread.join(timeout=15)
 
 

@@ -36,21 +36,26 @@ class Piece:
     num_output_tokens: int | None
 
 
-def _inputs(values: dict[str, Any]) -> list[Any]:
-    """tritonclient inputs of shape [1, 1] (strings, bools, floats as FP32, ints as INT32; seed UINT64)."""
+UINT64_INPUTS = ("seed", "lora_task_id", "prompt_table_extra_id")  # the backend's UINT64 inputs
+
+
+def triton_inputs(values: dict[str, Any]) -> list[Any]:
+    """tritonclient inputs of shape [1, n] from plain values or lists of them: str -> BYTES,
+    bool -> BOOL, float -> FP32, int -> INT32 (UINT64 for the inputs the backend declares so)."""
     from tritonclient.grpc import InferInput
     from tritonclient.utils import np_to_triton_dtype
 
     inputs = []
     for name, value in values.items():
-        if isinstance(value, str):
-            array = np.array([[value.encode()]], dtype=object)
-        elif isinstance(value, bool):
-            array = np.array([[value]], dtype=bool)
-        elif isinstance(value, float):
-            array = np.array([[value]], dtype=np.float32)
+        items = value if isinstance(value, list) else [value]
+        if isinstance(items[0], str):
+            array = np.array([[item.encode() for item in items]], dtype=object)
+        elif isinstance(items[0], bool):
+            array = np.array([items], dtype=bool)
+        elif isinstance(items[0], float):
+            array = np.array([items], dtype=np.float32)
         else:
-            array = np.array([[value]], dtype=np.uint64 if name == "seed" else np.int32)
+            array = np.array([items], dtype=np.uint64 if name in UINT64_INPUTS else np.int32)
         tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -97,7 +102,7 @@ class TritonStream:
 
         request = _get_inference_request(
             model_name=self.model,
-            inputs=_inputs(values),
+            inputs=triton_inputs(values),
             model_version="",
             request_id=request_id,
             outputs=None,

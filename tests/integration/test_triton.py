@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from pipeline.deploy import server
+from pipeline.gateway.triton_stream import triton_inputs
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
 from tests.conftest import cli
@@ -235,26 +236,6 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(
     assert served.generate(text_input=QUESTION, max_tokens=4)["text_output"]
 
 
-def _grpc_inputs(values: dict[str, Any]) -> list[Any]:
-    """tritonclient inputs of shape [1, ...]: str -> BYTES, bool -> BOOL, float -> FP32, int -> INT32
-    (``seed`` and ``lora_task_id`` UINT64)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    inputs = []
-    for name, value in values.items():
-        items = value if isinstance(value, list) else [value]
-        if isinstance(items[0], str):
-            array = np.array([[v.encode() for v in items]], dtype=object)
-        else:
-            kind = bool if isinstance(items[0], bool) else np.float32 if isinstance(items[0], float) else np.int32
-            array = np.array([items], dtype=np.uint64 if name in ("seed", "lora_task_id") else kind)
-        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 def _grpc_stream(served: Served, model: str, values: dict[str, Any], request_id: str = "1") -> list[Any]:
     """Every response of one request over a gRPC stream (the last one ends it)."""
     import tritonclient.grpc as grpcclient
@@ -264,7 +245,7 @@ def _grpc_stream(served: Served, model: str, values: dict[str, Any], request_id:
     client.start_stream(callback=lambda result, error: received.put(error or result))
     responses = []
     try:
-        client.async_stream_infer(model, _grpc_inputs(values), request_id=request_id, enable_empty_final_response=True)
+        client.async_stream_infer(model, triton_inputs(values), request_id=request_id, enable_empty_final_response=True)
         while True:
             item = received.get(timeout=120)
             if isinstance(item, Exception):

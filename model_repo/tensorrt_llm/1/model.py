@@ -145,8 +145,9 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             problems = refusals(request, self.max_beam_width)
-            count = int(scalar(request, "num_return_sequences", 1))
             beam_width = int(scalar(request, "beam_width", 1))
+            # beam search returns num_return_sequences of its beams, all of them by default
+            count = int(scalar(request, "num_return_sequences", beam_width))
             if not 1 <= count <= MAX_RETURN_SEQUENCES:
                 problems.append(f"num_return_sequences={count} must lie in 1..{MAX_RETURN_SEQUENCES}")
             elif count > 1 and beam_width == 1 and not self.decoupled:
@@ -172,11 +173,9 @@ class TritonPythonModel:
             beam_width=beam_width,
             length_penalty=float(scalar(request, "len_penalty", 1.0)),
             early_stopping=int(scalar(request, "early_stopping", 1)),
+            beams_returned=min(count, beam_width),
         )
-        if beam_width > 1:  # one search returns the beams: num_return_sequences of them (default all)
-            options.beams_returned = (
-                min(count, beam_width) if tensor(request, "num_return_sequences") is not None else beam_width
-            )
+        if beam_width > 1:  # one search answers with its beams
             return _Reply(sender, options, [parsed])
         # n samples of one prompt: sequence i draws from seed + i, so the n differ and repeat
         copies = [
@@ -273,8 +272,15 @@ class TritonPythonModel:
 
 
 def _send_error(sender: Any, message: str) -> None:
-    """A request the model cannot serve as asked: the client's to fix (HTTP 400)."""
-    error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    """Close the request with an error, coded by what it is: a cancellation, the server's fault
+    (a failed forward pass), or else a request the model cannot serve as asked (HTTP 400)."""
+    if message.startswith(CANCELLED):
+        pb_utils.Logger.log_info(message)
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "CANCELLED", None))
+    elif message.startswith(FORWARD_FAILED):
+        error = pb_utils.TritonError(message)
+    else:
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
     sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
 
@@ -327,15 +333,7 @@ class _Reply:
     def fail(self, message: str) -> None:
         if self.closed:
             return
-        if message.startswith(CANCELLED):
-            pb_utils.Logger.log_info(message)
-            cancelled = getattr(pb_utils.TritonError, "CANCELLED", None)
-            error = pb_utils.TritonError(message, cancelled)
-        elif message.startswith(FORWARD_FAILED):  # the server's fault, not the request's
-            error = pb_utils.TritonError(message)
-        else:  # a request that failed its checks
-            error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        _send_error(self.sender, message)
         self._close()
         if self.scheduler is not None:  # the request is over: its other sequences stop too
             for sequence in self.siblings:
