@@ -7,9 +7,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean
+AIPERF_VENV ?= .venv-aiperf
+AIPERF_STAMP := $(AIPERF_VENV)/.installed
+
+.PHONY: venv aiperf demo test test-fast lint bench clean
 
 venv: $(STAMP)
+
+# NVIDIA AIPerf, the benchmark's cross-check (benchmark.tool=aiperf), in an environment of its own:
+# its pins (pandas 2.3, prometheus-client 0.23) clash with the pipeline's. The pipeline finds it here.
+aiperf: $(AIPERF_STAMP)
+
+$(AIPERF_STAMP): constraints-aiperf.txt
+	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIPERF_VENV)/bin/python -m pip install --quiet --constraint constraints-aiperf.txt aiperf==0.13.0
+	touch $(AIPERF_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +40,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(PY) -m pipeline build
 
-test: venv
+test: venv aiperf
 	$(PY) -m pytest
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
@@ -46,4 +59,4 @@ bench: venv
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .import_linter_cache
+	rm -rf $(VENV) $(AIPERF_VENV) artifacts .pytest_cache .mypy_cache .import_linter_cache

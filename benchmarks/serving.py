@@ -76,7 +76,7 @@ class Bench:
     """Load points against one server, measured like the benchmark stage measures them."""
 
     def __init__(self, running: server.Server, tokenizer: Any):
-        self.url, self.tokenizer = running.grpc_url, tokenizer
+        self.endpoint, self.tokenizer = loadgen.Endpoint("triton", running.grpc_url, "ensemble"), tokenizer
 
     def prompts(self, count: int, seed: int) -> list[loadgen.Prompt]:
         return workload.synthetic(self.tokenizer, count, WORKLOAD, seed)
@@ -86,7 +86,7 @@ class Bench:
             measured.output_tokens = len(self.tokenizer.encode(measured.text, add_special_tokens=False))
 
         results, seconds, ended = loadgen.run_point(
-            self.url, "ensemble", prompts, GREEDY, concurrency=concurrency, on_done=count, **kwargs
+            self.endpoint, prompts, GREEDY, concurrency=concurrency, on_done=count, **kwargs
         )
         if ended:
             raise RuntimeError(f"the server stopped answering: {ended}")

@@ -10,12 +10,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, proc, runner
-from pipeline.config.schema import PipelineConfig, served_model_name, to_yaml
+from pipeline.config.schema import Endpoint, PipelineConfig, served_model_name, to_yaml
 from pipeline.deploy import kubernetes, server
-from pipeline.errors import PipelineError, StageError
+from pipeline.errors import ConfigError, PipelineError, StageError
+from pipeline.redact import url_without_credentials
 from pipeline.runner import Step
 from pipeline.sizing import memory
 from pipeline.stages import STAGES
@@ -92,16 +94,23 @@ def _serve_line(cfg: PipelineConfig, step: Step) -> str:
     return f"(cd {repo} && {proc.quote(launch.argv)})"
 
 
-def built_target(cfg: PipelineConfig) -> server.Target:
-    """The repository that ``build`` with the same overrides rendered."""
+def _built(cfg: PipelineConfig) -> server.Target | None:
     step = _repository_step(runner.plan(cfg, STAGES))
     if not step.cached:
+        return None
+    repo = step.dirs.final / artifacts.REPOSITORY
+    return server.target_of_repository(repo, artifacts.serve_logs(cfg.workdir_path, step.fingerprint))
+
+
+def built_target(cfg: PipelineConfig) -> server.Target:
+    """The repository that ``build`` with the same overrides rendered."""
+    target = _built(cfg)
+    if target is None:
         raise StageError(
             "no finished Triton repository for these overrides: run `python -m pipeline build` with the same "
             "overrides first, or serve a folder with repo=<path>"
         )
-    repo = step.dirs.final / artifacts.REPOSITORY
-    return server.target_of_repository(repo, artifacts.serve_logs(cfg.workdir_path, step.fingerprint))
+    return target
 
 
 def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
@@ -119,12 +128,42 @@ def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
 
 
 def bench(cfg: PipelineConfig, url: str | None = None) -> None:
-    """Benchmark a running server (``url``: host:grpc_port) or the last build's repository served
-    here for the sweep; results go to <workdir>/bench/<time>/."""
-    target = built_target(cfg)  # its tokenizer gives exact prompt lengths
+    """Benchmark a running server (``url``: Triton's host:grpc_port, or with
+    ``benchmark.endpoint=openai`` any OpenAI-compatible base URL, http://host:port/v1) or the last
+    build's repository served here for the sweep. Results go to <workdir>/bench/<time>/ and to an
+    MLflow run that ``compare`` lists beside the builds."""
+    problems = (benchmark.url_problems(cfg, url) if url else []) + benchmark.preflight(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    target = _built(cfg) if url else built_target(cfg)  # a remote server may have no build here
+    tokenizer = _bench_tokenizer(cfg, target, url)
+    if url and cfg.benchmark.endpoint is Endpoint.openai and not cfg.benchmark.model:
+        # asked before the MLflow run opens: an unreachable server leaves no FAILED run
+        cfg.benchmark.model = benchmark.served_model(url, benchmark.api_key(cfg))
     out = artifacts.bench_results(cfg.workdir_path, time.strftime("%Y%m%d-%H%M%S"))
-    benchmark.measure(cfg, target, out, cfg.workdir_path, url=url)
+    with runs.job_run(cfg, command="bench") as run:
+        results = benchmark.measure(cfg, out, cfg.workdir_path, tokenizer, target=target, url=url)
+        if run is not None:
+            run.record_bench(cfg, results, out, served_here=not url)
     print(f"results in {out}")
+
+
+def _bench_tokenizer(cfg: PipelineConfig, target: server.Target | None, url: str | None) -> Path:
+    """The tokenizer that makes prompt lengths exact: benchmark.tokenizer, else the build's."""
+    if cfg.benchmark.tokenizer:
+        folder = Path(cfg.benchmark.tokenizer).expanduser()
+        if not (folder / "tokenizer_config.json").is_file():
+            raise ConfigError(
+                f"benchmark.tokenizer={cfg.benchmark.tokenizer} holds no tokenizer_config.json: "
+                "point it at a folder with the served model's tokenizer"
+            )
+        return folder
+    if target is None:
+        raise ConfigError(
+            f"bench url={url_without_credentials(url or '')} needs the served model's tokenizer for exact prompt "
+            "lengths: build with the same overrides first, or give benchmark.tokenizer=<folder>"
+        )
+    return target.repo / artifacts.REPO_TOKENIZER_DIR
 
 
 def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 # Environment variables whose values are credentials. Names only: values are read when needed so a
 # token set after start-up is still redacted.
@@ -16,6 +17,8 @@ SECRET_ENV_VARS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
     "AWS_SECRET_ACCESS_KEY",
+    "PIPELINE_OPENAI_API_KEY",  # the gateway's key (openai.api_key_env's default)
+    "OPENAI_API_KEY",
 )
 MASK = "***"
 
@@ -40,3 +43,14 @@ class RedactingFilter(logging.Filter):
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
+
+
+def url_without_credentials(url: str) -> str:
+    """``url`` without a user:password part: what may be logged and recorded."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

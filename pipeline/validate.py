@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import compose, hardware
-from pipeline.config.schema import BenchmarkConfig, ModelConfig, PipelineConfig, QuantFormat, Source, TargetKind
+from pipeline.config.schema import (
+    BenchmarkConfig,
+    ModelConfig,
+    PipelineConfig,
+    QuantFormat,
+    Source,
+    TargetKind,
+)
 from pipeline.errors import ConfigError
 from pipeline.sizing import calibration, memory, rules
 from pipeline.stages.engine import trtllm

@@ -24,6 +24,16 @@ class Source(StrEnum):
     gguf = "gguf"  # a GGUF file (or one shipped inside an installed Python package)
 
 
+class Endpoint(StrEnum):
+    triton = "triton"  # KServe v2 gRPC streaming to the repository's entry model
+    openai = "openai"  # any OpenAI-compatible server: /v1/completions with SSE streaming
+
+
+class BenchTool(StrEnum):
+    pipeline = "pipeline"  # the pipeline's own load generator
+    aiperf = "aiperf"  # the same, then NVIDIA AIPerf at every load point, as a cross-check
+
+
 class DType(StrEnum):
     float16 = "float16"
     bfloat16 = "bfloat16"
@@ -299,6 +309,13 @@ class BenchmarkConfig:
     seed: int = 0
     model: str | None = None  # null: the repository's entry model (ensemble or tensorrt_llm_bls)
     timeout_s: float = 300.0  # per request; a silent server ends the point
+    # what the load goes through: Triton's gRPC stream, or the OpenAI API (the gateway `serve`
+    # starts, or any OpenAI-compatible server given as url=http://host:port/v1)
+    endpoint: Endpoint = Endpoint.triton
+    tool: BenchTool = BenchTool.pipeline
+    # `bench` against a server this workdir did not build: a local folder holding its tokenizer
+    # (prompt lengths are exact token counts); null: the last build's
+    tokenizer: str | None = None
     slo: SLOConfig = field(default_factory=SLOConfig)
 
 

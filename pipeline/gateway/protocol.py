@@ -60,6 +60,9 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # extensions that vLLM, SGLang and trtllm-serve accept, and benchmarks send
+    top_k: int | None = Field(default=None, ge=0)
+    ignore_eos: bool = False  # generate max_tokens tokens whatever the model says
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -91,6 +94,10 @@ class Sampling(BaseModel):
         }
         if self.seed is not None:
             values["seed"] = self.seed
+        if self.top_k:
+            values["top_k"] = self.top_k
+        if self.ignore_eos:
+            values["end_id"] = -1  # no token has this id: the end token is never matched
         if self.n > 1:
             values["num_return_sequences"] = self.n
         values.update(_guide(self.response_format))

@@ -1,6 +1,7 @@
 """``python -m pipeline compare``: the runs of the MLflow store side by side.
 
-One row per build run (sweep parents are left out): model, quant, KV cache, tp/pp, target, output
+One row per build or ``bench`` run (sweep parents are left out): model, quant, KV cache, tp/pp,
+target, the endpoint measured (and for a bench the server's address), output
 tokens/s at each concurrency, single-user latency (TTFT p50/p99 and ITL p50 at the lowest
 concurrency), cost per million output tokens at the highest concurrency (GPU targets with a
 price), and the perplexity change of the quantization. ``sort=<column>`` (``-column`` for
@@ -17,7 +18,7 @@ from pipeline.errors import ConfigError
 from pipeline.tables import aligned
 from pipeline.tracking.runs import tracking_uri
 
-FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target"]
+FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target", "endpoint"]
 
 
 def _runs(cfg: PipelineConfig, where: str | None) -> list[Any]:
@@ -60,8 +61,10 @@ def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list
             "model": p.get("model"),
             "quant": p.get("quant"),
             "kv": p.get("kv_cache_dtype"),
-            "tp/pp": f"{p.get('tp')}/{p.get('pp')}",
+            "tp/pp": f"{p['tp']}/{p['pp']}" if "tp" in p else None,
             "target": p.get("target"),
+            # a bench run names what it measured: the endpoint and the server's address
+            "endpoint": f"{p['endpoint']} {p['url']}" if "url" in p else p.get("endpoint"),
         }
         for c in levels:
             row[f"tok/s@c{c}"] = m.get(f"c{c}_output_tokens_per_s")

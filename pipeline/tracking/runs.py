@@ -47,6 +47,10 @@ LOGGED_FILES = (
 )
 
 
+# a bench of a server this config did not build: only what describes the measurement
+BENCH_ONLY_PARAMS = ("model", "benchmark_preset", "pipeline_version", "tritonclient_version")
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
     return cfg.tracking.uri or f"sqlite:///{artifacts.mlflow_store(cfg.workdir_path)}"
 
@@ -96,6 +100,7 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
         "max_num_tokens": cfg.build.max_num_tokens,
         "max_seq_len": cfg.build.max_seq_len,
         "benchmark_preset": cfg.benchmark.name,
+        "endpoint": str(cfg.benchmark.endpoint),
         "pipeline_version": __version__,
         "modelopt_version": _version("nvidia-modelopt"),
         "tensorrt_llm_version": _version("tensorrt_llm"),
@@ -117,17 +122,29 @@ def _flat_metrics(steps: list[Step], cfg: PipelineConfig) -> tuple[dict[str, flo
             for key in ("seconds", "peak_rss_mb"):
                 if key in cost:
                     flat[f"cost_{phase}_{key}"] = float(cost[key])
-        for point in results.get("points", []):
-            prefix = point["load"].replace("=", "").replace(".", "_")  # c=8 -> c8, rate=2.5 -> rate2_5
-            for key, value in point.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
-                    flat[f"{prefix}_{key}"] = float(value)
-            cost = cost_per_million_tokens(cfg, point.get("output_tokens_per_s"))
-            if cost is not None:
-                flat[f"{prefix}_usd_per_million_output_tokens"] = cost
-            if point.get("concurrency"):
-                for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "e2e_ms_p50"):
-                    series.append((f"sweep_{key}", float(point[key]), int(point["concurrency"])))
+        point_flat, point_series = benchmark_metrics(results.get("points", []), cfg)
+        flat.update(point_flat)
+        series += point_series
+    return flat, series
+
+
+def benchmark_metrics(
+    points: list[dict[str, Any]], cfg: PipelineConfig
+) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """A sweep's points as flat metrics (``c8_ttft_ms_p50``) and per-concurrency series."""
+    flat: dict[str, float] = {}
+    series: list[tuple[str, float, int]] = []
+    for point in points:
+        prefix = point["load"].replace("=", "").replace(".", "_")  # c=8 -> c8, rate=2.5 -> rate2_5
+        for key, value in point.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+                flat[f"{prefix}_{key}"] = float(value)
+        cost = cost_per_million_tokens(cfg, point.get("output_tokens_per_s"))
+        if cost is not None:
+            flat[f"{prefix}_usd_per_million_output_tokens"] = cost
+        if point.get("concurrency"):
+            for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "e2e_ms_p50"):
+                series.append((f"sweep_{key}", float(point[key]), int(point["concurrency"])))
     return flat, series
 
 
@@ -161,36 +178,55 @@ class JobRun:
         self.client, self.run_id = client, run_id
 
     def record(self, cfg: PipelineConfig, steps: list[Step]) -> None:
-        from mlflow.entities import Metric
-
         for step in steps:
             self.client.set_tag(self.run_id, f"fingerprint.{step.name}", step.fingerprint)
         flat, series = _flat_metrics(steps, cfg)
         sha = next((s.results.get("revision_sha") for s in steps if s.name == "fetch" and s.results), None)
         if sha:  # hub models: the commit the revision resolved to
             self.client.log_param(self.run_id, "model_revision", sha)
+        self._log_metrics(flat, series)
+        _artifacts(self.client, self.run_id, cfg, steps)
+
+    def record_bench(self, cfg: PipelineConfig, results: dict[str, Any], folder: Path, served_here: bool) -> None:
+        """A ``bench`` command's sweep: what was measured and where. ``served_here``: the server
+        was started from this config's build, so the build's parameters describe it too."""
+        names = {"endpoint": results["endpoint"], "url": results["url"], "served_model": results["model"]}
+        values = params(cfg) if served_here else {k: params(cfg)[k] for k in BENCH_ONLY_PARAMS}
+        for key, value in {**values, **names}.items():
+            self.client.log_param(self.run_id, key, value)
+        self._log_metrics(*benchmark_metrics(results["points"], cfg))
+        for name in BENCHMARK_FILES:
+            for file in folder.glob(name):
+                self.client.log_artifact(self.run_id, str(file), artifact_path="benchmark")
+
+    def _log_metrics(self, flat: dict[str, float], series: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in flat.items()]
         metrics += [Metric(k, v, now, s) for k, v, s in series]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per call
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
-        _artifacts(self.client, self.run_id, cfg, steps)
 
 
 @contextlib.contextmanager
-def job_run(cfg: PipelineConfig, parent_run_id: str | None = None) -> Iterator[JobRun | None]:
-    """An MLflow run around one build job; FAILED with the job's log when it raises."""
+def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str = "build") -> Iterator[JobRun | None]:
+    """An MLflow run around one ``build`` (or ``bench``) job; FAILED with the job's log when it
+    raises. A build's parameters are logged at once; a bench's when it records (the server it
+    measured is known then)."""
     if not cfg.tracking.enabled:
         yield None
         return
     client, experiment_id = _client_and_experiment(cfg)
-    tags = {"pipeline.git_commit": _git_commit() or "unknown", "mlflow.runName": run_name(cfg)}
+    name = run_name(cfg) if command == "build" else f"bench {cfg.model.name} {cfg.benchmark.endpoint}"
+    tags = {"pipeline.git_commit": _git_commit() or "unknown", "mlflow.runName": name, "pipeline.command": command}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
-    for key, value in params(cfg).items():
-        client.log_param(run_id, key, value)
+    if command == "build":
+        for key, value in params(cfg).items():
+            client.log_param(run_id, key, value)
     log.info("MLflow run %s in experiment %s at %s", run_id, experiment_id, tracking_uri(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         job_log = Path(tmp) / "job.log"

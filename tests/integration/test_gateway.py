@@ -8,13 +8,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.config.schema import OpenAIConfig
 from pipeline.gateway import serve as gateway
-from tests.conftest import free_ports
+from tests.conftest import cli, free_ports
 from tests.integration.conftest import Served
 
 pytestmark = pytest.mark.slow
@@ -180,3 +181,30 @@ def test_an_api_key_is_required_when_set(served: Served, monkeypatch: pytest.Mon
         assert _post(f"{running.url}/completions", body, {"authorization": f"Bearer {KEY}"})[0] == 200
     finally:
         running.stop()
+
+
+def test_bench_of_the_openai_endpoint_with_aiperf_is_a_run_compare_lists(
+    api: str, served: Served, smollm2_workdir: Path
+) -> None:
+    """``bench benchmark.endpoint=openai`` measures the gateway like any OpenAI server, AIPerf
+    measures the same point after it, and the run sits in the MLflow store beside the builds."""
+    overrides = [o for o in served.overrides if not o.startswith("until=")]
+    load = ["benchmark.concurrency=[1]", "benchmark.requests_per_point=2", "benchmark.warmup_requests=0"]
+    result = cli(
+        "bench",
+        f"url={api}",
+        *overrides,
+        *load,
+        "benchmark.output_tokens=4",
+        "benchmark.endpoint=openai",
+        "benchmark.tool=aiperf",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = max(smollm2_workdir.glob("bench/*/"), key=lambda p: p.stat().st_mtime)
+    (point,) = json.loads((folder / "benchmark.json").read_text())
+    assert point["successful"] == 2 and point["output_tokens_mean"] == 4  # ignore_eos reached the engine
+    assert point["aiperf_output_tokens_per_s"] > 0 and "aiperf_diff_pct_ttft_ms_p50" in point
+    listed = cli("compare", *overrides, "filter=tags.pipeline.command = 'bench'")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "openai" in line)
+    assert api in row and MODEL in row

@@ -1,4 +1,5 @@
-"""Load generator: streams requests to Triton over gRPC and measures each one.
+"""Load generator: streams requests to Triton over gRPC, or to any OpenAI-compatible server over
+HTTP (server-sent events), and measures each one.
 
 Per request: time to first token (TTFT: request sent -> first streamed response), inter-token
 latency (ITL: (end-to-end - TTFT) / (output tokens - 1), as genai-perf and AIPerf define it),
@@ -6,19 +7,22 @@ end-to-end latency, input and output token counts (output counted by re-tokenizi
 genai-perf does). Closed loop: ``concurrency`` workers, each sending its next request when the last
 one ends. Open loop: Poisson arrivals at ``rate`` requests/s, whatever the server's pace.
 
-Each worker owns one gRPC stream, so callbacks never contend for a shared client. Failures are
-recorded with their kind and never stop the run; a server that stops answering ends the point.
+Each worker owns one gRPC stream or one HTTP connection, so workers never contend for a shared
+client. Failures are recorded with their kind and never stop the run; a server that stops answering
+ends the point. On the OpenAI endpoint a streamed chunk with text is a token arrival, as AIPerf and
+genai-perf count them.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -62,8 +66,25 @@ class Sampling:
     ignore_eos: bool = True  # generate exactly max_tokens (end_id=-1 never matches)
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the load goes: ``kind`` "triton" (``url`` host:grpc_port, ``model`` the entry model)
+    or "openai" (``url`` the base URL, .../v1; ``model`` the served model name)."""
+
+    kind: str
+    url: str
+    model: str
+    api_key: str | None = None  # OpenAI: sent as a bearer token
+
+
 class ServerGone(Exception):
     """The server stopped answering: the point ends with what was measured."""
+
+
+class _Worker(Protocol):
+    def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured: ...
+
+    def close(self) -> None: ...
 
 
 def _inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
@@ -89,15 +110,15 @@ def _inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
     return tensors
 
 
-class _Worker:
+class _TritonWorker:
     """One gRPC stream; requests on it run one at a time."""
 
-    def __init__(self, url: str, model: str, timeout_s: float):
+    def __init__(self, endpoint: Endpoint, timeout_s: float):
         import tritonclient.grpc as grpcclient
 
-        self.model, self.timeout_s = model, timeout_s
+        self.model, self.timeout_s = endpoint.model, timeout_s
         self.events: queue.Queue[tuple[float, Any, Any]] = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(endpoint.url)
         self.client.start_stream(callback=lambda result, error: self.events.put((time.perf_counter(), result, error)))
 
     def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured:
@@ -133,14 +154,107 @@ class _Worker:
             pass
 
 
+def openai_sampling(sampling: Sampling) -> dict[str, Any]:
+    """The sampling fields of an OpenAI request. ``top_k`` and ``ignore_eos`` are extensions that
+    vLLM, SGLang, trtllm-serve and this pipeline's gateway accept; sent only when they change
+    something, so a strict server sees a plain OpenAI request."""
+    fields: dict[str, Any] = {"temperature": sampling.temperature}
+    if sampling.top_p > 0:
+        fields["top_p"] = sampling.top_p
+    if sampling.top_k > 0:
+        fields["top_k"] = sampling.top_k
+    if sampling.ignore_eos:
+        fields["ignore_eos"] = True
+    return fields
+
+
+def completion_body(prompt: Prompt, sampling: Sampling, seed: int, model: str) -> dict[str, Any]:
+    """The streamed /v1/completions request for one prompt."""
+    return {
+        "model": model,
+        "prompt": prompt.text,
+        "max_tokens": prompt.max_tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **openai_sampling(sampling),
+    }
+
+
+class _OpenAIWorker:
+    """One keep-alive HTTP connection to an OpenAI-compatible server; streamed completions."""
+
+    def __init__(self, endpoint: Endpoint, timeout_s: float):
+        import requests
+
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.url = endpoint.url.rstrip("/") + "/completions"
+        self.session = requests.Session()
+        if endpoint.api_key:
+            self.session.headers["Authorization"] = f"Bearer {endpoint.api_key}"
+
+    def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured:
+        import requests
+
+        body = completion_body(prompt, sampling, seed, self.endpoint.model)
+        measured = Measured(prompt.input_tokens, time.perf_counter())
+        try:
+            with self.session.post(self.url, json=body, stream=True, timeout=(10, self.timeout_s)) as response:
+                if response.status_code != 200:
+                    measured.error, measured.done = _http_error(response), time.perf_counter()
+                    return measured
+                measured.text = self._read_stream(response, measured)
+        except requests.RequestException as error:  # refused, reset, cut mid-stream, or silent past the timeout
+            raise ServerGone(str(error).splitlines()[0][:200]) from error
+        measured.done = time.perf_counter()
+        return measured
+
+    @staticmethod
+    def _read_stream(response: Any, measured: Measured) -> str:
+        pieces = []
+        # each server-sent event is one HTTP chunk; iter_lines yields it as soon as it arrives
+        for line in response.iter_lines(chunk_size=512):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("error"):
+                measured.error = _error_kind(str(event["error"].get("message", "error")))
+                break
+            choices = event.get("choices") or []
+            text = choices[0].get("text") if choices else None
+            if text:
+                pieces.append(text)
+                measured.token_times.append(time.perf_counter())
+        return "".join(pieces)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _http_error(response: Any) -> str:
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.reason or ""
+    return f"HTTP {response.status_code}: {message}"[:80]
+
+
+def _connect(endpoint: Endpoint, timeout_s: float) -> _Worker:
+    if endpoint.kind == "openai":
+        return _OpenAIWorker(endpoint, timeout_s)
+    return _TritonWorker(endpoint, timeout_s)
+
+
 def _error_kind(message: str) -> str:
     first = message.strip().splitlines()[0] if message.strip() else "error"
     return first.split(":", 1)[0][:80] if "]" not in first else first.split("]", 1)[-1].strip()[:80]
 
 
 def run_point(
-    url: str,
-    model: str,
+    endpoint: Endpoint,
     prompts: list[Prompt],
     sampling: Sampling,
     concurrency: int | None = None,
@@ -170,7 +284,7 @@ def run_point(
     started = time.perf_counter()
 
     def work() -> None:
-        worker = _Worker(url, model, timeout_s)
+        worker = _connect(endpoint, timeout_s)
         unmeasured = 1 if ramp_up and concurrency else 0
         try:
             while not gone:

@@ -1,4 +1,6 @@
-"""benchmark: start Triton on the rendered repository, warm up, sweep the load points, stop it.
+"""benchmark: start Triton on the rendered repository (and the OpenAI gateway in front of it with
+``benchmark.endpoint=openai``), warm up, sweep the load points, stop it. ``bench`` runs the same
+sweep against a running server, any OpenAI-compatible one included.
 
 Reads: the triton_repo stage's ``repository/``; ``benchmark.*``, ``triton.*`` (ports).
 Writes: ``benchmark.json`` and ``benchmark.csv`` (one row per load point), ``latency_throughput.png``
@@ -11,17 +13,22 @@ client cannot pass for a slow server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import CLIENT_JSON, PLOT, REPO_TOKENIZER_DIR, REPOSITORY, SERVER_LOG
-from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.config.schema import BenchTool, Endpoint, PipelineConfig, served_model_name, to_dict
 from pipeline.deploy import server
 from pipeline.errors import StageError
-from pipeline.stages.benchmark import loadgen, report, workload
+from pipeline.redact import url_without_credentials
+from pipeline.stages.benchmark import aiperf, loadgen, report, workload
 from pipeline.workspace import StageWorkspace, installed_version
 
 NAME = "benchmark"
@@ -37,6 +44,40 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg.benchmark).items() if k != "name"}
 
 
+def preflight(cfg: PipelineConfig) -> list[str]:
+    """What the benchmark needs from this machine, checked before the build starts."""
+    if not cfg.benchmark.enabled or cfg.benchmark.tool is not BenchTool.aiperf:
+        return []
+    try:
+        aiperf.executable()
+    except StageError as error:
+        return [str(error)]
+    return []
+
+
+def url_problems(cfg: PipelineConfig, url: str) -> list[str]:
+    """Is ``url`` an address the configured endpoint can take?"""
+    http = url.startswith(("http://", "https://"))
+    if cfg.benchmark.endpoint is Endpoint.openai and not http:
+        return [f"url={url}: benchmark.endpoint=openai takes the server's base URL, e.g. http://127.0.0.1:9000/v1"]
+    if cfg.benchmark.endpoint is Endpoint.triton and http:
+        return [
+            f"url={url_without_credentials(url)}: the triton endpoint takes Triton's gRPC address host:port "
+            "(e.g. 127.0.0.1:8001); for an OpenAI-compatible server add benchmark.endpoint=openai"
+        ]
+    if cfg.benchmark.tool is BenchTool.aiperf and url_without_credentials(url) != url:
+        return [
+            "benchmark.tool=aiperf cannot take a user:password in url= without putting it on its command line: "
+            "drop it and give the key through openai.api_key_env"
+        ]
+    if cfg.benchmark.endpoint is Endpoint.triton and cfg.benchmark.tool is BenchTool.aiperf:
+        return [
+            "benchmark.tool=aiperf against a running Triton: AIPerf needs its HTTP address, which url= does not "
+            "give; bench its OpenAI gateway (benchmark.endpoint=openai url=http://host:9000/v1) or drop url="
+        ]
+    return []
+
+
 def _points(cfg: PipelineConfig) -> list[dict[str, Any]]:
     bench = cfg.benchmark
     return [{"load": f"c={c}", "concurrency": c, "rate": None} for c in bench.concurrency] + [
@@ -44,17 +85,18 @@ def _points(cfg: PipelineConfig) -> list[dict[str, Any]]:
     ]
 
 
-def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: Path) -> list[dict[str, Any]]:
-    """Every load point of ``cfg.benchmark`` against a ready server; tables and plot into ``out``."""
+def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> list[dict[str, Any]]:
+    """Every load point of ``cfg.benchmark`` against a ready server; tables and plot into ``out``.
+    With ``benchmark.tool=aiperf``, AIPerf measures each point after the pipeline does."""
     from tqdm import tqdm
 
-    bench = cfg.benchmark
+    bench, endpoint = cfg.benchmark, client.endpoint
     sampling = loadgen.Sampling(bench.temperature, bench.top_k, bench.top_p, bench.ignore_eos)
     slo = to_dict(bench.slo)
     if bench.warmup_requests:
         log.info("warming up with %d requests", bench.warmup_requests)
         warm = workload.prompts(tokenizer, bench.warmup_requests, bench, bench.seed + 1_000_000)
-        loadgen.run_point(grpc_url, model, warm, sampling, concurrency=bench.warmup_requests, timeout_s=bench.timeout_s)
+        loadgen.run_point(endpoint, warm, sampling, concurrency=bench.warmup_requests, timeout_s=bench.timeout_s)
     points: list[dict[str, Any]] = []
     for index, label in enumerate(_points(cfg)):
         ramp_up = bench.ramp_up and label["concurrency"] is not None
@@ -68,8 +110,7 @@ def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: P
 
         cpu_before = time.process_time()
         results, seconds, ended = loadgen.run_point(
-            grpc_url,
-            model,
+            endpoint,
             prompts,
             sampling,
             concurrency=label["concurrency"],
@@ -97,38 +138,114 @@ def sweep(cfg: PipelineConfig, grpc_url: str, model: str, tokenizer: Any, out: P
         report.write_tables(points, out)  # after every point: a crash keeps what was measured
         if ended:
             raise StageError(f"the server stopped answering during {label['load']} ({ended}); results so far in {out}")
+        if bench.tool is BenchTool.aiperf:
+            count = aiperf.warmup_count(bench, label) + bench.requests_per_point
+            fresh = workload.prompts(tokenizer, count, bench, bench.seed + 500_000 + index)
+            point.update(aiperf.measure(endpoint, client.http_url, bench, point, client.tokenizer_dir, fresh, out))
+            log.info("%s: %s", label["load"], aiperf.summary(point))
+            report.write_tables(points, out)
     report.plot(points, out / PLOT, f"{cfg.model.name} {cfg.quant.format} tp={cfg.parallel.tp}")
     return points
 
 
-def _client_info() -> dict[str, str]:
-    return {
-        "client": "pipeline.loadgen (tritonclient gRPC streaming)",
-        "tritonclient": installed_version("tritonclient") or "absent",
-    }
+@dataclass(frozen=True)
+class Client:
+    """What the load generator talks to, and what AIPerf needs besides."""
+
+    endpoint: loadgen.Endpoint
+    tokenizer_dir: Path
+    http_url: str | None = None  # Triton's HTTP address: AIPerf reaches Triton over HTTP
+
+
+def _client_info(endpoint: loadgen.Endpoint, tool: BenchTool) -> dict[str, str]:
+    via = "tritonclient gRPC streaming" if endpoint.kind == "triton" else "requests, OpenAI /v1/completions SSE"
+    info = {"client": f"pipeline.loadgen ({via})", "tritonclient": installed_version("tritonclient") or "absent"}
+    if tool is BenchTool.aiperf:
+        info["cross_check"] = "aiperf"
+    return info
+
+
+def api_key(cfg: PipelineConfig) -> str | None:
+    """The OpenAI API key the benchmark sends: the gateway's own variable (openai.api_key_env)."""
+    return os.environ.get(cfg.openai.api_key_env) or None
+
+
+def served_model(url: str, key: str | None) -> str:
+    """The first model an OpenAI-compatible server lists at ``url``/models."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    where = f"{url_without_credentials(url).rstrip('/')}/models"
+    try:
+        response = requests.get(url.rstrip("/") + "/models", headers=headers, timeout=10)
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (requests.RequestException, ValueError, KeyError, IndexError) as error:
+        raise StageError(
+            f"cannot list the models at {where}: {str(error).splitlines()[0][:200]} "
+            "(give benchmark.model=<served name>, and check url= points at .../v1)"
+        ) from error
 
 
 def measure(
-    cfg: PipelineConfig, target: server.Target, out: Path, workdir: Path, url: str | None = None
+    cfg: PipelineConfig,
+    out: Path,
+    workdir: Path,
+    tokenizer_dir: Path,
+    target: server.Target | None = None,
+    url: str | None = None,
 ) -> dict[str, Any]:
-    """Sweep ``target``'s repository: against ``url`` (a running server's gRPC address) or a
-    server started here for the sweep and stopped after it."""
+    """Sweep a server: the one at ``url`` (Triton's gRPC address, or an OpenAI base URL with
+    ``benchmark.endpoint=openai``), or ``target``'s repository served here for the sweep (with the
+    OpenAI gateway in front when the endpoint is openai) and stopped after it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(target.repo / REPO_TOKENIZER_DIR)
-    model = cfg.benchmark.model or target.entry_model
+    bench = cfg.benchmark
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    openai = bench.endpoint is Endpoint.openai
     if url:
-        points = sweep(cfg, url, model, tokenizer, out)
+        if openai:
+            model = bench.model or served_model(url, api_key(cfg))
+            endpoint = loadgen.Endpoint("openai", url, model, api_key(cfg))
+        else:
+            endpoint = loadgen.Endpoint("triton", url, bench.model or (target.entry_model if target else "ensemble"))
+        points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
     else:
+        assert target is not None, "without url= the benchmark serves a built repository"
         launch = server.launch_for(cfg.triton, target.repo, target.on_gpu, target.world_size, workdir)
         with server.Server(launch, cfg.triton, out / SERVER_LOG) as running:
-            points = sweep(cfg, running.grpc_url, model, tokenizer, out)
-    (out / CLIENT_JSON).write_text(json.dumps(_client_info(), indent=2) + "\n")
-    return {"points": points, **_client_info(), "model": model}
+            if openai:
+                with _gateway(cfg, target, running.grpc_url) as endpoint:
+                    points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
+            else:
+                endpoint = loadgen.Endpoint("triton", running.grpc_url, bench.model or target.entry_model)
+                points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
+    info = _client_info(endpoint, bench.tool)
+    (out / CLIENT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return {
+        "points": points,
+        **info,
+        "model": endpoint.model,
+        "endpoint": endpoint.kind,
+        "url": url_without_credentials(endpoint.url),
+    }
+
+
+@contextlib.contextmanager
+def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str) -> Iterator[loadgen.Endpoint]:
+    """The OpenAI gateway in front of a server started for the benchmark."""
+    from pipeline.gateway import serve as gateway
+
+    settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url)
+    running = gateway.start(cfg.openai, cfg.triton.host, settings)
+    try:
+        yield loadgen.Endpoint("openai", running.url, settings.served_model, api_key(cfg))
+    finally:
+        running.stop()
 
 
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     if not cfg.benchmark.enabled:
         return {"skipped": "benchmark=none"}
     target = server.target_of_repository(ws.input("triton_repo") / REPOSITORY, ws.out)
-    return measure(cfg, target, ws.out, ws.workdir)
+    return measure(cfg, ws.out, ws.workdir, target.repo / REPO_TOKENIZER_DIR, target)

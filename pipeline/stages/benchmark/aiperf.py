@@ -1,0 +1,192 @@
+"""NVIDIA AIPerf as a cross-check of the pipeline's load generator (``benchmark.tool=aiperf``).
+
+After the pipeline measures a load point, AIPerf measures the same point against the same endpoint,
+load and sampling, on prompts drawn the same way (given to it as a file, so the lengths are exact):
+fresh ones, so neither pass finds the other's prompts in the server's prefix cache. Its figures join
+the point as ``aiperf_*`` keys, with the differences in percent, and so reach the same MLflow run.
+
+AIPerf lives in its own virtual environment (``make aiperf``): its pins (pandas 2.3, prometheus-client
+0.23) clash with the pipeline's. It runs niced: on a small CPU host its timing loop takes a whole
+core, and the server must keep the others (the CPU target's engine leaves one core free by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline import proc
+from pipeline.assets import PROJECT
+from pipeline.config.schema import BenchmarkConfig
+from pipeline.errors import StageError
+from pipeline.stages.benchmark.loadgen import Endpoint, Prompt, Sampling, openai_sampling
+
+log = logging.getLogger(__name__)
+
+VENV_BIN = PROJECT / ".venv-aiperf" / "bin" / "aiperf"
+EXPORT = "profile_export_aiperf.json"
+# ours -> AIPerf's metric and statistic; our ITL is AIPerf's inter_token_latency (vLLM's TPOT)
+COMPARED = {
+    "ttft_ms_p50": ("time_to_first_token", "p50"),
+    "itl_ms_p50": ("inter_token_latency", "p50"),
+    "e2e_ms_p50": ("request_latency", "p50"),
+    "output_tokens_per_s": ("output_token_throughput", "avg"),
+    "requests_per_s": ("request_throughput", "avg"),
+}
+
+
+def executable() -> str:
+    """AIPerf's command: the project's own environment first, then PATH."""
+    if VENV_BIN.is_file():
+        return str(VENV_BIN)
+    found = shutil.which("aiperf")
+    if found:
+        return found
+    raise StageError(
+        "benchmark.tool=aiperf needs AIPerf: run `make aiperf` (it gets a virtual environment of its own, "
+        ".venv-aiperf), or put `aiperf` on PATH"
+    )
+
+
+def _triton_template(sampling: Sampling) -> str:
+    """The body of Triton's generate_stream for one prompt, as a Jinja template AIPerf fills in."""
+    fixed = {"stream": True, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    if sampling.ignore_eos:
+        fixed["end_id"] = -1
+    rest = json.dumps(fixed)[1:-1]
+    return '{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, ' + rest + "}"
+
+
+def _endpoint_args(endpoint: Endpoint, http_url: str | None, sampling: Sampling) -> list[str]:
+    if endpoint.kind == "openai":
+        parts = urlsplit(endpoint.url)
+        extra = openai_sampling(sampling)
+        args = ["--endpoint-type", "completions", "--url", f"{parts.scheme}://{parts.netloc}"]
+        args += ["--custom-endpoint", parts.path.rstrip("/") + "/completions", "--use-legacy-max-tokens"]
+        args += ["--extra-inputs", json.dumps(extra)]
+        if endpoint.api_key:
+            args += ["--api-key", endpoint.api_key]  # masked in our logs (pipeline.redact)
+        return args
+    if http_url is None:
+        raise StageError("AIPerf reaches Triton over HTTP: its HTTP address is unknown here")
+    extra = {"payload_template": _triton_template(sampling), "response_field": "text_output"}
+    return [
+        "--endpoint-type",
+        "template",
+        "--url",
+        http_url,
+        "--custom-endpoint",
+        f"/v2/models/{endpoint.model}/generate_stream",
+        "--extra-inputs",
+        json.dumps(extra),
+    ]
+
+
+def write_prompts(prompts: list[Prompt], path: Path) -> None:
+    """Prompts as AIPerf's ``single_turn`` dataset: text and output length per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (json.dumps({"text": p.text, "output_length": p.max_tokens}) for p in prompts)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def argv(
+    endpoint: Endpoint,
+    http_url: str | None,
+    bench: BenchmarkConfig,
+    point: dict[str, Any],
+    tokenizer_dir: Path,
+    prompts_file: Path,
+    out: Path,
+) -> list[str]:
+    """AIPerf's command line for one load point of the pipeline's sweep: the warm-up requests
+    first, then ``requests_per_point`` measured ones, in the file's order."""
+    sampling = Sampling(bench.temperature, bench.top_k, bench.top_p, bench.ignore_eos)
+    args = [executable(), "profile", "--model", endpoint.model, "--streaming"]
+    args += _endpoint_args(endpoint, http_url, sampling)
+    if point["concurrency"] is not None:
+        load = ["--concurrency", str(point["concurrency"])]
+    else:
+        load = ["--request-rate", str(point["rate"]), "--arrival-pattern", "poisson"]
+    warm = warmup_count(bench, point)
+    args += [*load, "--request-count", str(bench.requests_per_point)]
+    if warm:
+        args += ["--warmup-request-count", str(warm)]
+    args += ["--input-file", str(prompts_file), "--custom-dataset-type", "single_turn"]
+    args += ["--dataset-sampling-strategy", "sequential"]
+    args += ["--tokenizer", str(tokenizer_dir.resolve()), "--random-seed", str(bench.seed)]
+    args += ["--request-timeout-seconds", f"{bench.timeout_s:g}", "--output-artifact-dir", str(out)]
+    args += ["--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry"]
+    return args
+
+
+def figures(export: Path) -> dict[str, float]:
+    """AIPerf's export as ``aiperf_<our metric name>``."""
+    try:
+        data = json.loads(export.read_text())
+    except (OSError, ValueError) as error:
+        raise StageError(f"AIPerf wrote no readable results ({export}): {error}") from error
+    out = {}
+    for ours, (metric, stat) in COMPARED.items():
+        value = (data.get(metric) or {}).get(stat)
+        if isinstance(value, int | float):
+            out[f"aiperf_{ours}"] = float(value)
+    errors = (data.get("error_summary") or []) if isinstance(data.get("error_summary"), list) else []
+    out["aiperf_errors"] = float(sum(int(e.get("count", 0)) for e in errors if isinstance(e, dict)))
+    return out
+
+
+def differences(point: dict[str, Any]) -> dict[str, float]:
+    """(ours - AIPerf's) / AIPerf's, in percent, for every compared figure both have."""
+    out = {}
+    for ours in COMPARED:
+        theirs = point.get(f"aiperf_{ours}")
+        value = point.get(ours)
+        if isinstance(theirs, float) and theirs and isinstance(value, int | float) and value == value:
+            out[f"aiperf_diff_pct_{ours}"] = (value - theirs) / theirs * 100
+    return out
+
+
+def warmup_count(bench: BenchmarkConfig, point: dict[str, Any]) -> int:
+    # our ramp-up leaves each worker's first request out of the latencies; AIPerf's warm-up phase
+    # does that job
+    ramp = point["concurrency"] if bench.ramp_up and point["concurrency"] is not None else 0
+    return max(bench.warmup_requests, ramp)
+
+
+def measure(
+    endpoint: Endpoint,
+    http_url: str | None,
+    bench: BenchmarkConfig,
+    point: dict[str, Any],
+    tokenizer_dir: Path,
+    prompts: list[Prompt],
+    out: Path,
+) -> dict[str, float]:
+    """Run AIPerf on one load point with ``prompts`` (warm-up ones first); its figures and the
+    differences from ours."""
+    folder = out / "aiperf" / point["load"].replace("=", "")
+    shutil.rmtree(folder, ignore_errors=True)
+    write_prompts(prompts, folder / "prompts.jsonl")
+    command = argv(endpoint, http_url, bench, point, tokenizer_dir, folder / "prompts.jsonl", folder)
+    log.info("AIPerf cross-check at %s (niced: the server keeps the cores)", point["load"])
+    limit = bench.timeout_s * (bench.requests_per_point + 8) + 120
+    nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+    # no colours in the log. (HF_HUB_OFFLINE must stay unset: AIPerf 0.13 then takes the local
+    # tokenizer folder for a Hub repository id and fails.)
+    proc.run(nice + command, folder / "aiperf.log", timeout_s=limit, env={"NO_COLOR": "1"})
+    found = figures(folder / EXPORT)
+    return {**found, **differences({**point, **found})}
+
+
+def summary(point: dict[str, Any]) -> str:
+    """One log line: AIPerf's figures next to ours."""
+    parts = []
+    for ours, label in (("ttft_ms_p50", "TTFT p50"), ("itl_ms_p50", "ITL p50"), ("output_tokens_per_s", "tok/s")):
+        theirs, diff = point.get(f"aiperf_{ours}"), point.get(f"aiperf_diff_pct_{ours}")
+        if theirs is not None and diff is not None:
+            parts.append(f"{label} {point[ours]:.1f} vs AIPerf {theirs:.1f} ({diff:+.1f}%)")
+    return "; ".join(parts) or "AIPerf reported no comparable figures"

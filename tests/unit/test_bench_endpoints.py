@@ -1,0 +1,143 @@
+"""The benchmark's endpoints and its AIPerf cross-check: what is sent, what is refused, and how
+AIPerf's export is read. Pure functions; the runs themselves are in tests/integration/test_gateway.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import validate
+from pipeline.redact import url_without_credentials
+from pipeline.stages.benchmark import aiperf, loadgen
+from pipeline.stages.benchmark import stage as benchmark
+
+TOKENIZER = Path("/models/tok")
+
+
+def _cfg(*overrides: str):  # type: ignore[no-untyped-def]
+    return validate.load(["target=cpu", "quant=none", *overrides])
+
+
+def test_url_credentials_are_dropped_and_everything_else_kept() -> None:
+    assert url_without_credentials("https://me:s3cret@host.example:8443/v1?x=1") == "https://host.example:8443/v1?x=1"
+    assert url_without_credentials("http://host/v1") == "http://host/v1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "url", "fix"),
+    [
+        (["benchmark.endpoint=openai"], "127.0.0.1:8001", "http://127.0.0.1:9000/v1"),
+        ([], "http://127.0.0.1:9000/v1", "benchmark.endpoint=openai"),
+        (["benchmark.tool=aiperf"], "127.0.0.1:8001", "AIPerf needs its HTTP address"),
+        (["benchmark.endpoint=openai", "benchmark.tool=aiperf"], "http://u:p@h:1/v1", "openai.api_key_env"),
+    ],
+)
+def test_a_url_the_endpoint_cannot_take_is_refused_naming_the_fix(overrides: list[str], url: str, fix: str) -> None:
+    (problem,) = benchmark.url_problems(_cfg(*overrides), url)
+    assert fix in problem
+
+
+def test_a_matching_url_passes() -> None:
+    assert benchmark.url_problems(_cfg("benchmark.endpoint=openai"), "https://api.example/v1") == []
+    assert benchmark.url_problems(_cfg(), "127.0.0.1:8001") == []
+
+
+def test_the_openai_request_sends_extensions_only_when_they_change_something() -> None:
+    prompt = loadgen.Prompt("hello", 1, 8)
+    plain = loadgen.completion_body(prompt, loadgen.Sampling(ignore_eos=False), 3, "m")
+    assert plain == {
+        "model": "m",
+        "prompt": "hello",
+        "max_tokens": 8,
+        "seed": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+    }
+    full = loadgen.completion_body(prompt, loadgen.Sampling(0.7, 40, 0.9, True), 3, "m")
+    assert (full["top_k"], full["top_p"], full["ignore_eos"]) == (40, 0.9, True)
+
+
+def _argv(cfg, endpoint: loadgen.Endpoint, point: dict, http_url: str | None = None) -> list[str]:  # type: ignore[no-untyped-def,type-arg]
+    return aiperf.argv(endpoint, http_url, cfg.benchmark, point, TOKENIZER, Path("/out/p.jsonl"), Path("/out"))
+
+
+def _option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_aiperf_gets_the_same_endpoint_load_and_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aiperf, "executable", lambda: "aiperf")
+    cfg = _cfg("benchmark.endpoint=openai", "benchmark.requests_per_point=16", "benchmark.warmup_requests=2")
+    endpoint = loadgen.Endpoint("openai", "https://gw.example:9443/prefix/v1", "smollm2-135m")
+    args = _argv(cfg, endpoint, {"load": "c=8", "concurrency": 8, "rate": None})
+    assert _option(args, "--url") == "https://gw.example:9443"
+    assert _option(args, "--custom-endpoint") == "/prefix/v1/completions"
+    assert _option(args, "--endpoint-type") == "completions" and "--streaming" in args
+    assert json.loads(_option(args, "--extra-inputs")) == {"temperature": 0.0, "ignore_eos": True}
+    assert _option(args, "--concurrency") == "8" and _option(args, "--request-count") == "16"
+    assert _option(args, "--warmup-request-count") == "8"  # one per worker, as our ramp-up
+    assert _option(args, "--input-file") == "/out/p.jsonl" and _option(args, "--tokenizer") == str(TOKENIZER)
+    assert "--api-key" not in args
+
+
+def test_aiperf_reaches_triton_through_its_generate_stream_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aiperf, "executable", lambda: "aiperf")
+    cfg = _cfg("benchmark.rates=[2.5]", "benchmark.concurrency=[]", "benchmark.temperature=0.5")
+    endpoint = loadgen.Endpoint("triton", "127.0.0.1:8001", "ensemble")
+    args = _argv(cfg, endpoint, {"load": "rate=2.5", "concurrency": None, "rate": 2.5}, "http://127.0.0.1:8000")
+    assert _option(args, "--custom-endpoint") == "/v2/models/ensemble/generate_stream"
+    assert _option(args, "--request-rate") == "2.5" and _option(args, "--arrival-pattern") == "poisson"
+    extra = json.loads(_option(args, "--extra-inputs"))
+    assert extra["response_field"] == "text_output"
+    import jinja2
+
+    body = json.loads(jinja2.Template(extra["payload_template"]).render(text='say "hi"', max_tokens=5))
+    assert body == {
+        "text_input": 'say "hi"',
+        "max_tokens": 5,
+        "stream": True,
+        "temperature": 0.5,
+        "top_k": 0,
+        "top_p": 0.0,
+        "end_id": -1,
+    }
+
+
+def test_aiperf_figures_and_their_differences_from_ours(tmp_path: Path) -> None:
+    export = tmp_path / aiperf.EXPORT
+    export.write_text(
+        json.dumps(
+            {
+                "time_to_first_token": {"unit": "ms", "avg": 420.0, "p50": 400.0},
+                "inter_token_latency": {"unit": "ms", "p50": 50.0},
+                "request_latency": {"unit": "ms", "p50": 2000.0},
+                "output_token_throughput": {"unit": "tokens/sec", "avg": 20.0},
+                "request_throughput": {"avg": 0.5},
+                "error_summary": [{"count": 2}],
+            }
+        )
+    )
+    found = aiperf.figures(export)
+    assert found["aiperf_ttft_ms_p50"] == 400.0 and found["aiperf_errors"] == 2.0
+    ours = {"ttft_ms_p50": 420.0, "itl_ms_p50": 45.0, "e2e_ms_p50": 2000.0, "output_tokens_per_s": 21.0}
+    diff = aiperf.differences({**ours, "requests_per_s": float("nan"), **found})
+    assert diff["aiperf_diff_pct_ttft_ms_p50"] == pytest.approx(5.0)
+    assert diff["aiperf_diff_pct_itl_ms_p50"] == pytest.approx(-10.0)
+    assert "aiperf_diff_pct_requests_per_s" not in diff  # ours is NaN: no difference to report
+    assert "TTFT p50 420.0 vs AIPerf 400.0 (+5.0%)" in aiperf.summary({**ours, **found, **diff})
+
+
+def test_an_aiperf_that_wrote_nothing_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="AIPerf wrote no readable results"):
+        aiperf.figures(tmp_path / aiperf.EXPORT)
+
+
+def test_aiperf_missing_is_refused_before_the_build_naming_the_make_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aiperf, "VENV_BIN", Path("/nonexistent/aiperf"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    (problem,) = benchmark.preflight(_cfg("benchmark.tool=aiperf"))
+    assert "make aiperf" in problem
+    assert benchmark.preflight(_cfg()) == []
