@@ -9,15 +9,18 @@ command in ``pipeline.app``. A PipelineError becomes one line on stderr and exit
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pipeline import app, logs, validate
 from pipeline.config import compose
 from pipeline.config.schema import to_yaml
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 from pipeline.redact import redact
 
 USAGE = """\
@@ -78,6 +81,33 @@ def run(command: str, rest: list[str]) -> None:
     app.run_jobs(command, jobs, args)
 
 
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``kill``, ``timeout``, systemd, ``docker stop``, a closed terminal) end
+    every command the way Ctrl-C does, instead of killing Python before any cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    received: list[int] = []
+
+    def interrupt(signum: int, _frame: object) -> None:
+        # the first signal starts the stop; repeats must not cut the cleanup short (it ends
+        # with SIGKILL for whatever does not stop in time), so they are ignored from now on
+        received.append(signum)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        if not received:  # a stopping process keeps ignoring repeats until it exits
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -92,13 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(command_help(command))
         return 0
     try:
-        run(command, rest)
+        with stop_signals_interrupt():
+            run(command, rest)
         return 0
     except PipelineError as error:
         if os.environ.get("PIPELINE_DEBUG") == "1":
             traceback.print_exc()
         print(f"error: {redact(str(error))}", file=sys.stderr)
         return 1
+    except Terminated as stop:
+        print(f"stopped by {signal.Signals(stop.signum).name}: run the same command again to resume", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130

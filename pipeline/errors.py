@@ -16,3 +16,12 @@ class FetchError(PipelineError):
 
 class StageError(PipelineError):
     """A stage failed for a reason outside the configuration (tool failure, bad artifact)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the main thread is, so every ``finally`` and ``with`` on
+    the way out runs as it does for Ctrl-C: servers and builders stopped, the MLflow run closed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -1,10 +1,19 @@
 """The one way to run external programs (trtllm-build, tritonserver, mpirun): output streamed to
-a log file and to our logger, a timeout, and the whole process group stopped on timeout, error or
-Ctrl-C so nothing is left running. Secrets in the output are redacted before they are written."""
+a log file and to our logger, a timeout, and the whole process group stopped on timeout, error,
+Ctrl-C, SIGTERM or SIGHUP so nothing is left running. Secrets in the output are redacted before
+they are written, and the children get an environment without them.
+
+A parent killed outright (SIGKILL, the OOM killer) runs no cleanup, so two more guards: each child
+is started with a parent-death signal (it gets SIGKILL when we die), and each process group is
+recorded next to its log (``<log>.pgid``) until it is stopped, so the next run that reuses that
+folder reaps whatever survived (grandchildren, such as Triton's python stubs, do not inherit the
+parent-death signal)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import logging
 import os
 import shlex
@@ -15,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import StageError
-from pipeline.redact import redact
+from pipeline.redact import SECRET_ENV_VARS, redact
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 20
@@ -28,11 +37,11 @@ def quote(argv: Sequence[str]) -> str:
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """SIGTERM the process group, then SIGKILL whatever is still alive after ``grace_s``.
 
-    A second Ctrl-C while stopping must not leave the group running, so SIGINT is ignored until the
-    group is gone; children (python backend stubs) are killed with the group even when the leader
-    exits first."""
+    A second Ctrl-C or SIGTERM while stopping must not leave the group running, so the stopping
+    signals are ignored until the group is gone; children (python backend stubs) are killed with
+    the group even when the leader exits first."""
     shielded = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if shielded else None
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS} if shielded else {}
     try:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
@@ -42,8 +51,71 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
             os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group, if any
         process.wait()
     finally:
-        if shielded:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the parent dies (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment without the credentials (a server or a builder needs none), plus ``extra``."""
+    clean = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_VARS}
+    return {**clean, **(extra or {})}
+
+
+def _record_file(log_file: Path) -> Path:
+    return log_file.with_name(log_file.name + ".pgid")
+
+
+def _record(process: subprocess.Popen[bytes], log_file: Path) -> None:
+    import psutil
+
+    with contextlib.suppress(OSError, psutil.Error):
+        started = psutil.Process(process.pid).create_time()
+        _record_file(log_file).write_text(json.dumps({"pgid": process.pid, "started": started}))
+
+
+def _forget(log_file: Path) -> None:
+    with contextlib.suppress(OSError):
+        _record_file(log_file).unlink()
+
+
+def reap_recorded(folder: Path) -> int:
+    """Kill the survivors of process groups recorded under ``folder`` by a run that died without
+    stopping them; returns how many processes were killed."""
+    import psutil
+
+    killed = 0
+    for record in folder.rglob("*.pgid") if folder.is_dir() else []:
+        try:
+            data = json.loads(record.read_text())
+            pgid, started = int(data["pgid"]), float(data["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for candidate in psutil.process_iter(["pid", "create_time"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                # a recycled pid is told apart by its start time: members of our group started
+                # after its leader, and the leader at exactly the recorded time
+                if os.getpgid(candidate.pid) != pgid or candidate.info["create_time"] < started - 1:
+                    continue
+                if candidate.pid == pgid and abs(candidate.info["create_time"] - started) > 1:
+                    continue
+                if candidate.status() == psutil.STATUS_ZOMBIE:  # dead already, waiting for a reaper
+                    continue
+                log.warning("stopping %s (pid %d), left running by an earlier run", candidate.name(), candidate.pid)
+                candidate.kill()
+                killed += 1
+        with contextlib.suppress(OSError):
+            record.unlink()
+    return killed
 
 
 class Background:
@@ -53,7 +125,8 @@ class Background:
     def __init__(self, argv: Sequence[str], log_file: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
         self.argv, self.log_file = list(argv), log_file
         self.tail: list[str] = []
-        self.process = _spawn(self.argv, env, cwd)
+        self.process = _spawn(self.argv, log_file, env, cwd)
+        _record(self.process, log_file)
         self._reader = threading.Thread(target=_pump, args=(self.process, log_file, self.tail), daemon=True)
         self._reader.start()
 
@@ -62,37 +135,56 @@ class Background:
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         stop_group(self.process, grace_s)
+        _forget(self.log_file)
         self._reader.join(5)
         return self.process.returncode
 
 
-def _spawn(argv: list[str], env: dict[str, str] | None, cwd: Path | None) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log_file: Path, env: dict[str, str] | None, cwd: Path | None) -> subprocess.Popen[bytes]:
     log.info("running: %s", redact(quote(argv)))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # a session of its own: stop_group reaches every child (mpirun ranks, python stubs)
+        # a session of its own: stop_group reaches every child (mpirun ranks, python stubs).
+        # The parent-death signal fires when the thread that forks exits: every caller starts
+        # children from the main thread.
         return subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env={**os.environ, **(env or {})},
+            env=child_environment(env),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     except FileNotFoundError as error:
         raise StageError(f"{argv[0]} is not installed or not on PATH") from error
 
 
 def _pump(process: subprocess.Popen[bytes], log_file: Path, tail: list[str]) -> None:
+    """Read the child's output to the end, whatever happens to the log: a child whose pipe fills
+    blocks, so a failed write (a full disk, a removed folder) stops the logging, never the reading."""
     assert process.stdout is not None
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("a", encoding="utf-8") as sink:
-        for raw in process.stdout:
-            line = redact(raw.decode(errors="replace").rstrip())
+    sink = None
+    with contextlib.suppress(OSError):
+        sink = log_file.open("a", encoding="utf-8")
+    for raw in process.stdout:
+        line = redact(raw.decode(errors="replace").rstrip())
+        tail.append(line)
+        del tail[:-TAIL_LINES]
+        log.debug("%s", line)
+        if sink is None:
+            continue
+        try:
             sink.write(line + "\n")
             sink.flush()
-            tail.append(line)
-            del tail[:-TAIL_LINES]
-            log.debug("%s", line)
+        except OSError as error:
+            log.warning("cannot write %s (%s): the output is still read, no longer kept", log_file, error)
+            with contextlib.suppress(OSError):
+                sink.close()
+            sink = None
+    if sink is not None:
+        with contextlib.suppress(OSError):
+            sink.close()
 
 
 def run(
@@ -104,7 +196,8 @@ def run(
 ) -> None:
     """Run ``argv`` to completion; raise StageError naming the command and quoting the log's end."""
     tail: list[str] = []
-    process = _spawn(list(argv), env, cwd)
+    process = _spawn(list(argv), log_file, env, cwd)
+    _record(process, log_file)
     reader = threading.Thread(target=_pump, args=(process, log_file, tail), daemon=True)
     reader.start()
     try:
@@ -117,6 +210,7 @@ def run(
         raise
     finally:
         reader.join(5)
+        _forget(log_file)
     if code != 0:
         last = " | ".join(line for line in tail[-3:] if line.strip())
         raise StageError(f"{Path(argv[0]).name} failed with exit status {code}: {last[-400:]} (full log: {log_file})")

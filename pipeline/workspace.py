@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline import proc
 from pipeline.config.schema import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class StageDirs:
         """A clean partial folder to write into (whatever a killed run left is removed)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
+            proc.reap_recorded(self.partial)  # a builder or server a killed run left writing here
             log.info("removing unfinished output of an earlier run: %s", self.partial)
             shutil.rmtree(self.partial)
         self.partial.mkdir()

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -170,6 +169,7 @@ class Server:
                 f"port {', '.join(map(str, busy))} on {self.triton.host} is in use (another server?): stop it or "
                 "set triton.http_port / triton.grpc_port / triton.metrics_port"
             )
+        proc.reap_recorded(self.log_file.parent)  # what a killed run left serving from this folder
         log.info("starting Triton (log: %s)", self.log_file)
         self.process = proc.Background(self.launch.argv, self.log_file, self.launch.env, self.launch.cwd)
         try:
@@ -246,13 +246,9 @@ GatewayStart = Callable[[str], RunningGateway]  # Triton's gRPC URL -> the start
 def serve_until_stopped(
     triton: TritonConfig, target: Target, workdir: Path, gateway: GatewayStart | None = None
 ) -> None:
-    """Serve until Ctrl-C or SIGTERM; a server that dies is an error. ``gateway`` starts the
-    OpenAI-compatible API once Triton is ready (given Triton's gRPC URL) and is stopped with it."""
-
-    def terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    """Serve until Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt); a server that dies
+    is an error. ``gateway`` starts the OpenAI-compatible API once Triton is ready (given Triton's
+    gRPC URL) and is stopped with it."""
     launch = launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir)
     log_file = target.log_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with Server(launch, triton, log_file) as server:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,7 @@ from typing import Any
 from pipeline import __version__, artifacts
 from pipeline.assets import PROJECT
 from pipeline.config.schema import PipelineConfig, to_yaml
+from pipeline.errors import Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
@@ -233,13 +235,19 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
         try:
             with captured_to(job_log):
                 yield JobRun(client, run_id)
-        except BaseException:
+        except BaseException as error:
             job_log.write_text(redact(job_log.read_text()))
             client.log_artifact(run_id, str(job_log))
+            if isinstance(error, KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP: say which
+                client.set_tag(run_id, "pipeline.stopped_by", _stopper(error))
             client.set_terminated(run_id, status="FAILED")
             raise
         client.log_artifact(run_id, str(job_log))
         client.set_terminated(run_id, status="FINISHED")
+
+
+def _stopper(error: KeyboardInterrupt) -> str:
+    return signal.Signals(error.signum).name if isinstance(error, Terminated) else "SIGINT"
 
 
 @contextlib.contextmanager

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import cli, free_ports
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_pipelinetestsecret0123456789"
+ROOT = Path(__file__).parents[2]
 
 
 def _ports() -> list[str]:
@@ -144,3 +150,31 @@ def test_failed_job_is_recorded_as_failed_with_its_log(smollm2_workdir: Path, tm
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED"
     assert "job.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_sigterm_mid_benchmark_stops_triton_and_fails_the_run(smollm2_workdir: Path, tmp_path: Path) -> None:
+    """`kill -TERM` (timeout, CI cancel, systemd, docker stop) of a build whose benchmark is
+    running: Triton and its stubs stop, the ports are free, the run is FAILED with the signal named."""
+    overrides = [*_common(smollm2_workdir, tmp_path), "benchmark.requests_per_point=200"]
+    build = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "build", *overrides], stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert build.stderr is not None
+    for line in build.stderr:  # once the load runs, every process of the server is up
+        if "warming up" in line:
+            break
+    family = psutil.Process(build.pid).children(recursive=True)
+    assert any("tritonserver" in p.name() for p in family)
+    started = time.monotonic()
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(timeout=30) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 15
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    ports = [int(o.split("=")[1]) for o in overrides if o.startswith("triton.") and o.split("=")[0].endswith("_port")]
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds
+            probe.bind(("127.0.0.1", port))  # free again
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["pipeline.stopped_by"] == "SIGTERM"

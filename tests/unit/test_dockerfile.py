@@ -50,3 +50,30 @@ def test_entry_point_runs_under_an_init_and_volumes() -> None:
     assert 'VOLUME ["/workdir", "/cache/huggingface"]' in DOCKERFILE
     for folder in ("pipeline", "conf", "model_repo"):
         assert f"COPY {folder} ./{folder}" in DOCKERFILE
+
+
+# what the TensorRT-LLM container already has, in the versions TensorRT-LLM pins (kept as they are)
+FROM_THE_CONTAINER = {
+    "huggingface_hub",
+    "transformers",
+    "safetensors",
+    "torch",
+    "accelerate",
+    "nvidia-modelopt",
+    "numpy",
+}
+
+
+def test_every_dependency_is_in_the_image() -> None:
+    """A package the pipeline imports and the container lacks is installed in the image: the
+    OpenAI gateway's FastAPI and uvicorn included."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    install = DOCKERFILE[DOCKERFILE.index("RUN pip list") :].split("\n\n")[0]
+    for dep in project["dependencies"]:
+        name = re.split(r"[<>=\[ ]", dep)[0]
+        if name not in FROM_THE_CONTAINER:
+            assert f'"{name}' in install or f" {name} " in install, f"{name} is not installed in the image"
+
+
+def test_the_image_exposes_triton_and_the_openai_api() -> None:
+    assert "EXPOSE 8000 8001 8002 9000" in DOCKERFILE
