@@ -4,7 +4,9 @@ The command and its own arguments (``repo=``, ``url=``, ``sort=``, ``filter=``) 
 before Hydra sees the rest (Hydra rejects a bare word). Every configuration of a job, or of all
 jobs of a multirun sweep, is composed and validated once, before any stage runs, and handed to the
 command in ``pipeline.app``. A PipelineError becomes one line on stderr and exit status 1
-(``PIPELINE_DEBUG=1`` adds the traceback); a bad or missing command prints usage and exits 2.
+(``PIPELINE_DEBUG=1`` adds the traceback, redacted), as does an unusable file or folder (OSError,
+ValueError, KeyError); a bad or missing command prints usage and exits 2. SIGTERM and SIGHUP stop
+a command as Ctrl-C does (exit 128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pipeline import app, logs, validate
 from pipeline.config import compose
 from pipeline.config.schema import to_yaml
-from pipeline.errors import PipelineError, Terminated
+from pipeline.errors import ConfigError, PipelineError, Terminated
 from pipeline.redact import redact
 
 USAGE = """\
@@ -74,11 +76,29 @@ def parse(command: str, rest: list[str]) -> tuple[list[str], bool, dict[str, str
 
 def run(command: str, rest: list[str]) -> None:
     overrides, multirun, args = parse(command, rest)
+    refuse_interpolation(overrides)
     logs.setup()
     job_overrides = compose.expand_sweep(overrides) if multirun else [overrides]
     # every job's config is composed and checked once, before the first job does any work
-    jobs = [(job, validate.load(job)) for job in job_overrides]
+    # (plan prints its memory table before the verdict on it)
+    jobs = [(job, validate.load(job, check_memory=command != "plan")) for job in job_overrides]
     app.run_jobs(command, jobs, args)
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("PIPELINE_DEBUG") == "1":
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+
+
+def refuse_interpolation(overrides: Sequence[str]) -> None:
+    """``${oc.env:HF_TOKEN}`` and other resolvers would copy the environment into the printed and
+    recorded config: values on the command line are taken literally or not at all."""
+    for override in overrides:
+        if "${" in override:
+            raise ConfigError(
+                f"{override.split('=', 1)[0]}: overrides cannot use ${{...}} interpolation (it can read the "
+                "environment into logs and the MLflow store); give the value itself"
+            )
 
 
 @contextlib.contextmanager
@@ -126,9 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(command, rest)
         return 0
     except PipelineError as error:
-        if os.environ.get("PIPELINE_DEBUG") == "1":
-            traceback.print_exc()
+        _debug_traceback()
         print(f"error: {redact(str(error))}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as error:  # a file or folder we were given, unusable
+        _debug_traceback()
+        detail = f"{type(error).__name__}: {error}"
+        print(f"error: {redact(detail)} (PIPELINE_DEBUG=1 shows where)", file=sys.stderr)
         return 1
     except Terminated as stop:
         print(f"stopped by {signal.Signals(stop.signum).name}: run the same command again to resume", file=sys.stderr)

@@ -6,7 +6,6 @@ A ``-m`` sweep is a list of jobs; ``run_jobs`` runs them in order, under one par
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pipeline import artifacts, proc, runner
 from pipeline.config.schema import Endpoint, PipelineConfig, served_model_name, to_yaml
 from pipeline.deploy import kubernetes, server
 from pipeline.errors import ConfigError, PipelineError, StageError
-from pipeline.redact import url_without_credentials
+from pipeline.redact import redact, url_without_credentials
 from pipeline.runner import Step
 from pipeline.sizing import memory
 from pipeline.stages import STAGES
@@ -25,6 +24,7 @@ from pipeline.stages.benchmark import stage as benchmark
 from pipeline.stages.triton_repo import render
 from pipeline.tracking import compare as run_table
 from pipeline.tracking import runs
+from pipeline.workspace import write_json_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -39,6 +39,7 @@ def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
         print(runner.format_plan(runner.plan(cfg, STAGES), cfg))
         print("dry run: nothing was run (drop dry_run=true to build)")
         return []
+    runner.preflight(cfg, runner.plan(cfg, STAGES))  # a refused build opens no MLflow run
     with runs.job_run(cfg, sweep_parent) as run:
         steps = runner.build(cfg, STAGES)
         if run is not None:
@@ -52,7 +53,7 @@ def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
 def plan(cfg: PipelineConfig) -> None:
     """The resolved config, the memory plan (GPU targets), each stage and how to serve the result."""
     print("# resolved config")
-    print(to_yaml(cfg).rstrip())
+    print(redact(to_yaml(cfg)).rstrip())  # a tracking.uri may carry user:password
     _print_memory_plan(cfg)
     print("\n# stages")
     steps = runner.plan(cfg, STAGES)
@@ -69,6 +70,9 @@ def plan(cfg: PipelineConfig) -> None:
         if cfg.openai.enabled:
             url = f"http://{cfg.openai.host or cfg.triton.host}:{cfg.openai.port}/v1"
             print(f"# and the OpenAI-compatible API at {url} (model {served_model_name(cfg)!r})")
+    verdict = memory.problems(cfg)
+    if verdict:  # after the table, so the user sees what does not fit and what would
+        raise ConfigError("; ".join(verdict))
 
 
 def _print_memory_plan(cfg: PipelineConfig) -> None:
@@ -80,7 +84,7 @@ def _print_memory_plan(cfg: PipelineConfig) -> None:
     out = artifacts.memory_plan(cfg.workdir_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     options = [p.to_dict() for p in memory.alternatives(cfg)]
-    out.write_text(json.dumps({"requested": memory.plan_for(cfg).to_dict(), "options": options}, indent=2) + "\n")
+    write_json_atomic(out, {"requested": memory.plan_for(cfg).to_dict(), "options": options})
     print(f"(written to {out})")
 
 

@@ -1,10 +1,14 @@
-"""Keep secrets out of logs and files: the values of secret environment variables are replaced by
-``***`` wherever text leaves the process through logging (and, later, tracking)."""
+"""Keep secrets out of logs and files: the values of secret environment variables, the token that
+``hf auth login`` saved, and the ``user:password@`` of any URL are replaced by ``***`` wherever
+text leaves the process: logging (tracebacks included), printed errors, the MLflow job log and the
+resolved config."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 # Environment variables whose values are credentials. Names only: values are read when needed so a
@@ -23,25 +27,46 @@ SECRET_ENV_VARS = (
 MASK = "***"
 
 
+# scheme://user:password@ -> scheme://***@ (a user name alone is kept: it is no secret)
+URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@")
+
+
+def _saved_hub_token() -> str:
+    """The token ``hf auth login`` wrote (a file, so no environment variable carries it)."""
+    path = os.environ.get("HF_TOKEN_PATH") or str(
+        Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "token"
+    )
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def secret_values() -> list[str]:
     # Very short values would mask ordinary words; real tokens are long.
-    return [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 6]
+    values = [os.environ.get(name, "") for name in SECRET_ENV_VARS] + [_saved_hub_token()]
+    return [v for v in values if len(v) >= 6]
 
 
 def redact(text: str) -> str:
     for value in secret_values():
         text = text.replace(value, MASK)
-    return text
+    return URL_CREDENTIALS.sub(rf"\1{MASK}@", text)
 
 
 class RedactingFilter(logging.Filter):
-    """Rewrites each record's final message so no handler ever sees a secret."""
+    """Rewrites each record's final message, and its traceback, so no handler ever sees a secret."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 

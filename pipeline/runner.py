@@ -22,7 +22,16 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import captured_to
 from pipeline.tables import aligned
-from pipeline.workspace import Stage, StageDirs, StageWorkspace, fingerprint, locked, tool_versions
+from pipeline.workspace import (
+    Stage,
+    StageDirs,
+    StageWorkspace,
+    fingerprint,
+    locked,
+    no_space,
+    remove_stale,
+    tool_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,13 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
             else:
                 shutil.rmtree(out, ignore_errors=True)  # a user-fixable failure: nothing worth keeping
             raise
+        except OSError as error:
+            full = no_space(error)
+            if full is None:
+                log.error("%s failed; its unfinished output is kept for inspection at %s", step.name, out)
+                raise
+            shutil.rmtree(out, ignore_errors=True)  # half an output on a full disk helps nobody
+            raise full from error
         except BaseException:
             log.error("%s failed; its unfinished output is kept for inspection at %s", step.name, out)
             raise
@@ -125,17 +141,24 @@ def _run_step(step: Step, cfg: PipelineConfig, inputs: dict[str, Path], workdir:
         log.info("%s: done in %.1f s -> %s", step.name, step.seconds, dirs.final)
 
 
+def preflight(cfg: PipelineConfig, steps: list[Step]) -> None:
+    """Refuse what cannot work here (a missing tool or package) before any stage does heavy work:
+    the checks of every stage that will run."""
+    problems = []
+    for step in steps:
+        check = getattr(step.stage, "preflight", None)
+        if check is not None and (_redo(cfg, step) or not step.cached):
+            problems += check(cfg)
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
 def build(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[Step]:
     """Run every stage that is not already done (all of them with ``force``)."""
     workdir = cfg.workdir_path
     steps = plan(cfg, stages)
-    problems = []  # refuse what cannot work (missing tools...) before any stage does heavy work
-    for step in steps:
-        preflight = getattr(step.stage, "preflight", None)
-        if preflight is not None and (_redo(cfg, step) or not step.cached):
-            problems += preflight(cfg)
-    if problems:
-        raise PipelineError("; ".join(problems))
+    preflight(cfg, steps)
+    remove_stale(workdir, [stage.NAME for stage in stages])
     inputs: dict[str, Path] = {}
     for step in steps:
         verify = getattr(step.stage, "verify", None)

@@ -8,9 +8,14 @@ trtllm-build switches. Nothing below imports it.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import textfiles
 from pipeline.config import compose, hardware
 from pipeline.config.schema import (
     BenchmarkConfig,
@@ -21,36 +26,116 @@ from pipeline.config.schema import (
     TargetKind,
 )
 from pipeline.errors import ConfigError
+from pipeline.redact import redact
 from pipeline.sizing import calibration, memory, rules
 from pipeline.stages.engine import trtllm
 
 
-def load(overrides: Sequence[str] = ()) -> PipelineConfig:
+def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineConfig:
     """Overrides -> validated, typed config. Raises ConfigError listing every problem.
-    ``target=auto`` asks nvidia-smi here, once per call."""
+    ``target=auto`` asks nvidia-smi here, once per call. ``check_memory=False`` leaves the memory
+    plan's verdict to the caller (``plan`` prints the table first)."""
     cfg = compose.typed(overrides)
     if cfg.target.kind is TargetKind.auto:
         cfg.target = hardware.detect()
-    problems = validate(cfg)
+    problems = validate(cfg, check_memory)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
     return cfg
 
 
+# Hub repository ids: org/name, letters, digits, '-', '_', '.' (no '..', no leading or trailing '-.')
+REPO_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+# Inclusive bounds of numbers whose lower bound is not 0 (or that have an upper one); every other
+# number of the config must be finite and not negative.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "quant.calib.batch_size": (1, None),
+    "quant.calib.max_length": (1, None),
+    "quant.awq_block_size": (1, None),
+    "target.nodes": (1, None),
+    "build.timeout_s": (1, None),
+    "triton.ready_timeout_s": (1, None),
+    "benchmark.top_p": (0, 1),
+    "benchmark.timeout_s": (1, None),
+    "parallel.tp": (1, None),
+    "parallel.pp": (1, None),
+    "openai.port": (1, 65535),
+    "openai.default_max_tokens": (1, None),
+}
+
+
+def number_problems(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(key, problem) for every number that is not finite, negative, or outside its range."""
+    found = []
+    for key, value in _numbers(cfg, ""):
+        low, high = RANGES.get(key, (0, None))
+        if not math.isfinite(value):
+            found.append((key, f"{key}={value} must be a finite number"))
+        elif (low is not None and value < low) or (high is not None and value > high):
+            bound = f"lie in {low:g}..{high:g}" if high is not None else f"be at least {low:g}"
+            found.append((key, f"{key}={value:g} must {bound}"))
+    return found
+
+
+def _numbers(node: object, prefix: str) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for item in dataclasses.fields(node):  # type: ignore[arg-type]
+        value = getattr(node, item.name)
+        key = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, key + ".")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append((key, float(value)))
+    return out
+
+
+def _tracking_problems(uri: str | None) -> list[str]:
+    if uri is None:
+        return []
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        return [
+            f"tracking.uri={redact(uri)}: the scheme must be one of {', '.join(TRACKING_SCHEMES)} "
+            "(e.g. sqlite:///path/mlflow.db or http://host:5000)"
+        ]
+    return []
+
+
+def _host_problems(cfg: PipelineConfig) -> list[str]:
+    problems = []
+    for key, host in (("triton.host", cfg.triton.host), ("openai.host", cfg.openai.host)):
+        if not host:
+            continue
+        try:
+            socket.getaddrinfo(host, None)
+        except (socket.gaierror, UnicodeError):
+            problems.append(f"{key}={host} does not resolve: give an address this machine has (127.0.0.1, 0.0.0.0)")
+    return problems
+
+
 def _source_problems(model: ModelConfig) -> list[str]:
     if model.source is Source.hf and not model.repo_id:
         return ["model.source=hf needs model.repo_id=<org/name>"]
+    if model.source is Source.hf and model.repo_id and not REPO_ID.match(model.repo_id):
+        return [f"model.repo_id={model.repo_id} is not a Hub repository id: use the form org/name"]
     if model.source is Source.local:
         if not model.path:
             return ["model.source=local needs model.path=<folder with config.json and weights>"]
         if not Path(model.path).expanduser().is_dir():
             return [f"model.path={model.path} is not a folder: point it at a Hugging Face checkpoint"]
+        if not (Path(model.path).expanduser() / "config.json").is_file():
+            return [
+                f"model.path={model.path} has no config.json at its top: point it at the checkpoint's own folder "
+                "(the one holding config.json and the weights)"
+            ]
     if model.source is Source.gguf and not (model.path or (model.package and model.file)):
         return ["model.source=gguf needs model.path=<file.gguf> or model.package=<pkg> model.file=<name>"]
     return []
 
 
-def validate(cfg: PipelineConfig) -> list[str]:
+def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     """Every cross-field problem, each naming the override that fixes it. Empty means valid."""
     problems = _source_problems(cfg.model)
     for name in (
@@ -72,7 +157,11 @@ def validate(cfg: PipelineConfig) -> list[str]:
     problems += _build_problems(cfg)
     problems += _triton_problems(cfg)
     problems += _benchmark_problems(cfg.benchmark)
-    if not problems:  # the memory plan needs a configuration that is otherwise sound
+    problems += _tracking_problems(cfg.tracking.uri)
+    problems += _host_problems(cfg)
+    said = " ".join(problems)
+    problems += [p for key, p in number_problems(cfg) if f"{key}=" not in said and f"{key} " not in said]
+    if not problems and check_memory:  # the memory plan needs a configuration that is otherwise sound
         problems += memory.problems(cfg)
     return problems
 
@@ -83,10 +172,14 @@ def _benchmark_problems(bench: BenchmarkConfig) -> list[str]:
         problems.append("benchmark.concurrency values must be >= 1 and benchmark.rates > 0")
     if bench.enabled and not (bench.concurrency or bench.rates):
         problems.append("benchmark.concurrency and benchmark.rates are both empty: give one, or benchmark=none")
-    if bench.enabled and bench.prompts_file and not Path(bench.prompts_file).expanduser().is_file():
-        problems.append(
-            f"benchmark.prompts_file={bench.prompts_file} does not exist: give a JSONL file with a 'text' per line"
-        )
+    if bench.enabled and bench.prompts_file:
+        file = Path(bench.prompts_file).expanduser()
+        if not file.is_file():
+            problems.append(
+                f"benchmark.prompts_file={bench.prompts_file} does not exist: give a JSONL file with a 'text' per line"
+            )
+        else:
+            problems += _file_problems(file, "benchmark.prompts_file", ("text", "text_input"))
     if bench.requests_per_point < 1 or bench.input_tokens < 1 or bench.output_tokens < 1:
         problems.append("benchmark.requests_per_point, input_tokens and output_tokens must be at least 1")
     return problems
@@ -164,8 +257,21 @@ def _quant_problems(cfg: PipelineConfig) -> list[str]:
     if quant.calib.num_samples is not None and quant.calib.num_samples < 1:
         problems.append("quant.calib.num_samples must be at least 1")
     dataset = calibration.calibration_sizes(cfg).dataset
-    if dataset not in (calibration.BUILTIN, "cnn_dailymail") and not Path(dataset).expanduser().is_file():
+    if dataset in (calibration.BUILTIN, "cnn_dailymail"):
+        return problems
+    path = Path(dataset).expanduser()
+    if path.suffix not in (".txt", ".jsonl") or not path.is_file():
         problems.append(
-            f"quant.calib.dataset={dataset} is not a file: use builtin, cnn_dailymail or a .txt/.jsonl file"
+            f"quant.calib.dataset={dataset} is not a .txt or .jsonl file: use builtin, cnn_dailymail or such a file"
         )
+    elif path.suffix == ".jsonl":
+        problems += _file_problems(path, "quant.calib.dataset", ("text",))
     return problems
+
+
+def _file_problems(path: Path, setting: str, keys: tuple[str, ...]) -> list[str]:
+    try:
+        textfiles.jsonl_rows(path, setting, keys)
+    except ConfigError as error:
+        return [str(error)]
+    return []

@@ -15,13 +15,14 @@ and the next run removes the stale partial folder and starts that stage again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 from pipeline import proc
 from pipeline.config.schema import PipelineConfig
+from pipeline.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,39 @@ def write_json_atomic(path: Path, data: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def no_space(error: BaseException) -> StageError | None:
+    """A full disk anywhere in ``error``'s chain as one line naming the folder, else None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = Path(seen.filename).parent if seen.filename else "the disk"
+            return StageError(f"no space left on {where}: {seen.strerror}; free space there or set workdir= elsewhere")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def require_space(folder: Path, needed_bytes: float | None, what: str) -> None:
+    """Refuse to start ``what`` when ``folder``'s disk cannot hold about ``needed_bytes`` (+10%)."""
+    if not needed_bytes:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes * 1.1:
+        raise StageError(
+            f"no space left on {folder}: about {needed_bytes / 1e9:.1f} GB are needed for {what} and "
+            f"{free / 1e9:.1f} GB are free; free space there or set workdir= elsewhere"
+        )
+
+
+def copy_atomic(source: Path, dest: Path) -> None:
+    """Copy so that readers (and a server running the old file) see the old file or the new one,
+    never a half-written one: a temporary copy beside ``dest``, then a rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, dest)
 
 
 def read_json(path: Path) -> Any:
@@ -184,6 +219,37 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _size_gb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) / 1e9
+
+
+def remove_stale(workdir: Path, stage_names: Sequence[str]) -> list[Path]:
+    """Remove the unfinished (``.<fp>.partial``) and replaced (``.<fp>.old-<pid>``) folders that
+    killed or failed runs left, whatever their settings, unless a running build holds their lock:
+    a changed setting must not strand gigabytes. Returns what was removed."""
+    removed = []
+    for name in stage_names:
+        root = workdir / name
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.glob(".*.partial")) + sorted(root.glob(".*.old-*")):
+            fingerprint = folder.name[1:].split(".")[0]
+            with (root / f".{fingerprint}.lock").open("a+") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another build is writing it
+                try:
+                    proc.reap_recorded(folder)
+                    size = _size_gb(folder)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    log.info("removed %s, left by an earlier run (%.2f GB)", folder, size)
+                    removed.append(folder)
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+    return removed
 
 
 def link_or_copy(source: Path, target: Path) -> None:

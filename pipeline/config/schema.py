@@ -225,7 +225,9 @@ class TritonConfig:
     # (GPU targets, triton.cpu_batching=inflight: requests are admitted at every step anyway), 50 ms
     # with the CPU target's run_to_completion, which batches only requests that arrive together.
     max_queue_delay_microseconds: int | None = None
-    max_queue_size: int = 0  # requests waiting beyond this are rejected; 0: unbounded
+    # requests waiting to enter the engine's batch; beyond it a request is refused at once (Triton's
+    # "Exceeds maximum queue size", 429 through the OpenAI API). null: 4 x the batch size; 0: no bound
+    max_queue_size: int | None = None
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
     bls_instances: int = 1

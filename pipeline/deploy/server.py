@@ -8,11 +8,11 @@ load only the engine model). The CPU target runs the ``tritonserver`` bundled in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -27,6 +27,7 @@ from pipeline import proc
 from pipeline.artifacts import ENGINE_MODEL, REPOSITORY_JSON, serve_logs, triton_backends
 from pipeline.config.schema import TritonConfig
 from pipeline.errors import StageError
+from pipeline.workspace import copy_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def cpu_backend_dir(workdir: Path, create: bool = True) -> Path:
     for source in [*(server / "backends" / "python").glob("*.*"), stub]:
         dest = target / source.name
         if not dest.exists() or dest.stat().st_size != source.stat().st_size:
-            shutil.copy2(source, dest)
+            copy_atomic(source, dest)  # a server of another build may be running the old stub
     return target.parent
 
 
@@ -123,16 +124,43 @@ def launch_for(
     return cpu_launch(triton, repo, workdir, create)
 
 
+def port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host if host != "0.0.0.0" else "", port))
+        except OSError:
+            return True
+    return False
+
+
 def busy_ports(triton: TritonConfig) -> list[int]:
-    busy = []
-    for port in (triton.http_port, triton.grpc_port, triton.metrics_port):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((triton.host if triton.host != "0.0.0.0" else "", port))
-            except OSError:
-                busy.append(port)
-    return busy
+    ports = (triton.http_port, triton.grpc_port, triton.metrics_port)
+    return [port for port in ports if port_busy(triton.host, port)]
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host if host != "0.0.0.0" else "", 0))
+        return int(probe.getsockname()[1])
+
+
+def with_free_ports(triton: TritonConfig) -> TritonConfig:
+    """``triton`` with free ports in place of busy ones: a server started for a benchmark may sit
+    beside another build's (``serve`` keeps its configured ports and refuses busy ones)."""
+    busy = busy_ports(triton)
+    if not busy:
+        return triton
+    http, grpc, metrics = (free_port(triton.host) for _ in range(3))
+    log.warning(
+        "port %s on %s is in use (another server?): this server takes HTTP %d, gRPC %d, metrics %d instead",
+        ", ".join(map(str, busy)),
+        triton.host,
+        http,
+        grpc,
+        metrics,
+    )
+    return dataclasses.replace(triton, http_port=http, grpc_port=grpc, metrics_port=metrics)
 
 
 def _ready(url: str) -> bool:
@@ -229,9 +257,16 @@ def target_of_folder(path: str, workdir: Path) -> Target:
 
 
 def target_of_repository(repo: Path, log_dir: Path) -> Target:
-    info = json.loads((repo / REPOSITORY_JSON).read_text())  # written by the triton_repo stage
-    on_gpu = info["runtime"] == "tensorrt_llm"
-    return Target(repo, on_gpu, int(info["world_size"]), info["entry_model"], log_dir)
+    path = repo / REPOSITORY_JSON  # written by the triton_repo stage
+    try:
+        info = json.loads(path.read_text())
+        on_gpu = info["runtime"] == "tensorrt_llm"
+        return Target(repo, on_gpu, int(info["world_size"]), str(info["entry_model"]), log_dir)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StageError(
+            f"{path} is missing or damaged ({type(error).__name__}: {error}): render the repository again "
+            "(python -m pipeline build with the same overrides, force=true)"
+        ) from error
 
 
 class RunningGateway(Protocol):

@@ -41,6 +41,7 @@ ErrorCallback = Callable[[str], None]
 POLICIES = ("guaranteed_no_evict", "max_utilization")
 CANCELLED = "request cancelled"  # how an error for a cancelled request begins
 FORWARD_FAILED = "the forward pass failed"  # how an error of the server (not the request) begins
+QUEUE_FULL = "Exceeds maximum queue size"  # Triton's own words for a full queue (clients match them)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class SchedulerConfig:
     enable_chunked_context: bool = True
     enable_kv_cache_reuse: bool = True
     cancellation_check_period_ms: int = 100
+    max_queue_size: int = 0  # requests waiting to be admitted; beyond it a request is refused (0: no bound)
 
     def __post_init__(self) -> None:
         if self.batch_scheduler_policy not in POLICIES:
@@ -154,8 +156,15 @@ class Scheduler:
         if request.seed is not None:
             sequence.generator = torch.Generator().manual_seed(request.seed)
         with self._wake:
-            self.waiting.append(sequence)
-            self._wake.notify()
+            if self.config.max_queue_size and len(self.waiting) >= self.config.max_queue_size:
+                full = True
+            else:
+                full = False
+                self.waiting.append(sequence)
+                self._wake.notify()
+        if full:  # refused at once: a flood must not grow the process or delay everyone behind it
+            on_error(f"{QUEUE_FULL}: {len(self.waiting)} requests are waiting (max_queue_size)")
+            return None
         return sequence
 
     def _capacity_problems(self, request: Request) -> list[str]:

@@ -249,3 +249,12 @@ def format_table(cfg: PipelineConfig) -> str:
         f"{chosen.reason}. KV cache {total_kib:g} KiB per token across all ranks."
     )
     return header + "\n" + "\n".join(lines)
+
+
+def checkpoint_bytes(cfg: PipelineConfig) -> float | None:
+    """About what the quantized checkpoint (or an engine built from it) takes on disk, all ranks;
+    None when the architecture numbers are unknown."""
+    arch, tp, pp = cfg.model.arch, cfg.parallel.tp, cfg.parallel.pp
+    if not (arch.hidden_size and arch.num_hidden_layers and arch.linear_params_per_layer):
+        return None
+    return weight_bytes_per_gpu(arch, cfg.quant.format, tp, pp) * tp * pp

@@ -15,8 +15,9 @@ from typing import Any
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.redact import redact
 from pipeline.tables import aligned
-from pipeline.tracking.runs import tracking_uri
+from pipeline.tracking.runs import probe_store, tracking_uri
 
 FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target", "endpoint"]
 
@@ -25,6 +26,7 @@ def _runs(cfg: PipelineConfig, where: str | None) -> list[Any]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    probe_store(cfg)
     client = MlflowClient(tracking_uri(cfg))
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
@@ -88,7 +90,7 @@ def _cell(value: Any) -> str:
 def table(cfg: PipelineConfig, sort: str | None = None, where: str | None = None) -> str:
     columns, data = rows(cfg, where)
     if not data:
-        return f"no runs in {tracking_uri(cfg)}" + (f" matching {where!r}" if where else "")
+        return f"no runs in {redact(tracking_uri(cfg))}" + (f" matching {where!r}" if where else "")
     if sort:
         key, descending = sort.lstrip("-"), sort.startswith("-")
         if key not in columns:

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline import __version__, artifacts
 from pipeline.assets import PROJECT
 from pipeline.config.schema import PipelineConfig, to_yaml
-from pipeline.errors import Terminated
+from pipeline.errors import ConfigError, Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
@@ -57,11 +57,30 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return cfg.tracking.uri or f"sqlite:///{artifacts.mlflow_store(cfg.workdir_path)}"
 
 
+def probe_store(cfg: PipelineConfig, timeout_s: float = 5.0) -> None:
+    """An HTTP tracking server is asked once, briefly, before anything is recorded: MLflow's own
+    client would retry an unreachable one for minutes."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)  # any answer means it is there
+    except requests.RequestException as error:
+        reason = redact(str(error).splitlines()[0])[:160]
+        raise ConfigError(
+            f"tracking.uri={redact(uri)} does not answer within {timeout_s:.0f} s ({reason}): start the "
+            "tracking server, fix the address, or use tracking=none"
+        ) from error
+
+
 def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
     """The store's client and the id of the run's experiment (created on first use, with its
     artifacts in the workdir rather than a stray ./mlruns)."""
     from mlflow.tracking import MlflowClient
 
+    probe_store(cfg)
     client = MlflowClient(tracking_uri(cfg))
     name = cfg.tracking.experiment or cfg.model.name
     experiment = client.get_experiment_by_name(name)
@@ -160,7 +179,7 @@ def cost_per_million_tokens(cfg: PipelineConfig, tokens_per_s: float | None) -> 
 def _artifacts(client: Any, run_id: str, cfg: PipelineConfig, steps: list[Step]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"
-        resolved.write_text(to_yaml(cfg))
+        resolved.write_text(redact(to_yaml(cfg)))
         client.log_artifact(run_id, str(resolved))
     for step in steps:
         final = step.dirs.final
@@ -229,7 +248,7 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
     if command == "build":
         for key, value in params(cfg).items():
             client.log_param(run_id, key, value)
-    log.info("MLflow run %s in experiment %s at %s", run_id, experiment_id, tracking_uri(cfg))
+    log.info("MLflow run %s in experiment %s at %s", run_id, experiment_id, redact(tracking_uri(cfg)))
     with tempfile.TemporaryDirectory() as tmp:
         job_log = Path(tmp) / "job.log"
         try:

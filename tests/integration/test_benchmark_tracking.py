@@ -155,7 +155,7 @@ def test_failed_job_is_recorded_as_failed_with_its_log(smollm2_workdir: Path, tm
 def test_sigterm_mid_benchmark_stops_triton_and_fails_the_run(smollm2_workdir: Path, tmp_path: Path) -> None:
     """`kill -TERM` (timeout, CI cancel, systemd, docker stop) of a build whose benchmark is
     running: Triton and its stubs stop, the ports are free, the run is FAILED with the signal named."""
-    overrides = [*_common(smollm2_workdir, tmp_path), "benchmark.requests_per_point=200"]
+    overrides = [*_common(smollm2_workdir, tmp_path), "benchmark.requests_per_point=200", "triton.exit_timeout_s=3"]
     build = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "build", *overrides], stderr=subprocess.PIPE, text=True, cwd=ROOT
     )

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, Result, generate
-from pipeline.runtime.scheduler import Scheduler, SchedulerConfig
+from pipeline.runtime.scheduler import QUEUE_FULL, Scheduler, SchedulerConfig
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,20 @@ def test_the_scheduler_thread_serves_concurrent_submitters(model: Any) -> None:
     finally:
         threaded.stop()
     assert [c.tokens for c in clients] == alone
+
+
+def test_a_full_queue_refuses_at_once_and_the_queued_still_answer(model: Any) -> None:
+    """Beyond max_queue_size waiting requests, a request is refused with Triton's words for a full
+    queue (the OpenAI gateway makes it a 429); the queue drains and takes requests again."""
+    bounded = scheduler(model, max_batch_size=1, max_queue_size=2)
+    clients = [Client() for _ in range(4)]
+    for client in clients:
+        client.submit(bounded, Request([1, 5, 9], max_new_tokens=3))
+    refused = [c for c in clients if c.error]
+    assert len(refused) == 2 and all(c.error.startswith(QUEUE_FULL) for c in refused if c.error)
+    _run(bounded, clients[:2])
+    assert all(c.result is not None and len(c.tokens) == 3 for c in clients[:2])
+    again = Client()
+    again.submit(bounded, Request([1, 5, 9], max_new_tokens=3))
+    _run(bounded, [again])
+    assert again.error is None and len(again.tokens) == 3

@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline import runner, validate
-from pipeline.workspace import MANIFEST, fingerprint
+from pipeline.errors import StageError
+from pipeline.workspace import MANIFEST, fingerprint, locked, no_space, require_space
 from tests.conftest import REPO_ROOT
 from tests.fixtures.toy_stages import PAYLOAD, STAGES, runs
 
@@ -96,3 +99,37 @@ def test_concurrent_builds_do_the_work_once(tmp_path: Path) -> None:
 def test_until_stops_after_the_named_stage(tmp_path: Path) -> None:
     steps = _build(tmp_path, "until=first")
     assert [s.name for s in steps] == ["first"] and runs(tmp_path, "second") == 0
+
+
+def test_a_build_with_other_settings_removes_what_killed_runs_left(tmp_path: Path) -> None:
+    """Changing a setting must not strand a killed run's partial output (or a replaced result's
+    trash); a folder whose lock another build holds is left alone."""
+    argv = [sys.executable, "-m", "tests.fixtures.toy_stages", f"workdir={tmp_path}"]
+    killed = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, env={**os.environ, "TOY_KILL_AFTER_BYTES": "1"})
+    assert killed.returncode == -9
+    (stale,) = (tmp_path / "first").glob(".*.partial")
+    trash = tmp_path / "first" / ".0123abcd.old-4242"
+    busy = tmp_path / "first" / ".feedbeef.partial"
+    trash.mkdir()
+    busy.mkdir()
+    with locked(tmp_path / "first" / ".feedbeef.lock"):
+        _build(tmp_path, "model.name=other")
+    assert not stale.exists() and not trash.exists()
+    assert busy.exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    """A real ENOSPC (/dev/full refuses every write) anywhere in an error's chain."""
+    try:
+        with open("/dev/full", "w") as full:
+            full.write("x" * 10)
+    except OSError as error:
+        error.filename = str(tmp_path / "quantize" / ".abc.partial" / "rank0.safetensors")
+        try:
+            raise RuntimeError("export failed") from error
+        except RuntimeError as wrapped:
+            found = no_space(wrapped)
+    assert found is not None and str(found).startswith(f"no space left on {tmp_path / 'quantize' / '.abc.partial'}")
+    with pytest.raises(StageError, match=r"no space left on .*: about 1000000\.0 GB are needed for the engines"):
+        require_space(tmp_path, 1e15, "the engines")
+    require_space(tmp_path, 1e3, "a small file")

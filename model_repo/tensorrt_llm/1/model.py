@@ -39,7 +39,7 @@ from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
-from reference_runtime.scheduler import CANCELLED, FORWARD_FAILED, Scheduler, SchedulerConfig
+from reference_runtime.scheduler import CANCELLED, FORWARD_FAILED, QUEUE_FULL, Scheduler, SchedulerConfig
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 MAX_RETURN_SEQUENCES = 16
@@ -99,6 +99,7 @@ class TritonPythonModel:
             enable_chunked_context=params["enable_chunked_context"] == "true",
             enable_kv_cache_reuse=params["enable_kv_cache_reuse"] == "true",
             cancellation_check_period_ms=int(params["cancellation_check_period_ms"]),
+            max_queue_size=_max_queue_size(config),
         )
         pb_utils.Logger.log_info(
             f"in-flight batching: KV cache of {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB), "
@@ -271,6 +272,13 @@ class TritonPythonModel:
             reply.on_close = lambda: self.live.pop(key, None)
 
 
+def _max_queue_size(config: dict[str, Any]) -> int:
+    """The bound of ``dynamic_batching.default_queue_policy`` in config.pbtxt: on the CPU target
+    requests wait in the scheduler rather than in Triton's queue, so the scheduler applies it."""
+    policy = (config.get("dynamic_batching") or {}).get("default_queue_policy") or {}
+    return int(policy.get("max_queue_size") or 0)
+
+
 def _send_error(sender: Any, message: str) -> None:
     """Close the request with an error, coded by what it is: a cancellation, the server's fault
     (a failed forward pass), or else a request the model cannot serve as asked (HTTP 400)."""
@@ -279,6 +287,8 @@ def _send_error(sender: Any, message: str) -> None:
         error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "CANCELLED", None))
     elif message.startswith(FORWARD_FAILED):
         error = pb_utils.TritonError(message)
+    elif message.startswith(QUEUE_FULL):  # as Triton answers a full queue: come back later
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "UNAVAILABLE", None))
     else:
         error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
     sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)

@@ -8,6 +8,7 @@ them). Streams text when the request asks for it and the engine model is decoupl
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+DEFAULT_CONCURRENCY = 256  # when the repository names no bound
 # BLS input -> preprocessing input
 TO_PREPROCESSING = {
     "text_input": "QUERY",
@@ -141,7 +143,12 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.engine = params["tensorrt_llm_model_name"]
         self.engine_decoupled = params["engine_decoupled"].lower() == "true"
-        self.threads: list[threading.Thread] = []
+        self.limit = int(params.get("max_concurrent_requests", "0") or 0) or DEFAULT_CONCURRENCY
+        # a pool of daemon threads, grown on demand up to the limit: daemons, so a request stuck
+        # on an engine that never answers cannot hold the stub's exit
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.active = self.workers = 0
+        self.lock = threading.Lock()
 
     def _text(self, engine_response: Any, stream_key: str | None) -> Any:
         """Text of one engine response; a streamed one is decoded in the context of its stream
@@ -239,19 +246,42 @@ class TritonPythonModel:
             pass
 
     def execute(self, requests: list[Any]) -> None:
-        self.threads = [t for t in self.threads if t.is_alive()]
         for request in requests:
-            thread = threading.Thread(target=self._serve, args=(request,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+            with self.lock:
+                admitted = self.active < self.limit
+                self.active += admitted
+            if not admitted:  # a flood is refused at once, as Triton refuses beyond a full queue
+                message = f"Exceeds maximum queue size: {self.limit} requests are being answered"
+                error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "UNAVAILABLE", None))
+                sender = request.get_response_sender()
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                continue
+            self.jobs.put(request)
+            with self.lock:  # every admitted request has a thread: active <= workers <= limit
+                grow = self.workers < self.active
+                self.workers += grow
+            if grow:
+                threading.Thread(target=self._work, name="bls-request", daemon=True).start()
         return None
 
+    def _work(self) -> None:
+        while True:
+            request = self.jobs.get()
+            if request is None:
+                return
+            try:
+                self._serve(request)
+            finally:
+                with self.lock:
+                    self.active -= 1
+
     def finalize(self) -> None:
-        # requests still running get a moment to finish; their threads are daemons and must not
-        # hold the server's shutdown (Triton waits for every model to unload)
+        # requests still running get a moment to finish; they must not hold the server's shutdown
+        # (Triton waits for every model to unload)
+        for _ in range(self.workers):
+            self.jobs.put(None)  # each idle worker ends; busy ones end after their request
         deadline = time.monotonic() + 5
-        for thread in self.threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        alive = sum(t.is_alive() for t in self.threads)
-        if alive:
-            pb_utils.Logger.log_warn(f"unloading with {alive} request thread(s) still running")
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.active:
+            pb_utils.Logger.log_warn(f"unloading with {self.active} request(s) still running")

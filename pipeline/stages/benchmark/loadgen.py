@@ -301,6 +301,9 @@ def run_point(
                 except ServerGone as error:
                     gone.append(str(error))
                     return
+                except Exception as error:  # a bad prompt or answer: that request's error, never a lost one
+                    measured = Measured(prompt.input_tokens, time.perf_counter(), done=time.perf_counter())
+                    measured.error = f"{type(error).__name__}: {error}"[:80]
                 if unmeasured:
                     unmeasured -= 1
                     measured.ramp_up = True

@@ -13,7 +13,9 @@ client cannot pass for a slow server.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -198,12 +200,10 @@ def measure(
     """Sweep a server: the one at ``url`` (Triton's gRPC address, or an OpenAI base URL with
     ``benchmark.endpoint=openai``), or ``target``'s repository served here for the sweep (with the
     OpenAI gateway in front when the endpoint is openai) and stopped after it."""
-    from transformers import AutoTokenizer
-
     bench = cfg.benchmark
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     openai = bench.endpoint is Endpoint.openai
     if url:
+        tokenizer = _tokenizer(tokenizer_dir)
         if openai:
             model = bench.model or served_model(url, api_key(cfg))
             endpoint = loadgen.Endpoint("openai", url, model, api_key(cfg))
@@ -212,14 +212,19 @@ def measure(
         points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
     else:
         assert target is not None, "without url= the benchmark serves a built repository"
-        launch = server.launch_for(cfg.triton, target.repo, target.on_gpu, target.world_size, workdir)
-        with server.Server(launch, cfg.triton, out / SERVER_LOG) as running:
-            if openai:
-                with _gateway(cfg, target, running.grpc_url) as endpoint:
+        triton = server.with_free_ports(cfg.triton)
+        launch = server.launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir)
+        # the tokenizer (seconds of imports and loading) loads while Triton starts
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(_tokenizer, tokenizer_dir)
+            with server.Server(launch, triton, out / SERVER_LOG) as running:
+                tokenizer = loading.result()
+                if openai:
+                    with _gateway(cfg, target, running.grpc_url) as endpoint:
+                        points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
+                else:
+                    endpoint = loadgen.Endpoint("triton", running.grpc_url, bench.model or target.entry_model)
                     points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
-            else:
-                endpoint = loadgen.Endpoint("triton", running.grpc_url, bench.model or target.entry_model)
-                points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
     info = _client_info(endpoint, bench.tool)
     (out / CLIENT_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return {
@@ -231,13 +236,24 @@ def measure(
     }
 
 
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 @contextlib.contextmanager
 def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str) -> Iterator[loadgen.Endpoint]:
     """The OpenAI gateway in front of a server started for the benchmark."""
     from pipeline.gateway import serve as gateway
 
     settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url)
-    running = gateway.start(cfg.openai, cfg.triton.host, settings)
+    openai = cfg.openai
+    host = openai.host or cfg.triton.host
+    if server.port_busy(host, openai.port):
+        openai = dataclasses.replace(openai, port=server.free_port(host))
+        log.warning("port %d is in use: this benchmark's OpenAI gateway takes %d instead", cfg.openai.port, openai.port)
+    running = gateway.start(openai, cfg.triton.host, settings)
     try:
         yield loadgen.Endpoint("openai", running.url, settings.served_model, api_key(cfg))
     finally:

@@ -8,14 +8,13 @@ reported as input tokens (the chat template, when on, adds its own few tokens in
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
+from pipeline import textfiles
 from pipeline.assets import HELDOUT_TEXT
 from pipeline.config.schema import BenchmarkConfig
-from pipeline.errors import ConfigError
 from pipeline.stages.benchmark.loadgen import Prompt
 
 
@@ -45,26 +44,14 @@ def synthetic(tokenizer: Any, count: int, bench: BenchmarkConfig, seed: int) -> 
 def from_file(path: str, tokenizer: Any, count: int, default_max_tokens: int) -> list[Prompt]:
     """JSONL lines with ``text`` (or ``text_input``) and optional ``max_tokens``; cycled to ``count``."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"benchmark.prompts_file={path} does not exist: give a JSONL file with a 'text' per line")
     rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text = row.get("text", row.get("text_input"))
-        except (json.JSONDecodeError, AttributeError) as error:
-            raise ConfigError(f"{file}:{number} is not a JSON object: {error}") from error
-        if not isinstance(text, str) or not text:
-            raise ConfigError(f"{file}:{number} has no 'text' string")
+    for row in textfiles.jsonl_rows(file, "benchmark.prompts_file", ("text", "text_input")):
+        text = str(row.get("text", row.get("text_input")))  # checked: a non-empty string
         rows.append(
             Prompt(
                 text, len(tokenizer.encode(text, add_special_tokens=False)), row.get("max_tokens", default_max_tokens)
             )
         )
-    if not rows:
-        raise ConfigError(f"benchmark.prompts_file={path} holds no prompts")
     return [rows[i % len(rows)] for i in range(count)]
 
 

@@ -21,8 +21,9 @@ from pipeline.artifacts import BUILD_LOG, CHECKPOINT, ENGINE, ENGINE_JSON, timin
 from pipeline.config.hardware import detect
 from pipeline.config.schema import PipelineConfig, to_dict
 from pipeline.errors import StageError
+from pipeline.sizing import memory
 from pipeline.stages.engine import trtllm
-from pipeline.workspace import StageWorkspace, installed_version, link_or_copy
+from pipeline.workspace import StageWorkspace, copy_atomic, installed_version, link_or_copy, require_space
 
 NAME = "engine"
 VERSION = 1
@@ -46,10 +47,15 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+PRIVATE_TIMING_CACHE = "timing.cache"
+
+
 def command(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, workdir: Path) -> list[str] | None:
+    """trtllm-build's argv. The timing cache it reads and rewrites is this build's own copy of the
+    shared one (``run`` publishes it back whole), so two builds at once never tear it."""
     if not cfg.target.is_gpu:
         return None
-    cache = timing_cache(workdir, cfg.target.sm) if cfg.build.timing_cache else None
+    cache = out / PRIVATE_TIMING_CACHE if cfg.build.timing_cache else None
     return trtllm.build_argv(cfg, inputs["quantize"] / CHECKPOINT, out / ENGINE, cache)
 
 
@@ -104,8 +110,16 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     else:
         argv = command(cfg, ws.inputs, ws.out, ws.workdir)
         assert argv is not None
+        require_space(ws.out, memory.checkpoint_bytes(cfg), "the engines")
+        shared = timing_cache(ws.workdir, cfg.target.sm)
+        private = ws.out / PRIVATE_TIMING_CACHE
+        if cfg.build.timing_cache and shared.is_file():
+            shutil.copy2(shared, private)
         proc.run(argv, ws.out / BUILD_LOG, timeout_s=cfg.build.timeout_s)
         _check_engine(ws.out / ENGINE, world_size)
+        if cfg.build.timing_cache and private.is_file():
+            copy_atomic(private, shared)  # readers see the old cache or the new one, never a torn one
+            private.unlink()
         host = detect()
         info.update(
             runtime="tensorrt_llm", tensorrt_llm=installed_trtllm(), gpu=host.gpu, sm=host.sm, command=proc.quote(argv)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FetchError
+from pipeline.workspace import no_space
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
     from huggingface_hub import errors as hf_errors
 
     url = f"{endpoint()}/{repo_id}"
+    full = no_space(error)
+    if full is not None:  # a full disk is not a network problem
+        return FetchError(str(full))
     if isinstance(error, hf_errors.GatedRepoError):
         return FetchError(
             f"{repo_id} is gated: accept its licence at {url} and set HF_TOKEN to a token that has access"

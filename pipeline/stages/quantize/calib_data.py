@@ -10,11 +10,11 @@ Sizes come from ``pipeline.sizing.calibration``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import textfiles
 from pipeline.assets import CALIBRATION_TEXT, HELDOUT_TEXT
 from pipeline.errors import ConfigError
 from pipeline.sizing.calibration import BUILTIN, CalibrationSizes
@@ -38,7 +38,7 @@ def load_texts(dataset: str, limit: int) -> list[str]:
             raise ConfigError(f"quant.calib.dataset={dataset} is not a file: give a .txt or .jsonl file")
         if path.suffix == ".txt":
             return _paragraphs(path.read_text())
-        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        return [row["text"] for row in textfiles.jsonl_rows(path, "quant.calib.dataset")]
     if dataset == "cnn_dailymail":
         return _cnn_dailymail(limit)
     raise ConfigError(f"quant.calib.dataset={dataset}: use builtin, cnn_dailymail, or a .txt/.jsonl file")

@@ -26,7 +26,7 @@ from pipeline.errors import StageError
 from pipeline.sizing import calibration, memory
 from pipeline.stages.quantize import calib_data, placement, quality, recipes
 from pipeline.stages.quantize.costs import measured
-from pipeline.workspace import StageWorkspace
+from pipeline.workspace import StageWorkspace, require_space
 
 NAME = "quantize"
 VERSION = 2  # 2: weight-level faithfulness
@@ -189,6 +189,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
 
     costs: dict[str, Any] = {}
     source = ws.input("fetch") / CHECKPOINT
+    require_space(ws.out, memory.checkpoint_bytes(cfg), "the quantized checkpoint")  # before minutes of work
     # Calibration text first: a dataset that cannot be read fails before the weights are loaded.
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     calib_batches = []

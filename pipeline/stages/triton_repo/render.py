@@ -106,6 +106,15 @@ def _parameters_block(params: dict[str, str]) -> str:
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
 
 
+QUEUE_PER_BATCH = 4  # the default queue bound, in batches: a burst waits, a flood is refused
+
+
+def queue_size(cfg: PipelineConfig) -> int:
+    """The engine model's queue bound (triton.max_queue_size; null: 4 batches, 0: no bound)."""
+    size = cfg.triton.max_queue_size
+    return QUEUE_PER_BATCH * cfg.build.max_batch_size if size is None else size
+
+
 def values(cfg: PipelineConfig) -> dict[str, str]:
     """Every placeholder of every template, from the config."""
     triton, build = cfg.triton, cfg.build
@@ -118,7 +127,7 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
     return {
         "max_batch_size": str(batch),
         "max_queue_delay_microseconds": str(delay),
-        "max_queue_size": str(triton.max_queue_size),
+        "max_queue_size": str(queue_size(cfg)),
         "preferred_batch_sizes": ", ".join(str(s) for s in preferred),
         "decoupled": _flag(triton.streaming),
         "backend": "tensorrtllm" if cfg.target.is_gpu else "python",
@@ -131,6 +140,8 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
         "preprocessing_instances": str(triton.preprocessing_instances),
         "postprocessing_instances": str(triton.postprocessing_instances),
         "bls_instances": str(triton.bls_instances),
+        # 0 (no queue bound) still gets a pool: one thread per request is what a flood must not get
+        "bls_max_concurrent_requests": str(batch + (queue_size(cfg) or QUEUE_PER_BATCH * batch)),
     }
 
 
