@@ -136,33 +136,33 @@ def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp
     assert parent.info.status == "FINISHED"
 
 
-def test_failed_job_is_recorded_as_failed_with_its_log(smollm2_workdir: Path, tmp_path: Path) -> None:
+def test_a_job_refused_at_validation_opens_no_run(smollm2_workdir: Path, tmp_path: Path) -> None:
     missing = cli("build", *_common(smollm2_workdir, tmp_path), "benchmark.prompts_file=/nonexistent.jsonl")
     assert missing.returncode == 1 and "benchmark.prompts_file=/nonexistent.jsonl does not exist" in missing.stderr
-    overrides = _common(smollm2_workdir, tmp_path)
-    http_port = int(next(o for o in overrides if o.startswith("triton.http_port=")).split("=")[1])
-    with socket.socket() as taken:  # the benchmark's server cannot start: the job fails mid-way
-        taken.bind(("127.0.0.1", http_port))
-        taken.listen()
-        result = cli("build", *overrides)
-    assert result.returncode == 1 and f"port {http_port}" in result.stderr
-    client = _client(tmp_path)
-    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert run.info.status == "FAILED"
-    assert "job.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_sigterm_mid_benchmark_stops_triton_and_fails_the_run(smollm2_workdir: Path, tmp_path: Path) -> None:
     """`kill -TERM` (timeout, CI cancel, systemd, docker stop) of a build whose benchmark is
-    running: Triton and its stubs stop, the ports are free, the run is FAILED with the signal named."""
+    running: Triton and its stubs stop, the ports are free, the run is FAILED with the signal named
+    and the job's log. The configured HTTP port is taken by someone else: the benchmark's server
+    takes free ports and says so."""
     overrides = [*_common(smollm2_workdir, tmp_path), "benchmark.requests_per_point=200", "triton.exit_timeout_s=3"]
+    http_port = int(next(o for o in overrides if o.startswith("triton.http_port=")).split("=")[1])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", http_port))
+    taken.listen()
     build = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "build", *overrides], stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
     assert build.stderr is not None
+    said = []
     for line in build.stderr:  # once the load runs, every process of the server is up
+        said.append(line)
         if "warming up" in line:
             break
+    taken.close()
+    assert any(f"port {http_port} on 127.0.0.1 is in use" in line and "instead" in line for line in said), said
     family = psutil.Process(build.pid).children(recursive=True)
     assert any("tritonserver" in p.name() for p in family)
     started = time.monotonic()
@@ -178,3 +178,4 @@ def test_sigterm_mid_benchmark_stops_triton_and_fails_the_run(smollm2_workdir: P
     client = _client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["pipeline.stopped_by"] == "SIGTERM"
+    assert "job.log" in {a.path for a in client.list_artifacts(run.info.run_id)}

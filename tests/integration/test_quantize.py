@@ -137,8 +137,9 @@ def test_invalid_combinations_fail_in_seconds_before_loading(
 
 @pytest.mark.slow
 def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
-    overrides = ("quant=fp8", "parallel.tp=3", "parallel.pp=2", "target=cpu", "until=engine", "tracking=none")
-    overrides += ("quant.calib.num_samples=4", "quant.calib.max_length=128", "quant.eval_tokens=256")
+    from tests.integration.test_reference_runtime import SMALL_CALIBRATION  # the same build: quantized once
+
+    overrides = ("quant=fp8", *SMALL_CALIBRATION, "target=cpu", "until=engine", "tracking=none")
     result = cli("build", f"workdir={smollm2_workdir}", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     step = runner.plan(validate.load([f"workdir={smollm2_workdir}", *overrides]), STAGES)[1]

@@ -92,6 +92,18 @@ def test_tp3_pp2_reference_engine_answers_paris(smollm2_workdir: Path, source_mo
     assert answer.finish_reason == "end"
 
 
+# One small SmolLM2 quantization per format, shared with test_quantize.py's quality check (same
+# overrides, so the second test finds it built): tp=3 pp=2 exports six ranks.
+SMALL_CALIBRATION = (
+    "quant.kv_cache_dtype=null",
+    "quant.calib.num_samples=2",
+    "quant.calib.max_length=32",
+    "quant.eval_tokens=256",
+    "parallel.tp=3",
+    "parallel.pp=2",
+)
+
+
 @pytest.mark.slow
 # FP8 and INT4-AWQ on the real model (int8_sq's export is checked on the tiny model's matrix in
 # test_quantize.py and timed by `make bench`; a third SmolLM2 quantization costs 17 s of the suite)
@@ -100,9 +112,7 @@ def test_quantized_exports_match_modelopts_model(smollm2_workdir: Path, fmt: str
     # Faithfulness compares the export with ModelOpt's own quantized model, whatever it was
     # calibrated on: a small calibration set (2 x 32 tokens) halves AWQ's CPU search, and 256
     # held-out tokens score both models alike.
-    extra = ["quant.kv_cache_dtype=null", "quant.calib.num_samples=2", "quant.calib.max_length=32"]
-    extra += ["quant.eval_tokens=256"]
-    extra += ["quant.awq_block_size=64"] if fmt == "int4_awq" else []
+    extra = [*SMALL_CALIBRATION] + (["quant.awq_block_size=64"] if fmt == "int4_awq" else [])
     _engine(smollm2_workdir, f"quant={fmt}", *extra)
     cfg = validate.load([f"workdir={smollm2_workdir}", "target=cpu", f"quant={fmt}", *extra])
     report = json.loads((runner.plan(cfg, UP_TO_ENGINE)[1].dirs.final / "quality.json").read_text())
