@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 AIPERF_VENV ?= .venv-aiperf
 AIPERF_STAMP := $(AIPERF_VENV)/.installed
 
-.PHONY: venv aiperf demo test test-fast lint bench clean
+.PHONY: venv aiperf demo test test-fast lint bench soak clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ lint: venv
 
 bench: venv
 	$(PY) -m benchmarks
+
+# 32 streams for 5 minutes, cancellations and a burst of 500 dropped streams (benchmarks/soak.py)
+soak: venv
+	$(PY) -m benchmarks soak seconds=300
 
 clean:
 	rm -rf $(VENV) $(AIPERF_VENV) artifacts .pytest_cache .mypy_cache .import_linter_cache

@@ -10,6 +10,9 @@ can be compared as ratios on the same, noisy machine.
 serving (``benchmarks/serving.py``): in-flight against run-to-completion batching and raw
 transformers generate, prefix reuse, chunked context and memory under load, with the ratios the
 scheduler is held to (``python -m benchmarks serving [soak_s=300]``).
+
+soak (``benchmarks/soak.py``, ``make soak``): 32 streams for 5 minutes with cancellations and a
+burst of 500 dropped streams; errors, memory and thread growth, and TTFT recovery, as checks.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import serving
+from benchmarks import serving, soak
 from pipeline import runner, validate
 from pipeline.stages import STAGES
 
@@ -85,7 +88,7 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     options = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     workdir = Path(options.get("workdir", "artifacts")).resolve()
-    chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving")] or ["quantize", "serving"]
+    chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving", "soak")] or ["quantize", "serving"]
     for name in chosen:
         out = workdir / "benchmarks" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,12 @@ def main() -> None:
             rows = bench_quantize(workdir)
             out.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"\n{_table(rows)}")
+        elif name == "soak":
+            result = soak.soak(workdir, float(options.get("seconds", 300)))
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=2))
+            if not all(result["checks"].values()):
+                raise SystemExit("soak: a check failed (see checks above)")
         else:
             result = serving.bench_serving(workdir, float(options.get("soak_s", 300)))
             out.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,6 +19,8 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEFAULT_CONCURRENCY = 256  # when the repository names no bound
+IDLE_EXIT_S = 3.0  # a worker idle this long ends, down to MIN_WORKERS
+MIN_WORKERS = 4
 # BLS input -> preprocessing input
 TO_PREPROCESSING = {
     "text_input": "QUERY",
@@ -266,7 +268,14 @@ class TritonPythonModel:
 
     def _work(self) -> None:
         while True:
-            request = self.jobs.get()
+            try:
+                request = self.jobs.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self.lock:  # a burst is over: the pool shrinks back (each request keeps a thread)
+                    if self.workers > max(self.active, MIN_WORKERS):
+                        self.workers -= 1
+                        return
+                continue
             if request is None:
                 return
             try:

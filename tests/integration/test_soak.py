@@ -1,0 +1,23 @@
+"""A short soak of the served CPU repository (``make soak`` runs the 5-minute one): concurrent
+streams with cancellations and a burst of streams dropped as soon as they are sent. Nothing fails
+that was not cancelled or refused, the server's threads stay flat, and a fresh request's time to
+first token is back to normal within 10 s of the burst."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import soak
+from tests.integration.conftest import Served
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_soak_with_a_burst_of_dropped_streams(served: Served) -> None:
+    # settle_s: idle request threads of the BLS pool end after 3 s
+    # the burst comes early, so that probes go on for 10 s after it
+    result = soak.run(served.server, seconds=14, streams=8, burst=60, settle_s=5, burst_after_s=3)
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["completed"] > 0
+    assert result["checks"]["threads do not grow (< 10%)"], result["server_threads"]
+    assert result["checks"]["TTFT back within 10 s"], {k: v for k, v in result.items() if "probe" in k or "ttft" in k}
