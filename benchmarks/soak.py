@@ -105,6 +105,7 @@ def _stream_worker(url: str, model: str, seed: int, until: float, tally: Tally) 
     """One client: a request at a time on its own gRPC stream; one in ten is cancelled (the stream
     is dropped with its request) after the first token, then a fresh stream is opened."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     rng = random.Random(seed)
     while time.monotonic() < until:
@@ -112,8 +113,10 @@ def _stream_worker(url: str, model: str, seed: int, until: float, tally: Tally) 
         client = grpcclient.InferenceServerClient(url)
         client.start_stream(callback=lambda result, error, events=events: events.put((result, error)))
         cancel = rng.random() < CANCEL_FRACTION
-        client.async_stream_infer(model, _inputs(_prompt(rng), rng.randint(8, 32)), enable_empty_final_response=True)
         try:
+            client.async_stream_infer(
+                model, _inputs(_prompt(rng), rng.randint(8, 32)), enable_empty_final_response=True
+            )
             while True:
                 result, error = events.get(timeout=120)
                 if error is not None:
@@ -128,6 +131,9 @@ def _stream_worker(url: str, model: str, seed: int, until: float, tally: Tally) 
                     break
         except queue.Empty:
             tally.add("error", "no response within 120 s")
+        except InferenceServerException as refused:  # the stream broke: its callback has the reason
+            reason = events.get(timeout=5)[1] if not events.empty() else refused
+            tally.add("refused" if QUEUE_FULL in str(reason) else "error", f"stream: {reason}")
         finally:
             client.stop_stream(cancel_requests=True)
             client.close()

@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError, Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
-from pipeline.workspace import MANIFEST, installed_version
+from pipeline.workspace import MANIFEST, installed_version, locked
 
 log = logging.getLogger(__name__)
 BENCHMARK_FILES = (
@@ -81,13 +81,18 @@ def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
     probe_store(cfg)
-    client = MlflowClient(tracking_uri(cfg))
-    name = cfg.tracking.experiment or cfg.model.name
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return client, experiment.experiment_id
-    location = artifacts.mlflow_artifacts(cfg.workdir_path)
-    return client, client.create_experiment(name, artifact_location=location.as_uri())
+    store = artifacts.mlflow_store(cfg.workdir_path)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    # two builds starting at once in one workdir: one creates the store's tables and the
+    # experiment, the other waits and finds them
+    with locked(store.with_name(".mlflow.lock")):
+        client = MlflowClient(tracking_uri(cfg))
+        name = cfg.tracking.experiment or cfg.model.name
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        location = artifacts.mlflow_artifacts(cfg.workdir_path)
+        return client, client.create_experiment(name, artifact_location=location.as_uri())
 
 
 def _git_commit() -> str | None:

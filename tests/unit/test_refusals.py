@@ -145,3 +145,14 @@ def test_a_benchmark_request_that_raises_is_an_error_of_that_request() -> None:
     prompts = [loadgen.Prompt("hi", 1, "many"), loadgen.Prompt("hi", 1, None)]  # type: ignore[arg-type]
     results, _, ended = loadgen.run_point(endpoint, prompts, loadgen.Sampling(), concurrency=1, timeout_s=5)
     assert ended is None and [m.error.split(":")[0] for m in results if m.error] == ["ValueError", "TypeError"]
+
+
+def test_the_headline_commands_needs_are_installed_by_the_set_up() -> None:
+    """`build model=llama70b quant=fp8` calibrates on cnn_dailymail: the set-up installs `datasets`
+    (pyproject, and the image), so the quantize stage's environment check passes."""
+    from pipeline.sizing import calibration
+    from pipeline.stages.quantize import stage as quantize
+
+    cfg = validate.load(["model=llama70b", "quant=fp8", "target=h100", "parallel.tp=2"])
+    assert calibration.calibration_sizes(cfg).dataset == "cnn_dailymail"
+    assert [p for p in quantize.preflight(cfg) if "datasets" in p] == []
