@@ -13,6 +13,8 @@ from pipeline.runtime.beam import beam_search
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request
 
+pytestmark = pytest.mark.slow  # a real Triton (14 s to start)
+
 PROMPT = [1, 7, 3, 9]
 
 

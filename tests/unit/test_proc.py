@@ -18,6 +18,8 @@ import pytest
 
 from pipeline import proc
 
+pytestmark = pytest.mark.slow  # real processes and signals, seconds of waiting
+
 # A stand-in for `python -m pipeline`: starts a child through proc.Background (as the server does)
 # and waits; the child is a shell whose own child (a grandchild) does not inherit the death signal.
 PARENT = """
@@ -131,6 +133,7 @@ def test_stopping_a_group_survives_a_second_signal(tmp_path: Path) -> None:
 import os, signal, sys, threading, time
 from pathlib import Path
 from pipeline import proc
+
 signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 running = proc.Background(["bash", "-c", "trap '' TERM; sleep 300"], Path(sys.argv[1]))
 time.sleep(0.5)

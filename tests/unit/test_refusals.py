@@ -73,12 +73,14 @@ def test_prompts_and_calibration_files_are_checked_line_by_line(tmp_path: Path) 
     assert "is not a .txt or .jsonl file" in _refusal("quant=fp8", f"quant.calib.dataset={csv}")
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_interpolation_in_an_override_is_refused(tmp_path: Path) -> None:
     result = cli("plan", f"workdir={tmp_path}", "tracking.experiment=${oc.env:HF_TOKEN}", env={"HF_TOKEN": "hf_x" * 4})
     assert result.returncode == 1 and "tracking.experiment: overrides cannot use ${...} interpolation" in result.stderr
     assert "hf_x" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_url_credentials_never_reach_the_output(tmp_path: Path) -> None:
     result = cli("plan", f"workdir={tmp_path}", "target=cpu", "tracking.uri=https://bob:pa55word@mlflow.example")
     assert result.returncode == 0, result.stderr
@@ -93,6 +95,7 @@ def test_the_token_hf_auth_login_saved_is_redacted(tmp_path: Path, monkeypatch: 
     assert redact("Authorization: Bearer hf_savedbylogin0123456789") == "Authorization: Bearer ***"
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_a_debug_traceback_is_redacted(tmp_path: Path) -> None:
     secret = "hf_tracebacksecret0123456789"
     env = {"PIPELINE_DEBUG": "1", "HF_TOKEN": secret}
@@ -100,6 +103,7 @@ def test_a_debug_traceback_is_redacted(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Traceback" in result.stderr and secret not in result.stderr
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_a_damaged_repository_or_a_workdir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -116,12 +120,14 @@ def test_a_damaged_repository_or_a_workdir_that_is_a_file_is_one_line(tmp_path: 
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_plan_prints_the_memory_table_then_refuses_a_layout_that_does_not_fit(tmp_path: Path) -> None:
     result = cli("plan", f"workdir={tmp_path}", "model=llama70b", "target=h100", "quant=none", "parallel.tp=1")
     assert result.returncode == 1 and "does not fit h100" in result.stderr
     assert "# memory plan" in result.stdout and "weights/GPU" in result.stdout
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_a_refused_build_opens_no_mlflow_run(tmp_path: Path) -> None:
     """The GPU target's preflight (no trtllm-build here) refuses before the run is created."""
     result = cli("build", f"workdir={tmp_path}", "model=llama8b", "target=h100", "quant=none")
@@ -129,6 +135,7 @@ def test_a_refused_build_opens_no_mlflow_run(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # the whole CLI in this process
 def test_an_unreachable_tracking_server_is_refused_in_seconds(tmp_path: Path) -> None:
     started = time.monotonic()
     result = cli("compare", f"workdir={tmp_path}", "tracking.uri=http://127.0.0.1:9")
