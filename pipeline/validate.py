@@ -9,6 +9,7 @@ trtllm-build switches. Nothing below imports it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import socket
@@ -38,6 +39,7 @@ def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineCo
     cfg = compose.typed(overrides)
     if cfg.target.kind is TargetKind.auto:
         cfg.target = hardware.detect()
+    _architecture_from_checkpoint(cfg.model)
     problems = validate(cfg, check_memory)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
@@ -113,6 +115,35 @@ def _host_problems(cfg: PipelineConfig) -> list[str]:
         except (socket.gaierror, UnicodeError):
             problems.append(f"{key}={host} does not resolve: give an address this machine has (127.0.0.1, 0.0.0.0)")
     return problems
+
+
+# what the size of the weights follows (the context length and the architecture name stay as the
+# config gives them: the fetch stage checks those against the checkpoint)
+SIZE_FIELDS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+)
+
+
+def _architecture_from_checkpoint(model: ModelConfig) -> None:
+    """A local checkpoint's ``config.json`` fills the architecture numbers the config leaves out,
+    so the memory plan and the quantize stage's memory check apply before any work, as they do for
+    the named models."""
+    if model.source is not Source.local or not model.path:
+        return
+    try:
+        found = json.loads((Path(model.path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # _source_problems names what is wrong with the folder
+    for name in SIZE_FIELDS:
+        value = found.get(name)
+        if getattr(model.arch, name) is None and isinstance(value, int) and not isinstance(value, bool):
+            setattr(model.arch, name, value)
 
 
 def _source_problems(model: ModelConfig) -> list[str]:

@@ -3,6 +3,7 @@ reaches the output: the reliability review's input and secret findings, each as 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -163,3 +164,25 @@ def test_the_headline_commands_needs_are_installed_by_the_set_up() -> None:
     cfg = validate.load(["model=llama70b", "quant=fp8", "target=h100", "parallel.tp=2"])
     assert calibration.calibration_sizes(cfg).dataset == "cnn_dailymail"
     assert [p for p in quantize.preflight(cfg) if "datasets" in p] == []
+
+
+def test_a_local_model_too_large_to_quantize_here_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The memory to quantize a local checkpoint is known from its config.json: a 70B-sized one is
+    refused on this host before any weight is read."""
+    from pipeline.stages.quantize import stage as quantize
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = validate.load(["model=local", f"model.path={tmp_path}", "target=cpu", "quant=fp8"])
+    assert cfg.model.arch.num_hidden_layers == 80
+    (problem,) = quantize.preflight(cfg)
+    assert problem.startswith("quantizing") and "GiB" in problem
