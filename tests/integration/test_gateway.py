@@ -162,7 +162,8 @@ def test_a_client_that_disconnects_cancels_its_triton_request(api: str, served: 
         received += response.read1(4096)
     response.close()
     connection.close()
-    deadline = time.monotonic() + 15
+    # the BLS notices at the engine's next response; on a loaded 2-core host that can take a while
+    deadline = time.monotonic() + 40
     while served.log.read_text().count("request cancelled: after") == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert served.log.read_text().count("request cancelled: after") == before + 1
