@@ -169,15 +169,7 @@ def _source_problems(model: ModelConfig) -> list[str]:
 def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     """Every cross-field problem, each naming the override that fixes it. Empty means valid."""
     problems = _source_problems(cfg.model)
-    for name in (
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "hidden_size",
-        "intermediate_size",
-        "vocab_size",
-        "max_position_embeddings",
-    ):
+    for name in (*SIZE_FIELDS, "max_position_embeddings"):
         value = getattr(cfg.model.arch, name)
         if value is not None and value < 1:
             problems.append(f"model.arch.{name}={value} must be positive")
