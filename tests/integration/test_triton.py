@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
+from benchmarks import soak
 from pipeline.deploy import server
 from pipeline.gateway.triton_stream import triton_inputs
 from pipeline.runtime.checkpoint import load_model
@@ -464,6 +465,21 @@ def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir
     table = max(smollm2_workdir.glob("bench/*/benchmark.json"), key=lambda p: p.stat().st_mtime)
     (point,) = json.loads(table.read_text())
     assert point["load"] == "c=2" and point["successful"] == 2 and point["output_tokens_mean"] == 4
+
+
+def test_a_short_soak_with_a_burst_of_dropped_streams(served: Served) -> None:
+    """A short soak (``make soak`` runs the 5-minute one): concurrent streams with cancellations
+    and a burst of streams dropped as soon as they are sent. Nothing fails that was not cancelled
+    or refused, the server survives it and its threads do not grow. It runs last but one: it is
+    the suite's flood, and the next test stops the server it leaves."""
+    # the burst comes early, so that probes go on after it; idle request threads of the BLS pool
+    # end after 3 s, before the server is measured again
+    result = soak.run(served.server, seconds=10, streams=8, burst=60, settle_s=4, burst_after_s=2)
+    assert served.server.alive(), served.log.read_text()[-2000:]
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["completed"] > 0
+    assert result["checks"]["threads do not grow (< 10%)"], result["server_threads"]
+    assert result["probes"] > 0
 
 
 def test_stop_leaves_no_process_behind(served: Served, smollm2_workdir: Path) -> None:

@@ -205,22 +205,23 @@ class TritonPythonModel:
                 inputs=engine_inputs,
                 request_id=engine_id,
             )
-            responses = engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()]
+            responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
             stream = pb_utils.get_input_tensor_by_name(request, "stream")
             streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
             stream_key = uuid.uuid4().hex if streaming else None
-            for response in responses:
-                if request.is_cancelled():  # the client went away: so does the engine's request
-                    self._stop(engine_id)
-                    cancelled = getattr(pb_utils.TritonError, "CANCELLED", None)
-                    sender.send(
-                        pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled", cancelled)),
-                        flags=FINAL,
-                    )
-                    return
-                reply = self._response(_checked(response), stream_key)
-                if reply is not None:
-                    sender.send(reply)
+            try:
+                for response in responses:
+                    if request.is_cancelled():  # the client went away: so does the engine's request
+                        self._stop(engine_id)
+                        raise _Failed("request cancelled", getattr(pb_utils.TritonError, "CANCELLED", None))
+                    reply = self._response(_checked(response), stream_key)
+                    if reply is not None:
+                        sender.send(reply)
+            finally:
+                # the engine's request is read to its final response, whatever happened here:
+                # Triton 2.51 aborts when an engine answers a BLS request whose iterator is gone
+                for _ in responses:
+                    pass
             sender.send(flags=FINAL)
         except Exception as error:  # every failure reaches the client as an error response
             if isinstance(error, _Failed):
