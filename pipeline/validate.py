@@ -117,33 +117,18 @@ def _host_problems(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
-# what the size of the weights follows (the context length and the architecture name stay as the
-# config gives them: the fetch stage checks those against the checkpoint)
-SIZE_FIELDS = (
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_size",
-    "intermediate_size",
-    "vocab_size",
-    "head_dim",
-)
-
-
 def _architecture_from_checkpoint(model: ModelConfig) -> None:
     """A local checkpoint's ``config.json`` fills the architecture numbers the config leaves out,
     so the memory plan and the quantize stage's memory check apply before any work, as they do for
-    the named models."""
+    the named models (a Hub model's are filled by the fetch stage's preflight, which reads its
+    config.json from the Hub)."""
     if model.source is not Source.local or not model.path:
         return
     try:
         found = json.loads((Path(model.path).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return  # _source_problems names what is wrong with the folder
-    for name in SIZE_FIELDS:
-        value = found.get(name)
-        if getattr(model.arch, name) is None and isinstance(value, int) and not isinstance(value, bool):
-            setattr(model.arch, name, value)
+    memory.fill_sizes(model.arch, found)
 
 
 def _source_problems(model: ModelConfig) -> list[str]:
@@ -169,7 +154,7 @@ def _source_problems(model: ModelConfig) -> list[str]:
 def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     """Every cross-field problem, each naming the override that fixes it. Empty means valid."""
     problems = _source_problems(cfg.model)
-    for name in (*SIZE_FIELDS, "max_position_embeddings"):
+    for name in (*memory.SIZE_FIELDS, "max_position_embeddings"):
         value = getattr(cfg.model.arch, name)
         if value is not None and value < 1:
             problems.append(f"model.arch.{name}={value} must be positive")

@@ -60,6 +60,27 @@ class MemoryPlan:
         return asdict(self)
 
 
+# what the size of the weights follows (the context length and the architecture name stay as the
+# config gives them: the fetch stage checks those against the checkpoint)
+SIZE_FIELDS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+)
+
+
+def fill_sizes(arch: Architecture, found: dict[str, Any]) -> None:
+    """The size numbers of a checkpoint's ``config.json`` that ``arch`` leaves out."""
+    for name in SIZE_FIELDS:
+        value = found.get(name)
+        if getattr(arch, name) is None and isinstance(value, int) and not isinstance(value, bool):
+            setattr(arch, name, value)
+
+
 def kv_bytes_per_token(arch: Architecture, tp: int, pp: int, kv: KVCacheDType | None) -> tuple[int, int]:
     """(all ranks, one rank) KV cache bytes per token."""
     layers, heads = arch.num_hidden_layers or 0, arch.num_key_value_heads or arch.num_attention_heads or 0

@@ -43,13 +43,14 @@ def _fetch(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     tracked: bool = False,
+    until: str = "fetch",
 ) -> subprocess.CompletedProcess[str]:
     """A fetch in a fresh process (huggingface_hub reads HF_ENDPOINT on import). Without MLflow unless
     ``tracked``: creating a sqlite store takes seconds and these tests are about the Hub."""
     return run_cli(
         "build",
         f"workdir={workdir}",
-        "until=fetch",
+        f"until={until}",
         "model=hf",
         f"model.repo_id={repo}",
         *([] if tracked else ["tracking=none"]),
@@ -255,3 +256,39 @@ def test_unsupported_architecture_is_refused_before_any_weight_is_downloaded(
     downloads = [r.path for r in hub.requests_for("", "GET") if "/resolve/" in r.path]
     assert downloads == [f"/org/other/resolve/{SHA}/config.json"]  # config.json only, at the resolved commit
     assert not (tmp_path / "fetch").exists() or not any((tmp_path / "fetch").rglob("*.safetensors"))
+
+
+def test_a_download_larger_than_the_free_disk_is_refused_naming_the_folder(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The Hub's file sizes are checked against the cache's free space before any weight moves."""
+    hub.add("org/huge", _files(tiny_checkpoint), sha=SHA, declared_sizes={"model.safetensors": 10**18})
+    result = _fetch(hub, tmp_path, "org/huge", env={"HF_HOME": str(tmp_path / "hf")})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert f"no space left on {tmp_path / 'hf' / 'hub'}" in errors[0] and "the download of org/huge" in errors[0]
+    assert not [r for r in hub.requests_for("", "GET") if r.path.endswith(".safetensors")]
+
+
+def test_a_hub_model_too_large_to_quantize_here_is_refused_before_any_weight(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The sizes in the Hub's config.json give the memory the quantize stage needs: a 70B model is
+    refused on this host before its weights are asked for."""
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    seventy_b = {
+        "num_hidden_layers": 80,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "head_dim": 128,
+    }
+    hub.add("org/big", _files(tiny_checkpoint, {"config.json": json.dumps({**config, **seventy_b}).encode()}), sha=SHA)
+    result = _fetch(hub, tmp_path, "org/big", until="quantize")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert "needs about" in errors[0] and "GiB to hold the model" in errors[0], errors[0]
+    downloads = [r.path for r in hub.requests_for("", "GET") if "/resolve/" in r.path]
+    assert downloads == [f"/org/big/resolve/{SHA}/config.json"]

@@ -21,6 +21,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEFAULT_CONCURRENCY = 256  # when the repository names no bound
 IDLE_EXIT_S = 3.0  # a worker idle this long ends, down to MIN_WORKERS
 MIN_WORKERS = 4
+WATCH_PERIOD_S = 0.2  # how often the running requests' clients are asked whether they left
 # BLS input -> preprocessing input
 TO_PREPROCESSING = {
     "text_input": "QUERY",
@@ -151,6 +152,12 @@ class TritonPythonModel:
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.active = self.workers = 0
         self.lock = threading.Lock()
+        # engine request id -> its client's request, while the engine runs it: a client that leaves
+        # is noticed here within WATCH_PERIOD_S, not at the engine's next response, which for a
+        # queued request comes only after its whole prompt is prefilled
+        self.watched: dict[str, Any] = {}
+        self.closing = threading.Event()
+        threading.Thread(target=self._watch, name="bls-cancellations", daemon=True).start()
 
     def _text(self, engine_response: Any, stream_key: str | None) -> Any:
         """Text of one engine response; a streamed one is decoded in the context of its stream
@@ -205,6 +212,9 @@ class TritonPythonModel:
                 inputs=engine_inputs,
                 request_id=engine_id,
             )
+            if self.engine_decoupled:  # a non-decoupled engine has no stop input
+                with self.lock:
+                    self.watched[engine_id] = request
             responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
             stream = pb_utils.get_input_tensor_by_name(request, "stream")
             streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
@@ -222,6 +232,8 @@ class TritonPythonModel:
                 # Triton 2.51 aborts when an engine answers a BLS request whose iterator is gone
                 for _ in responses:
                     pass
+                with self.lock:
+                    self.watched.pop(engine_id, None)
             sender.send(flags=FINAL)
         except Exception as error:  # every failure reaches the client as an error response
             if isinstance(error, _Failed):
@@ -232,9 +244,24 @@ class TritonPythonModel:
                 reply = pb_utils.TritonError(str(error))
             sender.send(pb_utils.InferenceResponse(error=reply), flags=FINAL)
 
-    def _stop(self, engine_id: str) -> None:
+    def _watch(self) -> None:
+        """Stop the engine's request of every client that went away."""
+        while not self.closing.wait(WATCH_PERIOD_S):
+            with self.lock:
+                running = list(self.watched.items())
+            for engine_id, request in running:
+                try:
+                    gone = request.is_cancelled()
+                except Exception:  # the request is gone with its client
+                    gone = True
+                # a request still in Triton's queue is unknown to the engine: asked again next time
+                if gone and self._stop(engine_id):
+                    with self.lock:
+                        self.watched.pop(engine_id, None)
+
+    def _stop(self, engine_id: str) -> bool:
         """Cancel the engine's request with the backend's ``stop`` input (this python backend's
-        BLS response iterator has no cancel())."""
+        BLS response iterator has no cancel()); False when the engine does not know the id yet."""
         one = np.ones((1, 1), dtype=np.int32)
         inputs = [
             pb_utils.Tensor("input_ids", one),
@@ -245,8 +272,10 @@ class TritonPythonModel:
         stop = pb_utils.InferenceRequest(
             model_name=self.engine, requested_output_names=[], inputs=inputs, request_id=engine_id
         )
-        for _ in stop.exec(decoupled=True) if self.engine_decoupled else [stop.exec()]:
-            pass
+        known = True
+        for response in stop.exec(decoupled=True) if self.engine_decoupled else [stop.exec()]:
+            known = known and not response.has_error()
+        return known
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -286,6 +315,7 @@ class TritonPythonModel:
                     self.active -= 1
 
     def finalize(self) -> None:
+        self.closing.set()
         # requests still running get a moment to finish; they must not hold the server's shutdown
         # (Triton waits for every model to unload)
         for _ in range(self.workers):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FetchError
-from pipeline.workspace import no_space
+from pipeline.workspace import no_space, require_space
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,15 @@ def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
     )
 
 
-def resolve(repo_id: str, revision: str, allow_pickle: bool, trust_remote_code: bool) -> tuple[str, list[str]]:
-    """Revision -> (commit sha, files to download), in one short metadata call."""
+def resolve(
+    repo_id: str, revision: str, allow_pickle: bool, trust_remote_code: bool
+) -> tuple[str, list[str], dict[str, int]]:
+    """Revision -> (commit sha, files to download, their sizes in bytes where the Hub gives them),
+    in one short metadata call."""
     from huggingface_hub import HfApi, get_token
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, timeout=METADATA_TIMEOUT_S)
+        info = HfApi().model_info(repo_id, revision=revision, timeout=METADATA_TIMEOUT_S, files_metadata=True)
     except Exception as error:
         raise _hub_error(error, repo_id, revision) from error
     if not info.sha:
@@ -129,7 +132,8 @@ def resolve(repo_id: str, revision: str, allow_pickle: bool, trust_remote_code: 
     if info.gated and not get_token():  # HF_TOKEN, or a token saved by `hf auth login`
         raise FetchError(f"{repo_id} is gated: accept its licence at {endpoint()}/{repo_id} and set HF_TOKEN")
     names = [s.rfilename for s in info.siblings or []]
-    return info.sha, select_files(names, allow_pickle, trust_remote_code, f"{repo_id}@{info.sha[:12]}")
+    sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
+    return info.sha, select_files(names, allow_pickle, trust_remote_code, f"{repo_id}@{info.sha[:12]}"), sizes
 
 
 def read_config(repo_id: str, revision: str) -> dict[str, Any]:
@@ -140,7 +144,7 @@ def read_config(repo_id: str, revision: str) -> dict[str, Any]:
 
     from huggingface_hub import hf_hub_download
 
-    sha, files = resolve(repo_id, revision, allow_pickle=True, trust_remote_code=False)
+    sha, files, _ = resolve(repo_id, revision, allow_pickle=True, trust_remote_code=False)
     if "config.json" not in files:
         raise FetchError(f"{repo_id}@{sha[:12]} has no config.json: it is not a Hugging Face checkpoint")
     try:
@@ -151,12 +155,23 @@ def read_config(repo_id: str, revision: str) -> dict[str, Any]:
     return config
 
 
+def _require_space_for(repo_id: str, sha: str, files: list[str], sizes: dict[str, int]) -> None:
+    """Refuse a download the Hugging Face cache's disk cannot hold (files already there count
+    for nothing: a resumed fetch needs only the rest)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    missing = [name for name in files if not isinstance(try_to_load_from_cache(repo_id, name, revision=sha), str)]
+    needed = sum(sizes.get(name, 0) for name in missing)
+    require_space(Path(constants.HF_HUB_CACHE), needed, f"the download of {repo_id}")
+
+
 def download(repo_id: str, revision: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Snapshot:
     """Download the checkpoint files of ``repo_id`` at ``revision`` into the Hugging Face cache."""
     from huggingface_hub import snapshot_download
 
-    sha, files = resolve(repo_id, revision, allow_pickle, trust_remote_code)
+    sha, files, sizes = resolve(repo_id, revision, allow_pickle, trust_remote_code)
     log.info("%s@%s resolves to commit %s; fetching %d files", repo_id, revision, sha, len(files))
+    _require_space_for(repo_id, sha, files, sizes)
     try:
         folder = snapshot_download(repo_id, revision=sha, allow_patterns=files, etag_timeout=METADATA_TIMEOUT_S)
     except Exception as error:

@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.artifacts import CHECKPOINT
 from pipeline.config.schema import PipelineConfig, Source, to_dict
 from pipeline.errors import FetchError
-from pipeline.sizing import rules
+from pipeline.sizing import memory, rules
 from pipeline.stages.fetch import gguf, hub
 from pipeline.workspace import StageWorkspace, file_identity, link_or_copy
 
@@ -52,26 +52,39 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     return {**common, "gguf": gguf_file.name, "content": file_identity(gguf_file), "dtype": str(model.dtype)}
 
 
-def source_architectures(cfg: PipelineConfig) -> list[str] | None:
-    """``architectures`` from the source's config.json: the folder's own, or the Hub's (that one
-    file only). GGUF files are converted to Llama checkpoints and need no look."""
+def _source_config(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The source's config.json: the folder's own, or the Hub's (that one file only). GGUF files
+    are converted to Llama checkpoints and need no look."""
     model = cfg.model
     if model.source is Source.hf and model.repo_id:
-        return hub.read_config(model.repo_id, model.revision).get("architectures")
+        return hub.read_config(model.repo_id, model.revision)
     if model.source is Source.local and model.path:
         config_path = Path(model.path).expanduser() / "config.json"
         if config_path.is_file():
-            return json.loads(config_path.read_text()).get("architectures")
+            found: dict[str, Any] = json.loads(config_path.read_text())
+            return found
     return None
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
     """Before anything is downloaded: a model whose architecture config.json names is one the
-    pipeline cannot export (or run on the CPU target) is refused. Named models declare it, and
-    validation checked it already."""
-    if cfg.model.arch.architectures:
+    pipeline cannot export (or run on the CPU target) is refused, and a Hub model's config.json
+    gives its sizes to the memory checks (the target's plan here, quantizing in the quantize
+    stage's preflight). Named models declare both, and validation checked them already."""
+    arch = cfg.model.arch
+    hub_sizes_unknown = cfg.model.source is Source.hf and arch.num_hidden_layers is None
+    if arch.architectures and not hub_sizes_unknown:
         return []
-    return rules.architecture_problems(cfg.model.name, source_architectures(cfg), cfg.target.is_gpu)
+    found = _source_config(cfg) or {}
+    problems = []
+    if not arch.architectures:
+        problems += rules.architecture_problems(cfg.model.name, found.get("architectures"), cfg.target.is_gpu)
+    if hub_sizes_unknown and not problems:
+        # as validation does for a local folder: the quantize stage's preflight, which runs next,
+        # and the GPU memory plan then know the model's size
+        memory.fill_sizes(arch, found)
+        problems += memory.problems(cfg)
+    return problems
 
 
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
