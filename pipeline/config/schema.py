@@ -228,6 +228,9 @@ class TritonConfig:
     # requests waiting to enter the engine's batch; beyond it a request is refused at once (Triton's
     # "Exceeds maximum queue size", 429 through the OpenAI API). null: 4 x the batch size; 0: no bound
     max_queue_size: int | None = None
+    # a request still waiting to enter the engine's batch (or preprocessing) after this long is
+    # refused with Triton's "Request timeout expired" (503 through the OpenAI API); 0: no timeout
+    queue_timeout_ms: int = 60_000
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
     bls_instances: int = 1

@@ -5,7 +5,7 @@ repository's entry model (the BLS model when the repository has it: its streamed
 safe; otherwise the ensemble). The chat template is applied by the preprocessing model, the one
 place that does it for every client. Errors use OpenAI's error object: 400 for a request this
 server cannot take, 401 without the API key (when one is set), 404 for an unknown model, 429 when
-Triton's queue is full, 503 when Triton is not there.
+Triton's queue is full, 503 when a request waited past the queue timeout or Triton is not there.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def _triton_error(error: TritonError) -> OpenAIError:
     message = str(error)
     if "queue size" in message or error.status == "RESOURCE_EXHAUSTED":
         return OpenAIError(429, f"the server is at capacity: {message}", "rate_limit_error", code="queue_full")
+    if "Request timeout expired" in message:  # waited past triton.queue_timeout_ms
+        return OpenAIError(503, f"the server is overloaded: {message}", "server_error", code="queue_timeout")
     if error.status == "UNAVAILABLE":
         return OpenAIError(503, f"Triton is not reachable: {message}", "server_error", code="unavailable")
     if error.status in (None, "INVALID_ARGUMENT"):  # a request the models refused: the client's to fix

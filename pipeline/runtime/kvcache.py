@@ -75,6 +75,9 @@ class KVCache:
         self._zero(self.padding_block)
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # unnamed, never handed out yet first
+        # blocks written at least once: the part of the pool that is resident in host memory
+        self.resident = bytearray(num_blocks)
+        self.resident_blocks = 0
         self.evictable: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, oldest first
         self.by_name: dict[bytes, int] = {}
         self.name_of: dict[int, bytes] = {}
@@ -138,6 +141,9 @@ class KVCache:
             del self.by_name[self.name_of.pop(block)]
         self.refs[block] = 1
         self._zero(block)
+        if not self.resident[block]:
+            self.resident[block] = 1
+            self.resident_blocks += 1
         return block
 
     def _zero(self, block: int) -> None:

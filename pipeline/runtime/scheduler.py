@@ -42,6 +42,7 @@ POLICIES = ("guaranteed_no_evict", "max_utilization")
 CANCELLED = "request cancelled"  # how an error for a cancelled request begins
 FORWARD_FAILED = "the forward pass failed"  # how an error of the server (not the request) begins
 QUEUE_FULL = "Exceeds maximum queue size"  # Triton's own words for a full queue (clients match them)
+QUEUE_TIMEOUT = "Request timeout expired"  # Triton's words for a request that waited past its queue timeout
 
 
 @dataclass
@@ -59,6 +60,7 @@ class SchedulerConfig:
     enable_kv_cache_reuse: bool = True
     cancellation_check_period_ms: int = 100
     max_queue_size: int = 0  # requests waiting to be admitted; beyond it a request is refused (0: no bound)
+    queue_timeout_ms: int = 0  # a request not admitted within this is refused (0: it waits as long as it takes)
 
     def __post_init__(self) -> None:
         if self.batch_scheduler_policy not in POLICIES:
@@ -219,10 +221,14 @@ class Scheduler:
             self._poll_cancellations()
         with self._wake:
             gone = [s for s in self.waiting if s.cancelled]
-            for sequence in gone:
+            expired = self._expired(now) if self.config.queue_timeout_ms else []
+            for sequence in gone + expired:
                 self.waiting.remove(sequence)
         for sequence in gone + [s for s in self.running if s.cancelled]:
             self._retire(sequence, "cancelled")
+        for sequence in expired:
+            waited = (now - sequence.timings.arrival) / 1e9
+            self._retire(sequence, None, f"{QUEUE_TIMEOUT}: waited {waited:.1f} s to be admitted (queue timeout)")
         spans = self._schedule()
         self.peak_blocks = max(self.peak_blocks, self.cache.used)
         if not spans:
@@ -244,6 +250,12 @@ class Scheduler:
             if span.wants_logits:
                 self._take(sequence, rows[-1])
         return True
+
+    def _expired(self, now: int) -> list[Sequence]:
+        """Waiting requests past the queue timeout. A preempted sequence, back in the queue after
+        it ran, is not expired: its client already has tokens."""
+        limit = self.config.queue_timeout_ms * 1_000_000
+        return [s for s in self.waiting if not s.timings.scheduled and now - s.timings.arrival > limit]
 
     def _poll_cancellations(self) -> None:
         """Ask each request whether its client went away (a round trip to the server, so it happens

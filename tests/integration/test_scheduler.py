@@ -6,6 +6,7 @@ exactly what it produces alone."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, Result, generate
-from pipeline.runtime.scheduler import QUEUE_FULL, Scheduler, SchedulerConfig
+from pipeline.runtime.scheduler import QUEUE_FULL, QUEUE_TIMEOUT, Scheduler, SchedulerConfig
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +256,17 @@ def test_a_full_queue_refuses_at_once_and_the_queued_still_answer(model: Any) ->
     again.submit(bounded, Request([1, 5, 9], max_new_tokens=3))
     _run(bounded, [again])
     assert again.error is None and len(again.tokens) == 3
+
+
+def test_a_request_waiting_past_the_queue_timeout_is_refused_and_a_running_one_is_not(model: Any) -> None:
+    """With queue_timeout_ms, a request that could not be admitted in time gets Triton's words for
+    an expired queue timeout (503 through the OpenAI gateway); the one running finishes."""
+    timed = scheduler(model, max_batch_size=1, queue_timeout_ms=200)
+    running, waiting = Client(), Client()
+    running.submit(timed, Request([1, 5, 9], max_new_tokens=6))
+    timed.step()  # the first is admitted and holds the only slot
+    waiting.submit(timed, Request([1, 7, 9], max_new_tokens=3))
+    time.sleep(0.3)
+    _run(timed, [running, waiting])
+    assert running.error is None and len(running.tokens) == 6
+    assert waiting.error is not None and waiting.error.startswith(QUEUE_TIMEOUT), waiting.error

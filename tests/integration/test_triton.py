@@ -429,6 +429,32 @@ def test_guided_decoding_answers_match_the_schema_and_the_regex(served: Served) 
     assert status >= 400 and "guided_decoding_guide_type='xml': use one of json, json_schema" in text, text
 
 
+def test_the_engine_publishes_the_tensorrt_llm_backends_metrics(served: Served) -> None:
+    """Dashboards and routers written for the TensorRT-LLM backend read its gauges by name: the
+    CPU engine publishes the same families and labels, with values that add up."""
+    import urllib.request
+
+    served.generate(text_input=QUESTION, max_tokens=4)
+    time.sleep(1.5)  # published every second
+    with urllib.request.urlopen(served.server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if match := re.match(r"(nv_trt_llm_\w+|pipeline_\w+)\{(.*)\} (\S+)$", line):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            assert labels["model"] == "tensorrt_llm" and labels["version"] == "1", line
+            kind = labels.get("kv_cache_block_type") or labels.get("request_type") or ""
+            values[f"{match.group(1)}/{kind}"] = float(match.group(3))
+    blocks = "nv_trt_llm_kv_cache_block_metrics/"
+    assert values[blocks + "max"] > 0 and values[blocks + "tokens_per"] == 32
+    assert values[blocks + "used"] + values[blocks + "free"] == values[blocks + "max"]
+    assert values[blocks + "fraction"] == pytest.approx(values[blocks + "used"] / values[blocks + "max"])
+    requests = "nv_trt_llm_request_metrics/"
+    assert values[requests + "max"] == served.cfg.build.max_batch_size
+    assert values[requests + "active"] == values[requests + "scheduled"] + values[requests + "waiting"]
+    assert values["pipeline_kv_cache_resident_bytes/"] > 0  # the request above wrote blocks
+
+
 def test_a_stop_request_cancels_the_running_request_with_its_id(served: Served) -> None:
     ids = served.chat_ids("Count from one to one thousand.")
     body = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 400}

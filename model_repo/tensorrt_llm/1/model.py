@@ -39,7 +39,15 @@ from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
 from reference_runtime.generate import Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
-from reference_runtime.scheduler import CANCELLED, FORWARD_FAILED, QUEUE_FULL, Scheduler, SchedulerConfig
+from reference_runtime.scheduler import (
+    CANCELLED,
+    FORWARD_FAILED,
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
+    Scheduler,
+    SchedulerConfig,
+)
+from stats import EngineStats
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 MAX_RETURN_SEQUENCES = 16
@@ -72,9 +80,16 @@ class TritonPythonModel:
             self.grammars = Grammars(tokenizer_dir, self.vocab_size)
         self.scheduler: Scheduler | None = None
         self.live: dict[str, list[Any]] = {}  # request id -> its sequences, for stop requests
+        self.stats: EngineStats | None = None
         if self.decoupled and params.get("batching", "inflight") == "inflight":
             self.scheduler = Scheduler(self.model, self._scheduler_config(config, params))
             self.scheduler.start()
+            cache = self.scheduler.cache
+            block_bytes = (cache.keys.nbytes + cache.values.nbytes) // (cache.num_blocks + 1)
+            try:
+                self.stats = EngineStats(self.scheduler, block_bytes, args["model_name"], args["model_version"])
+            except Exception as error:  # metrics off (--allow-metrics=false): serving goes on without them
+                pb_utils.Logger.log_warn(f"engine metrics are not published: {error}")
 
     def _scheduler_config(self, config: dict[str, Any], params: dict[str, str]) -> SchedulerConfig:
         """The in-flight scheduler's knobs, from the parameters the GPU backend reads too (the
@@ -99,7 +114,7 @@ class TritonPythonModel:
             enable_chunked_context=params["enable_chunked_context"] == "true",
             enable_kv_cache_reuse=params["enable_kv_cache_reuse"] == "true",
             cancellation_check_period_ms=int(params["cancellation_check_period_ms"]),
-            max_queue_size=_max_queue_size(config),
+            **_queue_policy(config),
         )
         pb_utils.Logger.log_info(
             f"in-flight batching: KV cache of {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB), "
@@ -109,6 +124,8 @@ class TritonPythonModel:
         return scheduler
 
     def finalize(self) -> None:
+        if self.stats is not None:
+            self.stats.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         self.beams.stop()
@@ -272,11 +289,15 @@ class TritonPythonModel:
             reply.on_close = lambda: self.live.pop(key, None)
 
 
-def _max_queue_size(config: dict[str, Any]) -> int:
-    """The bound of ``dynamic_batching.default_queue_policy`` in config.pbtxt: on the CPU target
-    requests wait in the scheduler rather than in Triton's queue, so the scheduler applies it."""
+def _queue_policy(config: dict[str, Any]) -> dict[str, int]:
+    """The bound and the timeout of ``dynamic_batching.default_queue_policy`` in config.pbtxt: on
+    the CPU target requests wait in the scheduler rather than in Triton's queue, so the scheduler
+    applies them."""
     policy = (config.get("dynamic_batching") or {}).get("default_queue_policy") or {}
-    return int(policy.get("max_queue_size") or 0)
+    return {
+        "max_queue_size": int(policy.get("max_queue_size") or 0),
+        "queue_timeout_ms": int(policy.get("default_timeout_microseconds") or 0) // 1000,
+    }
 
 
 def _send_error(sender: Any, message: str) -> None:
@@ -287,7 +308,7 @@ def _send_error(sender: Any, message: str) -> None:
         error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "CANCELLED", None))
     elif message.startswith(FORWARD_FAILED):
         error = pb_utils.TritonError(message)
-    elif message.startswith(QUEUE_FULL):  # as Triton answers a full queue: come back later
+    elif message.startswith((QUEUE_FULL, QUEUE_TIMEOUT)):  # as Triton answers these: come back later
         error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "UNAVAILABLE", None))
     else:
         error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)

@@ -156,6 +156,10 @@ class TritonPythonModel:
         # is noticed here within WATCH_PERIOD_S, not at the engine's next response, which for a
         # queued request comes only after its whole prompt is prefilled
         self.watched: dict[str, Any] = {}
+        # held while the watcher asks clients and while a request leaves ``watched``: a request is
+        # asked only before its final response (asking after it crashes Triton 2.51, whose
+        # response factory is freed by then)
+        self.watch_lock = threading.Lock()
         self.closing = threading.Event()
         threading.Thread(target=self._watch, name="bls-cancellations", daemon=True).start()
 
@@ -212,14 +216,15 @@ class TritonPythonModel:
                 inputs=engine_inputs,
                 request_id=engine_id,
             )
-            if self.engine_decoupled:  # a non-decoupled engine has no stop input
-                with self.lock:
-                    self.watched[engine_id] = request
-            responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
             stream = pb_utils.get_input_tensor_by_name(request, "stream")
             streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
             stream_key = uuid.uuid4().hex if streaming else None
+            responses: Any = iter(())
+            if self.engine_decoupled:  # a non-decoupled engine has no stop input
+                with self.watch_lock:
+                    self.watched[engine_id] = request
             try:
+                responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
                 for response in responses:
                     if request.is_cancelled():  # the client went away: so does the engine's request
                         self._stop(engine_id)
@@ -232,7 +237,7 @@ class TritonPythonModel:
                 # Triton 2.51 aborts when an engine answers a BLS request whose iterator is gone
                 for _ in responses:
                     pass
-                with self.lock:
+                with self.watch_lock:
                     self.watched.pop(engine_id, None)
             sender.send(flags=FINAL)
         except Exception as error:  # every failure reaches the client as an error response
@@ -247,16 +252,18 @@ class TritonPythonModel:
     def _watch(self) -> None:
         """Stop the engine's request of every client that went away."""
         while not self.closing.wait(WATCH_PERIOD_S):
-            with self.lock:
-                running = list(self.watched.items())
-            for engine_id, request in running:
-                try:
-                    gone = request.is_cancelled()
-                except Exception:  # the request is gone with its client
-                    gone = True
+            left = []
+            with self.watch_lock:
+                for engine_id, request in self.watched.items():
+                    try:
+                        if request.is_cancelled():
+                            left.append(engine_id)
+                    except Exception:  # the request is gone with its client
+                        left.append(engine_id)
+            for engine_id in left:
                 # a request still in Triton's queue is unknown to the engine: asked again next time
-                if gone and self._stop(engine_id):
-                    with self.lock:
+                if self._stop(engine_id):
+                    with self.watch_lock:
                         self.watched.pop(engine_id, None)
 
     def _stop(self, engine_id: str) -> bool:
