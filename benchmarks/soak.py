@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import random
+import re
 import statistics
 import threading
 import time
@@ -209,15 +210,20 @@ def _server_usage(running: server.Server) -> tuple[float, int, dict[str, int]]:
     return rss / 2**20, sum(threads.values()), threads
 
 
-def _kv_pool_mib(running: server.Server) -> float:
-    """What of the engine's KV cache pool is resident (the engine model's own gauge): the pool is
-    allocated lazily and fills as prefixes are cached, up to its fixed budget."""
+def _gauges(running: server.Server) -> dict[str, float]:
+    """The engine model's gauges: what of its KV cache pool is resident (the pool is allocated
+    lazily and fills as prefixes are cached, up to its fixed budget), and its requests by state."""
     import urllib.request
 
     with urllib.request.urlopen(running.metrics_url, timeout=10) as response:
         text = response.read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(RESIDENT_GAUGE)]
-    return sum(values) / 2**20
+    gauges = {}
+    for line in text.splitlines():
+        if line.startswith(RESIDENT_GAUGE):
+            gauges["kv_pool_resident_mib"] = float(line.rsplit(" ", 1)[1]) / 2**20
+        elif match := re.match(r'nv_trt_llm_request_metrics\{.*request_type="(\w+)".*\} (\S+)$', line):
+            gauges[f"engine_requests_{match.group(1)}"] = float(match.group(2))
+    return gauges
 
 
 def soak(workdir: Path, seconds: float) -> dict[str, Any]:
@@ -256,7 +262,7 @@ def run(
         worker.start()
     time.sleep(warmup)
     rss_start, threads_start, _ = _server_usage(running)
-    pool_start = _kv_pool_mib(running)
+    pool_start = _gauges(running)["kv_pool_resident_mib"]
     print(
         f"after {warmup:.0f} s of warm-up: server {rss_start:.0f} MiB ({pool_start:.0f} MiB of it the KV cache "
         f"pool), {threads_start} threads",
@@ -279,7 +285,8 @@ def run(
         worker.join(timeout=180)
     time.sleep(settle_s)  # cancelled requests leave the batch at their next step
     rss_end, threads_end, threads_by_process = _server_usage(running)
-    pool_end = _kv_pool_mib(running)
+    gauges_end = _gauges(running)
+    pool_end = gauges_end["kv_pool_resident_mib"]
     # beside the pool, which only fills up to its fixed budget as prefixes are cached
     other_start, other_end = rss_start - pool_start, rss_end - pool_end
     assert burst_done is not None
@@ -303,6 +310,7 @@ def run(
         "rss_beside_kv_pool_growth_pct": round((other_end - other_start) / other_start * 100, 1),
         "server_threads": [threads_start, threads_end],
         "threads_by_process_at_end": threads_by_process,
+        "engine_requests_at_end": {k: v for k, v in gauges_end.items() if k.startswith("engine_requests_")},
         "warmup_s": warmup,
         "probes": len(probes),
         "probe_ttft_ms_median_before_burst": round(normal, 1),

@@ -278,7 +278,11 @@ class TritonPythonModel:
         sequences = []
         for client in reply.clients:
             sequence = self.scheduler.submit(
-                client.parsed, client.token, client.finish, client.error, is_cancelled=request.is_cancelled
+                client.parsed,
+                client.token,
+                client.finish,
+                client.error,
+                is_cancelled=lambda request=request: reply.client_left(request),
             )
             if sequence is not None:
                 sequences.append(sequence)
@@ -348,24 +352,34 @@ class _Reply:
         self.siblings: list[Any] = []  # the scheduler's sequences, cancelled when one fails
         self.scheduler: Scheduler | None = None
         self.on_close: Any = None
+        # sequences of one request answer from the scheduler's thread and, when refused, from
+        # execute's: nothing is sent, and the client is not asked, once the final response is out
+        # (Triton 2.51 frees the request's response factory then, and a late call crashes it)
+        self.lock = threading.Lock()
 
     def send(self, response: Any, last: bool) -> None:
-        if self.closed:
-            return
-        if last:
-            self.open -= 1
-        final = self.open == 0
-        if final:
-            self.sender.send(response, flags=FINAL)
-            self._close()
-        elif response is not None:  # nothing to say before the end: the closing response says it
-            self.sender.send(response)
+        with self.lock:
+            if self.closed:
+                return
+            if last:
+                self.open -= 1
+            if self.open == 0:
+                self.sender.send(response, flags=FINAL)
+                self._close()
+            elif response is not None:  # nothing to say before the end: the closing response says it
+                self.sender.send(response)
+
+    def client_left(self, request: Any) -> bool:
+        """The scheduler's cancellation check: a closed request is not asked again."""
+        with self.lock:
+            return self.closed or bool(request.is_cancelled())
 
     def fail(self, message: str) -> None:
-        if self.closed:
-            return
-        _send_error(self.sender, message)
-        self._close()
+        with self.lock:
+            if self.closed:
+                return
+            _send_error(self.sender, message)
+            self._close()
         if self.scheduler is not None:  # the request is over: its other sequences stop too
             for sequence in self.siblings:
                 self.scheduler.cancel(sequence)
