@@ -44,9 +44,11 @@ test: venv aiperf
 	$(PY) -m pytest
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
-# full quantize matrix) and gpu; about 90 s on 2 cores. CI runs `make test`.
+# full quantize matrix) and gpu, on two workers (these tests spend much of their time in
+# subprocesses and waits): about 85 s on 2 cores, 115 s on one. CI runs `make test`, whose shared
+# Triton server and model fixtures are built once, on one worker.
 test-fast: venv
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu" -n 2
 
 # ruff (style), import-linter (the one-way layers in pyproject.toml) and mypy (types of pipeline/)
 lint: venv
