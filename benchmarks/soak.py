@@ -284,6 +284,8 @@ def run(
     for worker in workers:
         worker.join(timeout=180)
     time.sleep(settle_s)  # cancelled requests leave the batch at their next step
+    if not running.alive():  # Triton 2.51 can crash under cancellations: say so, not a socket error
+        raise SystemExit(f"soak: Triton died during the soak (its log: {running.log_file})")
     rss_end, threads_end, threads_by_process = _server_usage(running)
     gauges_end = _gauges(running)
     pool_end = gauges_end["kv_pool_resident_mib"]
