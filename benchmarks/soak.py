@@ -38,6 +38,7 @@ import psutil
 
 from pipeline import app, runner, validate
 from pipeline.deploy import server
+from pipeline.runtime.scheduler import QUEUE_FULL
 from pipeline.stages import STAGES
 
 STREAMS = 32
@@ -45,7 +46,6 @@ BURST = 500
 CANCEL_FRACTION = 0.1
 WARMUP_S = 60.0  # at most; a short soak warms up for a fifth of its length
 PROBE_EVERY_S = 2.0
-QUEUE_FULL = "Exceeds maximum queue size"
 RESIDENT_GAUGE = "pipeline_kv_cache_resident_bytes"
 WORDS = [
     "the",

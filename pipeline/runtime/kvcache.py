@@ -75,8 +75,8 @@ class KVCache:
         self._zero(self.padding_block)
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # unnamed, never handed out yet first
-        # blocks written at least once: the part of the pool that is resident in host memory
-        self.resident = bytearray(num_blocks)
+        # blocks written at least once (the part of the pool resident in host memory). Never used
+        # blocks leave ``free`` lowest first, so those written are always 0..resident_blocks-1
         self.resident_blocks = 0
         self.evictable: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, oldest first
         self.by_name: dict[bytes, int] = {}
@@ -93,6 +93,12 @@ class KVCache:
     def available(self) -> int:
         """Blocks that can be handed out now: free ones and named ones nobody holds."""
         return len(self.free) + len(self.evictable)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Host memory the pool's written blocks hold (the rest of the pool is not touched yet)."""
+        per_block = (self.keys.nbytes + self.values.nbytes) // (self.num_blocks + 1)
+        return self.resident_blocks * per_block
 
     @property
     def used(self) -> int:
@@ -141,9 +147,7 @@ class KVCache:
             del self.by_name[self.name_of.pop(block)]
         self.refs[block] = 1
         self._zero(block)
-        if not self.resident[block]:
-            self.resident[block] = 1
-            self.resident_blocks += 1
+        self.resident_blocks = max(self.resident_blocks, block + 1)
         return block
 
     def _zero(self, block: int) -> None:

@@ -84,10 +84,8 @@ class TritonPythonModel:
         if self.decoupled and params.get("batching", "inflight") == "inflight":
             self.scheduler = Scheduler(self.model, self._scheduler_config(config, params))
             self.scheduler.start()
-            cache = self.scheduler.cache
-            block_bytes = (cache.keys.nbytes + cache.values.nbytes) // (cache.num_blocks + 1)
             try:
-                self.stats = EngineStats(self.scheduler, block_bytes, args["model_name"], args["model_version"])
+                self.stats = EngineStats(self.scheduler, args["model_name"], args["model_version"])
             except Exception as error:  # metrics off (--allow-metrics=false): serving goes on without them
                 pb_utils.Logger.log_warn(f"engine metrics are not published: {error}")
 

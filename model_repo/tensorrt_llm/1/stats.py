@@ -18,8 +18,8 @@ PERIOD_S = 1.0  # upstream publishes its iteration stats about as often
 class EngineStats:
     """A thread that copies the scheduler's counters into Triton's metrics every PERIOD_S."""
 
-    def __init__(self, scheduler: Any, block_bytes: int, model: str, version: str) -> None:
-        self.scheduler, self.block_bytes = scheduler, block_bytes
+    def __init__(self, scheduler: Any, model: str, version: str) -> None:
+        self.scheduler = scheduler
         labels = {"model": model, "version": version}
         blocks = pb_utils.MetricFamily(
             name="nv_trt_llm_kv_cache_block_metrics",
@@ -77,7 +77,7 @@ class EngineStats:
                 ("waiting", waiting),
             ):
                 self.requests[kind].set(value)
-            self.resident.set(cache.resident_blocks * self.block_bytes)
+            self.resident.set(cache.resident_bytes)
             if self.closing.wait(PERIOD_S):
                 return
 

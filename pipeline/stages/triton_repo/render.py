@@ -119,6 +119,9 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
     """Every placeholder of every template, from the config."""
     triton, build = cfg.triton, cfg.build
     batch = build.max_batch_size
+    # requests the repository holds at once: the engine's batch and its queue (0, no queue bound,
+    # still gets one: unbounded thread pools and queues are what a flood must not get)
+    in_flight = batch + (queue_size(cfg) or QUEUE_PER_BATCH * batch)
     preferred = triton.preferred_batch_sizes or [batch]
     delay = triton.max_queue_delay_microseconds
     if delay is None:  # in-flight batching admits requests at every step: waiting only adds latency
@@ -132,8 +135,8 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
         # preprocessing is where the ensemble's requests wait first: it holds what the engine
         # would; postprocessing is fed only by the engine's admitted requests, and a bound there
         # must never cut a stream, so it gets room for several steps of every running sequence
-        "preprocessing_queue_size": str(batch + (queue_size(cfg) or QUEUE_PER_BATCH * batch)),
-        "postprocessing_queue_size": str(QUEUE_PER_BATCH * (batch + (queue_size(cfg) or QUEUE_PER_BATCH * batch))),
+        "preprocessing_queue_size": str(in_flight),
+        "postprocessing_queue_size": str(QUEUE_PER_BATCH * in_flight),
         "preferred_batch_sizes": ", ".join(str(s) for s in preferred),
         "decoupled": _flag(triton.streaming),
         "backend": "tensorrtllm" if cfg.target.is_gpu else "python",
@@ -146,8 +149,7 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
         "preprocessing_instances": str(triton.preprocessing_instances),
         "postprocessing_instances": str(triton.postprocessing_instances),
         "bls_instances": str(triton.bls_instances),
-        # 0 (no queue bound) still gets a pool: one thread per request is what a flood must not get
-        "bls_max_concurrent_requests": str(batch + (queue_size(cfg) or QUEUE_PER_BATCH * batch)),
+        "bls_max_concurrent_requests": str(in_flight),
     }
 
 
