@@ -8,6 +8,7 @@ import queue
 import re
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -119,20 +120,32 @@ def test_grpc_streaming_through_tritonclient(served: Served) -> None:
 
 
 def test_a_request_joins_the_running_batch_and_leaves_before_a_long_one(served: Served) -> None:
-    """In-flight batching: a short request sent while a long one runs is admitted at the next step
-    and answered while the long one is still generating (run to completion would make it wait)."""
-    ended: dict[str, float] = {}
+    """In-flight batching: a short request sent while a long one streams is admitted at the next step
+    and answered while the long one is still generating (run to completion would make it wait).
+    Event-driven, not timed: the short one goes out once the long one's first token has arrived, and
+    the long one ignores the end token so it cannot finish early on a fast machine."""
+    first_token, short_done = threading.Event(), threading.Event()
+    tokens_after_short: list[str] = []
+    body = {"text_input": "Count from one to one hundred.", "max_tokens": 64, "stream": True, "end_id": -1}
+    request = urllib.request.Request(
+        f"{served.server.url}/v2/models/ensemble/generate_stream", data=json.dumps(body).encode()
+    )
 
-    def ask(name: str, max_tokens: int) -> None:
-        served.generate(text_input=f"Count from one to one hundred ({name}).", max_tokens=max_tokens)
-        ended[name] = time.monotonic()
+    def stream_long() -> None:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            for line in response:
+                if line.startswith(b"data:"):
+                    first_token.set()
+                    if short_done.is_set():
+                        tokens_after_short.append(line.decode())
 
-    long = threading.Thread(target=ask, args=("long", 40))
+    long = threading.Thread(target=stream_long)
     long.start()
-    time.sleep(0.8)  # the long request is generating by now
-    ask("short", 4)
+    assert first_token.wait(timeout=120)
+    served.generate(text_input="Count from one to one hundred (short).", max_tokens=4)
+    short_done.set()
     long.join(timeout=120)
-    assert ended["short"] < ended["long"], ended
+    assert tokens_after_short, "the short request waited for the long one to finish"
 
 
 def test_prompts_sharing_a_prefix_reuse_cached_blocks_and_report_perf_metrics(served: Served) -> None:
