@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, proc, runner
-from pipeline.config.schema import Endpoint, PipelineConfig, served_model_name, to_yaml
+from pipeline.config import llmapi
+from pipeline.config.schema import Backend, Endpoint, PipelineConfig, served_model_name, to_yaml
 from pipeline.deploy import kubernetes, server
 from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.redact import redact, url_without_credentials
@@ -61,7 +63,9 @@ def plan(cfg: PipelineConfig) -> None:
     names = [s.name for s in steps]
     if "quantize" in names:
         print(f"\n# quantize {memory.quantize_placement(cfg)}")
-    if "triton_repo" in names:
+    if "triton_repo" in names and cfg.backend is Backend.pytorch:
+        _print_llmapi_plan(cfg, steps)
+    elif "triton_repo" in names:
         params = render.engine_parameters(cfg)
         print(f"\n# {artifacts.ENGINE_MODEL} model parameters (Triton repository)")
         print("\n".join(f'{key}: "{value}"' for key, value in params.items()))
@@ -73,6 +77,24 @@ def plan(cfg: PipelineConfig) -> None:
     verdict = memory.problems(cfg)
     if verdict:  # after the table, so the user sees what does not fit and what would
         raise ConfigError("; ".join(verdict))
+
+
+def _print_llmapi_plan(cfg: PipelineConfig, steps: list[Step]) -> None:
+    """backend=pytorch: the LLM API's arguments and both ways to serve them."""
+    print(f"\n# LLM API arguments ({artifacts.REPO_MODEL_YAML}, and trtllm-serve's {llmapi.OPTIONS_FILE})")
+    print(llmapi.options_yaml(llmapi.options(cfg)).rstrip())
+    print("\n# serve with Triton's LLM-API model (python -m pipeline serve)")
+    print(_serve_line(cfg, _repository_step(steps)))
+    engine = next(s for s in steps if s.name == "engine").dirs.final
+    argv = llmapi.trtllm_serve_argv(
+        cfg,
+        engine / artifacts.ENGINE,
+        engine / llmapi.OPTIONS_FILE,
+        cfg.triton.host,
+        cfg.serve.trtllm_serve_port,
+    )
+    print("\n# or with trtllm-serve's OpenAI API (python -m pipeline serve serve.frontend=trtllm-serve, GPU targets)")
+    print(proc.quote(argv))
 
 
 def _print_memory_plan(cfg: PipelineConfig) -> None:
@@ -92,7 +114,10 @@ def _serve_line(cfg: PipelineConfig, step: Step) -> str:
     repo = step.dirs.final / artifacts.REPOSITORY
     world_size = cfg.parallel.world_size
     try:
-        launch = server.launch_for(cfg.triton, repo, cfg.target.is_gpu, world_size, cfg.workdir_path, create=False)
+        llmapi_layout = cfg.backend is Backend.pytorch
+        launch = server.launch_for(
+            cfg.triton, repo, cfg.target.is_gpu, world_size, cfg.workdir_path, create=False, llmapi=llmapi_layout
+        )
     except PipelineError as error:
         return f"(cannot serve here: {error})"
     return f"(cd {repo} && {proc.quote(launch.argv)})"
@@ -120,7 +145,17 @@ def built_target(cfg: PipelineConfig) -> server.Target:
 def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
     """Serve the last build's repository (or the folder ``repo``) until Ctrl-C, with the
     OpenAI-compatible API beside it (openai.enabled)."""
+    if cfg.serve.frontend == "trtllm-serve":
+        serve_trtllm(cfg)
+        return
     target = server.target_of_folder(repo, cfg.workdir_path) if repo else built_target(cfg)
+    openai = cfg.openai.enabled
+    if openai and target.llmapi:
+        log.warning(
+            "the OpenAI gateway speaks to the engine path's models, not the LLM-API model: it is not started "
+            "(on GPU targets serve.frontend=trtllm-serve serves an OpenAI API with backend=pytorch)"
+        )
+        openai = False
 
     def start_gateway(grpc_url: str) -> server.RunningGateway:
         from pipeline.gateway import serve as gateway
@@ -128,7 +163,28 @@ def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
         settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url)
         return gateway.start(cfg.openai, cfg.triton.host, settings)
 
-    server.serve_until_stopped(cfg.triton, target, cfg.workdir_path, start_gateway if cfg.openai.enabled else None)
+    server.serve_until_stopped(cfg.triton, target, cfg.workdir_path, start_gateway if openai else None)
+
+
+def serve_trtllm(cfg: PipelineConfig) -> None:
+    """backend=pytorch on a GPU: trtllm-serve on the built checkpoint with the recorded LLM API
+    arguments, until Ctrl-C (its OpenAI API is the endpoint; `bench benchmark.endpoint=openai`
+    measures it)."""
+    steps = runner.plan(cfg, STAGES)
+    engine = next(s for s in steps if s.name == "engine")
+    if not engine.cached:
+        raise StageError("no finished build for these overrides: run `python -m pipeline build` with them first")
+    if shutil.which("trtllm-serve") is None:
+        raise StageError("trtllm-serve not found: run inside the TensorRT-LLM container, or use serve.frontend=triton")
+    folder = engine.dirs.final
+    argv = llmapi.trtllm_serve_argv(
+        cfg, folder / artifacts.ENGINE, folder / llmapi.OPTIONS_FILE, cfg.triton.host, cfg.serve.trtllm_serve_port
+    )
+    log_file = artifacts.serve_logs(cfg.workdir_path, engine.fingerprint) / "trtllm-serve.log"
+    print(f"serving {folder / artifacts.ENGINE} with trtllm-serve")
+    print(f"  OpenAI API  http://{cfg.triton.host}:{cfg.serve.trtllm_serve_port}/v1   log {log_file}")
+    print("Ctrl-C stops the server", flush=True)
+    proc.run(argv, log_file, timeout_s=None)
 
 
 def bench(cfg: PipelineConfig, url: str | None = None) -> None:
@@ -167,7 +223,7 @@ def _bench_tokenizer(cfg: PipelineConfig, target: server.Target | None, url: str
             f"bench url={url_without_credentials(url or '')} needs the served model's tokenizer for exact prompt "
             "lengths: build with the same overrides first, or give benchmark.tokenizer=<folder>"
         )
-    return target.repo / artifacts.REPO_TOKENIZER_DIR
+    return target.tokenizer_dir
 
 
 def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = None) -> None:

@@ -38,6 +38,8 @@ SERVER_LOG = "server.log"
 ENGINE_MODEL = "tensorrt_llm"
 REPO_TOKENIZER_DIR = "preprocessing/tokenizer"
 REPO_ENGINE_DIR = f"{ENGINE_MODEL}/1/engine"
+REPO_CHECKPOINT_DIR = f"{ENGINE_MODEL}/1/checkpoint"  # backend=pytorch: the unified checkpoint (and its tokenizer)
+REPO_MODEL_YAML = f"{ENGINE_MODEL}/1/model.yaml"  # backend=pytorch: the LLM API's arguments
 REPO_XGRAMMAR_INFO = f"{ENGINE_MODEL}/1/xgrammar_tokenizer_info.json"  # the GPU backend's guided decoding
 
 

@@ -161,6 +161,7 @@ def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     problems += rules.architecture_problems(cfg.model.name, cfg.model.arch.architectures, cfg.target.is_gpu)
     problems += rules.parallel_problems(cfg)
     problems += rules.gpu_format_problems(cfg)
+    problems += rules.backend_problems(cfg)
     problems += _quant_problems(cfg)
     problems += _build_problems(cfg)
     problems += _triton_problems(cfg)

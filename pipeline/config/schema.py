@@ -27,11 +27,23 @@ class Source(StrEnum):
 class Endpoint(StrEnum):
     triton = "triton"  # KServe v2 gRPC streaming to the repository's entry model
     openai = "openai"  # any OpenAI-compatible server: /v1/completions with SSE streaming
+    # Triton's LLM-API model (backend=pytorch): sampling_param_* inputs over gRPC streaming; a
+    # build's own benchmark of such a repository uses it whenever endpoint=triton
+    llmapi = "llmapi"
 
 
 class BenchTool(StrEnum):
     pipeline = "pipeline"  # the pipeline's own load generator
     aiperf = "aiperf"  # the same, then NVIDIA AIPerf at every load point, as a cross-check
+
+
+class Backend(StrEnum):
+    # TensorRT-LLM 1.1/1.2: trtllm-build compiles engines from a TensorRT-LLM checkpoint; Triton
+    # serves them with its tensorrtllm backend (preprocessing, engine, postprocessing models)
+    tensorrt = "tensorrt"
+    # TensorRT-LLM >= 1.3 (the only backend left there): the PyTorch backend loads ModelOpt's
+    # unified Hugging Face checkpoint, no build; served by Triton's LLM-API python model or trtllm-serve
+    pytorch = "pytorch"
 
 
 class DType(StrEnum):
@@ -188,6 +200,7 @@ class BuildConfig:
     fp8_low_latency_gemm: bool = False  # FP8 on Hopper: low-latency GEMM and GEMM+SwiGLU plugins (latency preset)
     workers: int | None = None  # ranks built in parallel; null: every rank the target's GPUs allow
     timing_cache: bool = True  # reuse <workdir>/timing-sm<SM>.cache across builds
+    cuda_graphs: bool = True  # backend=pytorch: decode steps as CUDA graphs, batches padded up to max_batch_size
     extra_args: list[str] = field(default_factory=list)  # any other trtllm-build flag, e.g. [--strip_plan]
     timeout_s: int = 7200
 
@@ -259,6 +272,10 @@ class TritonConfig:
     # xgrammar tokenizer-info file the backend needs, the CPU engine model xgrammar itself
     guided_decoding: bool = True
     add_special_tokens: bool = False  # when chat_template is off: let the tokenizer add BOS
+    # backend=pytorch on GPU targets: TensorRT-LLM's triton_backend/all_models/llmapi/tensorrt_llm/1
+    # at the installed version, whose model.py and helpers.py the repository copies; null: the
+    # PIPELINE_LLMAPI_MODEL_DIR environment variable (set by the Dockerfile)
+    llmapi_model_dir: str | None = None
     # engine (GPU) settings of Triton's TensorRT-LLM backend
     batching_strategy: BatchingStrategy = BatchingStrategy.inflight_fused_batching
     batch_scheduler_policy: SchedulerPolicy = SchedulerPolicy.guaranteed_no_evict
@@ -358,6 +375,17 @@ class OpenAIConfig:
 
 
 @dataclass
+class ServeConfig:
+    """What `serve` starts on GPU targets."""
+
+    # triton: tritonserver with the rendered repository (and the OpenAI gateway beside it);
+    # trtllm-serve (backend=pytorch, GPU targets): trtllm-serve's own OpenAI server on the checkpoint.
+    # A string, not an enum: OmegaConf matches enum names, and "trtllm-serve" is not a Python name.
+    frontend: str = "triton"
+    trtllm_serve_port: int = 8000  # frontend=trtllm-serve: its HTTP port (OpenAI API, /health, /metrics)
+
+
+@dataclass
 class PipelineConfig:
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
@@ -368,6 +396,8 @@ class PipelineConfig:
     tracking: TrackingConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    backend: Backend = Backend.tensorrt
+    serve: ServeConfig = field(default_factory=ServeConfig)
     workdir: str = "./artifacts"
     force: bool = False  # redo every stage even when its artifacts are cached
     redo: list[str] = field(default_factory=list)  # redo these stages only, e.g. redo=[quantize]

@@ -2,7 +2,9 @@
 
 GPU targets run ``tritonserver`` from the TensorRT-LLM container; for world_size > 1 one server per
 rank under one ``mpirun``, as upstream's launcher does (rank 0 serves every model, the other ranks
-load only the engine model). The CPU target runs the ``tritonserver`` bundled in the
+load only the engine model). The LLM-API repository of ``backend=pytorch`` runs one
+``tritonserver``, under ``mpirun ... trtllm-llmapi-launch`` for world_size > 1 (rank 0 serves,
+the others are the LLM API's workers). The CPU target runs the ``tritonserver`` bundled in the
 ``nvidia-pytriton`` wheel with its python backend. Commands are built by pure functions.
 """
 
@@ -24,7 +26,14 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline import proc
-from pipeline.artifacts import ENGINE_MODEL, REPOSITORY_JSON, serve_logs, triton_backends
+from pipeline.artifacts import (
+    ENGINE_MODEL,
+    REPO_CHECKPOINT_DIR,
+    REPO_TOKENIZER_DIR,
+    REPOSITORY_JSON,
+    serve_logs,
+    triton_backends,
+)
 from pipeline.config.schema import TritonConfig
 from pipeline.errors import StageError
 from pipeline.workspace import copy_atomic
@@ -71,7 +80,24 @@ def mpirun_argv(triton: TritonConfig, repo: Path, world_size: int, binary: str =
     return argv[:-1]
 
 
-def gpu_launch(triton: TritonConfig, repo: Path, world_size: int) -> Launch:
+def llmapi_argv(triton: TritonConfig, repo: Path, world_size: int) -> list[str]:
+    """The LLM-API repository: one server; with world_size > 1 under ``trtllm-llmapi-launch``, which
+    runs it on rank 0 and makes the other ranks the LLM API's MPI workers."""
+    if world_size == 1:
+        return tritonserver_argv(triton, repo)
+    return [
+        "mpirun",
+        "--allow-run-as-root",
+        "-n",
+        str(world_size),
+        "trtllm-llmapi-launch",
+        *tritonserver_argv(triton, repo),
+    ]
+
+
+def gpu_launch(triton: TritonConfig, repo: Path, world_size: int, llmapi: bool = False) -> Launch:
+    if llmapi:
+        return Launch(llmapi_argv(triton, repo, world_size), cwd=repo)
     argv = tritonserver_argv(triton, repo) if world_size == 1 else mpirun_argv(triton, repo, world_size)
     # the engine path inside the repository is relative to its root
     return Launch(argv, cwd=repo)
@@ -117,10 +143,16 @@ def cpu_launch(triton: TritonConfig, repo: Path, workdir: Path, create: bool = T
 
 
 def launch_for(
-    triton: TritonConfig, repo: Path, on_gpu: bool, world_size: int, workdir: Path, create: bool = True
+    triton: TritonConfig,
+    repo: Path,
+    on_gpu: bool,
+    world_size: int,
+    workdir: Path,
+    create: bool = True,
+    llmapi: bool = False,
 ) -> Launch:
     if on_gpu:
-        return gpu_launch(triton, repo, world_size)
+        return gpu_launch(triton, repo, world_size, llmapi)
     return cpu_launch(triton, repo, workdir, create)
 
 
@@ -247,6 +279,16 @@ class Target:
     world_size: int
     entry_model: str
     log_dir: Path
+    backend: str = "tensorrt"  # pytorch: upstream's LLM-API layout (one model, text in and out)
+
+    @property
+    def llmapi(self) -> bool:
+        return self.backend == "pytorch"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The LLM-API layout keeps the tokenizer in the checkpoint, the engine path in preprocessing."""
+        return self.repo / (REPO_CHECKPOINT_DIR if self.llmapi else REPO_TOKENIZER_DIR)
 
 
 def target_of_folder(path: str, workdir: Path) -> Target:
@@ -260,8 +302,9 @@ def target_of_repository(repo: Path, log_dir: Path) -> Target:
     path = repo / REPOSITORY_JSON  # written by the triton_repo stage
     try:
         info = json.loads(path.read_text())
-        on_gpu = info["runtime"] == "tensorrt_llm"
-        return Target(repo, on_gpu, int(info["world_size"]), str(info["entry_model"]), log_dir)
+        on_gpu = info["runtime"] in ("tensorrt_llm", "pytorch")
+        backend = str(info.get("backend", "tensorrt"))
+        return Target(repo, on_gpu, int(info["world_size"]), str(info["entry_model"]), log_dir, backend)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise StageError(
             f"{path} is missing or damaged ({type(error).__name__}: {error}): render the repository again "
@@ -284,14 +327,15 @@ def serve_until_stopped(
     """Serve until Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt); a server that dies
     is an error. ``gateway`` starts the OpenAI-compatible API once Triton is ready (given Triton's
     gRPC URL) and is stopped with it."""
-    launch = launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir)
+    launch = launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir, llmapi=target.llmapi)
     log_file = target.log_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with Server(launch, triton, log_file) as server:
         print(f"serving {target.repo}")
         print(f"  HTTP  {server.url}/v2/models/{target.entry_model}/generate (and /generate_stream)")
         print(f"  gRPC  {server.grpc_url}   metrics {server.metrics_url}   log {log_file}")
+        length = "sampling_param_max_tokens" if target.llmapi else "max_tokens"
         print(
-            f'  try:  curl -s -d \'{{"text_input": "What is the capital of France?", "max_tokens": 20}}\' '
+            f'  try:  curl -s -d \'{{"text_input": "What is the capital of France?", "{length}": 20}}\' '
             f"{server.url}/v2/models/{target.entry_model}/generate"
         )
         api = gateway(server.grpc_url) if gateway is not None else None

@@ -1,13 +1,20 @@
-"""TensorRT-LLM checkpoint -> a transformers model, the CPU target's stand-in for an engine.
+"""TensorRT-LLM checkpoint, or ModelOpt's unified Hugging Face checkpoint -> a transformers model,
+the CPU target's stand-in for an engine (or for the PyTorch backend).
 
-Reads ``config.json`` and ``rank{N}.safetensors`` (rank = pp_rank * tp + tp_rank), dequantizes
-each rank's tensors with that rank's own scales (FP8 per-tensor; INT4-AWQ packed nibbles with
-per-group scales; INT8 SmoothQuant per-channel; NVFP4 E2M1 blocks with FP8 block scales), merges
-tensor-parallel shards (fused q/k/v split by heads, KV heads replicated when tp exceeds them,
-column- and row-parallel layers, vocab-sharded embedding and lm_head), orders pipeline stages, and
-loads the result into transformers' own Llama code. Quantized activations are simulated with
-forward pre-hooks on each linear layer (AWQ / SmoothQuant pre-quant scales, FP8 or INT8 per-tensor
-activation scales), so the model computes what the engine would, up to kernel rounding.
+A TensorRT-LLM checkpoint (its config.json has a ``mapping``): reads ``config.json`` and
+``rank{N}.safetensors`` (rank = pp_rank * tp + tp_rank), dequantizes each rank's tensors with that
+rank's own scales (FP8 per-tensor; INT4-AWQ packed nibbles with per-group scales; INT8 SmoothQuant
+per-channel; NVFP4 E2M1 blocks with FP8 block scales), merges tensor-parallel shards (fused q/k/v
+split by heads, KV heads replicated when tp exceeds them, column- and row-parallel layers,
+vocab-sharded embedding and lm_head), orders pipeline stages, and loads the result into
+transformers' own Llama code. Quantized activations are simulated with forward pre-hooks on each
+linear layer (AWQ / SmoothQuant pre-quant scales, FP8 or INT8 per-tensor activation scales), so the
+model computes what the engine would, up to kernel rounding.
+
+A unified checkpoint (``export_hf_checkpoint``: Hugging Face names and config.json, the format in
+``hf_quant_config.json``, scales beside each weight as ``weight_scale``, ``weight_scale_2``,
+``input_scale`` and ``pre_quant_scale``; what TensorRT-LLM's PyTorch backend loads) holds the same
+quantized tensors unsharded, and is dequantized the same way.
 """
 
 from __future__ import annotations
@@ -73,13 +80,32 @@ def unpack_fp4_cols(packed: torch.Tensor) -> torch.Tensor:
     return FP4_VALUES[codes]
 
 
-def dequantize(tensors: dict[str, torch.Tensor], prefix: str, algo: str | None) -> tuple[torch.Tensor, ActivationQuant]:
+@dataclass(frozen=True)
+class ScaleNames:
+    """What a format calls the tensors stored beside a quantized weight."""
+
+    weight: str
+    weight_2: str
+    activation: str
+    pre_quant: str
+
+
+TRTLLM_SCALES = ScaleNames(
+    "weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor", "prequant_scaling_factor"
+)
+UNIFIED_SCALES = ScaleNames("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+UNIFIED_KV_SCALES = ("k_scale", "v_scale")  # the KV cache's FP8 scales: the reference runtime keeps K/V unquantized
+
+
+def dequantize(
+    tensors: dict[str, torch.Tensor], prefix: str, algo: str | None, names: ScaleNames = TRTLLM_SCALES
+) -> tuple[torch.Tensor, ActivationQuant]:
     """The float32 weight of one rank's linear layer and how its input is quantized."""
     weight = tensors[f"{prefix}.weight"]
-    scale = tensors.get(f"{prefix}.weights_scaling_factor")
-    scale2 = tensors.get(f"{prefix}.weights_scaling_factor_2")
-    act_scale = tensors.get(f"{prefix}.activation_scaling_factor")
-    pqs = tensors.get(f"{prefix}.prequant_scaling_factor")
+    scale = tensors.get(f"{prefix}.{names.weight}")
+    scale2 = tensors.get(f"{prefix}.{names.weight_2}")
+    act_scale = tensors.get(f"{prefix}.{names.activation}")
+    pqs = tensors.get(f"{prefix}.{names.pre_quant}")
     if scale is None:  # not quantized (e.g. lm_head, or quant=none)
         return weight.float(), ActivationQuant()
     if algo == "FP8":
@@ -116,9 +142,17 @@ class Checkpoint:
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     activations: dict[str, ActivationQuant]  # HF linear name -> input quantization
+    unified: bool = False  # config is a Hugging Face config.json (else TensorRT-LLM's)
+
+
+def is_unified(folder: Path) -> bool:
+    """ModelOpt's unified Hugging Face export, as opposed to a TensorRT-LLM checkpoint (which maps ranks)."""
+    return "mapping" not in json.loads((folder / "config.json").read_text())
 
 
 def read(folder: Path) -> Checkpoint:
+    if is_unified(folder):
+        return read_unified(folder)
     config = json.loads((folder / "config.json").read_text())
     mapping = config["mapping"]
     tp, pp = mapping["tp_size"], mapping["pp_size"]
@@ -173,6 +207,44 @@ def read(folder: Path) -> Checkpoint:
     return Checkpoint(config, state, acts)
 
 
+def read_unified(folder: Path) -> Checkpoint:
+    """A unified Hugging Face checkpoint: every weight dequantized with the scales stored beside it."""
+    config = json.loads((folder / "config.json").read_text())
+    quant_file = folder / "hf_quant_config.json"
+    quantization = json.loads(quant_file.read_text()).get("quantization", {}) if quant_file.is_file() else {}
+    algo = quantization.get("quant_algo")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    side = {f".{name}" for name in (*vars(UNIFIED_SCALES).values(), *UNIFIED_KV_SCALES)}
+    state: dict[str, torch.Tensor] = {}
+    acts: dict[str, ActivationQuant] = {}
+    for key in tensors:
+        if key.endswith(".weight"):
+            prefix = key.removesuffix(".weight")
+            state[key], act = dequantize(tensors, prefix, algo, UNIFIED_SCALES)
+            if act.pre_quant_scale is not None or act.scale is not None:
+                acts[prefix] = act
+        elif not key.endswith(tuple(side)):
+            state[key] = tensors[key].float()  # biases and other plain tensors
+    if "lm_head.weight" not in state and config.get("tie_word_embeddings"):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # the export drops a tied copy
+    return Checkpoint(config, state, acts, unified=True)
+
+
+def unified_hf_config(config: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
+
+    architectures = config.get("architectures") or []
+    if not any(name in ("LlamaForCausalLM", "MistralForCausalLM") for name in architectures):
+        raise CheckpointError(f"the reference runtime runs Llama-family checkpoints, not {architectures}")
+    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "architectures", "model_type")}
+    return LlamaConfig(**{**fields, "tie_word_embeddings": False})  # lm_head is loaded on its own
+
+
 def hf_config(config: dict[str, Any]) -> Any:
     from transformers import LlamaConfig
 
@@ -205,8 +277,9 @@ def load_model(folder: Path, simulate_activations: bool = True) -> Any:
     from transformers import LlamaForCausalLM
 
     checkpoint = read(folder)
+    config = unified_hf_config(checkpoint.config) if checkpoint.unified else hf_config(checkpoint.config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config(checkpoint.config))
+        model = LlamaForCausalLM(config)
     model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # built on meta: rebuild its buffers
     if simulate_activations:

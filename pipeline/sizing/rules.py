@@ -7,7 +7,7 @@ rejects INT4-AWQ, SmoothQuant and an INT8 KV cache (TensorRT-LLM builder.py rais
 
 from __future__ import annotations
 
-from pipeline.config.schema import Architecture, KVCacheDType, PipelineConfig, QuantFormat
+from pipeline.config.schema import Architecture, Backend, KVCacheDType, PipelineConfig, QuantFormat
 
 # Hugging Face architecture -> the decoder type ModelOpt's TensorRT-LLM export takes for it.
 DECODER_TYPE = {
@@ -25,6 +25,11 @@ AWQ_BLOCK_SIZES = (128, 64)
 FP8_MIN_SM = 89
 NVFP4_MIN_SM = 100
 BLACKWELL_SM = range(100, 120)
+# The PyTorch backend (TensorRT-LLM >= 1.3): the ModelOpt formats its quantization guide lists for
+# pre-quantized checkpoints (no W8A8 SmoothQuant, no INT8 KV cache), on Ampere and newer.
+PYTORCH_FORMATS = (QuantFormat.none, QuantFormat.fp8, QuantFormat.nvfp4, QuantFormat.int4_awq, QuantFormat.w4a8_awq)
+PYTORCH_MIN_SM = 80
+FRONTENDS = ("triton", "trtllm-serve")
 
 
 def architecture_problems(model_name: str, architectures: list[str] | None, on_gpu: bool) -> list[str]:
@@ -107,13 +112,54 @@ def gpu_format_problems(cfg: PipelineConfig) -> list[str]:
     if quant.format is QuantFormat.nvfp4 and target.sm < NVFP4_MIN_SM:
         problems.append(f"quant=nvfp4 needs Blackwell (SM >= {NVFP4_MIN_SM}) but {where}: use quant=fp8")
     blackwell_refused = (QuantFormat.int4_awq, QuantFormat.w4a8_awq, QuantFormat.int8_sq)
-    if quant.format in blackwell_refused and target.sm in BLACKWELL_SM:
+    engines = cfg.backend is Backend.tensorrt  # the engine builder's refusals
+    if engines and quant.format in blackwell_refused and target.sm in BLACKWELL_SM:
         problems.append(
             f"quant={quant.format} engines are not supported on Blackwell ({where}): use quant=nvfp4 or quant=fp8"
         )
-    if quant.kv_cache_dtype is KVCacheDType.int8 and target.sm in BLACKWELL_SM:
+    if engines and quant.kv_cache_dtype is KVCacheDType.int8 and target.sm in BLACKWELL_SM:
         problems.append(
             f"quant.kv_cache_dtype=int8 is not supported on Blackwell ({where}): use quant.kv_cache_dtype=fp8 or null"
+        )
+    return problems
+
+
+def backend_problems(cfg: PipelineConfig) -> list[str]:
+    """What each TensorRT-LLM backend can take: formats, GPUs, frontends and build options."""
+    quant, target, frontend = cfg.quant, cfg.target, cfg.serve.frontend
+    problems = []
+    if frontend not in FRONTENDS:
+        problems.append(f"serve.frontend={frontend}: use serve.frontend=triton or serve.frontend=trtllm-serve")
+    if cfg.backend is Backend.tensorrt:
+        if frontend == "trtllm-serve":
+            problems.append(
+                "serve.frontend=trtllm-serve serves the PyTorch backend's checkpoint, not engines: "
+                "add backend=pytorch, or use serve.frontend=triton"
+            )
+        return problems
+    if quant.format not in PYTORCH_FORMATS:
+        problems.append(
+            f"quant={quant.format}: the PyTorch backend (backend=pytorch) serves no W8A8 SmoothQuant checkpoint: "
+            "use quant=fp8 or quant=int4_awq, or backend=tensorrt (TensorRT-LLM 1.2)"
+        )
+    if quant.kv_cache_dtype is KVCacheDType.int8:
+        problems.append(
+            "quant.kv_cache_dtype=int8: the PyTorch backend (backend=pytorch) has FP8 KV caches only: "
+            "use quant.kv_cache_dtype=fp8 or null"
+        )
+    if target.is_gpu and target.sm is not None and target.sm < PYTORCH_MIN_SM:
+        problems.append(
+            f"backend=pytorch needs Ampere or newer (SM >= {PYTORCH_MIN_SM}) but target={target.name} has SM "
+            f"{target.sm}: use backend=tensorrt or a newer target"
+        )
+    if frontend == "trtllm-serve" and not target.is_gpu:
+        problems.append(
+            "serve.frontend=trtllm-serve needs TensorRT-LLM on a GPU target: on target=cpu use serve.frontend=triton"
+        )
+    if cfg.build.extra_args:
+        problems.append(
+            f"build.extra_args={cfg.build.extra_args} are trtllm-build flags, and backend=pytorch builds no "
+            "engine: leave build.extra_args empty"
         )
     return problems
 

@@ -110,19 +110,44 @@ def _inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
     return tensors
 
 
+def _llmapi_inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
+    """The LLM-API model's inputs (no batch dimension: its max_batch_size is 0). It has no input to
+    ignore the end token, so a request may end before max_tokens; tokens are counted from the text."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    values: list[tuple[str, Any, str]] = [
+        ("text_input", np.array([prompt.text.encode()], dtype=object), "BYTES"),
+        ("sampling_param_max_tokens", np.array([prompt.max_tokens], dtype=np.int32), "INT32"),
+        ("streaming", np.array([True]), "BOOL"),
+        ("sampling_param_temperature", np.array([sampling.temperature], dtype=np.float32), "FP32"),
+        ("sampling_param_top_k", np.array([sampling.top_k], dtype=np.int32), "INT32"),
+        ("sampling_param_top_p", np.array([sampling.top_p], dtype=np.float32), "FP32"),
+        ("sampling_param_seed", np.array([seed], dtype=np.uint64), "UINT64"),
+    ]
+    tensors = []
+    for name, array, dtype in values:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
 class _TritonWorker:
-    """One gRPC stream; requests on it run one at a time."""
+    """One gRPC stream; requests on it run one at a time. The LLM-API model (``llmapi``) streams
+    the text so far in each response, the engine path's models each token's text."""
 
     def __init__(self, endpoint: Endpoint, timeout_s: float):
         import tritonclient.grpc as grpcclient
 
         self.model, self.timeout_s = endpoint.model, timeout_s
+        self.cumulative = endpoint.kind == "llmapi"
         self.events: queue.Queue[tuple[float, Any, Any]] = queue.Queue()
         self.client = grpcclient.InferenceServerClient(endpoint.url)
         self.client.start_stream(callback=lambda result, error: self.events.put((time.perf_counter(), result, error)))
 
     def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured:
-        inputs = _inputs(prompt, sampling, seed)
+        inputs = (_llmapi_inputs if self.cumulative else _inputs)(prompt, sampling, seed)
         measured = Measured(prompt.input_tokens, time.perf_counter())
         self.client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
         pieces = []
@@ -140,7 +165,11 @@ class _TritonWorker:
             response = result.get_response()
             text = result.as_numpy("text_output")
             if text is not None and text.size:
-                pieces.append(text.reshape(-1)[0].decode(errors="replace"))
+                piece = text.reshape(-1)[0].decode(errors="replace")
+                if self.cumulative:  # the text so far: keep the latest
+                    pieces = [piece]
+                else:
+                    pieces.append(piece)
                 measured.token_times.append(at)
             if response.parameters["triton_final_response"].bool_param:
                 measured.done, measured.text = at, "".join(pieces)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import CLIENT_JSON, PLOT, REPO_TOKENIZER_DIR, REPOSITORY, SERVER_LOG
-from pipeline.config.schema import BenchTool, Endpoint, PipelineConfig, served_model_name, to_dict
+from pipeline.artifacts import CLIENT_JSON, ENGINE_MODEL, PLOT, REPOSITORY, SERVER_LOG
+from pipeline.config.schema import Backend, BenchTool, Endpoint, PipelineConfig, served_model_name, to_dict
 from pipeline.deploy import server
 from pipeline.errors import StageError
 from pipeline.redact import url_without_credentials
@@ -48,7 +48,14 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
 
 def preflight(cfg: PipelineConfig) -> list[str]:
     """What the benchmark needs from this machine, checked before the build starts."""
-    if not cfg.benchmark.enabled or cfg.benchmark.tool is not BenchTool.aiperf:
+    if not cfg.benchmark.enabled:
+        return []
+    if cfg.backend is Backend.pytorch and cfg.benchmark.endpoint is Endpoint.openai:
+        return [
+            "benchmark.endpoint=openai: the OpenAI gateway does not serve the LLM-API repository of backend=pytorch: "
+            "use benchmark.endpoint=triton (or bench url=<trtllm-serve's /v1> benchmark.endpoint=openai)"
+        ]
+    if cfg.benchmark.tool is not BenchTool.aiperf:
         return []
     try:
         aiperf.executable()
@@ -62,7 +69,7 @@ def url_problems(cfg: PipelineConfig, url: str) -> list[str]:
     http = url.startswith(("http://", "https://"))
     if cfg.benchmark.endpoint is Endpoint.openai and not http:
         return [f"url={url}: benchmark.endpoint=openai takes the server's base URL, e.g. http://127.0.0.1:9000/v1"]
-    if cfg.benchmark.endpoint is Endpoint.triton and http:
+    if cfg.benchmark.endpoint in (Endpoint.triton, Endpoint.llmapi) and http:
         return [
             f"url={url_without_credentials(url)}: the triton endpoint takes Triton's gRPC address host:port "
             "(e.g. 127.0.0.1:8001); for an OpenAI-compatible server add benchmark.endpoint=openai"
@@ -208,12 +215,14 @@ def measure(
             model = bench.model or served_model(url, api_key(cfg))
             endpoint = loadgen.Endpoint("openai", url, model, api_key(cfg))
         else:
-            endpoint = loadgen.Endpoint("triton", url, bench.model or (target.entry_model if target else "ensemble"))
+            llmapi = bench.endpoint is Endpoint.llmapi or (target is not None and target.llmapi)
+            default = target.entry_model if target else (ENGINE_MODEL if llmapi else "ensemble")
+            endpoint = loadgen.Endpoint("llmapi" if llmapi else "triton", url, bench.model or default)
         points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
     else:
         assert target is not None, "without url= the benchmark serves a built repository"
         triton = server.with_free_ports(cfg.triton)
-        launch = server.launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir)
+        launch = server.launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir, llmapi=target.llmapi)
         # the tokenizer (seconds of imports and loading) loads while Triton starts
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             loading = pool.submit(_tokenizer, tokenizer_dir)
@@ -223,7 +232,8 @@ def measure(
                     with _gateway(cfg, target, running.grpc_url) as endpoint:
                         points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
                 else:
-                    endpoint = loadgen.Endpoint("triton", running.grpc_url, bench.model or target.entry_model)
+                    kind = "llmapi" if target.llmapi else "triton"
+                    endpoint = loadgen.Endpoint(kind, running.grpc_url, bench.model or target.entry_model)
                     points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
     info = _client_info(endpoint, bench.tool)
     (out / CLIENT_JSON).write_text(json.dumps(info, indent=2) + "\n")
@@ -264,4 +274,4 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     if not cfg.benchmark.enabled:
         return {"skipped": "benchmark=none"}
     target = server.target_of_repository(ws.input("triton_repo") / REPOSITORY, ws.out)
-    return measure(cfg, ws.out, ws.workdir, target.repo / REPO_TOKENIZER_DIR, target)
+    return measure(cfg, ws.out, ws.workdir, target.tokenizer_dir, target)

@@ -1,11 +1,14 @@
 """engine: TensorRT engines from the quantized checkpoint (GPU targets), or the reference engine
-(CPU target).
+(CPU target); with ``backend=pytorch`` no engine at all, only the arguments it will be served with.
 
 Reads: the quantize stage's checkpoint; ``build.*``, ``target.*``.
 Writes: ``engine/`` and ``engine.json`` (runtime, versions, GPU, world size), plus ``build.log`` on
 GPU targets. GPU: ``engine/`` holds ``config.json`` and one ``rank{N}.engine`` per rank, built by
 ``trtllm-build`` (TensorRT-LLM 1.1.x or 1.2.x). CPU: ``engine/`` holds the TensorRT-LLM checkpoint itself,
 which the reference runtime (``pipeline.runtime``) executes with PyTorch.
+``backend=pytorch`` (both targets): ``engine/`` holds the unified checkpoint, and
+``llm_api_options.yaml`` the LLM API's arguments (limits, parallelism, KV cache, scheduler), which
+``model.yaml`` and ``trtllm-serve --extra_llm_api_options`` take; ``engine.json`` records both.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any
 
 from pipeline import proc
 from pipeline.artifacts import BUILD_LOG, CHECKPOINT, ENGINE, ENGINE_JSON, timing_cache
+from pipeline.config import llmapi
 from pipeline.config.hardware import detect
-from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.config.schema import Backend, PipelineConfig, to_dict
 from pipeline.errors import StageError
 from pipeline.sizing import memory
 from pipeline.stages.engine import trtllm
@@ -34,9 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
+    if cfg.backend is Backend.pytorch:
+        return {"runtime": "llm_api", "llm_api": llmapi.options(cfg)}
     if not cfg.target.is_gpu:
         return {"runtime": REFERENCE}
-    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s")}
+    # cuda_graphs is the PyTorch backend's: engines do not depend on it
+    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s", "cuda_graphs")}
     return {
         "runtime": "tensorrt_llm",
         "build": build,
@@ -64,9 +71,17 @@ def installed_trtllm() -> str | None:
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
-    """Before any stage runs: a GPU target needs trtllm-build from TensorRT-LLM 1.1.x or 1.2.x."""
+    """Before any stage runs: a GPU target needs trtllm-build from TensorRT-LLM 1.1.x or 1.2.x
+    (backend=pytorch: the LLM API of TensorRT-LLM >= 1.0, and trtllm-serve when it is the frontend)."""
     if not cfg.target.is_gpu:
         return []
+    if cfg.backend is Backend.pytorch:
+        problems = [p for p in [llmapi.version_problem(installed_trtllm())] if p]
+        if cfg.serve.frontend == "trtllm-serve" and shutil.which("trtllm-serve") is None:
+            problems.append(
+                "trtllm-serve not found: run inside the TensorRT-LLM container, or use serve.frontend=triton"
+            )
+        return problems
     fix = f"target={cfg.target.name} needs the TensorRT-LLM container: see the Dockerfile, or use target=cpu"
     if shutil.which("trtllm-build") is None:
         return [f"trtllm-build not found: {fix}"]
@@ -103,7 +118,20 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "max_seq_len": cfg.build.max_seq_len,
         "max_num_tokens": cfg.build.max_num_tokens,
     }
-    if not cfg.target.is_gpu:
+    if cfg.backend is Backend.pytorch:  # nothing to build: the checkpoint and how it is to be served
+        for path in sorted(checkpoint.iterdir()):
+            link_or_copy(path, ws.out / ENGINE / path.name)
+        chosen = llmapi.options(cfg)
+        (ws.out / llmapi.OPTIONS_FILE).write_text(llmapi.options_yaml(chosen))
+        on_gpu = cfg.target.is_gpu
+        info.update(
+            runtime="pytorch" if on_gpu else REFERENCE,
+            backend="pytorch",
+            device="gpu" if on_gpu else "cpu",
+            tensorrt_llm=installed_trtllm() if on_gpu else None,
+            llm_api_options=chosen,
+        )
+    elif not cfg.target.is_gpu:
         for path in sorted(checkpoint.iterdir()):
             link_or_copy(path, ws.out / ENGINE / path.name)
         info.update(runtime=REFERENCE, device="cpu")

@@ -1,7 +1,10 @@
-"""quantize: NVIDIA ModelOpt post-training quantization, exported as a TensorRT-LLM checkpoint.
+"""quantize: NVIDIA ModelOpt post-training quantization, exported for the chosen TensorRT-LLM backend.
 
-Reads: the fetched checkpoint; ``quant.*``, ``parallel.tp|pp``, ``model.dtype``.
-Writes: ``checkpoint/`` (TensorRT-LLM format: config.json and rank{N}.safetensors, N < tp*pp),
+Reads: the fetched checkpoint; ``quant.*``, ``parallel.tp|pp``, ``model.dtype``, ``backend``.
+Writes: ``checkpoint/``: for ``backend=tensorrt`` a TensorRT-LLM checkpoint (config.json and
+rank{N}.safetensors, N < tp*pp, the input of trtllm-build); for ``backend=pytorch`` ModelOpt's
+unified Hugging Face checkpoint (config.json, hf_quant_config.json when quantized, safetensors and
+the tokenizer: what the PyTorch backend loads, with parallelism chosen when it is served), and
 ``quality.json`` (held-out perplexity, KL divergence and top-1 agreement against the unquantized
 model) and ``stage.log``.
 Results: the quality metrics and, per phase (load, calibration, export, evaluation), wall time and
@@ -21,7 +24,7 @@ from typing import Any
 
 from pipeline.artifacts import CHECKPOINT, QUALITY_JSON, TOKENIZER
 from pipeline.assets import HELDOUT_TEXT
-from pipeline.config.schema import PipelineConfig, QuantFormat, to_dict
+from pipeline.config.schema import Backend, PipelineConfig, QuantFormat, to_dict
 from pipeline.errors import StageError
 from pipeline.sizing import calibration, memory
 from pipeline.stages.quantize import calib_data, placement, quality, recipes
@@ -46,6 +49,8 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     }
     if cfg.quant.format is QuantFormat.none:
         quant["calib"] = None  # nothing is calibrated, so calibration settings must not force a redo
+    if cfg.backend is Backend.pytorch:  # one unsharded checkpoint: tp and pp are chosen when it is served
+        return {"quant": quant, "backend": str(cfg.backend), "dtype": str(cfg.model.dtype)}
     return {"quant": quant, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dtype": str(cfg.model.dtype)}
 
 
@@ -84,8 +89,15 @@ def _calibrate(model: Any, batches: list[Any], cfg: PipelineConfig) -> Any:
 
 def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
     import torch
-    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from modelopt.torch.export import export_hf_checkpoint, export_tensorrt_llm_checkpoint
 
+    if cfg.backend is Backend.pytorch:
+        log.info("exporting ModelOpt's unified Hugging Face checkpoint (%s) to %s", cfg.model.dtype, out)
+        placement.undispatch(model)
+        with torch.no_grad():
+            export_hf_checkpoint(model, dtype=getattr(torch, str(cfg.model.dtype)), export_dir=out)
+        _cast_float32_weights(out, getattr(torch, str(cfg.model.dtype)))
+        return
     decoder = recipes.decoder_type(getattr(model.config, "architectures", None))
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     log.info("exporting a TensorRT-LLM checkpoint (%s, tp=%d, pp=%d, %s) to %s", decoder, tp, pp, cfg.model.dtype, out)
@@ -99,6 +111,38 @@ def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
             inference_tensor_parallel=tp,
             inference_pipeline_parallel=pp,
         )
+
+
+def _cast_float32_weights(folder: Path, dtype: Any) -> None:
+    """The unified export writes unquantized weights, and config.json's ``dtype``, in the model's
+    own dtype, float32 for a model calibrated on the CPU, whatever ``dtype`` it is given (the
+    PyTorch backend would then load the model in float32): both are set to model.dtype here, as the
+    TensorRT-LLM export does. Scales (float32 by design) do not end in .weight or .bias, and
+    quantized weights are not float32, so both stay as they are."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = name
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+    for file in sorted(folder.glob("*.safetensors")):
+        file.chmod(0o644)  # the export writes them owner-only: a server running as another user reads them
+        tensors = load_file(str(file))
+        cast = [k for k, v in tensors.items() if v.dtype == torch.float32 and k.endswith((".weight", ".bias"))]
+        if not cast:
+            continue
+        log.info("casting %d float32 weights of %s to %s", len(cast), file.name, dtype)
+        for key in cast:
+            tensors[key] = tensors[key].to(dtype)
+        partial = file.with_suffix(".partial")
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        partial.chmod(0o644)
+        partial.replace(file)
 
 
 def _check_faithfulness(cfg: PipelineConfig) -> bool:
@@ -163,9 +207,27 @@ def _can_score(cfg: PipelineConfig, model: Any) -> bool:
     return cfg.quant.format is not QuantFormat.nvfp4 or placement.input_device(model).type == "cuda"
 
 
+def check_unified_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """The unified checkpoint must hold weights and say, in hf_quant_config.json, the format asked
+    for (no such file: unquantized). Returns its ``quantization`` section."""
+    problems = []
+    if not list(folder.glob("*.safetensors")):
+        problems.append("no *.safetensors weights")
+    quant_file = folder / "hf_quant_config.json"
+    actual = json.loads(quant_file.read_text()).get("quantization", {}) if quant_file.is_file() else {}
+    for key, value in recipes.expected_quantization(cfg.quant).items():
+        if actual.get(key) != value:
+            problems.append(f"hf_quant_config.json says {key}={actual.get(key)!r}, expected {value!r}")
+    if problems:
+        raise StageError(f"ModelOpt's unified export is not what was asked for: {'; '.join(problems)}")
+    return actual
+
+
 def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
     """The exported checkpoint must have the mapping and quantization asked for, one rank file per
-    rank and nothing else: later stages trust it."""
+    rank and nothing else: later stages trust it. Returns its ``quantization`` section."""
+    if cfg.backend is Backend.pytorch:
+        return check_unified_export(folder, cfg)
     config = json.loads((folder / "config.json").read_text())
     tp, pp, world_size = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.world_size
     mapping = config.get("mapping", {})
@@ -181,7 +243,7 @@ def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
             problems.append(f"quantization.{key} is {actual.get(key)!r}, expected {value!r}")
     if problems:
         raise StageError(f"ModelOpt's export is not what was asked for: {'; '.join(problems)}")
-    return config
+    return dict(actual)
 
 
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
@@ -220,7 +282,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
 
     with measured(costs, "export"):
         _export(model, cfg, ws.out / CHECKPOINT)
-    config = check_export(ws.out / CHECKPOINT, cfg)
+    quantization = check_export(ws.out / CHECKPOINT, cfg)
     if eval_batches and _check_faithfulness(cfg):
         with measured(costs, "faithfulness"):
             score_modelopt = quantized_model and _can_score(cfg, model)
@@ -231,10 +293,14 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     log.info("quality: %s", {k: v for k, v in report.items() if k != "heldout"})
     (ws.out / QUALITY_JSON).write_text(json.dumps(report, indent=2) + "\n")
     tokenizer.save_pretrained(ws.out / TOKENIZER)  # later stages (Triton preprocessing) need it
+    if cfg.backend is Backend.pytorch:  # the PyTorch backend reads the tokenizer from the checkpoint
+        tokenizer.save_pretrained(ws.out / CHECKPOINT)
     return {
         "quality": report,
         "costs": costs,
-        "quant_algo": config["quantization"].get("quant_algo"),
-        "kv_cache_quant_algo": config["quantization"].get("kv_cache_quant_algo"),
-        "world_size": config["mapping"]["world_size"],
+        "quant_algo": quantization.get("quant_algo"),
+        "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo"),
+        "format": "unified_hf" if cfg.backend is Backend.pytorch else "tensorrt_llm",
+        # the checkpoint's ranks (a unified checkpoint is split when it is served)
+        "world_size": cfg.parallel.world_size if cfg.backend is Backend.tensorrt else None,
     }

@@ -10,20 +10,34 @@ it; ``serve`` starts the server there), so the folder can be moved to another ho
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import ENGINE_MODEL, REPO_ENGINE_DIR, REPO_TOKENIZER_DIR, REPO_XGRAMMAR_INFO
+from pipeline.artifacts import (
+    ENGINE_MODEL,
+    REPO_CHECKPOINT_DIR,
+    REPO_ENGINE_DIR,
+    REPO_TOKENIZER_DIR,
+    REPO_XGRAMMAR_INFO,
+)
 from pipeline.assets import RUNTIME_DIR, TEMPLATES_DIR
-from pipeline.config.schema import CpuBatching, Expose, PipelineConfig
+from pipeline.config import llmapi
+from pipeline.config.schema import Backend, CpuBatching, Expose, PipelineConfig
 from pipeline.errors import StageError
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CPU_QUEUE_DELAY_US = 50_000
+LLMAPI_TEMPLATES = TEMPLATES_DIR / "llmapi"  # backend=pytorch: upstream's one-model LLM-API layout
+# files of upstream's LLM-API model that GPU repositories copy from TensorRT-LLM's triton_backend
+UPSTREAM_LLMAPI_FILES = ("model.py", "helpers.py")
+LLMAPI_MODEL_DIR_ENV = "PIPELINE_LLMAPI_MODEL_DIR"
 
 
 def models(cfg: PipelineConfig) -> list[str]:
+    if cfg.backend is Backend.pytorch:
+        return [ENGINE_MODEL]
     names = ["preprocessing", ENGINE_MODEL, "postprocessing"]
     if cfg.triton.expose in (Expose.ensemble, Expose.both):
         names.append("ensemble")
@@ -34,6 +48,8 @@ def models(cfg: PipelineConfig) -> list[str]:
 
 def entry_model(cfg: PipelineConfig) -> str:
     """The model clients talk to."""
+    if cfg.backend is Backend.pytorch:
+        return ENGINE_MODEL
     return "tensorrt_llm_bls" if cfg.triton.expose is Expose.bls else "ensemble"
 
 
@@ -115,8 +131,60 @@ def queue_size(cfg: PipelineConfig) -> int:
     return QUEUE_PER_BATCH * cfg.build.max_batch_size if size is None else size
 
 
+def llmapi_parameters(cfg: PipelineConfig) -> dict[str, str]:
+    """``parameters`` of the LLM-API model. Upstream's GPU model reads none (its settings are in
+    model.yaml); the CPU target's adds what only the reference runtime has, and the queue bounds
+    that Triton's dynamic batcher would apply on the engine path."""
+    if cfg.target.is_gpu:
+        return {}
+    triton = cfg.triton
+    return {
+        "threads": str(triton.cpu_threads or 0),  # 0: every core but one
+        "max_num_tokens_per_step": str(triton.cpu_max_num_tokens),
+        "max_queue_size": str(queue_size(cfg)),
+        "queue_timeout_ms": str(triton.queue_timeout_ms),
+    }
+
+
+def model_yaml(cfg: PipelineConfig) -> dict[str, Any]:
+    """``tensorrt_llm/1/model.yaml``: the LLM API's arguments, with the checkpoint relative to the
+    repository root (where serve starts Triton), and the Triton settings upstream's model reads."""
+    return {
+        "model": REPO_CHECKPOINT_DIR,
+        **llmapi.options(cfg),
+        "triton_config": {
+            "max_batch_size": 0,  # requests are batched inside the LLM API, not by Triton
+            "decoupled": cfg.triton.streaming,
+            "cancellation_check_period_ms": cfg.triton.cancellation_check_period_ms,
+        },
+    }
+
+
+def llmapi_model_dir(cfg: PipelineConfig) -> Path | None:
+    """Where GPU repositories copy upstream's LLM-API model.py and helpers.py from: TensorRT-LLM's
+    triton_backend/all_models/llmapi/tensorrt_llm/1 at the installed version (the Dockerfile puts it
+    there and names it in PIPELINE_LLMAPI_MODEL_DIR)."""
+    configured = cfg.triton.llmapi_model_dir or os.environ.get(LLMAPI_MODEL_DIR_ENV)
+    return Path(configured).expanduser() if configured else None
+
+
+def llmapi_model_problem(cfg: PipelineConfig) -> str | None:
+    folder = llmapi_model_dir(cfg)
+    missing = [name for name in UPSTREAM_LLMAPI_FILES if folder is None or not (folder / name).is_file()]
+    if not missing:
+        return None
+    where = f"in {folder}" if folder else f"(neither triton.llmapi_model_dir nor {LLMAPI_MODEL_DIR_ENV} is set)"
+    return (
+        f"upstream's LLM-API Triton model ({', '.join(missing)}) is not found {where}: build the Dockerfile "
+        "with BACKEND=pytorch, or set triton.llmapi_model_dir to TensorRT-LLM's "
+        "triton_backend/all_models/llmapi/tensorrt_llm/1 at the installed version"
+    )
+
+
 def values(cfg: PipelineConfig) -> dict[str, str]:
     """Every placeholder of every template, from the config."""
+    if cfg.backend is Backend.pytorch:
+        return {"decoupled": _flag(cfg.triton.streaming), "parameters": _parameters_block(llmapi_parameters(cfg))}
     triton, build = cfg.triton, cfg.build
     batch = build.max_batch_size
     # requests the repository holds at once: the engine's batch and its queue (0, no queue bound,
@@ -180,8 +248,9 @@ def rendered_configs(cfg: PipelineConfig) -> dict[str, str]:
     fills = values(cfg)
     configs = {}
     for model in models(cfg):
-        where = f"model_repo/{model}/config.pbtxt"
-        text = render((TEMPLATES_DIR / model / "config.pbtxt").read_text(), fills, where)
+        template = _template_dir(cfg) / model / "config.pbtxt"
+        where = str(template.relative_to(TEMPLATES_DIR.parent))
+        text = render(template.read_text(), fills, where)
         parsed = parse(text, where)
         if parsed.name != model:
             raise StageError(f"{where} names its model {parsed.name!r}, not {model!r}")
@@ -189,8 +258,30 @@ def rendered_configs(cfg: PipelineConfig) -> dict[str, str]:
     return configs
 
 
+def _template_dir(cfg: PipelineConfig) -> Path:
+    return LLMAPI_TEMPLATES if cfg.backend is Backend.pytorch else TEMPLATES_DIR
+
+
+def _llmapi_code_files(cfg: PipelineConfig) -> dict[str, Path]:
+    """GPU: upstream's model.py and helpers.py. CPU: the reference runtime's stand-in for them,
+    with the engine model's helpers it shares (input parsing, engine gauges)."""
+    files = {}
+    if cfg.target.is_gpu:  # the triton_repo stage's preflight checks that they are there
+        folder = llmapi_model_dir(cfg) or Path(LLMAPI_MODEL_DIR_ENV)
+        return {f"{ENGINE_MODEL}/1/{name}": folder / name for name in UPSTREAM_LLMAPI_FILES}
+    for source in sorted((LLMAPI_TEMPLATES / ENGINE_MODEL / "1").glob("*.py")):
+        files[f"{ENGINE_MODEL}/1/{source.name}"] = source
+    for name in ("stats.py", "inputs.py"):
+        files[f"{ENGINE_MODEL}/1/{name}"] = TEMPLATES_DIR / ENGINE_MODEL / "1" / name
+    for name in sorted(p.name for p in RUNTIME_DIR.glob("*.py")):
+        files[f"{ENGINE_MODEL}/1/reference_runtime/{name}"] = RUNTIME_DIR / name
+    return files
+
+
 def code_files(cfg: PipelineConfig) -> dict[str, Path]:
     """Repository-relative path -> source file of every python model file to copy in."""
+    if cfg.backend is Backend.pytorch:
+        return _llmapi_code_files(cfg)
     files = {}
     for model in models(cfg):
         if model == ENGINE_MODEL and cfg.target.is_gpu:
@@ -208,7 +299,7 @@ def templates_digest(cfg: PipelineConfig) -> str:
     """Changes to any template or copied code must re-render the repository."""
     digest = hashlib.sha256()
     for model in models(cfg):
-        digest.update((TEMPLATES_DIR / model / "config.pbtxt").read_bytes())
+        digest.update((_template_dir(cfg) / model / "config.pbtxt").read_bytes())
     for rel, source in sorted(code_files(cfg).items()):
-        digest.update(rel.encode() + source.read_bytes())
+        digest.update(rel.encode() + (source.read_bytes() if source.is_file() else str(source).encode()))
     return digest.hexdigest()[:16]

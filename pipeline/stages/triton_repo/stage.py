@@ -18,17 +18,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.artifacts import (
     ENGINE,
     ENGINE_JSON,
+    REPO_CHECKPOINT_DIR,
     REPO_ENGINE_DIR,
+    REPO_MODEL_YAML,
     REPO_TOKENIZER_DIR,
     REPO_XGRAMMAR_INFO,
     REPOSITORY,
     REPOSITORY_JSON,
     TOKENIZER,
 )
-from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.config.schema import Backend, PipelineConfig, to_dict
 from pipeline.errors import StageError
 from pipeline.stages.triton_repo import render
 from pipeline.workspace import StageWorkspace, link_or_copy
@@ -38,7 +42,18 @@ VERSION = (
     4  # 2: repository.json inside the repository; 3: CPU engine model knows max_seq_len; 4: paged in-flight scheduler
 )
 TOOLS = ("tritonclient",)
-SERVER_ONLY = ("name", "host", "http_port", "grpc_port", "metrics_port", "ready_timeout_s", "exit_timeout_s")
+# settings that do not change the repository's files (llmapi_model_dir: the templates digest covers
+# the upstream files it names)
+SERVER_ONLY = (
+    "name",
+    "host",
+    "http_port",
+    "grpc_port",
+    "metrics_port",
+    "ready_timeout_s",
+    "exit_timeout_s",
+    "llmapi_model_dir",
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +67,16 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
         "target": str(cfg.target.kind),
         "templates": render.templates_digest(cfg),
         "sampling_defaults": dict(cfg.model.sampling_defaults),
+        **({"backend": str(cfg.backend)} if cfg.backend is Backend.pytorch else {}),
     }
+
+
+def preflight(cfg: PipelineConfig) -> list[str]:
+    """GPU repositories of backend=pytorch copy upstream's LLM-API model: it must be at hand."""
+    if cfg.backend is Backend.pytorch and cfg.target.is_gpu and cfg.serve.frontend == "triton":
+        problem = render.llmapi_model_problem(cfg)
+        return [problem] if problem else []
+    return []
 
 
 def _link_tree(source: Path, target: Path) -> int:
@@ -84,6 +108,13 @@ def xgrammar_tokenizer_info(tokenizer_dir: Path) -> dict[str, Any]:
     }
 
 
+def _llmapi_files(cfg: PipelineConfig, ws: StageWorkspace, repo: Path) -> int:
+    """backend=pytorch: the unified checkpoint (with its tokenizer) and model.yaml."""
+    engine_files = _link_tree(ws.input("engine") / ENGINE, repo / REPO_CHECKPOINT_DIR)
+    (repo / REPO_MODEL_YAML).write_text(yaml.safe_dump(render.model_yaml(cfg), sort_keys=False))
+    return engine_files
+
+
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     repo = ws.out / REPOSITORY
     configs = render.rendered_configs(cfg)  # strict: fails before anything is copied
@@ -94,10 +125,14 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, repo / rel)
     engine = ws.input("engine")
-    log.info("copying the engine and tokenizer into %s", repo)
-    engine_files = _link_tree(engine / ENGINE, repo / REPO_ENGINE_DIR)
-    _link_tree(ws.input("quantize") / TOKENIZER, repo / REPO_TOKENIZER_DIR)
-    if cfg.target.is_gpu and cfg.triton.guided_decoding:
+    if cfg.backend is Backend.pytorch:
+        log.info("copying the checkpoint into %s", repo)
+        engine_files = _llmapi_files(cfg, ws, repo)
+    else:
+        log.info("copying the engine and tokenizer into %s", repo)
+        engine_files = _link_tree(engine / ENGINE, repo / REPO_ENGINE_DIR)
+        _link_tree(ws.input("quantize") / TOKENIZER, repo / REPO_TOKENIZER_DIR)
+    if cfg.backend is Backend.tensorrt and cfg.target.is_gpu and cfg.triton.guided_decoding:
         info_file = repo / REPO_XGRAMMAR_INFO
         info_file.write_text(json.dumps(xgrammar_tokenizer_info(repo / REPO_TOKENIZER_DIR)))
     engine_info = json.loads((engine / ENGINE_JSON).read_text())
@@ -105,6 +140,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "models": list(configs),
         "entry_model": render.entry_model(cfg),
         "target": str(cfg.target.kind),
+        "backend": str(cfg.backend),
         "runtime": engine_info["runtime"],
         "world_size": engine_info["world_size"],
         "max_batch_size": cfg.build.max_batch_size,
