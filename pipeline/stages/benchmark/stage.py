@@ -167,7 +167,11 @@ class Client:
 
 
 def _client_info(endpoint: loadgen.Endpoint, tool: BenchTool) -> dict[str, str]:
-    via = "tritonclient gRPC streaming" if endpoint.kind == "triton" else "requests, OpenAI /v1/completions SSE"
+    via = {
+        "triton": "tritonclient gRPC streaming",
+        "llmapi": "tritonclient gRPC streaming, LLM-API model inputs",
+        "openai": "requests, OpenAI /v1/completions SSE",
+    }[endpoint.kind]
     info = {"client": f"pipeline.loadgen ({via})", "tritonclient": installed_version("tritonclient") or "absent"}
     if tool is BenchTool.aiperf:
         info["cross_check"] = "aiperf"

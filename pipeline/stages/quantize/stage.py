@@ -16,9 +16,11 @@ log-probabilities are taken before quantizing, so the comparison needs no second
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,9 @@ def _export(model: Any, cfg: PipelineConfig, out: Path) -> None:
         log.info("exporting ModelOpt's unified Hugging Face checkpoint (%s) to %s", cfg.model.dtype, out)
         placement.undispatch(model)
         with torch.no_grad():
-            export_hf_checkpoint(model, dtype=getattr(torch, str(cfg.model.dtype)), export_dir=out)
+            # quantized from the weights calibration saw (float32 on a CPU), as ModelOpt's fake
+            # quantizers did, then the rest cast to model.dtype
+            export_hf_checkpoint(model, dtype=model.dtype, export_dir=out)
         _cast_float32_weights(out, getattr(torch, str(cfg.model.dtype)))
         return
     decoder = recipes.decoder_type(getattr(model.config, "architectures", None))
@@ -117,8 +121,8 @@ def _cast_float32_weights(folder: Path, dtype: Any) -> None:
     """The unified export writes unquantized weights, and config.json's ``dtype``, in the model's
     own dtype, float32 for a model calibrated on the CPU, whatever ``dtype`` it is given (the
     PyTorch backend would then load the model in float32): both are set to model.dtype here, as the
-    TensorRT-LLM export does. Scales (float32 by design) do not end in .weight or .bias, and
-    quantized weights are not float32, so both stay as they are."""
+    TensorRT-LLM export does. Weight and activation scales (float32 by design) keep their names
+    and dtype, and quantized weights are not float32."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -133,7 +137,8 @@ def _cast_float32_weights(folder: Path, dtype: Any) -> None:
     for file in sorted(folder.glob("*.safetensors")):
         file.chmod(0o644)  # the export writes them owner-only: a server running as another user reads them
         tensors = load_file(str(file))
-        cast = [k for k, v in tensors.items() if v.dtype == torch.float32 and k.endswith((".weight", ".bias"))]
+        names = (".weight", ".bias", ".pre_quant_scale")  # AWQ's input scales travel in the model's dtype too
+        cast = [k for k, v in tensors.items() if v.dtype == torch.float32 and k.endswith(names)]
         if not cast:
             continue
         log.info("casting %d float32 weights of %s to %s", len(cast), file.name, dtype)
@@ -157,10 +162,13 @@ def _faithfulness(
     quantized model (is the export faithful?) and with the source model (what does the deployed
     model lose?).
 
-    ModelOpt's export shares one scale between fused layers (q/k/v, gate/up) and updates the model
-    in place, so ``modelopt_model`` is taken after the export. Logits of two FP8/INT8 models drift
-    apart from tiny weight differences (activation rounding amplifies them), so the weight-level
-    comparison is the sharp test and the logit comparison the practical one.
+    ModelOpt's TensorRT-LLM export shares one scale between fused layers (q/k/v, gate/up) and
+    updates the model in place, so ``modelopt_model`` is taken after the export. Its unified export
+    instead folds AWQ's pre-quant scales of q/k/v and gate/up into the norm before them (one scale
+    per norm, the weights requantized to it): those layers hold other, equivalent weights and are
+    compared through the logits only. Logits of two FP8/INT8 models drift apart from tiny weight
+    differences (activation rounding amplifies them), so the weight-level comparison is the sharp
+    test and the logit comparison the practical one.
     """
     from pipeline.runtime.checkpoint import CheckpointError, load_model  # torch: imported when needed
 
@@ -175,14 +183,36 @@ def _faithfulness(
         "kv_cache_simulated": False,  # the reference runtime keeps K/V unquantized
     }
     if score_modelopt:  # ModelOpt's quantizers cannot run here (NVFP4 on a CPU)
-        result["weights_vs_modelopt"] = _weight_agreement(modelopt_model, reference)
+        folded = _folded_pre_quant_scales(folder, modelopt_model)
+        result["weights_vs_modelopt"] = _weight_agreement(modelopt_model, reference, skip=folded)
         result["vs_modelopt"] = quality.agreement(quality.log_probs(modelopt_model, batches), exported)
     return result
 
 
-def _weight_agreement(modelopt_model: Any, reference: Any) -> dict[str, Any]:
+def _folded_pre_quant_scales(folder: Path, modelopt_model: Any) -> set[str]:
+    """Layers with an AWQ pre-quant scale that a unified checkpoint does not carry (folded into
+    the norm before them by the export)."""
+    from safetensors import safe_open
+
+    from pipeline.runtime.checkpoint import is_unified
+
+    if not is_unified(folder):
+        return set()
+    stored: set[str] = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            stored |= set(handle.keys())
+    return {
+        name
+        for name, module in modelopt_model.named_modules()
+        if getattr(getattr(module, "input_quantizer", None), "_pre_quant_scale", None) is not None
+        and f"{name}.pre_quant_scale" not in stored
+    }
+
+
+def _weight_agreement(modelopt_model: Any, reference: Any, skip: Collection[str] = ()) -> dict[str, Any]:
     """Compare every quantized weight as ModelOpt's fake quantizer sees it with the weight the
-    reference runtime dequantized from the export."""
+    reference runtime dequantized from the export (but the ``skip`` layers)."""
     import torch
 
     ours = reference.state_dict()
@@ -191,7 +221,7 @@ def _weight_agreement(modelopt_model: Any, reference: Any) -> dict[str, Any]:
     with torch.no_grad():
         for name, module in modelopt_model.named_modules():
             quantizer = getattr(module, "weight_quantizer", None)
-            if quantizer is None or not quantizer.is_enabled or f"{name}.weight" not in ours:
+            if quantizer is None or not quantizer.is_enabled or f"{name}.weight" not in ours or name in skip:
                 continue
             expected = quantizer(module.weight).float().cpu()
             diff = (expected - ours[f"{name}.weight"]).abs()
@@ -199,7 +229,12 @@ def _weight_agreement(modelopt_model: Any, reference: Any) -> dict[str, Any]:
             total += diff.numel()
             max_diff = max(max_diff, float(diff.max()))
             layers += 1
-    return {"layers": layers, "equal_fraction": equal / total if total else 1.0, "max_abs_diff": max_diff}
+    return {
+        "layers": layers,
+        "equal_fraction": equal / total if total else 1.0,
+        "max_abs_diff": max_diff,
+        "folded_into_norms": len(skip),  # compared through the logits only
+    }
 
 
 def _can_score(cfg: PipelineConfig, model: Any) -> bool:
@@ -280,10 +315,14 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
             quantized = quality.log_probs(model, eval_batches)
         report.update(quality.compare(eval_batches, baseline, quantized))
 
+    faithfulness = bool(eval_batches) and _check_faithfulness(cfg)
     with measured(costs, "export"):
-        _export(model, cfg, ws.out / CHECKPOINT)
+        # the unified export leaves the model's layers holding packed quantized weights it can no
+        # longer run: a small model that is checked afterwards is exported from a copy
+        unrunnable = cfg.backend is Backend.pytorch and quantized_model and faithfulness
+        _export(copy.deepcopy(model) if unrunnable else model, cfg, ws.out / CHECKPOINT)
     quantization = check_export(ws.out / CHECKPOINT, cfg)
-    if eval_batches and _check_faithfulness(cfg):
+    if faithfulness:
         with measured(costs, "faithfulness"):
             score_modelopt = quantized_model and _can_score(cfg, model)
             report["faithfulness"] = _faithfulness(

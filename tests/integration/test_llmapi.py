@@ -1,0 +1,240 @@
+"""backend=pytorch end to end on the CPU target: ModelOpt's unified export of every format the
+PyTorch backend serves, read back by the reference runtime; SmolLM2's LLM-API repository served by
+a real Triton with upstream's inputs and outputs (sampling_param_*, finish and stop reasons,
+cumulative log prob, perf metrics, cancellation by a stop request); the benchmark through it."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline import app, artifacts, runner, validate
+from pipeline.deploy import server
+from pipeline.stages import STAGES
+from tests.conftest import cli, free_ports
+from tests.integration.test_quantize import _build
+
+FORMATS = {"none": None, "fp8": "FP8", "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "nvfp4": "NVFP4"}
+QUESTION = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("unified_work")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_unified_export_of_every_pytorch_format_reads_back_as_modelopts_model(
+    workdir: Path, tiny_checkpoint: Path, fmt: str
+) -> None:
+    kv = "fp8" if fmt == "fp8" else "null"
+    step = _build(workdir, tiny_checkpoint, "backend=pytorch", f"quant={fmt}", f"quant.kv_cache_dtype={kv}")[1]
+    folder = step.dirs.final / artifacts.CHECKPOINT
+    quant_file = folder / "hf_quant_config.json"
+    if FORMATS[fmt] is None:
+        assert not quant_file.exists()
+    else:
+        quantization = json.loads(quant_file.read_text())["quantization"]
+        assert quantization["quant_algo"] == FORMATS[fmt]
+        assert quantization["kv_cache_quant_algo"] == ("FP8" if fmt == "fp8" else None)
+    assert not list(folder.glob("rank*.safetensors")) and (folder / "tokenizer.json").is_file()
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    faithful = json.loads((step.dirs.final / artifacts.QUALITY_JSON).read_text())["faithfulness"]
+    if "weights_vs_modelopt" in faithful:  # what ModelOpt's fake quantizers hold, weight for weight
+        weights = faithful["weights_vs_modelopt"]
+        # AWQ: the export folds the pre-quant scales of q, k, v, gate and up into the norms
+        folded = 2 * 5 if fmt in ("int4_awq", "w4a8_awq") else 0
+        assert weights["folded_into_norms"] == folded and weights["layers"] == 2 * 7 - folded
+        assert weights["equal_fraction"] > 0.99, faithful
+        assert faithful["vs_modelopt"]["kl_divergence_mean"] < 0.01, faithful  # a random model: flat logits
+    if fmt == "none":
+        assert faithful["vs_source"]["max_abs_logprob_diff"] == 0.0
+    else:
+        assert faithful["vs_source"]["top1_agreement"] > 0.5
+
+
+class Served:
+    def __init__(self, running: server.Server, checkpoint: Path, overrides: list[str]):
+        self.server, self.checkpoint, self.overrides = running, checkpoint, overrides
+
+    def generate(self, **body: Any) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            f"{self.server.url}/v2/models/tensorrt_llm/generate", data=json.dumps(body).encode()
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stream(self, **body: Any) -> list[dict[str, Any]]:
+        request = urllib.request.Request(
+            f"{self.server.url}/v2/models/tensorrt_llm/generate_stream",
+            data=json.dumps({**body, "streaming": True}).encode(),
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return [json.loads(line[5:]) for line in response if line.startswith(b"data:")]
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_workdir: Path) -> Iterator[Served]:
+    http, grpc, metrics = free_ports(3)
+    overrides = [
+        f"workdir={smollm2_workdir}",
+        "target=cpu",
+        "quant=none",
+        "backend=pytorch",
+        "quant.eval_tokens=0",
+        "build.max_batch_size=8",
+        "triton.exit_timeout_s=3",
+        f"triton.http_port={http}",
+        f"triton.grpc_port={grpc}",
+        f"triton.metrics_port={metrics}",
+    ]
+    cfg = validate.load([*overrides, "until=triton_repo"])
+    runner.build(cfg, STAGES)
+    target = app.built_target(cfg)
+    assert target.llmapi and target.entry_model == "tensorrt_llm"
+    launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir, llmapi=True)
+    with server.Server(launch, cfg.triton, smollm2_workdir / "llmapi-server.log") as running:
+        yield Served(running, target.repo / artifacts.REPO_CHECKPOINT_DIR, overrides)
+
+
+def test_the_answer_is_the_reference_runtimes_greedy_text_with_upstreams_outputs(served: Served) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.runtime.checkpoint import load_model
+    from pipeline.runtime.generate import Request, generate
+
+    status, body = served.generate(
+        text_input=QUESTION,
+        sampling_param_max_tokens=12,
+        return_finish_reason=True,
+        return_stop_reason=True,
+        return_cumulative_logprob=True,
+        sampling_param_return_perf_metrics=True,
+    )
+    assert status == 200, body
+    tokenizer = AutoTokenizer.from_pretrained(served.checkpoint)
+    ids = tokenizer.encode(QUESTION)
+    (expected,) = generate(load_model(served.checkpoint), [Request(ids, 12, end_id=tokenizer.eos_token_id)])
+    assert body["text_output"] == tokenizer.decode(expected.output_ids, skip_special_tokens=True)
+    assert body["text_output"].startswith(" Paris")
+    assert body["finish_reason"] == "length" and body["stop_reason"] == "None"
+    assert body["cumulative_logprob"] < 0
+    times = [body[f"{name}_time_ns"] for name in ("arrival", "first_scheduled", "first_token", "last_token")]
+    assert times == sorted(times) and times[0] > 0
+    assert body["kv_cache_alloc_total_blocks"] == body["kv_cache_reused_block"] + body["kv_cache_alloc_new_blocks"]
+    assert 0 <= body["kv_cache_hit_rate"] <= 1 and body["total_draft_tokens"] == 0
+
+
+def test_a_stream_sends_the_text_so_far_and_ends_with_its_finish_reason(served: Served) -> None:
+    events = served.stream(text_input=QUESTION, sampling_param_max_tokens=8, return_finish_reason=True)
+    texts = [e["text_output"] for e in events]
+    assert len(texts) >= 5 and all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert [e["finish_reason"] for e in events[:-1]] == ["None"] * (len(events) - 1)
+    assert events[-1]["finish_reason"] == "length"
+    status, whole = served.generate(text_input=QUESTION, sampling_param_max_tokens=8)
+    assert status == 200 and texts[-1] == whole["text_output"]
+
+
+def test_a_stop_string_ends_the_text_before_it(served: Served) -> None:
+    status, body = served.generate(
+        text_input=QUESTION,
+        sampling_param_max_tokens=30,
+        sampling_param_stop=["."],
+        return_finish_reason=True,
+        return_stop_reason=True,
+    )
+    assert status == 200 and body["text_output"] == " Paris"
+    assert body["finish_reason"] == "stop" and body["stop_reason"] == "."
+
+
+def test_what_the_cpu_target_lacks_is_refused_by_name(served: Served) -> None:
+    status, body = served.generate(text_input=QUESTION, lora_id=3, lora_name="a", lora_path="/x")
+    assert status == 400 and "lora_id: LoRA adapters are not available on the CPU target" in body["error"]
+    status, body = served.generate(text_input=QUESTION, sampling_param_temperature=float("nan"))
+    assert status == 400 and "temperature" in body["error"]
+
+
+def _inputs(values: dict[str, Any]) -> list[Any]:
+    """Inputs without a batch dimension (the LLM-API model's max_batch_size is 0)."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in values.items():
+        if isinstance(value, str):
+            array = np.array([value.encode()], dtype=object)
+        elif isinstance(value, bool):
+            array = np.array([value], dtype=bool)
+        else:
+            array = np.array([value], dtype=np.int32)
+        tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Served) -> None:
+    import tritonclient.grpc as grpcclient
+
+    received: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    started = time.monotonic()
+    try:
+        long = {"text_input": "Count from one to one thousand:", "sampling_param_max_tokens": 400, "streaming": True}
+        client.async_stream_infer("tensorrt_llm", _inputs({**long, "return_finish_reason": True}), request_id="long-1")
+        first = received.get(timeout=60)
+        assert not isinstance(first, Exception), first
+        status, body = served.generate(text_input="x", stop=True)  # a stop request without an id
+        assert status == 400 and "A request id must be provided" in body["error"]
+        answers: queue.Queue[Any] = queue.Queue()
+        stop_client = grpcclient.InferenceServerClient(served.server.grpc_url)
+        stop_client.start_stream(callback=lambda result, error: answers.put(error or result))
+        try:
+            stop_client.async_stream_infer(
+                "tensorrt_llm", _inputs({"text_input": "", "stop": True}), request_id="long-1"
+            )
+            answer = answers.get(timeout=60)
+        finally:
+            stop_client.stop_stream()
+            stop_client.close()
+        assert "Request cancelled by client" in str(answer)  # upstream answers the stop request so
+        last = first
+        while not last.get_response().parameters["triton_final_response"].bool_param:
+            last = received.get(timeout=60)
+            assert not isinstance(last, Exception), last
+        assert last.as_numpy("finish_reason")[0].decode() == "cancelled"
+        assert time.monotonic() - started < 30  # 400 tokens would take far longer
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_bench_measures_the_llmapi_model_over_grpc(served: Served, smollm2_workdir: Path) -> None:
+    result = cli(
+        "bench",
+        f"url={served.server.grpc_url}",
+        *served.overrides,
+        "benchmark.concurrency=[2]",
+        "benchmark.requests_per_point=2",
+        "benchmark.warmup_requests=0",
+        "benchmark.output_tokens=4",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = max(smollm2_workdir.glob("bench/*/benchmark.json"), key=lambda p: p.stat().st_mtime)
+    (point,) = json.loads(table.read_text())
+    assert point["load"] == "c=2" and point["successful"] == 2 and 1 <= point["output_tokens_mean"] <= 4
+    client = json.loads((table.parent / artifacts.CLIENT_JSON).read_text())
+    assert "LLM-API model inputs" in client["client"]
