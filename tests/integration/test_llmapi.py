@@ -5,6 +5,7 @@ cumulative log prob, perf metrics, cancellation by a stop request); the benchmar
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import time
@@ -140,7 +141,7 @@ def test_the_answer_is_the_reference_runtimes_greedy_text_with_upstreams_outputs
 def test_a_stream_sends_the_text_so_far_and_ends_with_its_finish_reason(served: Served) -> None:
     events = served.stream(text_input=QUESTION, sampling_param_max_tokens=8, return_finish_reason=True)
     texts = [e["text_output"] for e in events]
-    assert len(texts) >= 5 and all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert len(texts) >= 5 and all(b.startswith(a) for a, b in itertools.pairwise(texts))
     assert [e["finish_reason"] for e in events[:-1]] == ["None"] * (len(events) - 1)
     assert events[-1]["finish_reason"] == "length"
     status, whole = served.generate(text_input=QUESTION, sampling_param_max_tokens=8)
