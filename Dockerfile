@@ -6,16 +6,39 @@
 #     Python 3.12, PyTorch 2.9, TensorRT 10.13 (NVIDIA's Triton compatibility matrix);
 #   - an image built from the tensorrtllm_backend repository's dockerfile/Dockerfile.triton.trt_llm_backend
 #     with TENSORRTLLM_VER=1.2.1 (25.12 bases), passed as --build-arg BASE_IMAGE=<that image>.
+# backend=pytorch (TensorRT-LLM >= 1.3, no engines) builds on a newer image:
+#   docker build --build-arg BACKEND=pytorch \
+#     --build-arg BASE_IMAGE=nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3 .
+# with a tag whose TensorRT-LLM is 1.3 or newer; the build then fetches upstream's LLM-API Triton
+# model (triton_backend/all_models/llmapi) at exactly the installed TensorRT-LLM version, which the
+# rendered repositories copy (PIPELINE_LLMAPI_MODEL_DIR).
 # Check any image with
 #   docker run --rm <image> python3 -c "import tensorrt_llm; print(tensorrt_llm.__version__)"
 # The build fails below on any other TensorRT-LLM line, so a retagged image cannot slip through.
 ARG BASE_IMAGE=nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
 FROM ${BASE_IMAGE}
+ARG BACKEND=tensorrt
 
-RUN python3 -c "import sys; from importlib.metadata import version; v = tuple(int(p) for p in version('tensorrt_llm').split('.')[:2]); sys.exit(0 if (1, 1) <= v < (1, 3) else f'tensorrt_llm {v} is not 1.1.x or 1.2.x: see the supported images at the top of the Dockerfile')"
+RUN if [ "$BACKEND" = pytorch ]; then \
+      python3 -c "import sys; from importlib.metadata import version; v = tuple(int(p) for p in version('tensorrt_llm').split('.')[:2]); sys.exit(0 if v >= (1, 3) else f'tensorrt_llm {v} is older than 1.3: BACKEND=pytorch needs a newer image')"; \
+    else \
+      python3 -c "import sys; from importlib.metadata import version; v = tuple(int(p) for p in version('tensorrt_llm').split('.')[:2]); sys.exit(0 if (1, 1) <= v < (1, 3) else f'tensorrt_llm {v} is not 1.1.x or 1.2.x: see the supported images at the top of the Dockerfile')"; \
+    fi
 
 # tini as PID 1: `docker stop` reaches Python and zombies of tritonserver/mpirun are reaped.
-RUN apt-get update -q=2 && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+RUN apt-get update -q=2 && apt-get install -y --no-install-recommends tini git && rm -rf /var/lib/apt/lists/*
+
+# backend=pytorch: upstream's LLM-API model (model.py, helpers.py) at the installed TensorRT-LLM's tag
+ENV PIPELINE_LLMAPI_MODEL_DIR=/opt/tensorrt_llm_llmapi/tensorrt_llm/1
+RUN if [ "$BACKEND" = pytorch ]; then \
+      v=$(python3 -c "import tensorrt_llm; print(tensorrt_llm.__version__)" | tail -1) \
+      && git clone --quiet --depth 1 --branch "v$v" --filter=blob:none --sparse https://github.com/NVIDIA/TensorRT-LLM.git /tmp/trtllm \
+      && git -C /tmp/trtllm sparse-checkout set triton_backend/all_models/llmapi \
+      && mkdir -p /opt/tensorrt_llm_llmapi \
+      && cp -r /tmp/trtllm/triton_backend/all_models/llmapi/tensorrt_llm /opt/tensorrt_llm_llmapi/ \
+      && rm -rf /tmp/trtllm \
+      && test -f "$PIPELINE_LLMAPI_MODEL_DIR/model.py" -a -f "$PIPELINE_LLMAPI_MODEL_DIR/helpers.py"; \
+    fi
 
 WORKDIR /opt/pipeline
 COPY pyproject.toml constraints.txt README.md ./

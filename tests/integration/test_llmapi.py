@@ -110,6 +110,7 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         yield Served(running, target.repo / artifacts.REPO_CHECKPOINT_DIR, overrides)
 
 
+@pytest.mark.slow  # a real Triton serving SmolLM2
 def test_the_answer_is_the_reference_runtimes_greedy_text_with_upstreams_outputs(served: Served) -> None:
     from transformers import AutoTokenizer
 
@@ -138,6 +139,7 @@ def test_the_answer_is_the_reference_runtimes_greedy_text_with_upstreams_outputs
     assert 0 <= body["kv_cache_hit_rate"] <= 1 and body["total_draft_tokens"] == 0
 
 
+@pytest.mark.slow  # a real Triton serving SmolLM2
 def test_a_stream_sends_the_text_so_far_and_ends_with_its_finish_reason(served: Served) -> None:
     events = served.stream(text_input=QUESTION, sampling_param_max_tokens=8, return_finish_reason=True)
     texts = [e["text_output"] for e in events]
@@ -148,6 +150,7 @@ def test_a_stream_sends_the_text_so_far_and_ends_with_its_finish_reason(served: 
     assert status == 200 and texts[-1] == whole["text_output"]
 
 
+@pytest.mark.slow  # a real Triton serving SmolLM2
 def test_a_stop_string_ends_the_text_before_it(served: Served) -> None:
     status, body = served.generate(
         text_input=QUESTION,
@@ -160,6 +163,7 @@ def test_a_stop_string_ends_the_text_before_it(served: Served) -> None:
     assert body["finish_reason"] == "stop" and body["stop_reason"] == "."
 
 
+@pytest.mark.slow  # a real Triton serving SmolLM2
 def test_what_the_cpu_target_lacks_is_refused_by_name(served: Served) -> None:
     status, body = served.generate(text_input=QUESTION, lora_id=3, lora_name="a", lora_path="/x")
     assert status == 400 and "lora_id: LoRA adapters are not available on the CPU target" in body["error"]
@@ -186,6 +190,7 @@ def _inputs(values: dict[str, Any]) -> list[Any]:
     return inputs
 
 
+@pytest.mark.slow  # a real Triton serving SmolLM2
 def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Served) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -223,6 +228,7 @@ def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Ser
         client.close()
 
 
+@pytest.mark.slow  # a real Triton serving SmolLM2
 def test_bench_measures_the_llmapi_model_over_grpc(served: Served, smollm2_workdir: Path) -> None:
     result = cli(
         "bench",

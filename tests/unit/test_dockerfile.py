@@ -77,3 +77,14 @@ def test_every_dependency_is_in_the_image() -> None:
 
 def test_the_image_exposes_triton_and_the_openai_api() -> None:
     assert "EXPOSE 8000 8001 8002 9000" in DOCKERFILE
+
+
+def test_a_pytorch_image_needs_tensorrt_llm_1_3_and_carries_upstreams_llmapi_model_at_that_version() -> None:
+    from pipeline.stages.triton_repo import render
+
+    assert re.search(r"^ARG BACKEND=tensorrt$", DOCKERFILE, re.MULTILINE)
+    assert "v >= (1, 3)" in DOCKERFILE and '--branch "v$v"' in DOCKERFILE
+    assert "sparse-checkout set triton_backend/all_models/llmapi" in DOCKERFILE
+    env = re.search(rf"^ENV {render.LLMAPI_MODEL_DIR_ENV}=(\S+)$", DOCKERFILE, re.MULTILINE)
+    assert env and env.group(1).endswith("/tensorrt_llm/1")
+    assert all(f'$PIPELINE_LLMAPI_MODEL_DIR/{name}"' in DOCKERFILE for name in render.UPSTREAM_LLMAPI_FILES)
