@@ -170,21 +170,28 @@ def serve_trtllm(cfg: PipelineConfig) -> None:
     """backend=pytorch on a GPU: trtllm-serve on the built checkpoint with the recorded LLM API
     arguments, until Ctrl-C (its OpenAI API is the endpoint; `bench benchmark.endpoint=openai`
     measures it)."""
-    steps = runner.plan(cfg, STAGES)
-    engine = next(s for s in steps if s.name == "engine")
-    if not engine.cached:
-        raise StageError("no finished build for these overrides: run `python -m pipeline build` with them first")
     if shutil.which("trtllm-serve") is None:
         raise StageError("trtllm-serve not found: run inside the TensorRT-LLM container, or use serve.frontend=triton")
-    folder = engine.dirs.final
-    argv = llmapi.trtllm_serve_argv(
-        cfg, folder / artifacts.ENGINE, folder / llmapi.OPTIONS_FILE, cfg.triton.host, cfg.serve.trtllm_serve_port
+    engine = next(s for s in runner.plan(cfg, STAGES) if s.name == "engine")
+    if not engine.cached:
+        raise StageError("no finished build for these overrides: run `python -m pipeline build` with them first")
+    folder, port = engine.dirs.final, cfg.serve.trtllm_serve_port
+    argv = llmapi.trtllm_serve_argv(cfg, folder / artifacts.ENGINE, folder / llmapi.OPTIONS_FILE, cfg.triton.host, port)
+    log_file = (
+        artifacts.serve_logs(cfg.workdir_path, engine.fingerprint)
+        / f"trtllm-serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
     )
-    log_file = artifacts.serve_logs(cfg.workdir_path, engine.fingerprint) / "trtllm-serve.log"
-    print(f"serving {folder / artifacts.ENGINE} with trtllm-serve")
-    print(f"  OpenAI API  http://{cfg.triton.host}:{cfg.serve.trtllm_serve_port}/v1   log {log_file}")
-    print("Ctrl-C stops the server", flush=True)
-    proc.run(argv, log_file, timeout_s=None)
+    with server.TrtllmServe(argv, cfg.triton.host, port, log_file, cfg.triton.ready_timeout_s) as running:
+        print(f"serving {folder / artifacts.ENGINE} with trtllm-serve")
+        print(f"  OpenAI API  {running.url}/v1   (/health, /metrics)   log {log_file}")
+        print("Ctrl-C stops the server", flush=True)
+        try:
+            while running.alive():
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopping trtllm-serve", flush=True)
+            return
+    raise StageError(f"trtllm-serve exited unexpectedly: see {log_file}")
 
 
 def bench(cfg: PipelineConfig, url: str | None = None) -> None:

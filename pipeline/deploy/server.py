@@ -270,6 +270,53 @@ class Server:
             self.process = None
 
 
+class TrtllmServe:
+    """trtllm-serve (backend=pytorch on GPUs) as a context manager: started from ``argv``, ready when
+    its ``/health`` answers, stopped with every process it started."""
+
+    def __init__(self, argv: list[str], host: str, port: int, log_file: Path, ready_timeout_s: float):
+        self.argv, self.log_file, self.ready_timeout_s = argv, log_file, ready_timeout_s
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        self.process: proc.Background | None = None
+
+    def __enter__(self) -> TrtllmServe:
+        proc.reap_recorded(self.log_file.parent)
+        self.process = proc.Background(self.argv, self.log_file)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if not self.process.alive():
+                tail = " | ".join(line for line in self.process.tail[-3:] if line.strip())
+                raise StageError(f"trtllm-serve exited while loading the model: {tail} (full log: {self.log_file})")
+            time.sleep(1)
+        raise StageError(f"trtllm-serve was not ready after {self.ready_timeout_s:.0f} s (log: {self.log_file})")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
 @dataclass(frozen=True)
 class Target:
     """A repository to serve and how: its path, the engine kind, ranks, where logs go."""

@@ -19,7 +19,7 @@ from pipeline.redact import redact
 from pipeline.tables import aligned
 from pipeline.tracking.runs import probe_store, tracking_uri
 
-FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target", "endpoint"]
+FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target", "backend", "endpoint"]
 
 
 def _runs(cfg: PipelineConfig, where: str | None) -> list[Any]:
@@ -65,6 +65,7 @@ def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list
             "kv": p.get("kv_cache_dtype"),
             "tp/pp": f"{p['tp']}/{p['pp']}" if "tp" in p else None,
             "target": p.get("target"),
+            "backend": p.get("backend", "tensorrt"),  # runs before the choice existed built engines
             # a bench run names what it measured: the endpoint and the server's address
             "endpoint": f"{p['endpoint']} {p['url']}" if "url" in p else p.get("endpoint"),
         }

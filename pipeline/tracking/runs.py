@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline import __version__, artifacts
 from pipeline.assets import PROJECT
-from pipeline.config.schema import PipelineConfig, to_yaml
+from pipeline.config.schema import Backend, PipelineConfig, to_yaml
 from pipeline.errors import ConfigError, Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
@@ -108,7 +108,8 @@ def _version(dist: str) -> str:
 
 
 def run_name(cfg: PipelineConfig) -> str:
-    return f"{cfg.model.name} {cfg.quant.format} tp{cfg.parallel.tp}pp{cfg.parallel.pp} {cfg.target.name}"
+    name = f"{cfg.model.name} {cfg.quant.format} tp{cfg.parallel.tp}pp{cfg.parallel.pp} {cfg.target.name}"
+    return f"{name} pytorch" if cfg.backend is Backend.pytorch else name
 
 
 def params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -120,6 +121,7 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
         "tp": cfg.parallel.tp,
         "pp": cfg.parallel.pp,
         "target": cfg.target.name,
+        "backend": str(cfg.backend),
         "gpu": cfg.target.gpu or "cpu",
         "build_preset": cfg.build.name,
         "max_batch_size": cfg.build.max_batch_size,

@@ -121,6 +121,8 @@ def test_gpu_llmapi_repository_copies_upstreams_model_and_reads_only_model_yaml(
     assert not config.parameters  # upstream's model takes every setting from model.yaml
     settings = render.model_yaml(cfg)
     assert settings["tensor_parallel_size"] == 2 and settings["backend"] == "pytorch"
+    # trtllm-serve's options file, written from a repository's model.yaml, says the same
+    assert {k: v for k, v in settings.items() if k not in ("model", "triton_config")} == llmapi.options(cfg)
     assert "threads" not in json.dumps(settings)  # nothing of the CPU stand-in reaches the LLM API
 
 

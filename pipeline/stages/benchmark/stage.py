@@ -25,7 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import CLIENT_JSON, ENGINE_MODEL, PLOT, REPOSITORY, SERVER_LOG
+import yaml
+
+from pipeline.artifacts import (
+    CLIENT_JSON,
+    ENGINE_MODEL,
+    PLOT,
+    REPO_CHECKPOINT_DIR,
+    REPO_MODEL_YAML,
+    REPOSITORY,
+    SERVER_LOG,
+)
+from pipeline.config import llmapi
 from pipeline.config.schema import Backend, BenchTool, Endpoint, PipelineConfig, served_model_name, to_dict
 from pipeline.deploy import server
 from pipeline.errors import StageError
@@ -50,7 +61,8 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     """What the benchmark needs from this machine, checked before the build starts."""
     if not cfg.benchmark.enabled:
         return []
-    if cfg.backend is Backend.pytorch and cfg.benchmark.endpoint is Endpoint.openai:
+    triton_frontend = cfg.serve.frontend == "triton"  # trtllm-serve is measured through its OpenAI API
+    if cfg.backend is Backend.pytorch and cfg.benchmark.endpoint is Endpoint.openai and triton_frontend:
         return [
             "benchmark.endpoint=openai: the OpenAI gateway does not serve the LLM-API repository of backend=pytorch: "
             "use benchmark.endpoint=triton (or bench url=<trtllm-serve's /v1> benchmark.endpoint=openai)"
@@ -223,6 +235,11 @@ def measure(
             default = target.entry_model if target else (ENGINE_MODEL if llmapi else "ensemble")
             endpoint = loadgen.Endpoint("llmapi" if llmapi else "triton", url, bench.model or default)
         points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
+    elif target is not None and target.llmapi and target.on_gpu and cfg.serve.frontend == "trtllm-serve":
+        tokenizer = _tokenizer(tokenizer_dir)
+        with _trtllm_serve(cfg, target, out) as base_url:
+            endpoint = loadgen.Endpoint("openai", base_url, bench.model or served_model(base_url, None))
+            points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
     else:
         assert target is not None, "without url= the benchmark serves a built repository"
         triton = server.with_free_ports(cfg.triton)
@@ -272,6 +289,23 @@ def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str) -> Itera
         yield loadgen.Endpoint("openai", running.url, settings.served_model, api_key(cfg))
     finally:
         running.stop()
+
+
+@contextlib.contextmanager
+def _trtllm_serve(cfg: PipelineConfig, target: server.Target, out: Path) -> Iterator[str]:
+    """serve.frontend=trtllm-serve: trtllm-serve on the repository's checkpoint with the arguments
+    of its model.yaml, for the sweep; yields its OpenAI base URL."""
+    settings = yaml.safe_load((target.repo / REPO_MODEL_YAML).read_text())
+    options = {k: v for k, v in settings.items() if k not in ("model", "triton_config")}
+    options_file = out / llmapi.OPTIONS_FILE
+    options_file.write_text(llmapi.options_yaml(options))
+    host = cfg.triton.host
+    port = cfg.serve.trtllm_serve_port
+    if server.port_busy(host, port):
+        port = server.free_port(host)
+    argv = llmapi.trtllm_serve_argv(cfg, target.repo / REPO_CHECKPOINT_DIR, options_file, host, port)
+    with server.TrtllmServe(argv, host, port, out / SERVER_LOG, cfg.triton.ready_timeout_s) as running:
+        yield f"{running.url}/v1"
 
 
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
