@@ -49,6 +49,21 @@ CAPACITY_POLICY = {
     SchedulerPolicy.guaranteed_no_evict: "GUARANTEED_NO_EVICT",
     SchedulerPolicy.max_utilization: "MAX_UTILIZATION",
 }
+# trtllm-serve's flags (its click options) this pipeline may pass, of the pinned version
+TRTLLM_SERVE_FLAGS = {
+    "--backend",
+    "--host",
+    "--port",
+    "--tp_size",
+    "--pp_size",
+    "--max_batch_size",
+    "--max_num_tokens",
+    "--max_seq_len",
+    "--max_beam_width",
+    "--kv_cache_free_gpu_memory_fraction",
+    "--trust_remote_code",
+    "--extra_llm_api_options",
+}
 OPTIONS_FILE = "llm_api_options.yaml"  # in the engine stage's folder: trtllm-serve's --extra_llm_api_options
 
 

@@ -88,15 +88,12 @@ class ScaleNames:
     weight_2: str
     activation: str
     pre_quant: str
-    # INT4 group scales hold the whole scale (W4A8's second scale is its FP8 step), rather than a
-    # part of it that the second scale multiplies
-    int4_scales_are_whole: bool = False
 
 
 TRTLLM_SCALES = ScaleNames(
     "weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor", "prequant_scaling_factor"
 )
-UNIFIED_SCALES = ScaleNames("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", True)
+UNIFIED_SCALES = ScaleNames("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 UNIFIED_KV_SCALES = ("k_scale", "v_scale")  # the KV cache's FP8 scales: the reference runtime keeps K/V unquantized
 
 
@@ -119,12 +116,11 @@ def dequantize(
         ints = unpack_int4_rows(weight).float()
         group = ints.shape[1] // scale.shape[1]
         w = ints * scale.float().repeat_interleave(group, dim=1)
-        if scale2 is not None and names.int4_scales_are_whole:
-            # W4A8, unified: the group scales give the weight itself; the engine holds it in FP8
-            # with the per-tensor second scale, so it is rounded as the kernel sees it
+        if scale2 is not None:
+            # W4A8: the group scales give the weight itself, which the kernel holds in FP8 with the
+            # per-tensor second scale, so it is rounded as the kernel sees it (ModelOpt's fake
+            # quantizer does the same: INT4 groups, then FP8 per tensor)
             w = (w / scale2.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale2.float()
-        elif scale2 is not None:
-            w = w * scale2.float()
     elif algo == "NVFP4":
         values = unpack_fp4_cols(weight)
         group = values.shape[1] // scale.shape[1]
@@ -226,8 +222,7 @@ def read_unified(folder: Path) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(load_file(str(file)))
-    scale_names = (UNIFIED_SCALES.weight, UNIFIED_SCALES.weight_2, UNIFIED_SCALES.activation, UNIFIED_SCALES.pre_quant)
-    side = {f".{name}" for name in (*scale_names, *UNIFIED_KV_SCALES)}
+    side = {f".{name}" for name in (*vars(UNIFIED_SCALES).values(), *UNIFIED_KV_SCALES)}
     state: dict[str, torch.Tensor] = {}
     acts: dict[str, ActivationQuant] = {}
     for key in tensors:

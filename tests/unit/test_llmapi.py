@@ -4,6 +4,7 @@ version's names, upstream's LLM-API layout against the contract, and the command
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,30 @@ def test_plan_prints_the_llm_api_arguments_and_both_ways_to_serve(tmp_path: Path
     out = result.stdout
     assert "# LLM API arguments" in out and "tensor_parallel_size: 2" in out
     assert "tritonserver --model-repository=" in out and "trtllm-serve " in out and "--extra_llm_api_options" in out
+
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "llama70b_fp8_tp2_h100_pytorch"
+
+
+def test_golden_gpu_llmapi_repository() -> None:
+    """The rendered LLM-API repository of Llama 3.1 70B FP8 TP2 on H100 (config.pbtxt and
+    model.yaml), file by file. UPDATE_GOLDEN=1 rewrites them after a deliberate change."""
+    cfg = validate.load(PYTORCH_GPU)
+    files = {
+        "tensorrt_llm/config.pbtxt": render.rendered_configs(cfg)["tensorrt_llm"],
+        artifacts.REPO_MODEL_YAML: yaml.safe_dump(render.model_yaml(cfg), sort_keys=False),
+    }
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        for rel, text in files.items():
+            (GOLDEN / rel).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN / rel).write_text(text)
+    assert sorted(files) == sorted(str(p.relative_to(GOLDEN)) for p in GOLDEN.rglob("*") if p.is_file())
+    for rel, text in files.items():
+        assert text == (GOLDEN / rel).read_text(), rel
+
+
+def test_trtllm_serve_flags_are_options_of_the_pinned_version(tmp_path: Path) -> None:
+    cfg = validate.load(PYTORCH_GPU)
+    argv = llmapi.trtllm_serve_argv(cfg, tmp_path, tmp_path / llmapi.OPTIONS_FILE, "0.0.0.0", 8000)
+    flags = [arg for arg in argv if arg.startswith("--")]
+    assert flags and set(flags) <= llmapi.TRTLLM_SERVE_FLAGS
