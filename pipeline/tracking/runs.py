@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline import __version__, artifacts
 from pipeline.assets import PROJECT
-from pipeline.config.schema import Backend, PipelineConfig, to_yaml
+from pipeline.config.schema import Backend, Endpoint, PipelineConfig, to_yaml
 from pipeline.errors import ConfigError, Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
@@ -128,7 +128,10 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
         "max_num_tokens": cfg.build.max_num_tokens,
         "max_seq_len": cfg.build.max_seq_len,
         "benchmark_preset": cfg.benchmark.name,
-        "endpoint": str(cfg.benchmark.endpoint),
+        # what the build's benchmark talks to: an LLM-API repository is measured with its inputs
+        "endpoint": "llmapi"
+        if cfg.backend is Backend.pytorch and cfg.benchmark.endpoint is Endpoint.triton
+        else str(cfg.benchmark.endpoint),
         "pipeline_version": __version__,
         "modelopt_version": _version("nvidia-modelopt"),
         "tensorrt_llm_version": _version("tensorrt_llm"),
