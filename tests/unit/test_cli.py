@@ -82,3 +82,20 @@ def test_multirun_refuses_a_bad_combination_before_any_job(tmp_path: Path) -> No
     assert result.returncode == 1
     assert "parallel.tp=2" in result.stderr and "job 1/2" not in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_slurm_sweep_dry_run_prints_the_batch_script_it_would_submit(tmp_path: Path) -> None:
+    """The SLURM launcher's batch script, written by submitit from the launcher's settings, without
+    a cluster: this project's preset (hydra/launcher=slurm) and the plugin's own with a gres."""
+    common = ["build", "-m", "quant=none,fp8", "model=llama8b", "target=h100", f"workdir={tmp_path}", "dry_run=true"]
+    result = cli(*common, "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8", "#SBATCH --time=360", "#SBATCH --array=0-1%"):
+        assert line in script, script
+    assert "#SBATCH --job-name=pipeline-build" in script and "-m submitit.core._submit" in script
+    assert "quant=none model=llama8b" in script and "quant=fp8 model=llama8b" in script
+    plugin = cli(*common, "hydra/launcher=submitit_slurm", "hydra.launcher.gres=gpu:8", "hydra.launcher.timeout_min=30")
+    assert plugin.returncode == 0, plugin.stderr
+    assert "#SBATCH --gres=gpu:8" in plugin.stdout and "#SBATCH --time=30" in plugin.stdout
+    assert not (tmp_path / "sweeps").exists()  # nothing was submitted

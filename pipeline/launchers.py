@@ -1,0 +1,151 @@
+"""Sweeps through Hydra's launcher plugins:
+
+    python -m pipeline build -m quant=fp8,int4_awq parallel.tp=1,2 hydra/launcher=submitit_slurm
+
+The CLI composes each job's config itself (rather than under ``@hydra.main``) so that every job is
+validated before the first is submitted. A sweep that names a launcher other than Hydra's basic one
+is then handed to that launcher through Hydra's launcher API: ``submitit_slurm`` (a SLURM array
+job), ``submitit_local`` (local processes, the same code path), ``ray`` (a Ray cluster), or this
+project's presets in ``conf/hydra/launcher/``. Each job runs ``build`` with its own overrides as a
+child of the sweep's MLflow run, wherever the launcher puts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline import app
+from pipeline.assets import CONF_DIR
+from pipeline.config import compose
+from pipeline.config.schema import PipelineConfig
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.tracking import runs
+
+log = logging.getLogger(__name__)
+
+LAUNCHER_GROUP = "hydra/launcher"
+IN_PROCESS = (None, "basic")  # Hydra's basic launcher: the jobs run here, one after another
+JOB_NAME = "pipeline-build"  # what SLURM and submitit call the sweep's jobs
+
+
+def chosen_launcher(overrides: Sequence[str]) -> str | None:
+    """The ``hydra/launcher=<name>`` of a job's overrides, or None."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == LAUNCHER_GROUP:
+            return value
+    return None
+
+
+def launcher_config(first: Sequence[str], sweep_dir: Path) -> tuple[Any, DictConfig]:
+    """Hydra's config loader and the sweep's config for the first job's overrides: the launcher's
+    settings are the sweep's, resolved against that job (``${target.count}`` GPUs per node)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from hydra.version import setbase
+
+    setbase("1.3")
+    compose.register()
+    GlobalHydra.instance().clear()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    overrides = [*first, f"hydra.sweep.dir={sweep_dir}", "hydra.job.chdir=false", f"hydra.job.name={JOB_NAME}"]
+    try:
+        config = loader.load_configuration("config", overrides=overrides, run_mode=RunMode.MULTIRUN)
+    except Exception as error:  # Hydra raises several types, all meaning "this launcher cannot be set up"
+        raise ConfigError(f"{LAUNCHER_GROUP}: {str(error).splitlines()[0]}") from error
+    return loader, config
+
+
+def launch(jobs: list[tuple[list[str], PipelineConfig]]) -> None:
+    """Run a validated ``build`` sweep through its launcher; raise when any job failed."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.plugins import Plugins
+    from hydra.core.utils import JobStatus
+    from hydra.types import HydraContext
+
+    first = jobs[0][1]
+    workdir = first.workdir_path
+    sweep_dir = workdir / "sweeps" / time.strftime("%Y%m%d-%H%M%S")
+    loader, config = launcher_config(jobs[0][0], sweep_dir)
+    context = HydraContext(config_loader=loader, callbacks=Callbacks(config))
+    launcher = Plugins.instance().instantiate_launcher(hydra_context=context, task_function=build_job, config=config)
+    name = chosen_launcher(jobs[0][0])
+    with runs.sweep_run(first, [overrides for overrides, _ in jobs]) as parent:
+        job_overrides = [
+            # every job sees the sweep's workdir as an absolute path (a SLURM job or Ray worker starts
+            # elsewhere) and its parent run; launcher settings stay with the sweep
+            [o for o in overrides if not o.startswith(("hydra", "workdir=", "tracking.parent_run="))]
+            + [f"workdir={cfg.workdir_path}", f"tracking.parent_run={parent or 'null'}"]
+            for overrides, cfg in jobs
+        ]
+        log.info(
+            "launching %d jobs with %s %s=%s (logs under %s)", len(jobs), "Hydra's", LAUNCHER_GROUP, name, sweep_dir
+        )
+        returns = launcher.launch(job_overrides, initial_job_idx=0)
+        failed = []
+        for overrides, result in zip(job_overrides, returns, strict=True):
+            if result.status is not JobStatus.COMPLETED:
+                failed.append(" ".join(overrides[:-2]) or "(defaults)")
+                log.error("job failed: %s: %s", " ".join(overrides[:-2]), getattr(result, "_return_value", None))
+        if failed:
+            raise PipelineError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")
+
+
+# the submitit plugin's own settings, not sbatch's
+PLUGIN_ONLY = ("_target_", "submitit_folder", "max_num_timeout", "wait_for_completion")
+
+
+def batch_script(jobs: list[tuple[list[str], PipelineConfig]], sweep_dir: Path) -> str:
+    """The sbatch script a SLURM launcher would submit for this sweep (an array job, one task per
+    job), written by submitit itself from the launcher's settings."""
+    import sys
+
+    from omegaconf import OmegaConf
+    from submitit.slurm import slurm
+
+    _, config = launcher_config(jobs[0][0], sweep_dir)
+    params = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+    assert isinstance(params, dict)
+    if not str(params.get("_target_", "")).endswith(".SlurmLauncher"):
+        raise ConfigError(
+            f"{LAUNCHER_GROUP}={chosen_launcher(jobs[0][0])} is not a SLURM launcher: it has no batch script"
+        )
+    rename = slurm.SlurmExecutor._equivalence_dict()  # the plugin's generic names -> sbatch's
+    values = {rename.get(k, k): v for k, v in params.items() if k not in PLUGIN_ONLY and v is not None}
+    if "mem" in values:
+        values["mem"] = f"{values['mem']}GB"
+    folder = str(params["submitit_folder"])
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    return str(slurm._make_sbatch_string(command=command, folder=folder, map_count=len(jobs), **values))
+
+
+def describe(jobs: list[tuple[list[str], PipelineConfig]]) -> str:
+    """What ``launch`` would do, submitting nothing (``dry_run=true``)."""
+    name = chosen_launcher(jobs[0][0])
+    sweep_dir = jobs[0][1].workdir_path / "sweeps" / time.strftime("%Y%m%d-%H%M%S")
+    lines = [f"# {len(jobs)} jobs through {LAUNCHER_GROUP}={name} (logs under {sweep_dir})"]
+    lines += [f"  {' '.join(o for o in overrides if not o.startswith('hydra'))}" for overrides, _ in jobs]
+    _, config = launcher_config(jobs[0][0], sweep_dir)
+    if str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        lines += ["", "# the batch script submitted to SLURM", batch_script(jobs, sweep_dir)]
+    return "\n".join(lines)
+
+
+def build_job(cfg: DictConfig) -> None:
+    """One launched job: ``build`` with the job's config, wherever the launcher runs it."""
+    from pipeline import logs, validate
+
+    logs.setup()
+    typed = compose.to_typed(cfg)
+    problems = validate.validate(typed)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    app.build(typed, sweep_parent=typed.tracking.parent_run)

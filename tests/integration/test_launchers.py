@@ -1,0 +1,127 @@
+"""Sweeps through Hydra's launcher plugins, for real: a 2-job sweep of the tiny model under
+submitit_local (the SLURM launcher's code path, in local processes) and under a Ray instance
+started for it, each leaving a parent run and two FINISHED children in a real `mlflow server`
+with proxied artifact storage; the batch script a SLURM launcher would submit; a sweep with one bad
+job submits nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, free_ports
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    (port,) = free_ports(1)
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'store.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+    ]
+    with (folder / "server.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _sweep(workdir: Path, tiny_checkpoint: Path, uri: str, launcher: str) -> None:
+    result = cli(
+        "build",
+        "-m",
+        "quant=none,fp8",
+        "model=local",
+        f"model.path={tiny_checkpoint}",
+        "target=cpu",
+        "until=quantize",
+        "quant.calib.dataset=builtin",
+        "quant.calib.num_samples=4",
+        "quant.calib.max_length=64",
+        "quant.eval_tokens=0",
+        f"workdir={workdir}",
+        f"tracking.uri={uri}",
+        f"tracking.experiment=sweep-{launcher}",
+        f"hydra/launcher={launcher}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _runs(uri: str, experiment: str) -> tuple[object, list[object]]:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    runs = client.search_runs([found.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("pipeline.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_a_sweep_through_a_launcher_leaves_a_parent_and_two_finished_children(
+    tmp_path: Path, tiny_checkpoint: Path, mlflow_server: str, launcher: str
+) -> None:
+    """``local`` is this project's preset of submitit_local; ``ray`` the Ray plugin's own launcher,
+    which starts a Ray instance on this host for the sweep and stops it after."""
+    _sweep(tmp_path, tiny_checkpoint, mlflow_server, launcher)
+    parent, children = _runs(mlflow_server, f"sweep-{launcher}")
+    assert parent.info.status == "FINISHED"  # type: ignore[attr-defined]
+    assert sorted(c.data.params["quant"] for c in children) == ["fp8", "none"]  # type: ignore[attr-defined]
+    assert all(c.info.status == "FINISHED" for c in children)  # type: ignore[attr-defined]
+    import mlflow
+
+    # each child logged its quality report through the server's proxied artifact storage
+    client = mlflow.MlflowClient(mlflow_server)
+    for child in children:
+        paths = [a.path for a in client.list_artifacts(child.info.run_id, "quantize")]  # type: ignore[attr-defined]
+        assert "quantize/quality.json" in paths, paths
+    assert list((tmp_path / "sweeps").glob("*/.submitit")) or launcher == "ray"
+
+
+def test_one_bad_job_of_a_launched_sweep_submits_nothing(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    result = cli(
+        "build",
+        "-m",
+        "parallel.tp=1,2",
+        "model=local",
+        f"model.path={tiny_checkpoint}",
+        "target=cpu",
+        f"workdir={tmp_path}",
+        "hydra/launcher=local",
+    )
+    assert result.returncode == 1 and "parallel.tp=2 does not split" in result.stderr
+    assert not (tmp_path / "sweeps").exists()
