@@ -118,7 +118,8 @@ def batch_script(jobs: list[tuple[list[str], PipelineConfig]], sweep_dir: Path) 
         raise ConfigError(
             f"{LAUNCHER_GROUP}={chosen_launcher(jobs[0][0])} is not a SLURM launcher: it has no batch script"
         )
-    rename: dict[str, str] = dict(slurm.SlurmExecutor._equivalence_dict())  # the plugin's generic names -> sbatch's
+    # the plugin's generic names (timeout_min, gpus_per_node...) -> sbatch's, as submitit maps them
+    rename: dict[str, str] = {str(k): str(v) for k, v in slurm.SlurmExecutor._equivalence_dict().items()}
     values = {rename.get(str(k), str(k)): v for k, v in params.items() if k not in PLUGIN_ONLY and v is not None}
     if "mem" in values:
         values["mem"] = f"{values['mem']}GB"
