@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# xgrammar (guided decoding on the CPU target) declares OpenAI's GPU compiler `triton` as a
 	# dependency, used only by its CUDA kernels: --no-deps keeps 400 MB off a CPU machine.
 	$(PY) -m pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	# Hydra's Ray launcher without its AWS launcher's boto3 (see the cluster extra in pyproject.toml)
+	$(PY) -m pip install --quiet --no-deps hydra-ray-launcher==1.2.2
 	touch $(STAMP)
 
 demo: venv

@@ -34,13 +34,17 @@ them with Triton, benchmark, and track every run.
 commands:
   build   run every stage; finished stages are reused (force=true redoes them)
   plan    show what build would do: each stage, its fingerprint, cached or not, and the config
-  serve   serve the repository of the last build with the same overrides (or repo=<path>) until Ctrl-C
+  serve   serve the repository of the last build with the same overrides (or repo=<path>, or a
+          registered version: model_uri=models:/<name>@<alias>) until Ctrl-C
+  promote point an alias of the registered model at a build's version: run=<id>|version=<n> alias=production
   compare table of the runs in the MLflow store: sort=<column> filter="params.quant = 'fp8'"
   bench   benchmark a running server (url=host:grpc_port) or the last build's repository
   manifests  Kubernetes YAML (Deployment or LeaderWorkerSet, Service, KServe InferenceService)
 
 options:
-  -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3
+  -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3; with
+                  hydra/launcher=slurm|submitit_slurm|local|ray|ray_cluster the jobs go to SLURM,
+                  local processes or Ray through Hydra's launcher plugins
   -h, --help      this help; `python -m pipeline build --help` lists config groups and keys
 
 examples:
@@ -49,6 +53,9 @@ examples:
   python -m pipeline plan model=llama8b
   python -m pipeline build -m parallel.tp=1,3
   python -m pipeline serve triton.http_port=9000
+  python -m pipeline build -m quant=fp8,int4_awq parallel.tp=1,2 hydra/launcher=slurm
+  python -m pipeline promote run=<id> alias=production
+  python -m pipeline serve model_uri=models:/smollm2-135m@production
 """
 
 

@@ -25,7 +25,7 @@ from pipeline.stages import STAGES
 from pipeline.stages.benchmark import stage as benchmark
 from pipeline.stages.triton_repo import render
 from pipeline.tracking import compare as run_table
-from pipeline.tracking import runs
+from pipeline.tracking import registry, runs
 from pipeline.workspace import write_json_atomic
 
 log = logging.getLogger("pipeline")
@@ -142,9 +142,12 @@ def built_target(cfg: PipelineConfig) -> server.Target:
     return target
 
 
-def serve(cfg: PipelineConfig, repo: str | None = None) -> None:
-    """Serve the last build's repository (or the folder ``repo``) until Ctrl-C, with the
-    OpenAI-compatible API beside it (openai.enabled)."""
+def serve(cfg: PipelineConfig, repo: str | None = None, model_uri: str | None = None) -> None:
+    """Serve the last build's repository (or the folder ``repo``, or the registered version
+    ``model_uri=models:/<name>@<alias>``) until Ctrl-C, with the OpenAI-compatible API beside it
+    (openai.enabled)."""
+    if model_uri:
+        repo = str(registry.download(model_uri, runs.tracking_uri(cfg), artifacts.registry_downloads(cfg.workdir_path)))
     if cfg.serve.frontend == "trtllm-serve":
         serve_trtllm(cfg)
         return
@@ -233,6 +236,19 @@ def _bench_tokenizer(cfg: PipelineConfig, target: server.Target | None, url: str
     return target.tokenizer_dir
 
 
+def promote(cfg: PipelineConfig, run: str | None = None, version: str | None = None, alias: str = "production") -> None:
+    """Point an alias of the registered model (the model config's, tracking.registered_model) at
+    the version a build run registered (``run=<id>``) or at ``version=<n>``."""
+    import mlflow
+
+    runs.probe_store(cfg)
+    client = mlflow.MlflowClient(runs.tracking_uri(cfg))
+    name = registry.model_name(cfg)
+    chosen = registry.promote(client, name, alias, version=version, run=run)
+    print(f"models:/{name}@{alias} -> version {chosen}")
+    print(f"serve it with: python -m pipeline serve model_uri=models:/{name}@{alias}")
+
+
 def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = None) -> None:
     """The runs of the MLflow store as a table."""
     print(run_table.table(cfg, sort=sort, where=filter))
@@ -253,7 +269,8 @@ def manifests(cfg: PipelineConfig) -> None:
 COMMANDS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "build": (build, ()),
     "plan": (plan, ()),
-    "serve": (serve, ("repo",)),
+    "serve": (serve, ("repo", "model_uri")),
+    "promote": (promote, ("run", "version", "alias")),
     "compare": (compare, ("sort", "filter")),
     "manifests": (manifests, ()),
     "bench": (bench, ("url",)),

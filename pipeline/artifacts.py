@@ -75,5 +75,10 @@ def bench_results(workdir: Path, stamp: str) -> Path:
     return workdir / "bench" / stamp
 
 
+def registry_downloads(workdir: Path) -> Path:
+    """Registered repositories `serve model_uri=...` downloaded, one folder per name and version."""
+    return workdir / "registry"
+
+
 def manifests(workdir: Path, fingerprint: str) -> Path:
     return workdir / "manifests" / fingerprint

@@ -348,6 +348,10 @@ class TrackingConfig:
     uri: str | None = None  # null: sqlite:///<workdir>/mlflow.db
     experiment: str | None = None  # null: one experiment per model, named after it
     parent_run: str | None = None  # a sweep's MLflow run this build is a child of (launchers set it)
+    # build registers the rendered Triton repository as a version of this registered model (null:
+    # the model config's name), the hand-off to `promote` and `serve model_uri=models:/<name>@<alias>`
+    register: bool = True
+    registered_model: str | None = None
 
 
 @dataclass

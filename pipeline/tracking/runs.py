@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError, Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
+from pipeline.tracking import registry
 from pipeline.workspace import MANIFEST, installed_version, locked
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,10 @@ class JobRun:
             self.client.log_param(self.run_id, "model_revision", sha)
         self._log_metrics(flat, series)
         _artifacts(self.client, self.run_id, cfg, steps)
+        repository = next((s for s in steps if s.name == "triton_repo"), None)
+        if cfg.tracking.register and repository is not None and repository.dirs.final.is_dir():
+            folder = repository.dirs.final / artifacts.REPOSITORY
+            registry.register(self.client, self.run_id, cfg, folder, repository.fingerprint, flat)
 
     def record_bench(self, cfg: PipelineConfig, results: dict[str, Any], folder: Path, served_here: bool) -> None:
         """A ``bench`` command's sweep: what was measured and where. ``served_here``: the server

@@ -80,3 +80,46 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
     log = smollm2_workdir / "server.log"
     with server.Server(launch, cfg.triton, log) as running:
         yield Served(running, cfg, steps[-1].dirs.final, overrides, log)
+
+
+@pytest.fixture(scope="package")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real tracking server with proxied artifact storage (what teams share), for this package."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    (port,) = free_ports(1)
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'store.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+    ]
+    with (folder / "server.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

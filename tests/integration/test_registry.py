@@ -1,0 +1,90 @@
+"""The model registry as the hand-off from build to deploy, against a real `mlflow server`: a build
+registers its repository once (a cached rebuild finds its version), `promote` sets an alias, and
+`serve model_uri=models:/<name>@<alias>` downloads that version and answers a request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, free_ports
+
+pytestmark = pytest.mark.slow
+
+
+def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
+    tmp_path: Path, tiny_checkpoint: Path, mlflow_server: str
+) -> None:
+    import mlflow
+
+    name = "tiny-registry"
+    overrides = [
+        "model=local",
+        f"model.path={tiny_checkpoint}",
+        "target=cpu",
+        "quant=none",
+        "benchmark=none",
+        "quant.eval_tokens=0",
+        "build.max_seq_len=512",
+        "build.max_input_len=256",
+        f"workdir={tmp_path / 'build'}",
+        f"tracking.uri={mlflow_server}",
+        f"tracking.registered_model={name}",
+    ]
+    first = cli("build", *overrides)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli("build", *overrides)  # cached: the same repository, no second version
+    assert again.returncode == 0 and "already" in again.stderr, again.stderr[-2000:]
+    client = mlflow.MlflowClient(mlflow_server)
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert {k: version.tags[k] for k in ("format", "tp", "pp", "target", "backend")} == {
+        "format": "none",
+        "tp": "1",
+        "pp": "1",
+        "target": "cpu",
+        "backend": "tensorrt",
+    }
+    promoted = cli("promote", f"run={version.run_id}", "alias=production", *overrides)
+    assert promoted.returncode == 0 and f"models:/{name}@production -> version {version.version}" in promoted.stdout
+    assert client.get_model_version_by_alias(name, "production").version == version.version
+
+    http, grpc, metrics = free_ports(3)
+    serve = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "serve",
+        f"model_uri=models:/{name}@production",
+        f"workdir={tmp_path / 'deploy'}",  # another host's workdir: nothing of the build is there
+        f"tracking.uri={mlflow_server}",
+        "openai.enabled=false",
+        f"triton.http_port={http}",
+        f"triton.grpc_port={grpc}",
+        f"triton.metrics_port={metrics}",
+    ]
+    process = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"text_input": "the capital of france is", "max_tokens": 4}).encode()
+        deadline, answer = time.monotonic() + 120, None
+        while answer is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                url = f"http://127.0.0.1:{http}/v2/models/ensemble/generate"
+                with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert answer is not None and "text_output" in answer, (
+            process.stdout.read().decode()[-3000:] if process.stdout else ""
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    downloaded = tmp_path / "deploy" / "registry" / name / str(version.version) / "triton_repository"
+    assert (downloaded / "repository.json").is_file()
