@@ -254,15 +254,38 @@ def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = N
     print(run_table.table(cfg, sort=sort, where=filter))
 
 
-def manifests(cfg: PipelineConfig) -> None:
-    """Kubernetes objects for the repository these overrides build."""
+def manifests(
+    cfg: PipelineConfig, kind: str = "serve", model_uri: str | None = None, overrides: list[str] | None = None
+) -> None:
+    """Kubernetes objects: serving the repository these overrides build (or the registered version
+    ``model_uri``), or with ``kind=build`` a Job that runs the build itself."""
     step = _repository_step(runner.plan(cfg, STAGES))
     folder = artifacts.manifests(cfg.workdir_path, step.fingerprint)
-    for path in kubernetes.write(cfg, folder):
+    secret = kubernetes.TRACKING_SECRET
+    if kind == "build":
+        for path in kubernetes.write(cfg, folder, {"build-job.yaml": kubernetes.build_job(cfg, overrides or [])}):
+            print(path)
+        print(f"create the Secret {secret!r} (uri; username and password for basic auth) and the claim")
+        print("'pipeline-workdir', then:")
+        print(f"  kubectl apply -f {folder}/build-job.yaml")
+        return
+    if kind != "serve":
+        raise ConfigError(f"kind={kind}: use kind=serve (Deployment, Service, InferenceService) or kind=build (a Job)")
+    for path in kubernetes.write(cfg, folder, kubernetes.build(cfg, model_uri=model_uri)):
         print(path)
-    built = "" if step.cached else " (not built yet: run build with the same overrides)"
-    print(f"copy {step.dirs.final / artifacts.REPOSITORY}{built} into the PersistentVolumeClaim 'triton-repo', then:")
+    if model_uri:
+        print(f"the init container pulls {model_uri}: create the Secret {secret!r} (uri, username, password), then:")
+    else:
+        built = "" if step.cached else " (not built yet: run build with the same overrides)"
+        print(
+            f"copy {step.dirs.final / artifacts.REPOSITORY}{built} into the PersistentVolumeClaim 'triton-repo', then:"
+        )
     print(f"  kubectl apply -f {folder}/deployment.yaml -f {folder}/service.yaml   (or inferenceservice.yaml)")
+
+
+def pull(cfg: PipelineConfig, model_uri: str) -> None:
+    """Download a registered version (``models:/<name>@<alias>``) into the workdir; print its path."""
+    print(registry.download(model_uri, runs.tracking_uri(cfg), artifacts.registry_downloads(cfg.workdir_path)))
 
 
 # name -> (function, the arguments it takes besides the config: `key=value` on the command line)
@@ -272,7 +295,8 @@ COMMANDS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "serve": (serve, ("repo", "model_uri")),
     "promote": (promote, ("run", "version", "alias")),
     "compare": (compare, ("sort", "filter")),
-    "manifests": (manifests, ()),
+    "manifests": (manifests, ("kind", "model_uri")),
+    "pull": (pull, ("model_uri",)),
     "bench": (bench, ("url",)),
 }
 
@@ -281,7 +305,9 @@ def run_jobs(command: str, jobs: list[tuple[list[str], PipelineConfig]], args: d
     """One job runs as it is; a sweep runs every job, logs each failure and raises at the end."""
     function = COMMANDS[command][0]
     if len(jobs) == 1:
-        function(jobs[0][1], **args)
+        # a build Job (manifests kind=build) runs build with the same overrides
+        extra: dict[str, Any] = {"overrides": jobs[0][0]} if command == "manifests" else {}
+        function(jobs[0][1], **args, **extra)
         return
     failed = []
     parent: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(None)

@@ -7,6 +7,11 @@ refuses more ranks than one node has GPUs: leader mode across hosts needs one ``
 the pods, which a per-pod ``serve`` cannot give); a Service for HTTP, gRPC and metrics; Prometheus
 scrape annotations on the pods; readiness on ``/v2/health/ready``. A KServe ``InferenceService``
 is written as an alternative to Deployment + Service.
+
+With ``model_uri=models:/<name>@<alias>`` the repository comes from MLflow's registry instead: an
+init container pulls that version into the pod (tracking URI and credentials from the Secret
+``pipeline-tracking``) and ``serve`` runs it. ``kind=build`` writes a Job that runs ``build`` itself
+on a GPU node, its workdir on a PersistentVolumeClaim, its tracking server from the same Secret.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from typing import Any
 from pipeline.config.schema import PipelineConfig, served_model_name
 
 MOUNT = "/models/repo"
+REGISTRY_WORKDIR = "/models"  # model_uri: the init container pulls the version here, serve reads it
 DEFAULT_IMAGE = "pipeline:latest"  # docker build -t pipeline . (see the Dockerfile)
+TRACKING_SECRET = "pipeline-tracking"  # keys: uri, and optionally username, password (MLflow's basic auth)
+BUILD_WORKDIR = "/workdir"
 
 
 def _name(cfg: PipelineConfig) -> str:
@@ -32,10 +40,29 @@ def _ports(cfg: PipelineConfig) -> dict[str, int]:
     return ports
 
 
-def _container(cfg: PipelineConfig, gpus: int) -> dict[str, Any]:
+def _tracking_env() -> list[dict[str, Any]]:
+    """MLflow's own variables from the Secret: the URI, and basic-auth credentials when present
+    (never in an argument or the URI, so they reach no log)."""
+    env = [{"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": TRACKING_SECRET, "key": "uri"}}}]
+    for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+        env.append(
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": TRACKING_SECRET, "key": key, "optional": True}}}
+        )
+    return env
+
+
+def _source_args(model_uri: str | None) -> list[str]:
+    """Where serve finds the repository: the claim's folder, or the registered version the init
+    container pulled (Kubernetes expands $(MLFLOW_TRACKING_URI) from the container's env)."""
+    if model_uri is None:
+        return [f"repo={MOUNT}"]
+    return [f"model_uri={model_uri}", f"workdir={REGISTRY_WORKDIR}", "tracking.uri=$(MLFLOW_TRACKING_URI)"]
+
+
+def _container(cfg: PipelineConfig, gpus: int, model_uri: str | None = None) -> dict[str, Any]:
     triton = cfg.triton
     ports = _ports(cfg)
-    args = ["serve", f"repo={MOUNT}", f"target={cfg.target.name}", "triton.host=0.0.0.0"]
+    args = ["serve", *_source_args(model_uri), f"target={cfg.target.name}", "triton.host=0.0.0.0"]
     args += [f"triton.{k}_port={ports[k]}" for k in ("http", "grpc", "metrics")]
     if cfg.openai.enabled:  # the OpenAI-compatible API beside Triton, under the model's name
         args += ["openai.host=0.0.0.0", f"openai.port={cfg.openai.port}"]
@@ -55,30 +82,66 @@ def _container(cfg: PipelineConfig, gpus: int) -> dict[str, Any]:
             "periodSeconds": 10,
             "failureThreshold": max(30, triton.ready_timeout_s // 10),
         },
-        "volumeMounts": [{"name": "repo", "mountPath": MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "repo", "mountPath": REGISTRY_WORKDIR if model_uri else MOUNT},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
     }
+    env = _tracking_env() if model_uri else []
     if cfg.openai.enabled:
         # the gateway's API key, when the Secret exists (optional: without it no key is asked for)
         secret = {"name": f"{_name(cfg)}-openai", "key": "api-key", "optional": True}
-        container["env"] = [{"name": cfg.openai.api_key_env, "valueFrom": {"secretKeyRef": secret}}]
+        env.append({"name": cfg.openai.api_key_env, "valueFrom": {"secretKeyRef": secret}})
+    if env:
+        container["env"] = env
+    if cfg.openai.enabled:
         container["livenessProbe"] = {"httpGet": {"path": "/health", "port": "openai"}, "periodSeconds": 30}
     if gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
     return container
 
 
-def _pod_spec(cfg: PipelineConfig, gpus: int, claim: str) -> dict[str, Any]:
+def _pull_container(model_uri: str) -> dict[str, Any]:
+    """Fetches the registered version before Triton starts (its download does not count against
+    the startup probe)."""
     return {
-        "containers": [_container(cfg, gpus)],
-        "volumes": [
-            {"name": "repo", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
-            {"name": "shm", "emptyDir": {"medium": "Memory"}},  # python backend and NCCL need shared memory
+        "name": "pull-model",
+        "image": DEFAULT_IMAGE,
+        "args": [
+            "pull",
+            f"model_uri={model_uri}",
+            f"workdir={REGISTRY_WORKDIR}",
+            "tracking.uri=$(MLFLOW_TRACKING_URI)",
         ],
+        "env": _tracking_env(),
+        "volumeMounts": [{"name": "repo", "mountPath": REGISTRY_WORKDIR}],
     }
 
 
-def _pod_template(cfg: PipelineConfig, gpus: int, claim: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"metadata": {"labels": labels, "annotations": _annotations(cfg)}, "spec": _pod_spec(cfg, gpus, claim)}
+def _pod_spec(cfg: PipelineConfig, gpus: int, claim: str, model_uri: str | None = None) -> dict[str, Any]:
+    # the repository: a claim holding it, or (model_uri) a pod-local folder the init container fills
+    repo = (
+        {"name": "repo", "emptyDir": {}}
+        if model_uri
+        else {"name": "repo", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    )
+    spec: dict[str, Any] = {
+        "containers": [_container(cfg, gpus, model_uri)],
+        "volumes": [
+            repo,
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        ],  # python backend and NCCL need shared memory
+    }
+    if model_uri:
+        spec["initContainers"] = [_pull_container(model_uri)]
+    return spec
+
+
+def _pod_template(
+    cfg: PipelineConfig, gpus: int, claim: str, labels: dict[str, str], model_uri: str | None = None
+) -> dict[str, Any]:
+    spec = _pod_spec(cfg, gpus, claim, model_uri)
+    return {"metadata": {"labels": labels, "annotations": _annotations(cfg)}, "spec": spec}
 
 
 def _annotations(cfg: PipelineConfig) -> dict[str, str]:
@@ -93,7 +156,7 @@ def gpus_per_node(cfg: PipelineConfig) -> int:
     return cfg.target.count if cfg.target.is_gpu else 0
 
 
-def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str, Any]]:
+def build(cfg: PipelineConfig, claim: str = "triton-repo", model_uri: str | None = None) -> dict[str, dict[str, Any]]:
     """file name -> Kubernetes object (as a dict)."""
     name, labels = _name(cfg), {"app": _name(cfg)}
     gpus = cfg.parallel.world_size if gpus_per_node(cfg) else 0
@@ -105,7 +168,7 @@ def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
-            "template": _pod_template(cfg, gpus, claim, labels),
+            "template": _pod_template(cfg, gpus, claim, labels, model_uri),
         },
     }
     objects["service.yaml"] = {
@@ -117,29 +180,73 @@ def build(cfg: PipelineConfig, claim: str = "triton-repo") -> dict[str, dict[str
             "ports": [{"name": k, "port": v, "targetPort": k} for k, v in _ports(cfg).items()],
         },
     }
-    predictor_container = _container(cfg, gpus)
+    predictor_container = _container(cfg, gpus, model_uri)
+    pod = _pod_spec(cfg, 0, claim, model_uri)
+    predictor: dict[str, Any] = {
+        "containers": [{**predictor_container, "name": "kserve-container"}],
+        "volumes": pod["volumes"],
+    }
+    if model_uri:
+        predictor["initContainers"] = pod["initContainers"]
     objects["inferenceservice.yaml"] = {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name, "annotations": _annotations(cfg)},
-        "spec": {
-            "predictor": {
-                "containers": [{**predictor_container, "name": "kserve-container"}],
-                "volumes": _pod_spec(cfg, 0, claim)["volumes"],
-            }
-        },
+        "spec": {"predictor": predictor},
     }
     return objects
 
 
-def write(cfg: PipelineConfig, folder: Any) -> list[Any]:
+def build_job(cfg: PipelineConfig, overrides: list[str], claim: str = "pipeline-workdir") -> dict[str, Any]:
+    """A Job running ``build`` with these overrides on a GPU node: the workdir (artifacts, the
+    Hugging Face cache) on a claim, the tracking server and its credentials from the Secret, the
+    Hub token from the Secret ``pipeline-hf`` when it exists."""
+    skipped = ("workdir=", "tracking.uri=", "kind=")
+    args = ["build", *(o for o in overrides if not o.startswith(skipped))]
+    args += [f"workdir={BUILD_WORKDIR}/artifacts", "tracking.uri=$(MLFLOW_TRACKING_URI)"]
+    hf_token = {"secretKeyRef": {"name": "pipeline-hf", "key": "token", "optional": True}}
+    container: dict[str, Any] = {
+        "name": "build",
+        "image": DEFAULT_IMAGE,
+        "args": args,
+        "env": [
+            *_tracking_env(),
+            {"name": "HF_TOKEN", "valueFrom": hf_token},
+            {"name": "HF_HOME", "value": f"{BUILD_WORKDIR}/huggingface"},
+        ],
+        "volumeMounts": [{"name": "workdir", "mountPath": BUILD_WORKDIR}, {"name": "shm", "mountPath": "/dev/shm"}],
+    }
+    gpus = gpus_per_node(cfg)  # the whole node: calibration spreads the model over every GPU it sees
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"build-{_name(cfg)}"[:63].rstrip("-"), "labels": {"app": "pipeline-build"}},
+        "spec": {
+            "backoffLimit": 0,  # a failed build is read in its logs and MLflow run, not retried blindly
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "workdir", "persistentVolumeClaim": {"claimName": claim}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+                    ],
+                }
+            },
+        },
+    }
+
+
+def write(cfg: PipelineConfig, folder: Any, objects: dict[str, dict[str, Any]]) -> list[Any]:
     import json
 
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for file, obj in build(cfg).items():
+    for file, obj in objects.items():
         path = folder / file
         plain = json.loads(json.dumps(obj))  # no shared sub-objects, so no YAML anchors
         path.write_text(yaml.safe_dump(plain, sort_keys=False))

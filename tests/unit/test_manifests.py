@@ -72,3 +72,53 @@ def test_multi_node_is_refused_in_one_line() -> None:
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match=r"needs 16 GPUs but target=h100 has 8"):
         validate.load(["model=llama70b", "quant=none", "parallel.tp=8", "parallel.pp=2", "target=h100"])
+
+
+def test_a_registered_version_is_pulled_by_an_init_container_with_mlflows_credentials(tmp_path: Path) -> None:
+    uri = "models:/llama70b@production"
+    result = cli(
+        "manifests",
+        f"workdir={tmp_path}",
+        "model=llama70b",
+        "quant=fp8",
+        "parallel.tp=2",
+        "target=h100",
+        f"model_uri={uri}",
+    )
+    assert result.returncode == 0, result.stderr
+    folder = next((tmp_path / "manifests").iterdir())
+    deployment = yaml.safe_load((folder / "deployment.yaml").read_text())
+    _assert_schema(deployment, "V1Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (pull,) = pod["initContainers"]
+    assert pull["args"][:2] == ["pull", f"model_uri={uri}"] and "tracking.uri=$(MLFLOW_TRACKING_URI)" in pull["args"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pull["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == {"name": "pipeline-tracking", "key": "uri"}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["optional"] is True  # basic auth only when the Secret has it
+    serve = pod["containers"][0]
+    assert f"model_uri={uri}" in serve["args"] and not any(a.startswith("repo=") for a in serve["args"])
+    assert {v["name"] for v in pod["volumes"]} == {"repo", "shm"} and "emptyDir" in pod["volumes"][0]
+    isvc = yaml.safe_load((folder / "inferenceservice.yaml").read_text())
+    _assert_schema(isvc["spec"]["predictor"]["initContainers"][0], "V1Container")
+
+
+def test_a_build_job_runs_build_with_the_same_overrides_on_a_gpu_node(tmp_path: Path) -> None:
+    overrides = ["model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100", "backend=pytorch"]
+    result = cli("manifests", f"workdir={tmp_path}", *overrides, "kind=build")
+    assert result.returncode == 0, result.stderr
+    (path,) = (tmp_path / "manifests").glob("*/build-job.yaml")
+    job = yaml.safe_load(path.read_text())
+    _assert_schema(job, "V1Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "build" and all(o in container["args"] for o in overrides)
+    assert "workdir=/workdir/artifacts" in container["args"] and f"workdir={tmp_path}" not in container["args"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in job["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["pipeline-workdir"]
+    assert "MLFLOW_TRACKING_URI" in {e["name"] for e in container["env"]}
+    assert cli("manifests", f"workdir={tmp_path}", "kind=job").returncode == 1
