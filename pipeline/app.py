@@ -187,12 +187,7 @@ def serve_trtllm(cfg: PipelineConfig) -> None:
     with server.TrtllmServe(argv, cfg.triton.host, port, log_file, cfg.triton.ready_timeout_s) as running:
         print(f"serving {folder / artifacts.ENGINE} with trtllm-serve")
         print(f"  OpenAI API  {running.url}/v1   (/health, /metrics)   log {log_file}")
-        print("Ctrl-C stops the server", flush=True)
-        try:
-            while running.alive():
-                time.sleep(1)
-        except KeyboardInterrupt:
-            print("stopping trtllm-serve", flush=True)
+        if server.wait_until_interrupted(running.alive, "trtllm-serve"):
             return
     raise StageError(f"trtllm-serve exited unexpectedly: see {log_file}")
 

@@ -270,6 +270,18 @@ class Server:
             self.process = None
 
 
+def wait_until_interrupted(alive: Callable[[], bool], name: str) -> bool:
+    """Block until Ctrl-C or SIGTERM (True) or until the server dies (False)."""
+    print("Ctrl-C stops the server", flush=True)
+    try:
+        while alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print(f"stopping {name}", flush=True)
+        return True
+    return False
+
+
 class TrtllmServe:
     """trtllm-serve (backend=pytorch on GPUs) as a context manager: started from ``argv``, ready when
     its ``/health`` answers, stopped with every process it started."""
@@ -388,13 +400,9 @@ def serve_until_stopped(
         api = gateway(server.grpc_url) if gateway is not None else None
         if api is not None:
             print(f"  OpenAI API  {api.url}   (/chat/completions, /completions, /models; /health and /metrics)")
-        print("Ctrl-C stops the server", flush=True)
         try:
-            while server.alive():
-                time.sleep(1)
-        except KeyboardInterrupt:
-            print("stopping Triton", flush=True)
-            return
+            if wait_until_interrupted(server.alive, "Triton"):
+                return
         finally:
             if api is not None:
                 api.stop()

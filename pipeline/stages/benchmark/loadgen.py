@@ -89,7 +89,6 @@ class _Worker(Protocol):
 
 def _inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
     import numpy as np  # numpy and tritonclient: imported when a benchmark runs, not at CLI start
-    import tritonclient.grpc as grpcclient
 
     values: list[tuple[str, Any, str]] = [
         ("text_input", np.array([[prompt.text.encode()]], dtype=object), "BYTES"),
@@ -102,6 +101,12 @@ def _inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
     ]
     if sampling.ignore_eos:
         values.append(("end_id", np.array([[-1]], dtype=np.int32), "INT32"))
+    return _infer_inputs(values)
+
+
+def _infer_inputs(values: list[tuple[str, Any, str]]) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+
     tensors = []
     for name, array, dtype in values:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -114,7 +119,6 @@ def _llmapi_inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
     """The LLM-API model's inputs (no batch dimension: its max_batch_size is 0). It has no input to
     ignore the end token, so a request may end before max_tokens; tokens are counted from the text."""
     import numpy as np
-    import tritonclient.grpc as grpcclient
 
     values: list[tuple[str, Any, str]] = [
         ("text_input", np.array([prompt.text.encode()], dtype=object), "BYTES"),
@@ -125,12 +129,7 @@ def _llmapi_inputs(prompt: Prompt, sampling: Sampling, seed: int) -> list[Any]:
         ("sampling_param_top_p", np.array([sampling.top_p], dtype=np.float32), "FP32"),
         ("sampling_param_seed", np.array([seed], dtype=np.uint64), "UINT64"),
     ]
-    tensors = []
-    for name, array, dtype in values:
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    return tensors
+    return _infer_inputs(values)
 
 
 class _TritonWorker:
