@@ -57,6 +57,9 @@ def launcher_config(first: Sequence[str], sweep_dir: Path) -> tuple[Any, DictCon
     GlobalHydra.instance().clear()
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
     overrides = [*first, f"hydra.sweep.dir={sweep_dir}", "hydra.job.chdir=false", f"hydra.job.name={JOB_NAME}"]
+    for group in ("hydra/job_logging", "hydra/hydra_logging"):  # the jobs log as every build does
+        if not any(o.startswith(f"{group}=") for o in first):
+            overrides.append(f"{group}=none")
     try:
         config = loader.load_configuration("config", overrides=overrides, run_mode=RunMode.MULTIRUN)
     except Exception as error:  # Hydra raises several types, all meaning "this launcher cannot be set up"
