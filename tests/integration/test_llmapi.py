@@ -33,7 +33,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("unified_work")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+# the fast tier keeps FP8 (scales and a KV cache) and W4A8 (whose misreading this test found)
+UNIFIED_MATRIX = [pytest.param(f, marks=[] if f in ("fp8", "w4a8_awq") else [pytest.mark.slow]) for f in FORMATS]
+
+
+@pytest.mark.parametrize("fmt", UNIFIED_MATRIX)
 def test_unified_export_of_every_pytorch_format_reads_back_as_modelopts_model(
     workdir: Path, tiny_checkpoint: Path, fmt: str
 ) -> None:
