@@ -85,6 +85,7 @@ def run(command: str, rest: list[str]) -> None:
     overrides, multirun, args = parse(command, rest)
     refuse_interpolation(overrides)
     logs.setup()
+    launchers.check_choice(overrides)
     job_overrides = compose.expand_sweep(overrides) if multirun else [overrides]
     # every job's config is composed and checked once, before the first job does any work
     # (plan prints its memory table before the verdict on it)

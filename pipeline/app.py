@@ -236,6 +236,8 @@ def promote(cfg: PipelineConfig, run: str | None = None, version: str | None = N
     the version a build run registered (``run=<id>``) or at ``version=<n>``."""
     import mlflow
 
+    if not cfg.tracking.enabled:
+        raise ConfigError("promote works on the MLflow registry: drop tracking=none")
     runs.probe_store(cfg)
     client = mlflow.MlflowClient(runs.tracking_uri(cfg))
     name = registry.model_name(cfg)
@@ -278,8 +280,10 @@ def manifests(
     print(f"  kubectl apply -f {folder}/deployment.yaml -f {folder}/service.yaml   (or inferenceservice.yaml)")
 
 
-def pull(cfg: PipelineConfig, model_uri: str) -> None:
+def pull(cfg: PipelineConfig, model_uri: str | None = None) -> None:
     """Download a registered version (``models:/<name>@<alias>``) into the workdir; print its path."""
+    if not model_uri:
+        raise ConfigError("pull needs model_uri=models:/<name>@<alias> (or models:/<name>/<version>)")
     print(registry.download(model_uri, runs.tracking_uri(cfg), artifacts.registry_downloads(cfg.workdir_path)))
 
 

@@ -43,6 +43,26 @@ def chosen_launcher(overrides: Sequence[str]) -> str | None:
     return None
 
 
+def available() -> list[str]:
+    """Every ``hydra/launcher`` choice: the installed plugins' and this project's presets."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # discovers the plugins, which register their configs
+    group = ConfigStore.instance().repo.get("hydra", {}).get("launcher", {})
+    # ray_aws needs boto3, which this project leaves out (see the cluster extra in pyproject.toml)
+    plugins = {name.removesuffix(".yaml") for name in group} - {"ray_aws"}
+    presets = {path.stem for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml")}
+    return sorted(plugins | presets)
+
+
+def check_choice(overrides: Sequence[str]) -> None:
+    """An unknown launcher is refused by name, with the choices, before any config is composed."""
+    name = chosen_launcher(overrides)
+    if name is not None and name not in available():
+        raise ConfigError(f"{LAUNCHER_GROUP}={name} is not a launcher here: use one of {', '.join(available())}")
+
+
 def launcher_config(first: Sequence[str], sweep_dir: Path) -> tuple[Any, DictConfig]:
     """Hydra's config loader and the sweep's config for the first job's overrides: the launcher's
     settings are the sweep's, resolved against that job (``${target.count}`` GPUs per node)."""

@@ -99,3 +99,16 @@ def test_a_slurm_sweep_dry_run_prints_the_batch_script_it_would_submit(tmp_path:
     assert plugin.returncode == 0, plugin.stderr
     assert "#SBATCH --gres=gpu:8" in plugin.stdout and "#SBATCH --time=30" in plugin.stdout
     assert not (tmp_path / "sweeps").exists()  # nothing was submitted
+
+
+def test_cluster_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path) -> None:
+    launcher = cli("build", "-m", "quant=none,fp8", "hydra/launcher=slurmm", f"workdir={tmp_path}")
+    assert launcher.returncode == 1 and "hydra/launcher=slurmm is not a launcher here: use one of" in launcher.stderr
+    assert "submitit_slurm" in launcher.stderr and "ray_aws" not in launcher.stderr
+    pull = cli("pull", f"workdir={tmp_path}")
+    assert pull.returncode == 1 and "pull needs model_uri=models:/<name>@<alias>" in pull.stderr
+    uri = cli("serve", "model_uri=runs:/abc/triton_repository", f"workdir={tmp_path}")
+    assert uri.returncode == 1 and "give models:/<name>@<alias>" in uri.stderr
+    untracked = cli("promote", "version=1", "tracking=none", f"workdir={tmp_path}")
+    assert untracked.returncode == 1 and "drop tracking=none" in untracked.stderr
+    assert all(len(r.stderr.strip().splitlines()) == 1 for r in (launcher, pull, uri, untracked))
