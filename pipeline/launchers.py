@@ -112,7 +112,15 @@ def launch(jobs: list[tuple[list[str], PipelineConfig]]) -> None:
         log.info(
             "launching %d jobs with %s %s=%s (logs under %s)", len(jobs), "Hydra's", LAUNCHER_GROUP, name, sweep_dir
         )
-        returns = launcher.launch(job_overrides, initial_job_idx=0)
+        try:
+            returns = launcher.launch(job_overrides, initial_job_idx=0)
+        except PipelineError:
+            raise
+        except Exception as error:  # submitit re-raises a failed job's error wrapped in its own
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            raise PipelineError(
+                f"a job of the sweep failed: {lines[-1] if lines else error} (logs under {sweep_dir})"
+            ) from error
         failed = []
         for overrides, result in zip(job_overrides, returns, strict=True):
             if result.status is not JobStatus.COMPLETED:
