@@ -272,6 +272,7 @@ class TritonPythonModel:
 
     def _submit(self, reply: _Reply, request: Any) -> None:
         assert self.scheduler is not None
+        reply.quiet_cancel = _quiet_cancel(request)
         key = request.request_id()
         sequences = []
         for client in reply.clients:
@@ -289,6 +290,14 @@ class TritonPythonModel:
         if key and sequences:
             self.live[key] = sequences
             reply.on_close = lambda: self.live.pop(key, None)
+
+
+def _quiet_cancel(request: Any) -> bool:
+    """Whether the BLS model asked for cancellations to end with an empty final response."""
+    try:
+        return bool(json.loads(request.parameters() or "{}").get("pipeline_quiet_cancel"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _queue_policy(config: dict[str, Any]) -> dict[str, int]:
@@ -350,6 +359,7 @@ class _Reply:
         self.siblings: list[Any] = []  # the scheduler's sequences, cancelled when one fails
         self.scheduler: Scheduler | None = None
         self.on_close: Any = None
+        self.quiet_cancel = False  # end a cancelled request with an empty final response (BLS requests)
         # sequences of one request answer from the scheduler's thread and, when refused, from
         # execute's: nothing is sent, and the client is not asked, once the final response is out
         # (Triton 2.51 frees the request's response factory then, and a late call crashes it)
@@ -376,7 +386,12 @@ class _Reply:
         with self.lock:
             if self.closed:
                 return
-            _send_error(self.sender, message)
+            if self.quiet_cancel and message.startswith(CANCELLED):
+                # the BLS model stopped it: an error response would never reach its iterator (Triton 2.51)
+                pb_utils.Logger.log_info(message)
+                self.sender.send(flags=FINAL)
+            else:
+                _send_error(self.sender, message)
             self._close()
         if self.scheduler is not None:  # the request is over: its other sequences stop too
             for sequence in self.siblings:

@@ -134,6 +134,9 @@ class _Failed(Exception):
         self.code = code
 
 
+QUIET_CANCEL = "pipeline_quiet_cancel"  # request parameter the engine model reads
+
+
 def _checked(response: Any) -> Any:
     if response.has_error():
         raise _Failed(response.error().message(), response.error().code())
@@ -215,6 +218,9 @@ class TritonPythonModel:
                 requested_output_names=["output_ids", "sequence_length", *PASSED_THROUGH],
                 inputs=engine_inputs,
                 request_id=engine_id,
+                # an error response never reaches a BLS iterator in Triton 2.51, so the engine ends a
+                # request this model stops with an empty final response (see the drain below)
+                parameters={QUIET_CANCEL: True},
             )
             stream = pb_utils.get_input_tensor_by_name(request, "stream")
             streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
@@ -223,10 +229,12 @@ class TritonPythonModel:
             if self.engine_decoupled:  # a non-decoupled engine has no stop input
                 with self.watch_lock:
                     self.watched[engine_id] = request
+            ended = False  # the engine's request sent its last response
             try:
                 responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
                 for response in responses:
-                    if request.is_cancelled():  # the client went away: so does the engine's request
+                    ended = response.has_error()
+                    if request.is_cancelled() and not ended:  # the client went away: so does the engine's request
                         self._stop(engine_id)
                         raise _Failed("request cancelled", getattr(pb_utils.TritonError, "CANCELLED", None))
                     reply = self._response(_checked(response), stream_key)
@@ -234,9 +242,12 @@ class TritonPythonModel:
                         sender.send(reply)
             finally:
                 # the engine's request is read to its final response, whatever happened here:
-                # Triton 2.51 aborts when an engine answers a BLS request whose iterator is gone
-                for _ in responses:
-                    pass
+                # Triton 2.51 aborts when an engine answers a BLS request whose iterator is gone.
+                # An error is the engine's last response; a stopped request ends without one
+                # (QUIET_CANCEL): an error final never arrived here, and the wait held a thread
+                while not ended:
+                    leftover = next(responses, None)
+                    ended = leftover is None or leftover.has_error()
                 with self.watch_lock:
                     self.watched.pop(engine_id, None)
             sender.send(flags=FINAL)
