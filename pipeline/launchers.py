@@ -134,21 +134,20 @@ def launch(jobs: list[tuple[list[str], PipelineConfig]]) -> None:
 PLUGIN_ONLY = ("_target_", "submitit_folder", "max_num_timeout", "wait_for_completion")
 
 
-def batch_script(jobs: list[tuple[list[str], PipelineConfig]], sweep_dir: Path) -> str:
-    """The sbatch script a SLURM launcher would submit for this sweep (an array job, one task per
-    job), written by submitit itself from the launcher's settings."""
+def _is_slurm(config: DictConfig) -> bool:
+    return str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher")
+
+
+def batch_script(config: DictConfig, jobs: int) -> str:
+    """The sbatch script a SLURM launcher (``config``, the sweep's config) would submit for
+    ``jobs`` jobs (an array job, one task per job), written by submitit itself."""
     import sys
 
     from omegaconf import OmegaConf
     from submitit.slurm import slurm
 
-    _, config = launcher_config(jobs[0][0], sweep_dir)
     params = OmegaConf.to_container(config.hydra.launcher, resolve=True)
     assert isinstance(params, dict)
-    if not str(params.get("_target_", "")).endswith(".SlurmLauncher"):
-        raise ConfigError(
-            f"{LAUNCHER_GROUP}={chosen_launcher(jobs[0][0])} is not a SLURM launcher: it has no batch script"
-        )
     # the plugin's generic names (timeout_min, gpus_per_node...) -> sbatch's, as submitit maps them
     rename: dict[str, str] = {str(k): str(v) for k, v in slurm.SlurmExecutor._equivalence_dict().items()}
     values = {rename.get(str(k), str(k)): v for k, v in params.items() if k not in PLUGIN_ONLY and v is not None}
@@ -156,7 +155,7 @@ def batch_script(jobs: list[tuple[list[str], PipelineConfig]], sweep_dir: Path) 
         values["mem"] = f"{values['mem']}GB"
     folder = str(params["submitit_folder"])
     command = f"{sys.executable} -u -m submitit.core._submit {folder}"
-    return str(slurm._make_sbatch_string(command=command, folder=folder, map_count=len(jobs), **values))
+    return str(slurm._make_sbatch_string(command=command, folder=folder, map_count=jobs, **values))
 
 
 def describe(jobs: list[tuple[list[str], PipelineConfig]]) -> str:
@@ -166,8 +165,8 @@ def describe(jobs: list[tuple[list[str], PipelineConfig]]) -> str:
     lines = [f"# {len(jobs)} jobs through {LAUNCHER_GROUP}={name} (logs under {sweep_dir})"]
     lines += [f"  {' '.join(o for o in overrides if not o.startswith('hydra'))}" for overrides, _ in jobs]
     _, config = launcher_config(jobs[0][0], sweep_dir)
-    if str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher"):
-        lines += ["", "# the batch script submitted to SLURM", batch_script(jobs, sweep_dir)]
+    if _is_slurm(config):
+        lines += ["", "# the batch script submitted to SLURM", batch_script(config, len(jobs))]
     return "\n".join(lines)
 
 

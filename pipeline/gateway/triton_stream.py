@@ -36,11 +36,18 @@ class Piece:
     num_output_tokens: int | None
 
 
-UINT64_INPUTS = ("seed", "lora_task_id", "prompt_table_extra_id")  # the backend's UINT64 inputs
+UINT64_INPUTS = (
+    "seed",
+    "lora_task_id",
+    "prompt_table_extra_id",
+    "sampling_param_seed",
+    "lora_id",
+)  # the backend's UINT64 inputs
 
 
-def triton_inputs(values: dict[str, Any]) -> list[Any]:
-    """tritonclient inputs of shape [1, n] from plain values or lists of them: str -> BYTES,
+def triton_inputs(values: dict[str, Any], batched: bool = True) -> list[Any]:
+    """tritonclient inputs of shape [1, n] (``batched=False``: [n], for a model whose
+    max_batch_size is 0, like the LLM-API model) from plain values or lists of them: str -> BYTES,
     bool -> BOOL, float -> FP32, int -> INT32 (UINT64 for the inputs the backend declares so)."""
     from tritonclient.grpc import InferInput
     from tritonclient.utils import np_to_triton_dtype
@@ -56,6 +63,8 @@ def triton_inputs(values: dict[str, Any]) -> list[Any]:
             array = np.array([items], dtype=np.float32)
         else:
             array = np.array([items], dtype=np.uint64 if name in UINT64_INPUTS else np.int32)
+        if not batched:
+            array = array[0]
         tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)

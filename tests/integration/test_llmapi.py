@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from pipeline import app, artifacts, runner, validate
 from pipeline.deploy import server
+from pipeline.gateway.triton_stream import triton_inputs
 from pipeline.stages import STAGES
 from tests.conftest import cli, free_ports
 from tests.integration.test_quantize import _build
@@ -183,25 +183,6 @@ def test_what_the_cpu_target_lacks_is_refused_by_name(served: Served) -> None:
     assert status == 400 and "temperature" in body["error"]
 
 
-def _inputs(values: dict[str, Any]) -> list[Any]:
-    """Inputs without a batch dimension (the LLM-API model's max_batch_size is 0)."""
-    from tritonclient.grpc import InferInput
-    from tritonclient.utils import np_to_triton_dtype
-
-    inputs = []
-    for name, value in values.items():
-        if isinstance(value, str):
-            array = np.array([value.encode()], dtype=object)
-        elif isinstance(value, bool):
-            array = np.array([value], dtype=bool)
-        else:
-            array = np.array([value], dtype=np.int32)
-        tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 @pytest.mark.slow  # a real Triton serving SmolLM2
 def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Served) -> None:
     import tritonclient.grpc as grpcclient
@@ -212,7 +193,9 @@ def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Ser
     started = time.monotonic()
     try:
         long = {"text_input": "Count from one to one thousand:", "sampling_param_max_tokens": 400, "streaming": True}
-        client.async_stream_infer("tensorrt_llm", _inputs({**long, "return_finish_reason": True}), request_id="long-1")
+        client.async_stream_infer(
+            "tensorrt_llm", triton_inputs({**long, "return_finish_reason": True}, batched=False), request_id="long-1"
+        )
         first = received.get(timeout=60)
         assert not isinstance(first, Exception), first
         status, body = served.generate(text_input="x", stop=True)  # a stop request without an id
@@ -222,7 +205,7 @@ def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Ser
         stop_client.start_stream(callback=lambda result, error: answers.put(error or result))
         try:
             stop_client.async_stream_infer(
-                "tensorrt_llm", _inputs({"text_input": "", "stop": True}), request_id="long-1"
+                "tensorrt_llm", triton_inputs({"text_input": "", "stop": True}, batched=False), request_id="long-1"
             )
             answer = answers.get(timeout=60)
         finally:
