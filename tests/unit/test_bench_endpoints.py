@@ -77,8 +77,11 @@ def test_aiperf_gets_the_same_endpoint_load_and_sampling(monkeypatch: pytest.Mon
     assert _option(args, "--custom-endpoint") == "/prefix/v1/completions"
     assert _option(args, "--endpoint-type") == "completions" and "--streaming" in args
     assert json.loads(_option(args, "--extra-inputs")) == {"temperature": 0.0, "ignore_eos": True}
-    assert _option(args, "--concurrency") == "8" and _option(args, "--request-count") == "16"
-    assert _option(args, "--warmup-request-count") == "8"  # one per worker, as our ramp-up
+    # our ramp-up: 8 more requests, no warm-up phase (it would drain, and the measured phase would
+    # open with a burst of 8 that ours leaves out)
+    assert _option(args, "--concurrency") == "8" and _option(args, "--request-count") == "24"
+    assert "--warmup-request-count" not in args
+    assert aiperf.prompt_count(cfg.benchmark, {"concurrency": 8}) == 24
     assert _option(args, "--input-file") == "/out/p.jsonl" and _option(args, "--tokenizer") == str(TOKENIZER)
     assert "--api-key" not in args
 
@@ -90,6 +93,9 @@ def test_aiperf_reaches_triton_through_its_generate_stream_template(monkeypatch:
     args = _argv(cfg, endpoint, {"load": "rate=2.5", "concurrency": None, "rate": 2.5}, "http://127.0.0.1:8000")
     assert _option(args, "--custom-endpoint") == "/v2/models/ensemble/generate_stream"
     assert _option(args, "--request-rate") == "2.5" and _option(args, "--arrival-pattern") == "poisson"
+    # an open loop has no ramp-up: AIPerf's warm-up phase, then the measured requests
+    assert _option(args, "--warmup-request-count") == "2" and _option(args, "--request-count") == "16"
+    assert aiperf.prompt_count(cfg.benchmark, {"concurrency": None}) == 18
     extra = json.loads(_option(args, "--extra-inputs"))
     assert extra["response_field"] == "text_output"
     import jinja2
@@ -120,7 +126,7 @@ def test_aiperf_figures_and_their_differences_from_ours(tmp_path: Path) -> None:
             }
         )
     )
-    found = aiperf.figures(export)
+    found = aiperf.figures(tmp_path)
     assert found["aiperf_ttft_ms_p50"] == 400.0 and found["aiperf_errors"] == 2.0
     ours = {"ttft_ms_p50": 420.0, "itl_ms_p50": 45.0, "e2e_ms_p50": 2000.0, "output_tokens_per_s": 21.0}
     diff = aiperf.differences({**ours, "requests_per_s": float("nan"), **found})
@@ -130,9 +136,38 @@ def test_aiperf_figures_and_their_differences_from_ours(tmp_path: Path) -> None:
     assert "TTFT p50 420.0 vs AIPerf 400.0 (+5.0%)" in aiperf.summary({**ours, **found, **diff})
 
 
+def _record(phase: str, start_s: float, ttft: float, itl: float, error: bool = False) -> str:
+    metrics = {
+        "time_to_first_token": {"value": ttft, "unit": "ms"},
+        "inter_token_latency": {"value": itl, "unit": "ms"},
+        "request_latency": {"value": ttft + 31 * itl, "unit": "ms"},
+    }
+    record: dict = {"metadata": {"benchmark_phase": phase, "request_start_ns": int(start_s * 1e9)}, "metrics": metrics}  # type: ignore[type-arg]
+    if error:
+        record["error"] = {"message": "boom"}
+    return json.dumps(record)
+
+
+def test_aiperf_latencies_leave_out_the_first_request_of_each_worker_as_ours_do(tmp_path: Path) -> None:
+    summary = {"time_to_first_token": {"p50": 999.0}, "output_token_throughput": {"avg": 30.0}}
+    (tmp_path / aiperf.EXPORT).write_text(json.dumps(summary))
+    burst = [_record("profiling", 0.0 + i / 1000, 1000.0 + 100 * i, 200.0) for i in range(4)]  # the opening burst
+    steady = [_record("profiling", 5.0 + i, ttft, 100.0) for i, ttft in enumerate([300.0, 500.0, 400.0])]
+    failed = _record("profiling", 9.0, 1.0, 1.0, error=True)
+    (tmp_path / aiperf.RECORDS).write_text("\n".join([*reversed(burst), *steady, failed]) + "\n")
+    found = aiperf.figures(tmp_path, ramp_up=4)
+    assert found["aiperf_ttft_ms_p50"] == 400.0 and found["aiperf_itl_ms_p50"] == 100.0
+    assert found["aiperf_e2e_ms_p50"] == 400.0 + 3100.0
+    assert found["aiperf_output_tokens_per_s"] == 30.0  # throughput: AIPerf's own, over every request
+    assert aiperf.figures(tmp_path)["aiperf_ttft_ms_p50"] == 999.0  # no ramp-up: AIPerf's summary
+
+
 def test_an_aiperf_that_wrote_nothing_is_an_error_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="AIPerf wrote no readable results"):
-        aiperf.figures(tmp_path / aiperf.EXPORT)
+        aiperf.figures(tmp_path)
+    (tmp_path / aiperf.EXPORT).write_text("{}")
+    with pytest.raises(Exception, match="AIPerf wrote no readable per-request records"):
+        aiperf.figures(tmp_path, ramp_up=2)
 
 
 def test_aiperf_missing_is_refused_before_the_build_naming_the_make_target(monkeypatch: pytest.MonkeyPatch) -> None:

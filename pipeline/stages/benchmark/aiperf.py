@@ -5,6 +5,15 @@ load and sampling, on prompts drawn the same way (given to it as a file, so the 
 fresh ones, so neither pass finds the other's prompts in the server's prefix cache. Its figures join
 the point as ``aiperf_*`` keys, with the differences in percent, and so reach the same MLflow run.
 
+The load has the same shape on both sides. A ramped-up closed-loop point of ours starts every worker
+at once and leaves each worker's first request out of the latencies. AIPerf's warm-up phase cannot
+do that: it drains before the measured phase starts, so that phase opens with a burst of
+``concurrency`` simultaneous arrivals that it measures (at c=8 on the CPU target that burst put
+AIPerf's TTFT p50 at 1087 ms against our 652 ms). So AIPerf gets no warm-up phase and
+``concurrency`` more requests, and its latency percentiles are computed from its per-request
+records with the first ``concurrency`` requests left out, as ours are; throughput is AIPerf's own
+figure (both count every request of the point).
+
 AIPerf lives in its own virtual environment (``make aiperf``): its pins (pandas 2.3, prometheus-client
 0.23) clash with the pipeline's. It runs niced: on a small CPU host its timing loop takes a whole
 core, and the server must keep the others (the CPU target's engine leaves one core free by default).
@@ -24,11 +33,13 @@ from pipeline.assets import PROJECT
 from pipeline.config.schema import BenchmarkConfig
 from pipeline.errors import StageError
 from pipeline.stages.benchmark.loadgen import Endpoint, Prompt, Sampling, openai_sampling
+from pipeline.stages.benchmark.report import percentile
 
 log = logging.getLogger(__name__)
 
 VENV_BIN = PROJECT / ".venv-aiperf" / "bin" / "aiperf"
 EXPORT = "profile_export_aiperf.json"
+RECORDS = "profile_export.jsonl"  # one line per request
 # ours -> AIPerf's metric and statistic; our ITL is AIPerf's inter_token_latency (vLLM's TPOT)
 COMPARED = {
     "ttft_ms_p50": ("time_to_first_token", "p50"),
@@ -111,10 +122,9 @@ def argv(
         load = ["--concurrency", str(point["concurrency"])]
     else:
         load = ["--request-rate", str(point["rate"]), "--arrival-pattern", "poisson"]
-    warm = warmup_count(bench, point)
-    args += [*load, "--request-count", str(bench.requests_per_point)]
-    if warm:
-        args += ["--warmup-request-count", str(warm)]
+    args += [*load, "--request-count", str(bench.requests_per_point + ramp_up_count(bench, point))]
+    if warmup_count(bench, point):
+        args += ["--warmup-request-count", str(warmup_count(bench, point))]
     args += ["--input-file", str(prompts_file), "--custom-dataset-type", "single_turn"]
     args += ["--dataset-sampling-strategy", "sequential"]
     args += ["--tokenizer", str(tokenizer_dir.resolve()), "--random-seed", str(bench.seed)]
@@ -123,12 +133,11 @@ def argv(
     return args
 
 
-def figures(export: Path) -> dict[str, float]:
-    """AIPerf's export as ``aiperf_<our metric name>``."""
-    try:
-        data = json.loads(export.read_text())
-    except (OSError, ValueError) as error:
-        raise StageError(f"AIPerf wrote no readable results ({export}): {error}") from error
+def figures(folder: Path, ramp_up: int = 0) -> dict[str, float]:
+    """AIPerf's results in ``folder`` as ``aiperf_<our metric name>``: throughput and errors from
+    its summary; latency percentiles from its summary, or, when ``ramp_up`` > 0, from its
+    per-request records without the first ``ramp_up`` requests to start."""
+    data = _read_json(folder / EXPORT)
     out = {}
     for ours, (metric, stat) in COMPARED.items():
         value = (data.get(metric) or {}).get(stat)
@@ -136,6 +145,36 @@ def figures(export: Path) -> dict[str, float]:
             out[f"aiperf_{ours}"] = float(value)
     errors = (data.get("error_summary") or []) if isinstance(data.get("error_summary"), list) else []
     out["aiperf_errors"] = float(sum(int(e.get("count", 0)) for e in errors if isinstance(e, dict)))
+    if ramp_up:
+        out.update(_latencies_after_ramp_up(folder / RECORDS, ramp_up))
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise StageError(f"AIPerf wrote no readable results ({path}): {error}") from error
+    return data if isinstance(data, dict) else {}
+
+
+def _latencies_after_ramp_up(records_file: Path, ramp_up: int) -> dict[str, float]:
+    """p50 of TTFT, ITL and end-to-end latency over the measured phase's successful requests, the
+    first ``ramp_up`` to start (one per worker) left out."""
+    try:
+        records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as error:
+        raise StageError(f"AIPerf wrote no readable per-request records ({records_file}): {error}") from error
+    measured = [r for r in records if r.get("metadata", {}).get("benchmark_phase") == "profiling"]
+    measured.sort(key=lambda r: r["metadata"].get("request_start_ns", 0))
+    kept = [r for r in measured[ramp_up:] if not r.get("error")]
+    out = {}
+    for ours, (metric, _) in COMPARED.items():
+        if not ours.endswith("_p50"):
+            continue
+        values = [r["metrics"][metric]["value"] for r in kept if metric in r.get("metrics", {})]
+        if values:
+            out[f"aiperf_{ours}"] = float(percentile(values, 50))
     return out
 
 
@@ -150,11 +189,19 @@ def differences(point: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def ramp_up_count(bench: BenchmarkConfig, point: dict[str, Any]) -> int:
+    """How many of the point's first requests are ramp-up (ours: one per worker of a closed loop)."""
+    return point["concurrency"] if bench.ramp_up and point["concurrency"] is not None else 0
+
+
 def warmup_count(bench: BenchmarkConfig, point: dict[str, Any]) -> int:
-    # our ramp-up leaves each worker's first request out of the latencies; AIPerf's warm-up phase
-    # does that job
-    ramp = point["concurrency"] if bench.ramp_up and point["concurrency"] is not None else 0
-    return max(bench.warmup_requests, ramp)
+    """AIPerf's warm-up phase: only where no ramp-up plays its part."""
+    return 0 if ramp_up_count(bench, point) else bench.warmup_requests
+
+
+def prompt_count(bench: BenchmarkConfig, point: dict[str, Any]) -> int:
+    """How many prompts AIPerf sends at ``point``, warm-up and ramp-up included."""
+    return warmup_count(bench, point) + ramp_up_count(bench, point) + bench.requests_per_point
 
 
 def measure(
@@ -166,7 +213,7 @@ def measure(
     prompts: list[Prompt],
     out: Path,
 ) -> dict[str, float]:
-    """Run AIPerf on one load point with ``prompts`` (warm-up ones first); its figures and the
+    """Run AIPerf on one load point with ``prompts`` (ramp-up ones first); its figures and the
     differences from ours."""
     folder = out / "aiperf" / point["load"].replace("=", "")
     shutil.rmtree(folder, ignore_errors=True)
@@ -178,7 +225,7 @@ def measure(
     # no colours in the log. (HF_HUB_OFFLINE must stay unset: AIPerf 0.13 then takes the local
     # tokenizer folder for a Hub repository id and fails.)
     proc.run(nice + command, folder / "aiperf.log", timeout_s=limit, env={"NO_COLOR": "1"})
-    found = figures(folder / EXPORT)
+    found = figures(folder, ramp_up_count(bench, point))
     return {**found, **differences({**point, **found})}
 
 

@@ -160,7 +160,7 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
         if ended:
             raise StageError(f"the server stopped answering during {label['load']} ({ended}); results so far in {out}")
         if bench.tool is BenchTool.aiperf:
-            count = aiperf.warmup_count(bench, label) + bench.requests_per_point
+            count = aiperf.prompt_count(bench, label)
             fresh = workload.prompts(tokenizer, count, bench, bench.seed + 500_000 + index)
             point.update(aiperf.measure(endpoint, client.http_url, bench, point, client.tokenizer_dir, fresh, out))
             log.info("%s: %s", label["load"], aiperf.summary(point))
