@@ -65,7 +65,8 @@ def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list
             "kv": p.get("kv_cache_dtype"),
             "tp/pp": f"{p['tp']}/{p['pp']}" if "tp" in p else None,
             "target": p.get("target"),
-            "backend": p.get("backend", "tensorrt"),  # runs before the choice existed built engines
+            # build runs from before the choice built engines; a bench of another server has none
+            "backend": p.get("backend", "tensorrt" if "tp" in p else None),
             # a bench run names what it measured: the endpoint and the server's address
             "endpoint": f"{p['endpoint']} {p['url']}" if "url" in p else p.get("endpoint"),
         }

@@ -209,3 +209,4 @@ def test_bench_of_the_openai_endpoint_with_aiperf_is_a_run_compare_lists(
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if "openai" in line)
     assert api in row and MODEL in row
+    assert "tensorrt" not in row  # a bench of a server names no backend it cannot know
