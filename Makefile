@@ -47,7 +47,7 @@ test: venv aiperf
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
 # full quantize matrix) and gpu, on two workers (these tests spend much of their time in
-# subprocesses and waits): about 85 s on 2 cores, 115 s on one. CI runs `make test`, whose shared
+# subprocesses and waits): about 50 s on 2 cores, 65 s on one. CI runs `make test`, whose shared
 # Triton server and model fixtures are built once, on one worker.
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not gpu" -n 2

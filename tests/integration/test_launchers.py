@@ -1,4 +1,4 @@
-"""Sweeps through Hydra's launcher plugins, for real: a 2-job sweep of the tiny model under
+"""Sweeps through Hydra's launcher plugins, for real: a 2-job sweep (fetching the tiny model) under
 submitit_local (the SLURM launcher's code path, in local processes) and under a Ray instance
 started for it, each leaving a parent run and two FINISHED children in a real `mlflow server`
 with proxied artifact storage; the batch script a SLURM launcher would submit; a sweep with one bad
@@ -23,11 +23,7 @@ def _sweep(workdir: Path, tiny_checkpoint: Path, uri: str, launcher: str) -> Non
         "model=local",
         f"model.path={tiny_checkpoint}",
         "target=cpu",
-        "until=quantize",
-        "quant.calib.dataset=builtin",
-        "quant.calib.num_samples=4",
-        "quant.calib.max_length=64",
-        "quant.eval_tokens=0",
+        "until=fetch",  # the launcher, not the work, is under test: each job is a short process
         f"workdir={workdir}",
         f"tracking.uri={uri}",
         f"tracking.experiment=sweep-{launcher}",
@@ -61,11 +57,11 @@ def test_a_sweep_through_a_launcher_leaves_a_parent_and_two_finished_children(
     assert all(c.info.status == "FINISHED" for c in children)  # type: ignore[attr-defined]
     import mlflow
 
-    # each child logged its quality report through the server's proxied artifact storage
+    # each child logged its resolved config and its log through the server's proxied artifact storage
     client = mlflow.MlflowClient(mlflow_server)
     for child in children:
-        paths = [a.path for a in client.list_artifacts(child.info.run_id, "quantize")]  # type: ignore[attr-defined]
-        assert "quantize/quality.json" in paths, paths
+        paths = {a.path for a in client.list_artifacts(child.info.run_id)}  # type: ignore[attr-defined]
+        assert {"config.yaml", "job.log"} <= paths, paths
     assert list((tmp_path / "sweeps").glob("*/.submitit")) or launcher == "ray"
 
 
