@@ -225,6 +225,8 @@ def _triton_problems(cfg: PipelineConfig) -> list[str]:
             f"triton.cpu_max_num_tokens={triton.cpu_max_num_tokens} must lie in 1..{cfg.build.max_num_tokens} "
             "(build.max_num_tokens)"
         )
+    if triton.cpu_context_chunk_tokens < 1:  # above cpu_max_num_tokens it is that budget
+        problems.append(f"triton.cpu_context_chunk_tokens={triton.cpu_context_chunk_tokens} must be at least 1")
     if triton.cancellation_check_period_ms < 1:
         problems.append("triton.cancellation_check_period_ms must be at least 1")
     return problems

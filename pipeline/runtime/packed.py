@@ -11,6 +11,7 @@ the checkpoint's quantization hooks, rotary embedding, MLP), so the numbers are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,77 +36,109 @@ class Span:
         return self.start + len(self.tokens)
 
 
-def forward(model: Any, cache: KVCache, spans: list[Span]) -> list[torch.Tensor]:
+Join = Callable[[], list[Span]]  # spans that join a step under way (none: nobody is waiting)
+
+
+def forward(model: Any, cache: KVCache, spans: list[Span], join: Join | None = None) -> list[torch.Tensor]:
     """Run ``spans`` through the model, writing their keys and values into ``cache``. Returns, per
     span, float32 logits [rows, vocab]: of every position when it wants all of them, of its last
-    position when it wants logits, none otherwise."""
+    position when it wants logits, none otherwise.
+
+    ``join`` is asked between layers for spans that arrived meanwhile: they run through the layers
+    already done on their own, then on with the others, and ``spans`` grows by them in place. A
+    request that arrives during a step is then answered in it, not one step later: at concurrency
+    8 on a CPU a step is 100-400 ms, so this is most of the wait a newcomer would otherwise see."""
     inner = model.model
-    size = cache.block_size
-    ids = torch.tensor([t for s in spans for t in s.tokens], dtype=torch.long)
-    positions = torch.cat([torch.arange(s.start, s.stop) for s in spans])
-    writes = torch.cat([s.table.slots(s.start, s.stop, size) for s in spans])
-    offsets = [0]
-    for span in spans:
-        offsets.append(offsets[-1] + len(span.tokens))
-
-    single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
-    chunks = [i for i, s in enumerate(spans) if len(s.tokens) > 1]
-    # generation phase: one padded gather of every sequence's blocks (whole blocks: far fewer
-    # indices than positions), positions past a sequence's end masked out
-    widest = max((len(spans[i].table.blocks) for i in single), default=0)
-    gather = torch.full((len(single), widest), cache.padding_block, dtype=torch.long)
-    visible = torch.zeros((len(single), 1, 1, widest * size), dtype=torch.bool)
-    for row, i in enumerate(single):
-        blocks = spans[i].table.blocks
-        gather[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        visible[row, ..., : spans[i].stop] = True
-    single_rows = torch.tensor([offsets[i] for i in single], dtype=torch.long)
-    chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in chunks}
-
     with torch.no_grad():
-        hidden = inner.embed_tokens(ids)  # [tokens, hidden]
-        cos, sin = inner.rotary_emb(hidden[None], positions[None])  # [1, tokens, head_dim]
+        step = _Step(inner, cache, spans)
+        hidden = step.embedded
         for index, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(len(ids), -1, attn.head_dim).transpose(0, 1)  # [heads, tokens, dim]
-            k = attn.k_proj(x).view(len(ids), -1, attn.head_dim).transpose(0, 1)
-            v = attn.v_proj(x).view(len(ids), -1, attn.head_dim)
-            q, k = _rotate(q, k, cos[0], sin[0])
-            keys, values = cache.keys[index], cache.values[index]  # [slots, kv_heads, dim]
-            keys.index_copy_(0, writes, k.transpose(0, 1).to(keys.dtype))
-            values.index_copy_(0, writes, v.to(values.dtype))
-            out = torch.empty_like(q)  # [heads, tokens, dim]
-            if single:
-                paged = (len(single), widest * size, *keys.shape[1:])  # [batch, positions, kv_heads, dim]
-                # index_select, not indexing: on CPU it gathers rows several times faster
-                k_all = _blocks(keys, size, gather).view(paged).transpose(1, 2).to(q.dtype)
-                v_all = _blocks(values, size, gather).view(paged).transpose(1, 2).to(q.dtype)
-                q_single = q.index_select(1, single_rows).transpose(0, 1).unsqueeze(2)  # [batch, heads, 1, dim]
-                attended = F.scaled_dot_product_attention(
-                    q_single, k_all, v_all, attn_mask=visible, scale=attn.scaling, enable_gqa=True
-                )
-                out.index_copy_(1, single_rows, attended.squeeze(2).transpose(0, 1))
-            for i in chunks:
-                span, rows = spans[i], slice(offsets[i], offsets[i + 1])
-                # [1, kv_heads, length, dim] from the sequence's whole blocks, cut at its end
-                k_seq = _blocks(keys, size, chunk_blocks[i]).flatten(0, 1)[: span.stop]
-                v_seq = _blocks(values, size, chunk_blocks[i]).flatten(0, 1)[: span.stop]
-                k_seq = k_seq.transpose(0, 1).unsqueeze(0).to(q.dtype)
-                v_seq = v_seq.transpose(0, 1).unsqueeze(0).to(q.dtype)
-                # query at position p sees keys 0..p
-                mask = torch.arange(span.stop)[None, :] <= torch.arange(span.start, span.stop)[:, None]
-                attended = F.scaled_dot_product_attention(
-                    q[None, :, rows], k_seq, v_seq, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-                )
-                out[:, rows] = attended[0]
-            hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = _layer(layer, index, hidden, step, cache)
+            joining = join() if join is not None and index + 1 < len(inner.layers) else []
+            if joining:
+                late = _Step(inner, cache, joining)
+                caught_up = late.embedded
+                for done in range(index + 1):
+                    caught_up = _layer(inner.layers[done], done, caught_up, late, cache)
+                spans.extend(joining)
+                step = _Step(inner, cache, spans)
+                hidden = torch.cat([hidden, caught_up])
         # lm_head (the largest matrix) only on the rows someone reads
-        read = [_logit_rows(span, offsets[i]) for i, span in enumerate(spans)]
+        read = [_logit_rows(span, step.offsets[i]) for i, span in enumerate(spans)]
         wanted = torch.tensor([row for span_rows in read for row in span_rows], dtype=torch.long)
         logits = model.lm_head(inner.norm(hidden[wanted])).float()
         return list(logits.split([len(r) for r in read]))
+
+
+class _Step:
+    """Where every token of a step's spans sits: its row, position and cache slot; how the
+    generation-phase rows gather their blocks; which rows are prompt chunks."""
+
+    def __init__(self, inner: Any, cache: KVCache, spans: list[Span]):
+        size = self.size = cache.block_size
+        self.spans = list(spans)
+        self.ids = torch.tensor([t for s in spans for t in s.tokens], dtype=torch.long)
+        self.embedded = inner.embed_tokens(self.ids)  # [tokens, hidden]
+        positions = torch.cat([torch.arange(s.start, s.stop) for s in spans])
+        cos, sin = inner.rotary_emb(self.embedded[None], positions[None])  # [1, tokens, head_dim]
+        self.cos, self.sin = cos[0], sin[0]
+        self.writes = torch.cat([s.table.slots(s.start, s.stop, size) for s in spans])
+        self.offsets = [0]
+        for span in spans:
+            self.offsets.append(self.offsets[-1] + len(span.tokens))
+        self.single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
+        self.chunks = [i for i, s in enumerate(spans) if len(s.tokens) > 1]
+        # generation phase: one padded gather of every sequence's blocks (whole blocks: far fewer
+        # indices than positions), positions past a sequence's end masked out
+        self.widest = max((len(spans[i].table.blocks) for i in self.single), default=0)
+        self.gather = torch.full((len(self.single), self.widest), cache.padding_block, dtype=torch.long)
+        self.visible = torch.zeros((len(self.single), 1, 1, self.widest * size), dtype=torch.bool)
+        for row, i in enumerate(self.single):
+            blocks = spans[i].table.blocks
+            self.gather[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            self.visible[row, ..., : spans[i].stop] = True
+        self.single_rows = torch.tensor([self.offsets[i] for i in self.single], dtype=torch.long)
+        self.chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in self.chunks}
+
+
+def _layer(layer: Any, index: int, hidden: torch.Tensor, step: _Step, cache: KVCache) -> torch.Tensor:
+    """One decoder layer over the step's rows, its keys and values written to the cache."""
+    attn, size, spans = layer.self_attn, step.size, step.spans
+    tokens = len(step.ids)
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(tokens, -1, attn.head_dim).transpose(0, 1)  # [heads, tokens, dim]
+    k = attn.k_proj(x).view(tokens, -1, attn.head_dim).transpose(0, 1)
+    v = attn.v_proj(x).view(tokens, -1, attn.head_dim)
+    q, k = _rotate(q, k, step.cos, step.sin)
+    keys, values = cache.keys[index], cache.values[index]  # [slots, kv_heads, dim]
+    keys.index_copy_(0, step.writes, k.transpose(0, 1).to(keys.dtype))
+    values.index_copy_(0, step.writes, v.to(values.dtype))
+    out = torch.empty_like(q)  # [heads, tokens, dim]
+    if step.single:
+        paged = (len(step.single), step.widest * size, *keys.shape[1:])  # [batch, positions, kv_heads, dim]
+        # index_select, not indexing: on CPU it gathers rows several times faster
+        k_all = _blocks(keys, size, step.gather).view(paged).transpose(1, 2).to(q.dtype)
+        v_all = _blocks(values, size, step.gather).view(paged).transpose(1, 2).to(q.dtype)
+        q_single = q.index_select(1, step.single_rows).transpose(0, 1).unsqueeze(2)  # [batch, heads, 1, dim]
+        attended = F.scaled_dot_product_attention(
+            q_single, k_all, v_all, attn_mask=step.visible, scale=attn.scaling, enable_gqa=True
+        )
+        out.index_copy_(1, step.single_rows, attended.squeeze(2).transpose(0, 1))
+    for i in step.chunks:
+        span, rows = spans[i], slice(step.offsets[i], step.offsets[i + 1])
+        # [1, kv_heads, length, dim] from the sequence's whole blocks, cut at its end
+        k_seq = _blocks(keys, size, step.chunk_blocks[i]).flatten(0, 1)[: span.stop]
+        v_seq = _blocks(values, size, step.chunk_blocks[i]).flatten(0, 1)[: span.stop]
+        k_seq = k_seq.transpose(0, 1).unsqueeze(0).to(q.dtype)
+        v_seq = v_seq.transpose(0, 1).unsqueeze(0).to(q.dtype)
+        # query at position p sees keys 0..p
+        mask = torch.arange(span.stop)[None, :] <= torch.arange(span.start, span.stop)[:, None]
+        attended = F.scaled_dot_product_attention(
+            q[None, :, rows], k_seq, v_seq, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+        )
+        out[:, rows] = attended[0]
+    hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(tokens, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _logit_rows(span: Span, offset: int) -> list[int]:

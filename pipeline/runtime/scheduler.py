@@ -3,10 +3,13 @@ every step, as TensorRT-LLM's batch manager does on GPUs.
 
 A scheduler thread loops. Each step it retires cancelled sequences, gives every generating
 sequence its next token and every sequence still in its context phase a prompt chunk, within a
-budget of ``max_num_tokens`` prompt tokens per step (so a long prompt is prefilled over several
-steps while the others keep streaming), admits waiting requests into what is left, runs
+budget of ``max_num_tokens`` prompt tokens per step, admits waiting requests into what is left, runs
 all of it as one packed forward pass (``packed.forward``), hands each new token to its request's
-callback and retires finished sequences at once.
+callback and retires finished sequences at once. A request that arrives while a step runs joins it
+between two layers (its prompt catches up on the layers already done), so it does not wait for
+the step to end. A prompt that fits the budget is prefilled in one
+step, so its first token comes as soon as it can; a longer one goes ``context_chunk_tokens`` per
+step, so that the running streams keep receiving tokens while it is admitted.
 
 Memory is a paged KV cache of fixed size (``kvcache.KVCache``). Admission follows TensorRT-LLM's
 batch scheduler policies: ``guaranteed_no_evict`` (the default) admits a request only when the
@@ -50,13 +53,16 @@ class SchedulerConfig:
     """The knobs, named after the TensorRT-LLM backend parameters they mirror."""
 
     max_batch_size: int  # sequences in the running batch
-    max_num_tokens: int  # tokens per step, all sequences together
+    max_num_tokens: int  # prompt tokens per step, all sequences together
     kv_cache_tokens: int  # the KV cache budget (rounded down to whole blocks)
     tokens_per_block: int = 32
     max_seq_len: int | None = None
     max_input_len: int | None = None
     batch_scheduler_policy: str = "guaranteed_no_evict"
     enable_chunked_context: bool = True
+    # a prompt longer than max_num_tokens advances this many tokens per step (None: whatever the
+    # step's budget leaves, as TensorRT-LLM chunks); smaller chunks keep other streams' gaps short
+    context_chunk_tokens: int | None = None
     enable_kv_cache_reuse: bool = True
     cancellation_check_period_ms: int = 100
     max_queue_size: int = 0  # requests waiting to be admitted; beyond it a request is refused (0: no bound)
@@ -65,8 +71,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.batch_scheduler_policy not in POLICIES:
             raise ValueError(f"batch_scheduler_policy={self.batch_scheduler_policy}: use one of {', '.join(POLICIES)}")
-        for name in ("max_batch_size", "max_num_tokens", "tokens_per_block"):
-            if getattr(self, name) < 1:
+        for name in ("max_batch_size", "max_num_tokens", "tokens_per_block", "context_chunk_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.kv_cache_tokens < self.tokens_per_block:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} holds no block of {self.tokens_per_block}")
@@ -97,6 +103,7 @@ class Sequence:
     cancelled: bool = False
     done: bool = False
     paused: int = 0  # times it was paused for lack of cache (max_utilization)
+    chunked: bool = False  # its prompt is prefilled a chunk per step (longer than a step's budget)
 
     @property
     def tokens(self) -> list[int]:
@@ -229,16 +236,28 @@ class Scheduler:
         for sequence in expired:
             waited = (now - sequence.timings.arrival) / 1e9
             self._retire(sequence, None, f"{QUEUE_TIMEOUT}: waited {waited:.1f} s to be admitted (queue timeout)")
-        spans = self._schedule()
+        spans, budget = self._schedule()
         self.peak_blocks = max(self.peak_blocks, self.cache.used)
         if not spans:
             return False
+        held_back = self.waiting[0] if self.waiting else None  # did not fit this step: nor will it later
+
+        def join() -> list[Span]:
+            """Requests that arrived since the step began, admitted into what is left of it."""
+            nonlocal budget
+            if not self.waiting or self.waiting[0] is held_back or budget <= 0:
+                return []
+            joined, budget = self._admit(budget)
+            spans.extend(joined)
+            return [span for _, span in joined]
+
         try:
-            logits = forward(self.model, self.cache, [span for _, span in spans])
+            logits = forward(self.model, self.cache, [span for _, span in spans], join)
         except Exception as error:  # answer every request of the step rather than leave clients hanging
             for sequence, _ in spans:
                 self._fail(sequence, f"{FORWARD_FAILED}: {error}")
             return True
+        self.peak_blocks = max(self.peak_blocks, self.cache.used)
         for (sequence, span), rows in zip(spans, logits, strict=True):
             sequence.computed = span.stop
             self.cache.name_full_blocks(sequence.table, sequence.tokens, sequence.computed)
@@ -271,31 +290,47 @@ class Scheduler:
 
     # -- scheduling -------------------------------------------------------------------------------
 
-    def _schedule(self) -> list[tuple[Sequence, Span]]:
+    def _schedule(self) -> tuple[list[tuple[Sequence, Span]], int]:
         """This step's spans: running sequences first (in admission order), then newcomers. Every
         generating sequence gets its token; prompts share ``max_num_tokens``. Unlike TensorRT-LLM,
         whose budget counts both, generation tokens ride along free: on a CPU one more row costs
         almost nothing beside a prompt chunk, and a newcomer's prompt then advances as fast at
-        concurrency 8 as alone."""
+        concurrency 8 as alone. Returns the spans and what is left of the budget."""
         budget = self.config.max_num_tokens
         spans: list[tuple[Sequence, Span]] = []
         for sequence in list(self.running):
             if sequence.done or sequence not in self.running:  # paused by an earlier one's growth
                 continue
             generating = len(sequence.tokens) - sequence.computed == 1
-            span = self._span(sequence, 1 if generating else budget)
+            span = self._span(sequence, 1 if generating else self._prompt_share(sequence, budget))
             if span is None:  # a prompt with no budget left this step, or a paused sequence
                 continue
             spans.append((sequence, span))
             budget -= 0 if generating else len(span.tokens)
-        while budget > 0 and self._admit_next():
+        admitted, budget = self._admit(budget)
+        return spans + admitted, budget
+
+    def _admit(self, budget: int) -> tuple[list[tuple[Sequence, Span]], int]:
+        """Waiting requests admitted within ``budget`` prompt tokens, with their spans, and what is
+        left of the budget."""
+        spans: list[tuple[Sequence, Span]] = []
+        while budget > 0 and self._admit_next(budget):
             sequence = self.running[-1]
-            span = self._span(sequence, budget)
+            span = self._span(sequence, self._prompt_share(sequence, budget))
             if span is None:
                 break
             spans.append((sequence, span))
             budget -= len(span.tokens)
-        return spans
+        return spans, budget
+
+    def _prompt_share(self, sequence: Sequence, budget: int) -> int:
+        """Prompt tokens the sequence computes this step: all that remain when they fit what is
+        left of the budget, else (a prompt longer than a step's budget) a chunk."""
+        remaining = len(sequence.tokens) - sequence.computed
+        if not sequence.chunked and remaining <= budget:
+            return remaining
+        sequence.chunked = True
+        return min(remaining, budget, self.config.context_chunk_tokens or budget)
 
     def _span(self, sequence: Sequence, budget: int) -> Span | None:
         """The sequence's next tokens within ``budget``, with cache blocks for them; None when the
@@ -333,9 +368,11 @@ class Scheduler:
             self.waiting.appendleft(victim)
         return victim
 
-    def _admit_next(self) -> bool:
-        """Move the head of the queue into the running batch if a slot and the cache allow it
-        (first come, first served: a request that does not fit holds back those behind it)."""
+    def _admit_next(self, budget: int) -> bool:
+        """Move the head of the queue into the running batch if a slot, the cache and ``budget``
+        (prompt tokens left this step) allow it (first come, first served: a request that does not
+        fit holds back those behind it). A prompt that would fit a whole step but not what is left
+        of this one waits for the next, rather than be cut into two steps' worth of waiting."""
         with self._wake:
             while self.waiting and self.waiting[0].cancelled:
                 self._retire(self.waiting.popleft(), "cancelled")
@@ -354,6 +391,9 @@ class Scheduler:
                 needed = self.cache.blocks_for(len(tokens)) - len(cached)
             if needed > free:
                 return False
+            uncached = len(tokens) - len(cached) * self.cache.block_size
+            if budget < uncached <= self.config.max_num_tokens:
+                return False
             self.waiting.popleft()
         self.cache.share(head.table, cached)
         head.computed = len(cached) * self.cache.block_size
@@ -361,7 +401,7 @@ class Scheduler:
         self.running.append(head)
         if head.request.max_new_tokens == 0:
             self._retire(head, None)
-            return self._admit_next()
+            return self._admit_next(budget)
         return True
 
     # -- results ----------------------------------------------------------------------------------

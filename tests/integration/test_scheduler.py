@@ -110,6 +110,29 @@ def test_a_request_joining_a_running_batch_gets_its_first_token_within_two_steps
     _run(batched, [long, late])
 
 
+def test_a_request_arriving_during_a_step_joins_it_between_two_layers(model: Any) -> None:
+    """Submitted while the step's forward pass is in its first layer (as a request thread does
+    while the scheduler thread works), it is answered by that step, as it would be alone."""
+    batched = scheduler(model)
+    running, late = Client(), Client()
+    running.submit(batched, Request(PROMPTS[3], max_new_tokens=8))
+    batched.step()
+
+    def arrive(*_: Any) -> None:
+        if not late.tokens and late.result is None and not batched.waiting and len(batched.running) == 1:
+            late.submit(batched, Request(PROMPTS[1], max_new_tokens=5))
+
+    hook = model.model.layers[0].mlp.register_forward_hook(arrive)  # the tiny model has two layers
+    try:
+        batched.step()
+    finally:
+        hook.remove()
+    assert len(late.tokens) == 1 and len(running.tokens) == 2  # its first token, from the same step
+    _run(batched, [running, late])
+    requests = [Request(PROMPTS[3], max_new_tokens=8), Request(PROMPTS[1], max_new_tokens=5)]
+    assert [running.tokens, late.tokens] == _alone(model, requests)
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_keeps_its_pace(model: Any) -> None:
     batched = scheduler(model, max_num_tokens=8)
     running, long = Client(), Client()
@@ -126,6 +149,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_keeps_its
     assert long.tokens and step == 6  # the 7th chunk completes the prompt and gives its first token
     _run(batched, [running, long])
     assert long.tokens == _alone(model, [Request(long_prompt, max_new_tokens=3)])[0]
+
+
+def test_a_prompt_that_fits_a_step_is_prefilled_at_once_and_a_longer_one_a_chunk_per_step(model: Any) -> None:
+    batched = scheduler(model, max_num_tokens=12, context_chunk_tokens=4)
+    first, second, long = Client(), Client(), Client()
+    first.submit(batched, Request(PROMPTS[3], max_new_tokens=12))  # 10 tokens: all in one step
+    second.submit(batched, Request([1, 6, 2, 8, 7, 7, 7, 7, 7], max_new_tokens=12))  # 9: not in the 2 left
+    batched.step()
+    assert len(first.tokens) == 1 and not second.tokens  # the second waits for a step it fits whole
+    batched.step()
+    assert len(first.tokens) == 2 and len(second.tokens) == 1
+    long_prompt = [1, *range(3, 20)] * 2  # 36 tokens, more than a step's 12: 9 chunks of 4
+    long.submit(batched, Request(long_prompt, max_new_tokens=3))
+    steps = 0
+    while not long.tokens:
+        batched.step()
+        steps += 1
+    assert steps == 9 and len(first.tokens) == 11  # the streams got a token at every one of them
+    _run(batched, [first, second, long])
+    requests = [Request(PROMPTS[3], max_new_tokens=12), Request(long_prompt, max_new_tokens=3)]
+    assert [first.tokens, long.tokens] == _alone(model, requests)
 
 
 def test_without_chunked_context_a_prompt_longer_than_a_step_is_refused(model: Any) -> None:

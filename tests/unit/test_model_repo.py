@@ -205,6 +205,7 @@ def test_the_cpu_scheduler_reads_the_gpu_backends_parameter_names() -> None:
     assert all(cpu[key] == gpu[key] for key in shared)
     assert cpu["max_tokens_in_paged_kv_cache"] == "8192" and cpu["batch_scheduler_policy"] == "max_utilization"
     assert cpu["max_num_tokens"] == "16" and cpu["tokens_per_block"] == "32" and cpu["batching"] == "inflight"
+    assert cpu["context_chunk_tokens"] == "32"  # the scheduler caps it at max_num_tokens
     assert "max_tokens_in_paged_kv_cache" not in render.engine_parameters(validate.load(["target=cpu"]))
 
 
@@ -215,6 +216,7 @@ def test_the_cpu_scheduler_reads_the_gpu_backends_parameter_names() -> None:
         ("triton.cpu_max_num_tokens=0", r"triton.cpu_max_num_tokens=0 must lie in 1..8192"),
         ("build.tokens_per_block=48", r"build.tokens_per_block=48 must be a power of two"),
         ("triton.cancellation_check_period_ms=0", r"cancellation_check_period_ms must be at least 1"),
+        ("triton.cpu_context_chunk_tokens=0", r"triton.cpu_context_chunk_tokens=0 must be at least 1"),
     ],
 )
 def test_scheduler_settings_out_of_range_are_refused(override: str, message: str) -> None:

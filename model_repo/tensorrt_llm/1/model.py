@@ -110,13 +110,16 @@ class TritonPythonModel:
             max_input_len=self.max_input_len,
             batch_scheduler_policy=params["batch_scheduler_policy"],
             enable_chunked_context=params["enable_chunked_context"] == "true",
+            context_chunk_tokens=int(params.get("context_chunk_tokens") or 0) or None,
             enable_kv_cache_reuse=params["enable_kv_cache_reuse"] == "true",
             cancellation_check_period_ms=int(params["cancellation_check_period_ms"]),
             **_queue_policy(config),
         )
         pb_utils.Logger.log_info(
             f"in-flight batching: KV cache of {tokens} tokens ({tokens * per_token / 2**20:.0f} MiB), "
-            f"{scheduler.max_num_tokens} tokens per step, {scheduler.batch_scheduler_policy}, "
+            f"{scheduler.max_num_tokens} prompt tokens per step (longer prompts "
+            f"{scheduler.context_chunk_tokens or scheduler.max_num_tokens} per step), "
+            f"{scheduler.batch_scheduler_policy}, "
             f"chunked context {scheduler.enable_chunked_context}, block reuse {scheduler.enable_kv_cache_reuse}"
         )
         return scheduler

@@ -97,6 +97,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             "threads": str(triton.cpu_threads or 0),  # 0: every core but one
             "batching": str(triton.cpu_batching),
             "max_num_tokens": str(triton.cpu_max_num_tokens),
+            "context_chunk_tokens": str(triton.cpu_context_chunk_tokens),
             "tokens_per_block": str(cfg.build.tokens_per_block),
             # guided decoding through xgrammar with the repository's tokenizer, as the GPU backend names it
             "guided_decoding_backend": "xgrammar" if triton.guided_decoding else "",
@@ -141,6 +142,7 @@ def llmapi_parameters(cfg: PipelineConfig) -> dict[str, str]:
     return {
         "threads": str(triton.cpu_threads or 0),  # 0: every core but one
         "max_num_tokens_per_step": str(triton.cpu_max_num_tokens),
+        "context_chunk_tokens": str(triton.cpu_context_chunk_tokens),
         "max_queue_size": str(queue_size(cfg)),
         "queue_timeout_ms": str(triton.queue_timeout_ms),
     }

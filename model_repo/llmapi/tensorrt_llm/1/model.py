@@ -194,6 +194,7 @@ def _scheduler_config(hf: Any, settings: dict[str, Any], params: dict[str, str])
         max_input_len=settings.get("max_input_len"),
         batch_scheduler_policy=POLICIES[policy],
         enable_chunked_context=bool(settings.get("enable_chunked_prefill", False)),
+        context_chunk_tokens=int(params.get("context_chunk_tokens") or 0) or None,
         enable_kv_cache_reuse=bool(kv.get("enable_block_reuse", True)),
         cancellation_check_period_ms=int(triton.get("cancellation_check_period_ms", 100)),
         max_queue_size=int(params.get("max_queue_size", "0")),
