@@ -7,9 +7,11 @@ budget of ``max_num_tokens`` prompt tokens per step, admits waiting requests int
 all of it as one packed forward pass (``packed.forward``), hands each new token to its request's
 callback and retires finished sequences at once. A request that arrives while a step runs joins it
 between two layers (its prompt catches up on the layers already done), so it does not wait for
-the step to end. A prompt that fits the budget is prefilled in one
-step, so its first token comes as soon as it can; a longer one goes ``context_chunk_tokens`` per
-step, so that the running streams keep receiving tokens while it is admitted.
+the step to end.
+
+A prompt that fits the budget is prefilled in one step, so its first token comes as soon as it
+can. A longer one goes ``context_chunk_tokens`` per step, and while it does the step's budget is
+that chunk, so that the running streams keep receiving tokens at a steady pace meanwhile.
 
 Memory is a paged KV cache of fixed size (``kvcache.KVCache``). Admission follows TensorRT-LLM's
 batch scheduler policies: ``guaranteed_no_evict`` (the default) admits a request only when the
@@ -295,8 +297,14 @@ class Scheduler:
         generating sequence gets its token; prompts share ``max_num_tokens``. Unlike TensorRT-LLM,
         whose budget counts both, generation tokens ride along free: on a CPU one more row costs
         almost nothing beside a prompt chunk, and a newcomer's prompt then advances as fast at
-        concurrency 8 as alone. Returns the spans and what is left of the budget."""
+        concurrency 8 as alone. While a prompt longer than a step is prefilled, the step's budget
+        is its chunk: for as long as that lasts the running streams see steps of at most
+        ``context_chunk_tokens`` prompt tokens, and newcomers wait their turn behind it. Returns
+        the spans and what is left of the budget."""
         budget = self.config.max_num_tokens
+        chunk = self.config.context_chunk_tokens
+        if chunk and any(s.chunked and len(s.tokens) - s.computed > 1 for s in self.running):
+            budget = min(budget, chunk)
         spans: list[tuple[Sequence, Span]] = []
         for sequence in list(self.running):
             if sequence.done or sequence not in self.running:  # paused by an earlier one's growth
