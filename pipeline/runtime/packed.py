@@ -4,7 +4,7 @@ sequence side by side (no padding), keys and values read from and written to the
 This is how TensorRT-LLM runs a step with ``remove_input_padding``: prompt chunks (context phase)
 and single tokens (generation phase) share one pass, so the linear layers see one [tokens, hidden]
 matrix whatever the mix. Only attention differs per sequence: generation-phase sequences attend
-as one padded batch over their gathered blocks, each prompt chunk on its own with a causal mask
+in padded batches of like length over their gathered blocks, each prompt chunk on its own with a causal mask
 offset by what is already cached. The model's own modules do the work (norms, projections with
 the checkpoint's quantization hooks, rotary embedding, MLP), so the numbers are the model's.
 """
@@ -88,17 +88,43 @@ class _Step:
             self.offsets.append(self.offsets[-1] + len(span.tokens))
         self.single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
         self.chunks = [i for i, s in enumerate(spans) if len(s.tokens) > 1]
-        # generation phase: one padded gather of every sequence's blocks (whole blocks: far fewer
-        # indices than positions), positions past a sequence's end masked out
-        self.widest = max((len(spans[i].table.blocks) for i in self.single), default=0)
-        self.gather = torch.full((len(self.single), self.widest), cache.padding_block, dtype=torch.long)
-        self.visible = torch.zeros((len(self.single), 1, 1, self.widest * size), dtype=torch.bool)
-        for row, i in enumerate(self.single):
+        # generation phase: padded gathers of the sequences' blocks (whole blocks: far fewer
+        # indices than positions), positions past a sequence's end masked out; sequences of
+        # like length share one, so that one long sequence does not pad every short one to it
+        self.groups = [_Group(spans, members, self.offsets, cache) for members in _by_length(spans, self.single)]
+        self.chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in self.chunks}
+
+
+class _Group:
+    """Generation-phase rows attended together: one padded gather of their blocks."""
+
+    def __init__(self, spans: list[Span], members: list[int], offsets: list[int], cache: KVCache):
+        size = cache.block_size
+        self.widest = max(len(spans[i].table.blocks) for i in members)
+        self.gather = torch.full((len(members), self.widest), cache.padding_block, dtype=torch.long)
+        self.visible = torch.zeros((len(members), 1, 1, self.widest * size), dtype=torch.bool)
+        for row, i in enumerate(members):
             blocks = spans[i].table.blocks
             self.gather[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
             self.visible[row, ..., : spans[i].stop] = True
-        self.single_rows = torch.tensor([self.offsets[i] for i in self.single], dtype=torch.long)
-        self.chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in self.chunks}
+        self.rows = torch.tensor([offsets[i] for i in members], dtype=torch.long)
+
+
+SHARED_PADDING_BLOCKS = 8  # sequences this close in blocks always share a gather
+
+
+def _by_length(spans: list[Span], single: list[int]) -> list[list[int]]:
+    """``single`` in groups of like length: a group's widest sequence has at most twice the
+    blocks of its narrowest (or at most SHARED_PADDING_BLOCKS more), so padding at most about
+    doubles what a group gathers, however mixed the lengths; one group when they are alike."""
+    groups: list[list[int]] = []
+    for i in sorted(single, key=lambda i: len(spans[i].table.blocks)):
+        blocks = len(spans[i].table.blocks)
+        if groups and blocks <= max(2 * len(spans[groups[-1][0]].table.blocks), SHARED_PADDING_BLOCKS):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _layer(layer: Any, index: int, hidden: torch.Tensor, step: _Step, cache: KVCache) -> torch.Tensor:
@@ -114,16 +140,16 @@ def _layer(layer: Any, index: int, hidden: torch.Tensor, step: _Step, cache: KVC
     keys.index_copy_(0, step.writes, k.transpose(0, 1).to(keys.dtype))
     values.index_copy_(0, step.writes, v.to(values.dtype))
     out = torch.empty_like(q)  # [heads, tokens, dim]
-    if step.single:
-        paged = (len(step.single), step.widest * size, *keys.shape[1:])  # [batch, positions, kv_heads, dim]
+    for group in step.groups:
+        paged = (len(group.rows), group.widest * size, *keys.shape[1:])  # [batch, positions, kv_heads, dim]
         # index_select, not indexing: on CPU it gathers rows several times faster
-        k_all = _blocks(keys, size, step.gather).view(paged).transpose(1, 2).to(q.dtype)
-        v_all = _blocks(values, size, step.gather).view(paged).transpose(1, 2).to(q.dtype)
-        q_single = q.index_select(1, step.single_rows).transpose(0, 1).unsqueeze(2)  # [batch, heads, 1, dim]
+        k_all = _blocks(keys, size, group.gather).view(paged).transpose(1, 2).to(q.dtype)
+        v_all = _blocks(values, size, group.gather).view(paged).transpose(1, 2).to(q.dtype)
+        q_single = q.index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [batch, heads, 1, dim]
         attended = F.scaled_dot_product_attention(
-            q_single, k_all, v_all, attn_mask=step.visible, scale=attn.scaling, enable_gqa=True
+            q_single, k_all, v_all, attn_mask=group.visible, scale=attn.scaling, enable_gqa=True
         )
-        out.index_copy_(1, step.single_rows, attended.squeeze(2).transpose(0, 1))
+        out.index_copy_(1, group.rows, attended.squeeze(2).transpose(0, 1))
     for i in step.chunks:
         span, rows = spans[i], slice(step.offsets[i], step.offsets[i + 1])
         # [1, kv_heads, length, dim] from the sequence's whole blocks, cut at its end

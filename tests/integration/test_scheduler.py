@@ -314,3 +314,15 @@ def test_a_request_waiting_past_the_queue_timeout_is_refused_and_a_running_one_i
     _run(timed, [running, waiting])
     assert running.error is None and len(running.tokens) == 6
     assert waiting.error is not None and waiting.error.startswith(QUEUE_TIMEOUT), waiting.error
+
+
+def test_generating_sequences_of_unlike_length_attend_in_separate_gathers() -> None:
+    """One long sequence must not pad every short one's gather to its length (a step after a
+    1500-token prompt took 387 ms instead of 120 ms on SmolLM2): like lengths share a gather."""
+    from types import SimpleNamespace
+
+    from pipeline.runtime.packed import _by_length
+
+    spans: Any = [SimpleNamespace(table=SimpleNamespace(blocks=[0] * n)) for n in (3, 47, 5, 9, 20, 2)]
+    assert _by_length(spans, [0, 1, 2, 3, 4, 5]) == [[5, 0, 2], [3], [4], [1]]
+    assert _by_length(spans, [0, 2, 5]) == [[5, 0, 2]]  # alike: one gather, as before
