@@ -56,6 +56,7 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 15.0  # the most a stop waits before SIGKILL: SIGTERM and Ctrl-C end within it
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -133,7 +134,7 @@ class Background:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, grace_s: float = 15.0) -> int | None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
         stop_group(self.process, grace_s)
         _forget(self.log_file)
         self._reader.join(5)

@@ -39,7 +39,6 @@ from pipeline.errors import StageError
 from pipeline.workspace import copy_atomic
 
 log = logging.getLogger(__name__)
-STOP_GRACE_S = 15.0  # the most a stop waits before SIGKILL: SIGTERM and Ctrl-C end within it
 
 
 @dataclass(frozen=True)
@@ -268,7 +267,7 @@ class Server:
         if self.process is not None:
             # Triton waits up to its exit timeout for in-flight requests, then says it exits at
             # once, yet a stub still answering one can hold it for good: 5 s after that, it is killed
-            code = self.process.stop(grace_s=min(STOP_GRACE_S, self.triton.exit_timeout_s + 5))
+            code = self.process.stop(grace_s=min(proc.STOP_GRACE_S, self.triton.exit_timeout_s + 5))
             log.info("Triton stopped (exit status %s)", code)
             self.process = None
 

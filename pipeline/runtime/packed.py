@@ -4,8 +4,8 @@ sequence side by side (no padding), keys and values read from and written to the
 This is how TensorRT-LLM runs a step with ``remove_input_padding``: prompt chunks (context phase)
 and single tokens (generation phase) share one pass, so the linear layers see one [tokens, hidden]
 matrix whatever the mix. Only attention differs per sequence: generation-phase sequences attend
-in padded batches of like length over their gathered blocks, each prompt chunk on its own with a causal mask
-offset by what is already cached. The model's own modules do the work (norms, projections with
+in padded batches of like length over their gathered blocks, each prompt chunk on its own with a
+causal mask offset by what is already cached. The model's own modules do the work (norms, projections with
 the checkpoint's quantization hooks, rotary embedding, MLP), so the numbers are the model's.
 """
 
@@ -45,22 +45,24 @@ def forward(model: Any, cache: KVCache, spans: list[Span], join: Join | None = N
     position when it wants logits, none otherwise.
 
     ``join`` is asked between layers for spans that arrived meanwhile: they run through the layers
-    already done on their own, then on with the others, and ``spans`` grows by them in place. A
-    request that arrives during a step is then answered in it, not one step later: at concurrency
-    8 on a CPU a step is 100-400 ms, so this is most of the wait a newcomer would otherwise see."""
+    already done on their own, then on with the others, and their logits follow those of
+    ``spans`` in the result. A request that arrives during a step is then answered in it, not one
+    step later: at concurrency 8 on a CPU a step is 100-400 ms, so this is most of the wait a
+    newcomer would otherwise see."""
     inner = model.model
+    spans = list(spans)
     with torch.no_grad():
         step = _Step(inner, cache, spans)
-        hidden = step.embedded
+        hidden = inner.embed_tokens(step.ids)  # [tokens, hidden]
         for index, layer in enumerate(inner.layers):
             hidden = _layer(layer, index, hidden, step, cache)
             joining = join() if join is not None and index + 1 < len(inner.layers) else []
             if joining:
                 late = _Step(inner, cache, joining)
-                caught_up = late.embedded
+                caught_up = inner.embed_tokens(late.ids)
                 for done in range(index + 1):
                     caught_up = _layer(inner.layers[done], done, caught_up, late, cache)
-                spans.extend(joining)
+                spans += joining
                 step = _Step(inner, cache, spans)
                 hidden = torch.cat([hidden, caught_up])
         # lm_head (the largest matrix) only on the rows someone reads
@@ -76,22 +78,25 @@ class _Step:
 
     def __init__(self, inner: Any, cache: KVCache, spans: list[Span]):
         size = self.size = cache.block_size
-        self.spans = list(spans)
+        self.spans = spans
         self.ids = torch.tensor([t for s in spans for t in s.tokens], dtype=torch.long)
-        self.embedded = inner.embed_tokens(self.ids)  # [tokens, hidden]
         positions = torch.cat([torch.arange(s.start, s.stop) for s in spans])
-        cos, sin = inner.rotary_emb(self.embedded[None], positions[None])  # [1, tokens, head_dim]
+        # the rotary embedding reads only the dtype and device of its first argument
+        cos, sin = inner.rotary_emb(inner.embed_tokens.weight[None], positions[None])  # [1, tokens, head_dim]
         self.cos, self.sin = cos[0], sin[0]
         self.writes = torch.cat([s.table.slots(s.start, s.stop, size) for s in spans])
         self.offsets = [0]
         for span in spans:
             self.offsets.append(self.offsets[-1] + len(span.tokens))
-        self.single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
+        single = [i for i, s in enumerate(spans) if len(s.tokens) == 1]
         self.chunks = [i for i, s in enumerate(spans) if len(s.tokens) > 1]
         # generation phase: padded gathers of the sequences' blocks (whole blocks: far fewer
         # indices than positions), positions past a sequence's end masked out; sequences of
         # like length share one, so that one long sequence does not pad every short one to it
-        self.groups = [_Group(spans, members, self.offsets, cache) for members in _by_length(spans, self.single)]
+        widths = [len(spans[i].table.blocks) for i in single]
+        self.groups = [
+            _Group(spans, [single[j] for j in members], self.offsets, cache) for members in by_length(widths)
+        ]
         self.chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in self.chunks}
 
 
@@ -110,17 +115,16 @@ class _Group:
         self.rows = torch.tensor([offsets[i] for i in members], dtype=torch.long)
 
 
-SHARED_PADDING_BLOCKS = 8  # sequences this close in blocks always share a gather
+SHARED_PADDING_BLOCKS = 8  # sequences of at most this many blocks always share a gather
 
 
-def _by_length(spans: list[Span], single: list[int]) -> list[list[int]]:
-    """``single`` in groups of like length: a group's widest sequence has at most twice the
-    blocks of its narrowest (or at most SHARED_PADDING_BLOCKS more), so padding at most about
-    doubles what a group gathers, however mixed the lengths; one group when they are alike."""
+def by_length(widths: list[int]) -> list[list[int]]:
+    """Indices of ``widths`` (blocks per sequence) in groups of like width: a group's widest has
+    at most twice the blocks of its narrowest, or at most SHARED_PADDING_BLOCKS, so padding at
+    most about doubles what a group gathers however mixed the lengths; one group when alike."""
     groups: list[list[int]] = []
-    for i in sorted(single, key=lambda i: len(spans[i].table.blocks)):
-        blocks = len(spans[i].table.blocks)
-        if groups and blocks <= max(2 * len(spans[groups[-1][0]].table.blocks), SHARED_PADDING_BLOCKS):
+    for i in sorted(range(len(widths)), key=widths.__getitem__):
+        if groups and widths[i] <= max(2 * widths[groups[-1][0]], SHARED_PADDING_BLOCKS):
             groups[-1].append(i)
         else:
             groups.append([i])

@@ -250,7 +250,7 @@ class Scheduler:
             if not self.waiting or self.waiting[0] is held_back or budget <= 0:
                 return []
             joined, budget = self._admit(budget)
-            spans.extend(joined)
+            spans.extend(joined)  # forward returns their logits after the others'
             return [span for _, span in joined]
 
         try:

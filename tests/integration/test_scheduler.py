@@ -318,11 +318,11 @@ def test_a_request_waiting_past_the_queue_timeout_is_refused_and_a_running_one_i
 
 def test_generating_sequences_of_unlike_length_attend_in_separate_gathers() -> None:
     """One long sequence must not pad every short one's gather to its length (a step after a
-    1500-token prompt took 387 ms instead of 120 ms on SmolLM2): like lengths share a gather."""
-    from types import SimpleNamespace
+    1500-token prompt took 387 ms instead of 120 ms on SmolLM2): like widths share a gather.
+    (That such a mix still answers as alone is test_a_prompt_that_fits_a_step_..., whose long
+    prompt has 10 blocks beside 3-5.)"""
+    from pipeline.runtime.packed import by_length
 
-    from pipeline.runtime.packed import _by_length
-
-    spans: Any = [SimpleNamespace(table=SimpleNamespace(blocks=[0] * n)) for n in (3, 47, 5, 9, 20, 2)]
-    assert _by_length(spans, [0, 1, 2, 3, 4, 5]) == [[5, 0, 2], [3], [4], [1]]
-    assert _by_length(spans, [0, 2, 5]) == [[5, 0, 2]]  # alike: one gather, as before
+    assert by_length([3, 47, 5, 9, 20, 2]) == [[5, 0, 2], [3], [4], [1]]
+    assert by_length([3, 5, 2]) == [[2, 0, 1]]  # alike: one gather, as before
+    assert by_length([]) == []
