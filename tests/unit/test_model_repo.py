@@ -56,6 +56,20 @@ def test_every_config_renders_and_parses(target: str, expose: str) -> None:
     assert engine.model_transaction_policy.decoupled is False
 
 
+@pytest.mark.parametrize("target", ["cpu", "h100"])
+def test_postprocessing_keeps_tritons_prefetching(target: str) -> None:
+    """Any queue policy (a bound or a timeout) turns off the dynamic batcher's prefetching
+    (core's scheduler_utils.cc), and then a streamed token that reaches postprocessing while its
+    instance runs waits for the next arrival (measured: one token in four a step late). Upstream's
+    postprocessing has no policy either."""
+    cfg = validate.load([f"target={target}"])
+    postprocessing = render.parse(render.rendered_configs(cfg)["postprocessing"], "postprocessing")
+    assert postprocessing.HasField("dynamic_batching")
+    assert not postprocessing.dynamic_batching.HasField("default_queue_policy")
+    assert not postprocessing.dynamic_batching.priority_queue_policy
+    assert CONTRACT["postprocessing"]["dynamic_batching_settings"] == {}
+
+
 def _declared(tensor: Any) -> dict[str, Any]:
     optional = getattr(tensor, "optional", False)  # outputs have no such field
     return {"data_type": _type_name(tensor.data_type), "dims": list(tensor.dims), "optional": optional}

@@ -203,10 +203,8 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
         "max_queue_size": str(queue_size(cfg)),
         "queue_timeout_us": str(triton.queue_timeout_ms * 1000),
         # preprocessing is where the ensemble's requests wait first: it holds what the engine
-        # would; postprocessing is fed only by the engine's admitted requests, and a bound there
-        # must never cut a stream, so it gets room for several steps of every running sequence
+        # would (postprocessing has no bound: see its config)
         "preprocessing_queue_size": str(in_flight),
-        "postprocessing_queue_size": str(QUEUE_PER_BATCH * in_flight),
         "preferred_batch_sizes": ", ".join(str(s) for s in preferred),
         "decoupled": _flag(triton.streaming),
         "backend": "tensorrtllm" if cfg.target.is_gpu else "python",
