@@ -3,7 +3,8 @@ measured with the pipeline's own load generator (gRPC streaming through the ense
 number of one table taken in one run on this machine so that ratios compare like with like.
 
 Rows (64 output tokens, prompts of mixed lengths: 64 +- 32 tokens before the chat template;
-closed-loop points ramp up first: each worker's first request is sent unmeasured):
+closed-loop points ramp up first: the workers start one after another, and each worker's first
+request is left out of the latencies and the throughput):
 - in-flight batching (the default engine model) at concurrency 1, 8 and 16;
 - run-to-completion batching (``triton.cpu_batching=run_to_completion``) at concurrency 8;
 - raw transformers ``generate`` on the same checkpoint, the first 8 prompts as one left-padded

@@ -317,9 +317,9 @@ class BenchmarkConfig:
     rates: list[float] = field(default_factory=list)  # open loop (Poisson), requests/s, one point each
     requests_per_point: int = 16
     warmup_requests: int = 2
-    # closed loop: each worker's first request counts toward throughput but not toward latency
-    # percentiles (the burst of the start, which a running server never sees again);
-    # requests_per_point are measured after it
+    # closed loop: the workers start one after another over the first request's output, and each
+    # worker's first request is left out of the latencies and the throughput (loadgen._Ramp);
+    # requests_per_point are measured after them
     ramp_up: bool = True
     input_tokens: int = 64
     input_tokens_stddev: float = 0.0

@@ -72,7 +72,7 @@ def test_aiperf_gets_the_same_endpoint_load_and_sampling(monkeypatch: pytest.Mon
     monkeypatch.setattr(aiperf, "executable", lambda: "aiperf")
     cfg = _cfg("benchmark.endpoint=openai", "benchmark.requests_per_point=16", "benchmark.warmup_requests=2")
     endpoint = loadgen.Endpoint("openai", "https://gw.example:9443/prefix/v1", "smollm2-135m")
-    args = _argv(cfg, endpoint, {"load": "c=8", "concurrency": 8, "rate": None})
+    args = _argv(cfg, endpoint, {"load": "c=8", "concurrency": 8, "rate": None, "ramp_up_s": 6.54})
     assert _option(args, "--url") == "https://gw.example:9443"
     assert _option(args, "--custom-endpoint") == "/prefix/v1/completions"
     assert _option(args, "--endpoint-type") == "completions" and "--streaming" in args
@@ -81,6 +81,7 @@ def test_aiperf_gets_the_same_endpoint_load_and_sampling(monkeypatch: pytest.Mon
     # open with a burst of 8 that ours leaves out)
     assert _option(args, "--concurrency") == "8" and _option(args, "--request-count") == "24"
     assert "--warmup-request-count" not in args
+    assert _option(args, "--concurrency-ramp-duration") == "6.5"  # ours, as measured
     assert aiperf.prompt_count(cfg.benchmark, {"concurrency": 8}) == 24
     assert _option(args, "--input-file") == "/out/p.jsonl" and _option(args, "--tokenizer") == str(TOKENIZER)
     assert "--api-key" not in args
@@ -137,12 +138,16 @@ def test_aiperf_figures_and_their_differences_from_ours(tmp_path: Path) -> None:
 
 
 def _record(phase: str, start_s: float, ttft: float, itl: float, error: bool = False) -> str:
+    """A request of 32 output tokens."""
+    latency = ttft + 31 * itl
     metrics = {
         "time_to_first_token": {"value": ttft, "unit": "ms"},
         "inter_token_latency": {"value": itl, "unit": "ms"},
-        "request_latency": {"value": ttft + 31 * itl, "unit": "ms"},
+        "request_latency": {"value": latency, "unit": "ms"},
+        "output_token_count": {"value": 32, "unit": "tokens"},
     }
-    record: dict = {"metadata": {"benchmark_phase": phase, "request_start_ns": int(start_s * 1e9)}, "metrics": metrics}  # type: ignore[type-arg]
+    times = {"request_start_ns": int(start_s * 1e9), "request_end_ns": int((start_s + latency / 1000) * 1e9)}
+    record: dict = {"metadata": {"benchmark_phase": phase, **times}, "metrics": metrics}  # type: ignore[type-arg]
     if error:
         record["error"] = {"message": "boom"}
     return json.dumps(record)
@@ -158,8 +163,13 @@ def test_aiperf_latencies_leave_out_the_first_request_of_each_worker_as_ours_do(
     found = aiperf.figures(tmp_path, ramp_up=4)
     assert found["aiperf_ttft_ms_p50"] == 400.0 and found["aiperf_itl_ms_p50"] == 100.0
     assert found["aiperf_e2e_ms_p50"] == 400.0 + 3100.0
-    assert found["aiperf_output_tokens_per_s"] == 30.0  # throughput: AIPerf's own, over every request
-    assert aiperf.figures(tmp_path)["aiperf_ttft_ms_p50"] == 999.0  # no ramp-up: AIPerf's summary
+    # throughput as ours: from the first measured start (5 s) to the last end (7 + 0.4 + 3.1 s):
+    # the measured requests' tokens, and the part of each burst stream (first token at 1.0-1.3 s,
+    # end at 7.2-7.5 s) streamed after 5 s
+    inside = sum((7.2 + 0.101 * i - 5.0) / 6.2 for i in range(4))
+    assert found["aiperf_output_tokens_per_s"] == pytest.approx((3 + inside) * 32 / (7.0 + 0.4 + 3.1 - 5.0))
+    no_ramp = aiperf.figures(tmp_path)  # no ramp-up: AIPerf's summary
+    assert no_ramp["aiperf_ttft_ms_p50"] == 999.0 and no_ramp["aiperf_output_tokens_per_s"] == 30.0
 
 
 def test_an_aiperf_that_wrote_nothing_is_an_error_naming_the_file(tmp_path: Path) -> None:

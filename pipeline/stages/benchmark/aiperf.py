@@ -5,14 +5,15 @@ load and sampling, on prompts drawn the same way (given to it as a file, so the 
 fresh ones, so neither pass finds the other's prompts in the server's prefix cache. Its figures join
 the point as ``aiperf_*`` keys, with the differences in percent, and so reach the same MLflow run.
 
-The load has the same shape on both sides. A ramped-up closed-loop point of ours starts every worker
-at once and leaves each worker's first request out of the latencies. AIPerf's warm-up phase cannot
-do that: it drains before the measured phase starts, so that phase opens with a burst of
-``concurrency`` simultaneous arrivals that it measures (at c=8 on the CPU target that burst put
-AIPerf's TTFT p50 at 1087 ms against our 652 ms). So AIPerf gets no warm-up phase and
-``concurrency`` more requests, and its latency percentiles are computed from its per-request
-records with the first ``concurrency`` requests left out, as ours are; throughput is AIPerf's own
-figure (both count every request of the point).
+The load has the same shape on both sides. A ramped-up closed-loop point of ours starts its workers
+one after another over the first request's output (``loadgen._Ramp``) and leaves each worker's
+first request out of the latencies and the throughput. AIPerf gets the same ramp in seconds
+(``--concurrency-ramp-duration``, ours as measured) and no warm-up phase: its warm-up drains
+before the measured phase starts, so that phase would open with a burst of ``concurrency``
+simultaneous arrivals that it measures (at c=8 on the CPU target that burst put AIPerf's TTFT p50
+at 1087 ms against our 652 ms). It sends ``concurrency`` more requests, and its latency
+percentiles are computed from its per-request records with the first ``concurrency`` requests
+left out, as ours are; throughput is AIPerf's own figure, over every request of the point.
 
 AIPerf lives in its own virtual environment (``make aiperf``): its pins (pandas 2.3, prometheus-client
 0.23) clash with the pipeline's. It runs niced: on a small CPU host its timing loop takes a whole
@@ -125,6 +126,8 @@ def argv(
     args += [*load, "--request-count", str(bench.requests_per_point + ramp_up_count(bench, point))]
     if warmup_count(bench, point):
         args += ["--warmup-request-count", str(warmup_count(bench, point))]
+    if ramp_up_count(bench, point) and point.get("ramp_up_s"):
+        args += ["--concurrency-ramp-duration", f"{point['ramp_up_s']:.1f}"]
     args += ["--input-file", str(prompts_file), "--custom-dataset-type", "single_turn"]
     args += ["--dataset-sampling-strategy", "sequential"]
     args += ["--tokenizer", str(tokenizer_dir.resolve()), "--random-seed", str(bench.seed)]
@@ -134,9 +137,10 @@ def argv(
 
 
 def figures(folder: Path, ramp_up: int = 0) -> dict[str, float]:
-    """AIPerf's results in ``folder`` as ``aiperf_<our metric name>``: throughput and errors from
-    its summary; latency percentiles from its summary, or, when ``ramp_up`` > 0, from its
-    per-request records without the first ``ramp_up`` requests to start."""
+    """AIPerf's results in ``folder`` as ``aiperf_<our metric name>``: errors from its summary;
+    latency percentiles and throughput from its summary, or, when ``ramp_up`` > 0, from its
+    per-request records the way ours are counted (``report.summarize``): latencies without the
+    first ``ramp_up`` requests to start, throughput from the first measured request's start on."""
     data = _read_json(folder / EXPORT)
     out = {}
     for ours, (metric, stat) in COMPARED.items():
@@ -146,7 +150,7 @@ def figures(folder: Path, ramp_up: int = 0) -> dict[str, float]:
     errors = (data.get("error_summary") or []) if isinstance(data.get("error_summary"), list) else []
     out["aiperf_errors"] = float(sum(int(e.get("count", 0)) for e in errors if isinstance(e, dict)))
     if ramp_up:
-        out.update(_latencies_after_ramp_up(folder / RECORDS, ramp_up))
+        out.update(_after_ramp_up(folder / RECORDS, ramp_up))
     return out
 
 
@@ -158,9 +162,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _latencies_after_ramp_up(records_file: Path, ramp_up: int) -> dict[str, float]:
+def _after_ramp_up(records_file: Path, ramp_up: int) -> dict[str, float]:
     """p50 of TTFT, ITL and end-to-end latency over the measured phase's successful requests, the
-    first ``ramp_up`` to start (one per worker) left out."""
+    first ``ramp_up`` to start (one per worker) left out; output tokens/s from the first measured
+    request's start to the last answer."""
     try:
         records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as error:
@@ -172,10 +177,46 @@ def _latencies_after_ramp_up(records_file: Path, ramp_up: int) -> dict[str, floa
     for ours, (metric, _) in COMPARED.items():
         if not ours.endswith("_p50"):
             continue
-        values = [r["metrics"][metric]["value"] for r in kept if metric in r.get("metrics", {})]
+        values = [_value(r, metric) for r in kept if metric in r.get("metrics", {})]
         if values:
             out[f"aiperf_{ours}"] = float(percentile(values, 50))
+    throughput = _window_throughput(measured, ramp_up)
+    if throughput is not None:
+        out["aiperf_output_tokens_per_s"] = throughput
     return out
+
+
+def _value(record: dict[str, Any], metric: str) -> float:
+    return float(record["metrics"][metric]["value"])
+
+
+def _window_throughput(records: list[dict[str, Any]], ramp_up: int) -> float | None:
+    """Output tokens streamed from the first measured request's start to the last answer, per
+    second; a ramp-up request's tokens counted by the part of its stream inside the window (its
+    tokens taken as evenly spaced from the first to the end). None when the records lack a field."""
+    done = [r for r in records if not r.get("error")]
+    if len(records) <= ramp_up or not done:
+        return None
+    try:
+        start = records[ramp_up]["metadata"]["request_start_ns"] / 1e9
+        end = max(r["metadata"]["request_end_ns"] for r in done) / 1e9
+        tokens = 0.0
+        for index, record in enumerate(records):
+            if record.get("error"):
+                continue
+            count = _value(record, "output_token_count")
+            if index >= ramp_up:
+                tokens += count
+                continue
+            first = record["metadata"]["request_start_ns"] / 1e9 + _value(record, "time_to_first_token") / 1000
+            last = record["metadata"]["request_end_ns"] / 1e9
+            if first >= start:
+                tokens += count
+            elif last > first:
+                tokens += count * max(0.0, last - start) / (last - first)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return tokens / (end - start) if end > start else None
 
 
 def differences(point: dict[str, Any]) -> dict[str, float]:

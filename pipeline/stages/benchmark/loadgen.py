@@ -81,8 +81,13 @@ class ServerGone(Exception):
     """The server stopped answering: the point ends with what was measured."""
 
 
+TokenHook = Callable[[], None] | None  # called at each streamed response of a request
+
+
 class _Worker(Protocol):
-    def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured: ...
+    def run(
+        self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str, on_token: TokenHook = None
+    ) -> Measured: ...
 
     def close(self) -> None: ...
 
@@ -145,7 +150,9 @@ class _TritonWorker:
         self.client = grpcclient.InferenceServerClient(endpoint.url)
         self.client.start_stream(callback=lambda result, error: self.events.put((time.perf_counter(), result, error)))
 
-    def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured:
+    def run(
+        self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str, on_token: TokenHook = None
+    ) -> Measured:
         inputs = (_llmapi_inputs if self.cumulative else _inputs)(prompt, sampling, seed)
         measured = Measured(prompt.input_tokens, time.perf_counter())
         self.client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
@@ -170,6 +177,8 @@ class _TritonWorker:
                 else:
                     pieces.append(piece)
                 measured.token_times.append(at)
+                if on_token is not None:
+                    on_token()
             if response.parameters["triton_final_response"].bool_param:
                 measured.done, measured.text = at, "".join(pieces)
                 return measured
@@ -221,7 +230,9 @@ class _OpenAIWorker:
         if endpoint.api_key:
             self.session.headers["Authorization"] = f"Bearer {endpoint.api_key}"
 
-    def run(self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str) -> Measured:
+    def run(
+        self, prompt: Prompt, sampling: Sampling, seed: int, request_id: str, on_token: TokenHook = None
+    ) -> Measured:
         import requests
 
         body = completion_body(prompt, sampling, seed, self.endpoint.model)
@@ -231,14 +242,14 @@ class _OpenAIWorker:
                 if response.status_code != 200:
                     measured.error, measured.done = _http_error(response), time.perf_counter()
                     return measured
-                measured.text = self._read_stream(response, measured)
+                measured.text = self._read_stream(response, measured, on_token)
         except requests.RequestException as error:  # refused, reset, cut mid-stream, or silent past the timeout
             raise ServerGone(str(error).splitlines()[0][:200]) from error
         measured.done = time.perf_counter()
         return measured
 
     @staticmethod
-    def _read_stream(response: Any, measured: Measured) -> str:
+    def _read_stream(response: Any, measured: Measured, on_token: TokenHook) -> str:
         pieces = []
         # each server-sent event is one HTTP chunk; iter_lines yields it as soon as it arrives
         for line in response.iter_lines(chunk_size=512):
@@ -256,6 +267,8 @@ class _OpenAIWorker:
             if text:
                 pieces.append(text)
                 measured.token_times.append(time.perf_counter())
+                if on_token is not None:
+                    on_token()
         return "".join(pieces)
 
     def close(self) -> None:
@@ -281,6 +294,35 @@ def _error_kind(message: str) -> str:
     return first.split(":", 1)[0][:80] if "]" not in first else first.split("]", 1)[-1].strip()[:80]
 
 
+class _Ramp:
+    """A closed loop's workers start one after another, spread over the first request's output:
+    worker k sends its first request once worker 0's first has streamed k/c of its tokens (or
+    ended). Started together, c requests of one output length are prefilled back to back, end in
+    back-to-back steps and come back together, every time: the point would measure that one
+    burst's queue over and over (on the CPU target at c=8: TTFT p50 736 ms started together,
+    347 ms spread, against 331 ms at c=1). Spread in tokens, so in the server's own steps,
+    whatever its speed; AIPerf's ``--concurrency-ramp-duration`` does the same in seconds."""
+
+    def __init__(self, workers: int, tokens: int):
+        self.share = max(1, tokens) / workers  # tokens of the first request between two starts
+        self.seen, self.ended = 0, False
+        self.changed = threading.Condition()
+
+    def token(self) -> None:
+        with self.changed:
+            self.seen += 1
+            self.changed.notify_all()
+
+    def end(self) -> None:
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def wait_turn(self, number: int, timeout_s: float) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.ended or self.seen >= number * self.share, timeout_s)
+
+
 def run_point(
     endpoint: Endpoint,
     prompts: list[Prompt],
@@ -297,10 +339,9 @@ def run_point(
     start within ``stop_after_s``; return the measurements, the wall time of the point, and why it
     ended early (None when it did not).
 
-    ``ramp_up`` (closed loop): each worker's first request is marked ``ramp_up``: it counts toward
-    throughput but not toward latency percentiles. All workers start at once, so their first
-    requests arrive as one burst that a running server never sees again; without the ramp-up that
-    burst weighs on every percentile of a short point."""
+    ``ramp_up`` (closed loop): the workers start one after another (``_Ramp``) and each worker's
+    first request is marked ``ramp_up``: left out of the latency percentiles and of the throughput
+    (``report.summarize`` counts from the first measured request on)."""
     workers_n = concurrency or max(1, min(len(prompts), 64))
     pending: queue.Queue[tuple[int, Prompt]] = queue.Queue()
     for index, prompt in enumerate(prompts):
@@ -309,11 +350,14 @@ def run_point(
     lock = threading.Lock()
     gone: list[str] = []
     arrivals = _arrival_times(len(prompts), rate, seed) if rate else None
+    ramp = _Ramp(workers_n, prompts[0].max_tokens if prompts else 1) if ramp_up and concurrency else None
     started = time.perf_counter()
 
-    def work() -> None:
+    def work(number: int) -> None:
         worker = _connect(endpoint, timeout_s)
-        unmeasured = 1 if ramp_up and concurrency else 0
+        unmeasured = 1 if ramp is not None else 0
+        if ramp is not None and number:
+            ramp.wait_turn(number, timeout_s)
         try:
             while not gone:
                 if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
@@ -324,8 +368,9 @@ def run_point(
                     return
                 if arrivals is not None:  # open loop: wait for this request's arrival time
                     time.sleep(max(0.0, started + arrivals[index] - time.perf_counter()))
+                pacer = ramp.token if ramp is not None and number == 0 and unmeasured else None
                 try:
-                    measured = worker.run(prompt, sampling, seed + index, str(index))
+                    measured = worker.run(prompt, sampling, seed + index, str(index), pacer)
                 except ServerGone as error:
                     gone.append(str(error))
                     return
@@ -335,14 +380,18 @@ def run_point(
                 if unmeasured:
                     unmeasured -= 1
                     measured.ramp_up = True
+                    if ramp is not None and number == 0:
+                        ramp.end()
                 with lock:
                     results.append(measured)
                 if on_done is not None:
                     on_done(measured)
         finally:
+            if ramp is not None and number == 0:
+                ramp.end()  # the others must not wait for a first request that never came
             worker.close()
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers_n)]
+    threads = [threading.Thread(target=work, args=(number,), daemon=True) for number in range(workers_n)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -53,13 +53,11 @@ def meets_slo(m: Measured, slo: dict[str, float | None]) -> bool:
 def summarize(
     label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float | None]
 ) -> dict[str, Any]:
-    # throughput over every request of the point; counts and latencies over the measured ones
-    # (ramp-up requests excluded: loadgen.run_point)
-    done = [m for m in results if m.error is None and m.done is not None]
-    out_tokens = sum(m.output_tokens for m in done)
+    # counts and latencies over the measured requests (ramp-up ones excluded: loadgen.run_point)
     measured = [m for m in results if not m.ramp_up]
     ok = [m for m in measured if m.error is None and m.done is not None]
     errors = Counter(m.error for m in measured if m.error is not None)
+    out_tokens, served, window = _throughput_window(results, seconds)
     point: dict[str, Any] = {
         **label,
         "requests": len(measured),
@@ -67,11 +65,13 @@ def summarize(
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
         "seconds": seconds,
+        "throughput_window_s": window,
+        "ramp_up_s": _ramp_up_seconds(results),
         "input_tokens_mean": sum(m.input_tokens for m in ok) / len(ok) if ok else math.nan,
         "output_tokens_mean": sum(m.output_tokens for m in ok) / len(ok) if ok else math.nan,
-        "output_tokens_per_s": out_tokens / seconds if seconds > 0 else math.nan,
-        "requests_per_s": len(done) / seconds if seconds > 0 else math.nan,
-        "goodput_requests_per_s": sum(meets_slo(m, slo) for m in done) / seconds if seconds > 0 else math.nan,
+        "output_tokens_per_s": out_tokens / window if window > 0 else math.nan,
+        "requests_per_s": len(served) / window if window > 0 else math.nan,
+        "goodput_requests_per_s": sum(meets_slo(m, slo) for m in served) / window if window > 0 else math.nan,
     }
     series = {
         "ttft_ms": [m.ttft * 1000 for m in ok if m.ttft is not None],
@@ -82,6 +82,34 @@ def summarize(
         for stat, value in _stats(values).items():
             point[f"{name}_{stat}"] = value
     return point
+
+
+def _throughput_window(results: list[Measured], seconds: float) -> tuple[float, list[Measured], float]:
+    """Output tokens, finished requests and seconds that throughput is counted over. With a
+    ramp-up: from the first measured request's send, when every worker is busy, to the last
+    answer, with the tokens streamed in that window (a ramp-up request's share by its responses).
+    Without: every request over the whole point."""
+    done = [m for m in results if m.error is None and m.done is not None]
+    measured_sends = [m.sent for m in results if not m.ramp_up]
+    if len(measured_sends) == len(results) or not measured_sends or not done:
+        return float(sum(m.output_tokens for m in done)), done, seconds
+    start = min(measured_sends)
+    end = max(m.done for m in done if m.done is not None)
+    tokens = sum(m.output_tokens * _share_after(m, start) for m in done)
+    return tokens, [m for m in done if not m.ramp_up], max(0.0, end - start)
+
+
+def _ramp_up_seconds(results: list[Measured]) -> float:
+    """From the first worker's first request to the last worker's (0 without a ramp-up)."""
+    sends = [m.sent for m in results if m.ramp_up]
+    return max(sends) - min(sends) if sends else 0.0
+
+
+def _share_after(m: Measured, start: float) -> float:
+    """The part of a request's output streamed at or after ``start``."""
+    if not m.token_times:
+        return 1.0 if m.done is not None and m.done >= start else 0.0
+    return sum(t >= start for t in m.token_times) / len(m.token_times)
 
 
 def write_tables(points: list[dict[str, Any]], folder: Path) -> None:
