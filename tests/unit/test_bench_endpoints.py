@@ -163,11 +163,13 @@ def test_aiperf_latencies_leave_out_the_first_request_of_each_worker_as_ours_do(
     found = aiperf.figures(tmp_path, ramp_up=4)
     assert found["aiperf_ttft_ms_p50"] == 400.0 and found["aiperf_itl_ms_p50"] == 100.0
     assert found["aiperf_e2e_ms_p50"] == 400.0 + 3100.0
-    # throughput as ours: from the first measured start (5 s) to the last end (7 + 0.4 + 3.1 s):
-    # the measured requests' tokens, and the part of each burst stream (first token at 1.0-1.3 s,
-    # end at 7.2-7.5 s) streamed after 5 s
-    inside = sum((7.2 + 0.101 * i - 5.0) / 6.2 for i in range(4))
-    assert found["aiperf_output_tokens_per_s"] == pytest.approx((3 + inside) * 32 / (7.0 + 0.4 + 3.1 - 5.0))
+    # throughput as ours, while every worker is busy: from the first measured start (5 s) to the
+    # last start (the failed request, 9 s); each stream's part inside, tokens evenly spaced from
+    # its first (burst: 1.0-1.3 s, ending 7.2-7.5 s; measured: 5.3, 6.5, 7.4 s, ending 8.4, 9.6,
+    # 10.5 s)
+    burst_inside = sum((7.2 + 0.101 * i - 5.0) / 6.2 for i in range(4))
+    inside = burst_inside + 1 + (9.0 - 6.5) / 3.1 + (9.0 - 7.4) / 3.1
+    assert found["aiperf_output_tokens_per_s"] == pytest.approx(inside * 32 / 4.0)
     no_ramp = aiperf.figures(tmp_path)  # no ramp-up: AIPerf's summary
     assert no_ramp["aiperf_ttft_ms_p50"] == 999.0 and no_ramp["aiperf_output_tokens_per_s"] == 30.0
 

@@ -7,13 +7,13 @@ the point as ``aiperf_*`` keys, with the differences in percent, and so reach th
 
 The load has the same shape on both sides. A ramped-up closed-loop point of ours starts its workers
 one after another over the first request's output (``loadgen._Ramp``) and leaves each worker's
-first request out of the latencies and the throughput. AIPerf gets the same ramp in seconds
+first request out of the latencies; its throughput is counted while every worker is busy. AIPerf gets the same ramp in seconds
 (``--concurrency-ramp-duration``, ours as measured) and no warm-up phase: its warm-up drains
 before the measured phase starts, so that phase would open with a burst of ``concurrency``
 simultaneous arrivals that it measures (at c=8 on the CPU target that burst put AIPerf's TTFT p50
 at 1087 ms against our 652 ms). It sends ``concurrency`` more requests, and its latency
 percentiles are computed from its per-request records with the first ``concurrency`` requests
-left out, as ours are; throughput is AIPerf's own figure, over every request of the point.
+left out, and its throughput over the same window as ours, from its records.
 
 AIPerf lives in its own virtual environment (``make aiperf``): its pins (pandas 2.3, prometheus-client
 0.23) clash with the pipeline's. It runs niced: on a small CPU host its timing loop takes a whole
@@ -140,7 +140,8 @@ def figures(folder: Path, ramp_up: int = 0) -> dict[str, float]:
     """AIPerf's results in ``folder`` as ``aiperf_<our metric name>``: errors from its summary;
     latency percentiles and throughput from its summary, or, when ``ramp_up`` > 0, from its
     per-request records the way ours are counted (``report.summarize``): latencies without the
-    first ``ramp_up`` requests to start, throughput from the first measured request's start on."""
+    first ``ramp_up`` requests to start, throughput between the first measured request's start and
+    the last request's start."""
     data = _read_json(folder / EXPORT)
     out = {}
     for ours, (metric, stat) in COMPARED.items():
@@ -164,8 +165,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _after_ramp_up(records_file: Path, ramp_up: int) -> dict[str, float]:
     """p50 of TTFT, ITL and end-to-end latency over the measured phase's successful requests, the
-    first ``ramp_up`` to start (one per worker) left out; output tokens/s from the first measured
-    request's start to the last answer."""
+    first ``ramp_up`` to start (one per worker) left out; output tokens/s between the first
+    measured request's start and the last request's start."""
     try:
         records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as error:
@@ -191,32 +192,29 @@ def _value(record: dict[str, Any], metric: str) -> float:
 
 
 def _window_throughput(records: list[dict[str, Any]], ramp_up: int) -> float | None:
-    """Output tokens streamed from the first measured request's start to the last answer, per
-    second; a ramp-up request's tokens counted by the part of its stream inside the window (its
-    tokens taken as evenly spaced from the first to the end). None when the records lack a field."""
-    done = [r for r in records if not r.get("error")]
-    if len(records) <= ramp_up or not done:
-        return None
+    """Output tokens streamed between the first measured request's start and the last request's
+    start (every worker busy), per second: each request's tokens counted by the part of its stream
+    inside the window, its tokens taken as evenly spaced from the first to the end. None when the
+    records lack a field or the window is empty."""
     try:
         start = records[ramp_up]["metadata"]["request_start_ns"] / 1e9
-        end = max(r["metadata"]["request_end_ns"] for r in done) / 1e9
+        end = records[-1]["metadata"]["request_start_ns"] / 1e9
+        if end <= start:
+            return None
         tokens = 0.0
-        for index, record in enumerate(records):
+        for record in records:
             if record.get("error"):
-                continue
-            count = _value(record, "output_token_count")
-            if index >= ramp_up:
-                tokens += count
                 continue
             first = record["metadata"]["request_start_ns"] / 1e9 + _value(record, "time_to_first_token") / 1000
             last = record["metadata"]["request_end_ns"] / 1e9
-            if first >= start:
+            count = _value(record, "output_token_count")
+            if last > first:
+                tokens += count * max(0.0, min(last, end) - max(first, start)) / (last - first)
+            elif start <= first <= end:
                 tokens += count
-            elif last > first:
-                tokens += count * max(0.0, last - start) / (last - first)
-    except (KeyError, TypeError, ValueError):
+    except (IndexError, KeyError, TypeError, ValueError):
         return None
-    return tokens / (end - start) if end > start else None
+    return tokens / (end - start)
 
 
 def differences(point: dict[str, Any]) -> dict[str, float]:

@@ -340,8 +340,8 @@ def run_point(
     ended early (None when it did not).
 
     ``ramp_up`` (closed loop): the workers start one after another (``_Ramp``) and each worker's
-    first request is marked ``ramp_up``: left out of the latency percentiles and of the throughput
-    (``report.summarize`` counts from the first measured request on)."""
+    first request is marked ``ramp_up``: left out of the latency percentiles; throughput is counted
+    while every worker is busy (``report.summarize``)."""
     workers_n = concurrency or max(1, min(len(prompts), 64))
     pending: queue.Queue[tuple[int, Prompt]] = queue.Queue()
     for index, prompt in enumerate(prompts):

@@ -86,17 +86,19 @@ def summarize(
 
 def _throughput_window(results: list[Measured], seconds: float) -> tuple[float, list[Measured], float]:
     """Output tokens, finished requests and seconds that throughput is counted over. With a
-    ramp-up: from the first measured request's send, when every worker is busy, to the last
-    answer, with the tokens streamed in that window (a ramp-up request's share by its responses).
-    Without: every request over the whole point."""
+    ramp-up, the steady part of the point, while every worker has a request in flight: from the
+    first measured request's send to the last request's send, with the tokens streamed in it (each
+    request's share by its responses) and the requests that finished in it. Without (an open loop,
+    or a point too short to have a steady part): every request over the whole point."""
     done = [m for m in results if m.error is None and m.done is not None]
     measured_sends = [m.sent for m in results if not m.ramp_up]
     if len(measured_sends) == len(results) or not measured_sends or not done:
         return float(sum(m.output_tokens for m in done)), done, seconds
-    start = min(measured_sends)
-    end = max(m.done for m in done if m.done is not None)
-    tokens = sum(m.output_tokens * _share_after(m, start) for m in done)
-    return tokens, [m for m in done if not m.ramp_up], max(0.0, end - start)
+    start, end = min(measured_sends), max(measured_sends)
+    if end <= start:
+        return float(sum(m.output_tokens for m in done)), done, seconds
+    tokens = sum(m.output_tokens * _share_within(m, start, end) for m in done)
+    return tokens, [m for m in done if m.done is not None and start <= m.done <= end], end - start
 
 
 def _ramp_up_seconds(results: list[Measured]) -> float:
@@ -105,11 +107,11 @@ def _ramp_up_seconds(results: list[Measured]) -> float:
     return max(sends) - min(sends) if sends else 0.0
 
 
-def _share_after(m: Measured, start: float) -> float:
-    """The part of a request's output streamed at or after ``start``."""
+def _share_within(m: Measured, start: float, end: float) -> float:
+    """The part of a request's output streamed between ``start`` and ``end``."""
     if not m.token_times:
-        return 1.0 if m.done is not None and m.done >= start else 0.0
-    return sum(t >= start for t in m.token_times) / len(m.token_times)
+        return 1.0 if m.done is not None and start <= m.done <= end else 0.0
+    return sum(start <= t <= end for t in m.token_times) / len(m.token_times)
 
 
 def write_tables(points: list[dict[str, Any]], folder: Path) -> None:
