@@ -6,14 +6,14 @@ fresh ones, so neither pass finds the other's prompts in the server's prefix cac
 the point as ``aiperf_*`` keys, with the differences in percent, and so reach the same MLflow run.
 
 The load has the same shape on both sides. A ramped-up closed-loop point of ours starts its workers
-one after another over the first request's output (``loadgen._Ramp``) and leaves each worker's
-first request out of the latencies; its throughput is counted while every worker is busy. AIPerf gets the same ramp in seconds
-(``--concurrency-ramp-duration``, ours as measured) and no warm-up phase: its warm-up drains
-before the measured phase starts, so that phase would open with a burst of ``concurrency``
-simultaneous arrivals that it measures (at c=8 on the CPU target that burst put AIPerf's TTFT p50
-at 1087 ms against our 652 ms). It sends ``concurrency`` more requests, and its latency
-percentiles are computed from its per-request records with the first ``concurrency`` requests
-left out, and its throughput over the same window as ours, from its records.
+one after another over the first request's output (``loadgen._Ramp``), leaves each worker's first
+request out of the latencies, and counts throughput while every worker is busy. AIPerf gets the
+same ramp in seconds (``--concurrency-ramp-duration``, ours as measured) and no warm-up phase: its
+warm-up drains before the measured phase starts, so that phase would open with a burst of
+``concurrency`` simultaneous arrivals that it measures (at c=8 on the CPU target that burst put
+AIPerf's TTFT p50 at 1087 ms against our 652 ms). It sends ``concurrency`` more requests; its
+latency percentiles are computed from its per-request records without the first ``concurrency``
+requests, and its throughput over the same window as ours, as ours are.
 
 AIPerf lives in its own virtual environment (``make aiperf``): its pins (pandas 2.3, prometheus-client
 0.23) clash with the pipeline's. It runs niced: on a small CPU host its timing loop takes a whole
