@@ -275,27 +275,14 @@ def hf_config(config: dict[str, Any]) -> Any:
     )
 
 
-def _llama_class() -> Any:
-    """transformers' ``LlamaForCausalLM``, imported without scikit-learn. Where scikit-learn is
-    installed (ModelOpt brings it), transformers' generation module imports it for assisted
-    generation's adaptive thresholds, which this runtime never uses: 1.2 s of every engine
-    model's start on this host (import 5.8 -> 4.6 s)."""
-    import transformers.utils.import_utils as import_utils
-
-    if hasattr(import_utils, "_sklearn_available"):
-        import_utils._sklearn_available = False
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM
-
-
 def load_model(folder: Path, simulate_activations: bool = True) -> Any:
     """The checkpoint as a float32 ``LlamaForCausalLM`` in eval mode."""
-    llama = _llama_class()
+    from transformers import LlamaForCausalLM
+
     checkpoint = read(folder)
     config = unified_hf_config(checkpoint.config) if checkpoint.unified else hf_config(checkpoint.config)
     with torch.device("meta"):
-        model = llama(config)
+        model = LlamaForCausalLM(config)
     model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # built on meta: rebuild its buffers
     if simulate_activations:

@@ -156,20 +156,20 @@ def _record(phase: str, start_s: float, ttft: float, itl: float, error: bool = F
 def test_aiperf_latencies_leave_out_the_first_request_of_each_worker_as_ours_do(tmp_path: Path) -> None:
     summary = {"time_to_first_token": {"p50": 999.0}, "output_token_throughput": {"avg": 30.0}}
     (tmp_path / aiperf.EXPORT).write_text(json.dumps(summary))
-    burst = [_record("profiling", 0.0 + i / 1000, 1000.0 + 100 * i, 200.0) for i in range(4)]  # the opening burst
+    burst = [_record("profiling", 0.05 + i / 1000, 1000.0 + 100 * i, 200.0) for i in range(4)]  # the opening burst
     steady = [_record("profiling", 5.0 + i, ttft, 100.0) for i, ttft in enumerate([300.0, 500.0, 400.0])]
-    failed = _record("profiling", 9.0, 1.0, 1.0, error=True)
+    failed = _record("profiling", 9.05, 1.0, 1.0, error=True)
     (tmp_path / aiperf.RECORDS).write_text("\n".join([*reversed(burst), *steady, failed]) + "\n")
     found = aiperf.figures(tmp_path, ramp_up=4)
     assert found["aiperf_ttft_ms_p50"] == 400.0 and found["aiperf_itl_ms_p50"] == 100.0
     assert found["aiperf_e2e_ms_p50"] == 400.0 + 3100.0
     # throughput as ours, while every worker is busy: from the first measured start (5 s) to the
-    # last start (the failed request, 9 s); each stream's part inside, tokens evenly spaced from
-    # its first (burst: 1.0-1.3 s, ending 7.2-7.5 s; measured: 5.3, 6.5, 7.4 s, ending 8.4, 9.6,
-    # 10.5 s)
-    burst_inside = sum((7.2 + 0.101 * i - 5.0) / 6.2 for i in range(4))
-    inside = burst_inside + 1 + (9.0 - 6.5) / 3.1 + (9.0 - 7.4) / 3.1
-    assert found["aiperf_output_tokens_per_s"] == pytest.approx(inside * 32 / 4.0)
+    # last start (the failed request, 9.05 s), the tokens streamed inside, each request's 32
+    # evenly spaced from its first to its end. Burst: first tokens at 1.05-1.35 s, 0.2 s apart,
+    # so 12, 12, 13 and 13 of them from 5 s on; measured: first at 5.3, 6.5 and 7.4 s, 0.1 s
+    # apart, so all 32, then 26 (6.5-9.0 s) and 17 (7.4-9.0 s)
+    inside = 12 + 12 + 13 + 13 + 32 + 26 + 17
+    assert found["aiperf_output_tokens_per_s"] == pytest.approx(inside / 4.05)
     no_ramp = aiperf.figures(tmp_path)  # no ramp-up: AIPerf's summary
     assert no_ramp["aiperf_ttft_ms_p50"] == 999.0 and no_ramp["aiperf_output_tokens_per_s"] == 30.0
 

@@ -33,8 +33,8 @@ from pipeline import proc
 from pipeline.assets import PROJECT
 from pipeline.config.schema import BenchmarkConfig
 from pipeline.errors import StageError
-from pipeline.stages.benchmark.loadgen import Endpoint, Prompt, Sampling, openai_sampling
-from pipeline.stages.benchmark.report import percentile
+from pipeline.stages.benchmark.loadgen import Endpoint, Measured, Prompt, Sampling, openai_sampling
+from pipeline.stages.benchmark.report import percentile, throughput_window
 
 log = logging.getLogger(__name__)
 
@@ -192,29 +192,28 @@ def _value(record: dict[str, Any], metric: str) -> float:
 
 
 def _window_throughput(records: list[dict[str, Any]], ramp_up: int) -> float | None:
-    """Output tokens streamed between the first measured request's start and the last request's
-    start (every worker busy), per second: each request's tokens counted by the part of its stream
-    inside the window, its tokens taken as evenly spaced from the first to the end. None when the
-    records lack a field or the window is empty."""
+    """Output tokens/s over the window ours is counted over (``report.throughput_window``), from
+    AIPerf's records in start order; a record's tokens taken as evenly spaced from its first to its
+    end (the records keep no token times). None when a record lacks a field."""
     try:
-        start = records[ramp_up]["metadata"]["request_start_ns"] / 1e9
-        end = records[-1]["metadata"]["request_start_ns"] / 1e9
-        if end <= start:
-            return None
-        tokens = 0.0
-        for record in records:
-            if record.get("error"):
-                continue
-            first = record["metadata"]["request_start_ns"] / 1e9 + _value(record, "time_to_first_token") / 1000
-            last = record["metadata"]["request_end_ns"] / 1e9
-            count = _value(record, "output_token_count")
-            if last > first:
-                tokens += count * max(0.0, min(last, end) - max(first, start)) / (last - first)
-            elif start <= first <= end:
-                tokens += count
-    except (IndexError, KeyError, TypeError, ValueError):
+        requests = [_as_measured(record, index < ramp_up) for index, record in enumerate(records)]
+    except (KeyError, TypeError, ValueError):
         return None
-    return tokens / (end - start)
+    tokens, _, window = throughput_window(requests, 0.0)
+    return tokens / window if window > 0 else None
+
+
+def _as_measured(record: dict[str, Any], ramp_up: bool) -> Measured:
+    sent, done = record["metadata"]["request_start_ns"] / 1e9, record["metadata"]["request_end_ns"] / 1e9
+    measured = Measured(0, sent, done=done, ramp_up=ramp_up)
+    if record.get("error"):
+        measured.error = "error"
+        return measured
+    count = int(_value(record, "output_token_count"))
+    first = sent + _value(record, "time_to_first_token") / 1000
+    gap = (done - first) / (count - 1) if count > 1 else 0.0
+    measured.output_tokens, measured.token_times = count, [first + k * gap for k in range(count)]
+    return measured
 
 
 def differences(point: dict[str, Any]) -> dict[str, float]:

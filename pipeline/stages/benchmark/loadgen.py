@@ -356,7 +356,8 @@ def run_point(
     def work(number: int) -> None:
         worker = _connect(endpoint, timeout_s)
         unmeasured = 1 if ramp is not None else 0
-        if ramp is not None and number:
+        pacer = ramp if ramp is not None and number == 0 else None  # the others start by its first stream
+        if ramp is not None and pacer is None:
             ramp.wait_turn(number, timeout_s)
         try:
             while not gone:
@@ -368,9 +369,9 @@ def run_point(
                     return
                 if arrivals is not None:  # open loop: wait for this request's arrival time
                     time.sleep(max(0.0, started + arrivals[index] - time.perf_counter()))
-                pacer = ramp.token if ramp is not None and number == 0 and unmeasured else None
+                on_token = pacer.token if pacer is not None and unmeasured else None
                 try:
-                    measured = worker.run(prompt, sampling, seed + index, str(index), pacer)
+                    measured = worker.run(prompt, sampling, seed + index, str(index), on_token)
                 except ServerGone as error:
                     gone.append(str(error))
                     return
@@ -380,15 +381,15 @@ def run_point(
                 if unmeasured:
                     unmeasured -= 1
                     measured.ramp_up = True
-                    if ramp is not None and number == 0:
-                        ramp.end()
+                    if pacer is not None:
+                        pacer.end()
                 with lock:
                     results.append(measured)
                 if on_done is not None:
                     on_done(measured)
         finally:
-            if ramp is not None and number == 0:
-                ramp.end()  # the others must not wait for a first request that never came
+            if pacer is not None:
+                pacer.end()  # the others must not wait for a first request that never came
             worker.close()
 
     threads = [threading.Thread(target=work, args=(number,), daemon=True) for number in range(workers_n)]

@@ -57,7 +57,7 @@ def summarize(
     measured = [m for m in results if not m.ramp_up]
     ok = [m for m in measured if m.error is None and m.done is not None]
     errors = Counter(m.error for m in measured if m.error is not None)
-    out_tokens, served, window = _throughput_window(results, seconds)
+    out_tokens, served, window = throughput_window(results, seconds)
     point: dict[str, Any] = {
         **label,
         "requests": len(measured),
@@ -84,7 +84,7 @@ def summarize(
     return point
 
 
-def _throughput_window(results: list[Measured], seconds: float) -> tuple[float, list[Measured], float]:
+def throughput_window(results: list[Measured], seconds: float) -> tuple[float, list[Measured], float]:
     """Output tokens, finished requests and seconds that throughput is counted over. With a
     ramp-up, the steady part of the point, while every worker has a request in flight: from the
     first measured request's send to the last request's send, with the tokens streamed in it (each
@@ -92,11 +92,10 @@ def _throughput_window(results: list[Measured], seconds: float) -> tuple[float, 
     or a point too short to have a steady part): every request over the whole point."""
     done = [m for m in results if m.error is None and m.done is not None]
     measured_sends = [m.sent for m in results if not m.ramp_up]
-    if len(measured_sends) == len(results) or not measured_sends or not done:
+    ramped = 0 < len(measured_sends) < len(results)
+    if not ramped or max(measured_sends) <= min(measured_sends):
         return float(sum(m.output_tokens for m in done)), done, seconds
     start, end = min(measured_sends), max(measured_sends)
-    if end <= start:
-        return float(sum(m.output_tokens for m in done)), done, seconds
     tokens = sum(m.output_tokens * _share_within(m, start, end) for m in done)
     return tokens, [m for m in done if m.done is not None and start <= m.done <= end], end - start
 
