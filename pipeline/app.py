@@ -160,10 +160,10 @@ def serve(cfg: PipelineConfig, repo: str | None = None, model_uri: str | None = 
         )
         openai = False
 
-    def start_gateway(grpc_url: str) -> server.RunningGateway:
+    def start_gateway(grpc_url: str, metrics_url: str) -> server.RunningGateway:
         from pipeline.gateway import serve as gateway
 
-        settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url)
+        settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url, metrics_url)
         return gateway.start(cfg.openai, cfg.triton.host, settings)
 
     server.serve_until_stopped(cfg.triton, target, cfg.workdir_path, start_gateway if openai else None)

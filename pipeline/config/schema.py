@@ -379,6 +379,11 @@ class OpenAIConfig:
     api_key_env: str = "PIPELINE_OPENAI_API_KEY"
     default_max_tokens: int = 256  # chat requests without max_tokens (completions: 16, as OpenAI)
     served_model_name: str | None = None  # what clients put in "model"; null: the model config's name
+    # each request's deadline toward Triton, queueing and streaming included (504 past it)
+    request_timeout_s: float = 600.0
+    # request bodies larger than this are refused with 413 before they are read (0: sized from the
+    # engine's max_seq_len, 64 bytes a token, plus 1 MiB for the rest of the request)
+    max_body_bytes: int = 0
 
 
 @dataclass

@@ -379,7 +379,7 @@ class RunningGateway(Protocol):
     def stop(self) -> None: ...
 
 
-GatewayStart = Callable[[str], RunningGateway]  # Triton's gRPC URL -> the started OpenAI API
+GatewayStart = Callable[[str, str], RunningGateway]  # Triton's gRPC and metrics URLs -> the started OpenAI API
 
 
 def serve_until_stopped(
@@ -399,7 +399,7 @@ def serve_until_stopped(
             f'  try:  curl -s -d \'{{"text_input": "What is the capital of France?", "{length}": 20}}\' '
             f"{server.url}/v2/models/{target.entry_model}/generate"
         )
-        api = gateway(server.grpc_url) if gateway is not None else None
+        api = gateway(server.grpc_url, server.metrics_url) if gateway is not None else None
         if api is not None:
             print(f"  OpenAI API  {api.url}   (/chat/completions, /completions, /models; /health and /metrics)")
         try:

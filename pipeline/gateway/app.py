@@ -4,29 +4,41 @@
 repository's entry model (the BLS model when the repository has it: its streamed text is UTF-8
 safe; otherwise the ensemble). The chat template is applied by the preprocessing model, the one
 place that does it for every client. Errors use OpenAI's error object: 400 for a request this
-server cannot take, 401 without the API key (when one is set), 404 for an unknown model, 429 when
-Triton's queue is full, 503 when a request waited past the queue timeout or Triton is not there.
+server cannot take, 401 without the API key (when one is set), 404 for an unknown model or path,
+413 for a body over the limit, 429 when Triton's queue is full, 503 when a request waited past
+the queue timeout or the engine is down (both with ``Retry-After``), 504 past the request's
+deadline, and 500 only for our own faults. A stream that cannot be admitted gets its status before
+the stream starts; a client that leaves, streamed or not, cancels its request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.gateway.health import engine_heartbeat_problem
+from pipeline.gateway.limits import BodyLimit
 from pipeline.gateway.protocol import ChatRequest, CompletionRequest, Sampling, Unsupported
 from pipeline.gateway.stops import StopMatcher
 from pipeline.gateway.triton_stream import Piece, TritonError, TritonStream
+from pipeline.runtime.failures import Failure, kind_of
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -40,29 +52,81 @@ class GatewaySettings:
     default_max_tokens: int
     api_key: str | None  # from the environment, never logged
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # the model card's, for omitted fields
+    request_timeout_s: float = 600.0  # each request's deadline toward Triton (openai.request_timeout_s)
+    max_body_bytes: int = 8 * 2**20  # a larger body is refused with 413 before it is read whole
+    metrics_url: str | None = None  # Triton's /metrics, where the CPU engine publishes its heartbeat
+    retry_after_s: int = 1  # what 429 and 503 tell clients to wait
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        body = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def _triton_error(error: TritonError) -> OpenAIError:
+def _triton_error(error: TritonError, retry_after_s: int = 1) -> OpenAIError:
+    """The OpenAI error for a failed Triton request: the engine's words say whose fault it was."""
     message = str(error)
-    if "queue size" in message or error.status == "RESOURCE_EXHAUSTED":
-        return OpenAIError(429, f"the server is at capacity: {message}", "rate_limit_error", code="queue_full")
-    if "Request timeout expired" in message:  # waited past triton.queue_timeout_ms
-        return OpenAIError(503, f"the server is overloaded: {message}", "server_error", code="queue_timeout")
+    kind = kind_of(message)
+    if kind is Failure.BUSY or error.status == "RESOURCE_EXHAUSTED":
+        return OpenAIError(429, f"the server is at capacity: {message}", "rate_limit_error", code="queue_full",
+                           retry_after_s=retry_after_s)  # fmt: skip
+    if kind is Failure.UNAVAILABLE:  # waited past triton.queue_timeout_ms, or the engine is down
+        return OpenAIError(503, f"the server is overloaded: {message}", "server_error", code="unavailable",
+                           retry_after_s=retry_after_s)  # fmt: skip
+    if error.status == "DEADLINE_EXCEEDED":
+        return OpenAIError(504, f"no answer within the request's deadline: {message}", "server_error", code="timeout")
     if error.status == "UNAVAILABLE":
-        return OpenAIError(503, f"Triton is not reachable: {message}", "server_error", code="unavailable")
+        return OpenAIError(503, f"Triton is not reachable: {message}", "server_error", code="unavailable",
+                           retry_after_s=retry_after_s)  # fmt: skip
+    if kind is Failure.CANCELLED:  # stopped by the server (a stop request, a shutdown), not by this client
+        return OpenAIError(503, message, "server_error", code="cancelled", retry_after_s=retry_after_s)
+    if kind is Failure.INTERNAL:
+        return OpenAIError(500, message, "server_error", code="engine_error")
     if error.status in (None, "INVALID_ARGUMENT"):  # a request the models refused: the client's to fix
         return OpenAIError(400, message, "invalid_request_error")
     return OpenAIError(500, message, "server_error")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` until done, or cancel it the moment the client disconnects (uvicorn does not
+    cancel a handler whose client left: a timed-out SDK call would run on, and be retried)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 class Metrics:
@@ -166,12 +230,27 @@ def _log_probs(choice: Choice, chat: bool) -> Any:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="pipeline OpenAI-compatible API")
-    triton = TritonStream(settings.grpc_url, settings.entry_model)
+    triton = TritonStream(settings.grpc_url, settings.entry_model, settings.request_timeout_s)
     metrics = Metrics()
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_request: Request, error: OpenAIError) -> JSONResponse:
         return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own 404, 405 and body-parsing errors, in OpenAI's form."""
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        response = OpenAIError(error.status_code, str(error.detail), kind, code=code).response()
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, error: Exception) -> JSONResponse:
+        log.error("gateway error: %s: %s", type(error).__name__, error)
+        return OpenAIError(500, "internal error of the gateway (logged)", "server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -192,8 +271,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        ready = await triton.ready()
-        return JSONResponse({"status": "ok" if ready else "triton unavailable"}, status_code=200 if ready else 503)
+        """Ready when Triton is and the engine's scheduler beats (a dead or stalled scheduler
+        answers nothing while Triton's own health stays green)."""
+        if not await triton.ready():
+            return JSONResponse({"status": "triton unavailable"}, status_code=503)
+        problem = await asyncio.to_thread(engine_heartbeat_problem, settings.metrics_url)
+        if problem:
+            return JSONResponse({"status": problem}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -220,22 +305,33 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             values = body.triton_values(default, settings.sampling_defaults)
         except Unsupported as error:
             raise OpenAIError(400, str(error), "invalid_request_error") from error
+        if values["max_tokens"] >= settings.max_model_len:
+            raise OpenAIError(400, f"max_tokens={values['max_tokens']} leaves no room for a prompt within the "
+                              f"engine's max_seq_len={settings.max_model_len}", "invalid_request_error",
+                              param="max_tokens")  # fmt: skip
         generation = Generation(body, values, settings, metrics)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        deltas = generation.deltas(triton)
+        try:
+            if body.stream:  # the first piece (or the refusal) comes before the stream's 200
+                first = await _unless_client_leaves(request, anext(deltas, None))
+            else:
+                await _unless_client_leaves(request, _drain(deltas))
+        except TritonError as error:
+            await deltas.aclose()
+            metrics.requests.labels(endpoint, "error").inc()
+            raise _triton_error(error, settings.retry_after_s) from error
+        except ClientGone:
+            await deltas.aclose()
+            metrics.requests.labels(endpoint, "disconnected").inc()
+            return Response(status_code=499)  # nobody reads it: the connection is gone
         if body.stream:
             return StreamingResponse(
-                _sse(request, generation, triton, ident, created, kind, chat, metrics, endpoint),
+                _sse(request, generation, deltas, first, ident, created, chat, metrics, endpoint),
                 media_type="text/event-stream",
             )
-        try:
-            async with aclosing(generation.deltas(triton)) as deltas:
-                async for _ in deltas:
-                    pass
-        except TritonError as error:
-            metrics.requests.labels(endpoint, "error").inc()
-            raise _triton_error(error) from error
         metrics.requests.labels(endpoint, "ok").inc()
         choices = []
         for index, choice in enumerate(generation.choices):
@@ -274,19 +370,27 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
+async def _drain(deltas: AsyncGenerator[Any, None]) -> None:
+    async with aclosing(deltas):
+        async for _ in deltas:
+            pass
+
+
 async def _sse(
     request: Request,
     generation: Generation,
-    triton: TritonStream,
+    deltas: AsyncGenerator[tuple[int, str], None],
+    first: tuple[int, str] | None,
     ident: str,
     created: int,
-    kind: str,
     chat: bool,
     metrics: Metrics,
     endpoint: str,
 ) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per piece of text, one per finished choice, usage if asked,
-    then ``[DONE]``. A client that disconnects ends it, and with it the Triton request."""
+    """Server-sent events: a chunk per piece of text (``first`` is the one already taken), one per
+    finished choice, usage if asked, then ``[DONE]``. A client that disconnects ends it, and with it
+    the Triton request. A failure after the stream began is an error event whose type and code say
+    whether it was the client's fault or the server's."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
@@ -311,8 +415,10 @@ async def _sse(
 
     if chat:
         yield event([piece(i, "", None, role=True) for i in range(generation.body.n)])
+    if first is not None:
+        yield event([piece(first[0], first[1], None)])
     try:
-        async with aclosing(generation.deltas(triton)) as deltas:
+        async with aclosing(deltas):
             async for index, text in deltas:
                 # uvicorn drops writes to a client that went away without telling the app:
                 # ask, and leave (closing the Triton stream cancels the request)
@@ -323,7 +429,7 @@ async def _sse(
     except TritonError as error:
         metrics.requests.labels(endpoint, "error").inc()
         failure = _triton_error(error)
-        yield f"data: {json.dumps({'error': {'message': str(failure), 'type': failure.kind}})}\n\n"
+        yield f"data: {json.dumps({**failure.body(), 'status': failure.status})}\n\n"
         return
     metrics.requests.labels(endpoint, "ok").inc()
     yield event([piece(i, None if chat else "", c.finish_reason or "stop") for i, c in enumerate(generation.choices)])

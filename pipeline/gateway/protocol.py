@@ -7,9 +7,15 @@ it does not know are ignored, as OpenAI ignores them.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+INT32_MAX = 2**31 - 1  # the entry models' INT32 inputs: larger values would wrap (4294967301 -> 5)
+SEED_MAX = 2**64 - 1  # the UINT64 seed input
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # OpenAI's four stop sequences; each short enough to scan per token
+# ints in JSON only: pydantic would take true as 1 and 2.0 as 2
+Int = Annotated[int, Field(strict=True)]
 
 
 class Unsupported(ValueError):
@@ -28,7 +34,10 @@ class Message(BaseModel):
         for part in self.content:  # content parts: text only (the pipeline serves text models)
             if part.get("type") != "text":
                 raise Unsupported(f"message content of type {part.get('type')!r}: this model takes text only")
-            parts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise Unsupported("a text content part's text must be a string")
+            parts.append(text)
         return "".join(parts)
 
 
@@ -48,11 +57,11 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)  # None: the model's default, else 1
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0)
-    n: int = Field(default=1, ge=1, le=16)
+    seed: Int | None = Field(default=None, ge=0, le=SEED_MAX)
+    n: Int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -61,16 +70,29 @@ class Sampling(BaseModel):
     response_format: ResponseFormat | None = None
     user: str | None = None
     # extensions that vLLM, SGLang and trtllm-serve accept, and benchmarks send
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: Int | None = Field(default=None, ge=0, le=INT32_MAX)
     ignore_eos: bool = False  # generate max_tokens tokens whatever the model says
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"takes at most {MAX_STOPS} strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string takes at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    @model_validator(mode="after")
+    def _text_is_unicode(self) -> Sampling:
+        """JSON may carry lone surrogates (\\ud800), which no tokenizer can encode: refused here."""
+        _check_utf8(self.model_dump(include=TEXT_FIELDS))
+        return self
 
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        if len(stops) > 4:
-            raise Unsupported("stop takes at most 4 strings")
-        return stops
+        return [self.stop] if isinstance(self.stop, str) else self.stop
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -104,6 +126,24 @@ class Sampling(BaseModel):
         return values
 
 
+TEXT_FIELDS = {"model", "stop", "user", "messages", "prompt", "response_format"}
+
+
+def _check_utf8(value: Any, where: str = "") -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{where or 'text'} is not valid Unicode (a lone surrogate at {error.start})") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_utf8(key, where)
+            _check_utf8(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_utf8(item, f"{where}[{index}]")
+
+
 def _guide(response_format: ResponseFormat | None) -> dict[str, Any]:
     """``response_format`` as guided decoding."""
     if response_format is None or response_format.type == "text":
@@ -119,9 +159,9 @@ def _guide(response_format: ResponseFormat | None) -> dict[str, Any]:
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
 
     def triton_values(self, default_max_tokens: int, defaults: dict[str, float]) -> dict[str, Any]:
         if self.top_logprobs:
@@ -136,7 +176,7 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: Int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
     def triton_values(self, default_max_tokens: int, defaults: dict[str, float]) -> dict[str, Any]:

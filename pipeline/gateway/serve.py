@@ -22,8 +22,11 @@ if TYPE_CHECKING:  # uvicorn is imported when the gateway starts
 log = logging.getLogger(__name__)
 
 
-def settings_for(openai: OpenAIConfig, repo: Path, served_model: str, grpc_url: str) -> GatewaySettings:
-    """The gateway's settings for a rendered repository served at ``grpc_url``."""
+def settings_for(
+    openai: OpenAIConfig, repo: Path, served_model: str, grpc_url: str, metrics_url: str | None = None
+) -> GatewaySettings:
+    """The gateway's settings for a rendered repository served at ``grpc_url`` (``metrics_url``:
+    Triton's metrics, where the CPU engine's heartbeat is read for ``/health``)."""
     info = json.loads((repo / REPOSITORY_JSON).read_text())
     # the BLS model streams UTF-8-safe text; the ensemble may split a character over two pieces
     entry = "tensorrt_llm_bls" if "tensorrt_llm_bls" in info["models"] else "ensemble"
@@ -32,14 +35,18 @@ def settings_for(openai: OpenAIConfig, repo: Path, served_model: str, grpc_url: 
             "the repository has no tensorrt_llm_bls model (triton.expose=ensemble): the OpenAI API streams through "
             "the ensemble, which may split a multi-byte character and does not cancel a request whose client left"
         )
+    max_seq_len = int(info["max_seq_len"])
     return GatewaySettings(
         served_model=served_model,
-        max_model_len=int(info["max_seq_len"]),
+        max_model_len=max_seq_len,
         grpc_url=grpc_url,
         entry_model=entry,
         default_max_tokens=openai.default_max_tokens,
         api_key=os.environ.get(openai.api_key_env) or None,
         sampling_defaults=dict(info.get("sampling_defaults", {})),
+        request_timeout_s=openai.request_timeout_s,
+        max_body_bytes=openai.max_body_bytes or max_seq_len * 64 + 2**20,
+        metrics_url=metrics_url,
     )
 
 

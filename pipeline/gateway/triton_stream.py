@@ -77,8 +77,10 @@ def _scalar(result: Any, name: str) -> Any:
 
 
 class TritonStream:
-    def __init__(self, grpc_url: str, model: str):
-        self.grpc_url, self.model = grpc_url, model
+    def __init__(self, grpc_url: str, model: str, timeout_s: float | None = None):
+        # timeout_s: each request's deadline; gRPC cancels the call past it (DEADLINE_EXCEEDED),
+        # and with it the request in Triton, so a hung engine cannot hold connections for ever
+        self.grpc_url, self.model, self.timeout_s = grpc_url, model, timeout_s
         self._channel: Any = None
         self._stub: Any = None
 
@@ -127,7 +129,7 @@ class TritonStream:
         async def one_request() -> AsyncIterator[Any]:
             yield request
 
-        call = self._connect().ModelStreamInfer(one_request())
+        call = self._connect().ModelStreamInfer(one_request(), timeout=self.timeout_s)
         try:
             async for response in call:
                 if response.error_message:

@@ -24,6 +24,15 @@ from typing import Any, Protocol
 import torch
 
 PAD = 0  # any id works: padded positions are masked out of attention
+# Below this temperature sampling is greedy: dividing float32 logits by 1e-40 overflows them to inf
+# (and softmax of inf is NaN), and the distribution is one-hot long before that anyway.
+MIN_TEMPERATURE = 1e-5
+# Magnitudes beyond these overflow float32 scores once scaled by a small temperature and a
+# repetition penalty (30 / 1e-5 * 1e3 is 3e9, far inside float32; 3e38 is not): refused by name.
+MAX_PENALTY = 1e3  # |presence_penalty|, |frequency_penalty|; repetition_penalty within [1/MAX, MAX]
+MAX_BIAS = 1e9  # |embedding_bias| (OpenAI's logit_bias spans +-100; -1e9 bans a token outright)
+MAX_WORDS = 256  # stop_words_list and bad_words_list entries, each scanned at every step
+SEED_RANGE = 2**64  # torch.Generator seeds are unsigned 64-bit: larger seeds wrap around
 
 
 class Guide(Protocol):
@@ -60,7 +69,7 @@ class Request:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or (self.top_k in (0, 1) and self.top_p == 0) or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or (self.top_k in (0, 1) and self.top_p == 0) or self.top_k == 1
 
     def problems(self, vocab_size: int, max_seq_len: int | None = None, max_input_len: int | None = None) -> list[str]:
         """What would make this request fail inside a shared batch, checked before it joins one,
@@ -82,17 +91,26 @@ class Request:
             problems.append(f"pad_id={self.pad_id} is outside the vocabulary (0..{vocab_size - 1})")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             problems.append(f"temperature={self.temperature} must be a finite number >= 0")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            problems.append(f"repetition_penalty={self.repetition_penalty} must be a finite number > 0")
+        if not (math.isfinite(self.repetition_penalty) and 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY):
+            problems.append(
+                f"repetition_penalty={self.repetition_penalty} must lie in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}]"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                problems.append(f"{name}={getattr(self, name)} must be a finite number")
+            if not (math.isfinite(getattr(self, name)) and abs(getattr(self, name)) <= MAX_PENALTY):
+                problems.append(f"{name}={getattr(self, name)} must lie in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]")
         if self.embedding_bias is not None:
             if self.embedding_bias.numel() != vocab_size:
                 size = self.embedding_bias.numel()
                 problems.append(f"embedding_bias has {size} values; the vocabulary has {vocab_size}")
             elif not bool(torch.isfinite(self.embedding_bias).all()):
                 problems.append("embedding_bias holds a value that is not a finite number")
+            elif float(self.embedding_bias.abs().max()) > MAX_BIAS:
+                problems.append(f"embedding_bias holds a weight beyond +-{MAX_BIAS:g}")
+        for name, words in (("stop_words_list", self.stop_words), ("bad_words_list", self.bad_words)):
+            if len(words) > MAX_WORDS:
+                problems.append(f"{name} holds {len(words)} sequences; at most {MAX_WORDS}")
+        if self.seed is not None and not -(2**63) <= self.seed < SEED_RANGE:
+            problems.append(f"seed={self.seed} must lie in [-2**63, 2**64 - 1]")
         if self.min_tokens < 0:
             problems.append(f"min_tokens={self.min_tokens} must be >= 0")
         if self.top_k < 0:
@@ -142,7 +160,7 @@ def _penalize(scores: torch.Tensor, request: Request, generated: list[int]) -> t
     order)."""
     if request.embedding_bias is not None:
         scores = scores + request.embedding_bias.reshape(-1).to(scores.dtype)
-    if request.temperature > 0:
+    if request.temperature >= MIN_TEMPERATURE:
         scores = scores / request.temperature
     penalized = request.repetition_penalty != 1 or request.presence_penalty or request.frequency_penalty
     if penalized:
@@ -158,10 +176,16 @@ def _penalize(scores: torch.Tensor, request: Request, generated: list[int]) -> t
     return scores
 
 
+def _argmax(scores: torch.Tensor) -> int:
+    """The best token; NaN scores (which torch.argmax would pick) count as forbidden."""
+    return int(torch.argmax(torch.nan_to_num(scores, nan=float("-inf"))))
+
+
 def _choose(scores: torch.Tensor, request: Request, generator: torch.Generator | None) -> int:
-    """A token from temperature-scaled, penalized scores."""
+    """A token from temperature-scaled, penalized scores. Numerically safe: where the scores give
+    no distribution to sample (non-finite or all forbidden), the best-scored token is taken."""
     if request.greedy:
-        return int(torch.argmax(scores))
+        return _argmax(scores)
     if request.top_k > 0:
         kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -171,7 +195,14 @@ def _choose(scores: torch.Tensor, request: Request, generator: torch.Generator |
         keep = torch.cumsum(ordered, 0) - ordered < request.top_p  # smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
         probs = probs / probs.sum()
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return _argmax(scores)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def seeded(seed: int | None) -> torch.Generator | None:
+    """A generator for a request's seed (wrapped into torch's unsigned 64-bit range), or None."""
+    return None if seed is None else torch.Generator().manual_seed(seed % SEED_RANGE)
 
 
 def _stopped(generated: list[int], stop_words: list[list[int]]) -> bool:
@@ -227,7 +258,7 @@ def generate(
     for row, request in enumerate(requests):  # left padding keeps every sequence's end aligned
         ids[row, width - len(request.input_ids) :] = torch.tensor(request.input_ids)
         mask[row, width - len(request.input_ids) :] = 1
-    generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
+    generators = [seeded(r.seed) for r in requests]
     results = [Result([], "length") for _ in requests]
     active = [r.max_new_tokens > 0 for r in requests]
 

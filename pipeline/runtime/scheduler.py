@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .generate import Request, Result, advance
+from .failures import CANCELLED, FORWARD_FAILED, QUEUE_FULL, QUEUE_TIMEOUT, SAMPLING_FAILED, SCHEDULER_DOWN
+from .generate import Request, Result, advance, seeded
 from .kvcache import BlockTable, KVCache
 from .packed import Span, forward
 
@@ -44,10 +45,10 @@ TokenCallback = Callable[[int, Result], None]  # the new token id, the result so
 FinishCallback = Callable[[Result], None]
 ErrorCallback = Callable[[str], None]
 POLICIES = ("guaranteed_no_evict", "max_utilization")
-CANCELLED = "request cancelled"  # how an error for a cancelled request begins
-FORWARD_FAILED = "the forward pass failed"  # how an error of the server (not the request) begins
-QUEUE_FULL = "Exceeds maximum queue size"  # Triton's own words for a full queue (clients match them)
-QUEUE_TIMEOUT = "Request timeout expired"  # Triton's words for a request that waited past its queue timeout
+
+
+HEARTBEAT_S = 1.0  # an idle loop still beats this often
+STALL_S = 30.0  # a loop that has not beaten for this long is stalled (a forward pass beats per layer)
 
 
 @dataclass
@@ -140,6 +141,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()  # the loop's last sign of life (health reads it)
+        self.faults = 0  # exceptions the loop caught (in sampling, callbacks or a step itself)
 
     @property
     def capacity_tokens(self) -> int:
@@ -156,16 +159,20 @@ class Scheduler:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> Sequence | None:
         """Queue a request; a request that could never run gets ``on_error`` at once (and None)."""
-        problems = request.problems(self.vocab_size, self.config.max_seq_len, self.config.max_input_len)
-        if not problems:
-            problems = self._capacity_problems(request)
+        if not self.alive():
+            on_error(f"{SCHEDULER_DOWN} (stalled or stopped): retry on another replica")
+            return None
+        try:
+            problems = request.problems(self.vocab_size, self.config.max_seq_len, self.config.max_input_len)
+            problems = problems or self._capacity_problems(request)
+        except Exception as error:  # a malformed request fails alone, whatever is wrong with it
+            problems = [f"the request could not be checked: {type(error).__name__}: {error}"]
         if problems:
             on_error("; ".join(problems))
             return None
         sequence = Sequence(request, on_token, on_finish, on_error, Timings(time.monotonic_ns()))
         sequence.is_cancelled = is_cancelled
-        if request.seed is not None:
-            sequence.generator = torch.Generator().manual_seed(request.seed)
+        sequence.generator = seeded(request.seed)
         with self._wake:
             if self.config.max_queue_size and len(self.waiting) >= self.config.max_queue_size:
                 full = True
@@ -211,16 +218,39 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def alive(self) -> bool:
+        """Whether the loop runs and beat lately (always true when driven by ``step``, in tests)."""
+        if self._thread is None:
+            return True
+        return self._thread.is_alive() and time.monotonic() - self.heartbeat < STALL_S
+
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
     def _loop(self) -> None:
         while True:
+            self._beat()
             with self._wake:
-                while not self._stopping and not self.waiting and not self.running:
-                    self._wake.wait()
+                if not self._stopping and not self.waiting and not self.running:
+                    self._wake.wait(timeout=HEARTBEAT_S)
+                    continue
                 if self._stopping:
                     return
-            if not self.step():  # nothing could run (e.g. only cancelled requests): do not spin
+            try:
+                ran = self.step()
+            except Exception as error:  # a bug of ours: the loop must outlive it, and so must serving
+                self.faults += 1
+                self._fail_running(f"{FORWARD_FAILED} (scheduler step): {type(error).__name__}: {error}")
+                continue
+            if not ran:  # nothing could run (e.g. only cancelled requests): do not spin
                 with self._wake:
                     self._wake.wait(timeout=0.01)
+
+    def _fail_running(self, message: str) -> None:
+        """After a failed step nothing is known of the running sequences' state: they fail (and
+        free their blocks); the waiting ones were not touched and run next."""
+        for sequence in list(self.running):
+            self._fail(sequence, message)
 
     def step(self) -> bool:
         """One step: retire cancelled sequences, schedule tokens, run them. False when nothing ran."""
@@ -247,6 +277,7 @@ class Scheduler:
         def join() -> list[Span]:
             """Requests that arrived since the step began, admitted into what is left of it."""
             nonlocal budget
+            self._beat()  # called between layers: a long forward pass is not a stall
             if not self.waiting or self.waiting[0] is held_back or budget <= 0:
                 return []
             joined, budget = self._admit(budget)
@@ -261,16 +292,23 @@ class Scheduler:
             return True
         self.peak_blocks = max(self.peak_blocks, self.cache.used)
         for (sequence, span), rows in zip(spans, logits, strict=True):
-            sequence.computed = span.stop
-            self.cache.name_full_blocks(sequence.table, sequence.tokens, sequence.computed)
-            if span.all_logits:  # prompt positions, once each (a resumed sequence recomputes them)
-                known = sum(len(chunk) for chunk in sequence.result.context_logits)
-                if span.start == known:
-                    prompt = len(sequence.request.input_ids)
-                    sequence.result.context_logits.append(rows[: max(0, prompt - span.start)].clone())
-            if span.wants_logits:
-                self._take(sequence, rows[-1])
+            try:
+                self._after_forward(sequence, span, rows)
+            except Exception as error:  # sampling or a callback: this request fails, the others go on
+                self.faults += 1
+                self._fail(sequence, f"{SAMPLING_FAILED}: {type(error).__name__}: {error}")
         return True
+
+    def _after_forward(self, sequence: Sequence, span: Span, rows: torch.Tensor) -> None:
+        sequence.computed = span.stop
+        self.cache.name_full_blocks(sequence.table, sequence.tokens, sequence.computed)
+        if span.all_logits:  # prompt positions, once each (a resumed sequence recomputes them)
+            known = sum(len(chunk) for chunk in sequence.result.context_logits)
+            if span.start == known:
+                prompt = len(sequence.request.input_ids)
+                sequence.result.context_logits.append(rows[: max(0, prompt - span.start)].clone())
+        if span.wants_logits:
+            self._take(sequence, rows[-1])
 
     def _expired(self, now: int) -> list[Sequence]:
         """Waiting requests past the queue timeout. A preempted sequence, back in the queue after
@@ -437,13 +475,20 @@ class Scheduler:
         self.cache.release(sequence.table)
         if reason == "cancelled" and error is None:
             error = f"{CANCELLED}: after {len(sequence.result.output_ids)} tokens, {blocks} KV cache blocks freed"
-        if error is not None:
+        if error is None:
+            if reason:
+                sequence.result.finish_reason = reason
+            sequence.result.metrics = metrics(sequence)
+            try:
+                sequence.on_finish(sequence.result)
+                return
+            except Exception as failure:  # e.g. a response too large to send: the client hears why
+                self.faults += 1
+                error = f"{SAMPLING_FAILED}: its result could not be sent: {type(failure).__name__}: {failure}"
+        try:
             sequence.on_error(error)
-            return
-        if reason:
-            sequence.result.finish_reason = reason
-        sequence.result.metrics = metrics(sequence)
-        sequence.on_finish(sequence.result)
+        except Exception:  # nobody is left to tell: the request is over either way
+            self.faults += 1
 
     def _fail(self, sequence: Sequence, message: str) -> None:
         self._retire(sequence, "failed", message)

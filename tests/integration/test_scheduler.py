@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, Result, generate
@@ -326,3 +327,77 @@ def test_generating_sequences_of_unlike_length_attend_in_separate_gathers() -> N
     assert by_length([3, 47, 5, 9, 20, 2]) == [[5, 0, 2], [3], [4], [1]]
     assert by_length([3, 5, 2]) == [[2, 0, 1]]  # alike: one gather, as before
     assert by_length([]) == []
+
+
+class Raising(Client):
+    """A client whose token callback raises (a response the backend cannot send)."""
+
+    def submit(self, scheduler: Scheduler, request: Request) -> Any:
+        def boom(_token: int, _result: Result) -> None:
+            raise RuntimeError("the response could not be sent")
+
+        return scheduler.submit(request, boom, self._finish, self._error)
+
+
+def test_no_request_stops_the_scheduler_thread(model: Any) -> None:
+    """Overflowing sampling is greedy or refused by name, a callback that raises fails its own
+    request, and the loop serves the next request (it used to die on temperature=1e-40)."""
+    live = scheduler(model)
+    live.start()
+    try:
+        prompt = PROMPTS[1]
+        greedy = generate(model, [Request(prompt, max_new_tokens=4, temperature=0)])[0].output_ids
+        tiny, raising, good = Client(), Raising(), Client()
+        tiny.submit(live, Request(prompt, max_new_tokens=4, temperature=1e-40, top_p=1.0, seed=2**64 - 1))
+        raising.submit(live, Request(prompt, max_new_tokens=4))
+        good.submit(live, Request(prompt, max_new_tokens=4, temperature=0))
+        for client in (tiny, raising, good):
+            assert client.done.wait(60)
+        assert tiny.error is None and tiny.tokens == greedy  # a tiny temperature is greedy
+        assert raising.error is not None and "could not be sent" in raising.error
+        assert good.error is None and good.tokens == greedy
+        refused = {
+            "repetition_penalty": Request(prompt, repetition_penalty=1e-40),
+            "frequency_penalty": Request(prompt, frequency_penalty=-1e38, temperature=0.5),
+            "embedding_bias": Request(prompt, embedding_bias=torch.full((model.config.vocab_size,), 3e38)),
+            "seed": Request(prompt, seed=2**64),
+            "stop_words_list": Request(prompt, stop_words=[[3]] * 1000),
+        }
+        for name, request in refused.items():
+            client = Client()
+            client.submit(live, request)
+            assert client.done.wait(10) and client.error is not None and name in client.error, (name, client.error)
+        after = Client()
+        after.submit(live, Request(prompt, max_new_tokens=4, temperature=0))
+        assert after.done.wait(60) and after.tokens == greedy
+        assert live.alive() and live.faults >= 1 and live.cache.used == 0
+    finally:
+        live.stop()
+    refused_after_stop = Client()
+    refused_after_stop.submit(live, Request(PROMPTS[0]))
+    assert not live.alive() and refused_after_stop.error and "not running" in refused_after_stop.error
+
+
+def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(model: Any, monkeypatch: Any) -> None:
+    live = scheduler(model)
+    real = live._schedule
+    calls = {"n": 0}
+
+    def flaky() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step breaks, after the first request is running
+            raise RuntimeError("injected")
+        return real()
+
+    monkeypatch.setattr(live, "_schedule", flaky)
+    live.start()
+    try:
+        first = Client()
+        first.submit(live, Request(PROMPTS[1], max_new_tokens=6))
+        assert first.done.wait(60) and first.error and "injected" in first.error
+        second = Client()
+        second.submit(live, Request(PROMPTS[1], max_new_tokens=3))
+        assert second.done.wait(60) and second.error is None and len(second.tokens) == 3
+        assert live.alive() and live.cache.used == 0
+    finally:
+        live.stop()

@@ -37,16 +37,17 @@ from guided import Grammars
 from inputs import embedding_bias, flag, refusals, scalar, tensor, text, word_list
 from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
-from reference_runtime.generate import Request, Result, generate
-from reference_runtime.kvcache import KVCache, budget_tokens
-from reference_runtime.scheduler import (
+from reference_runtime.failures import (
     CANCELLED,
     FORWARD_FAILED,
     QUEUE_FULL,
     QUEUE_TIMEOUT,
-    Scheduler,
-    SchedulerConfig,
+    SAMPLING_FAILED,
+    SCHEDULER_DOWN,
 )
+from reference_runtime.generate import SEED_RANGE, Request, Result, generate
+from reference_runtime.kvcache import KVCache, budget_tokens
+from reference_runtime.scheduler import Scheduler, SchedulerConfig
 from stats import EngineStats
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -196,9 +197,10 @@ class TritonPythonModel:
         )
         if beam_width > 1:  # one search answers with its beams
             return _Reply(sender, options, [parsed])
-        # n samples of one prompt: sequence i draws from seed + i, so the n differ and repeat
+        # n samples of one prompt: sequence i draws from seed + i (wrapped into the seed's range),
+        # so the n differ and repeat
         copies = [
-            replace(parsed, seed=None if parsed.seed is None else parsed.seed + i) if i else parsed
+            replace(parsed, seed=None if parsed.seed is None else (parsed.seed + i) % SEED_RANGE) if i else parsed
             for i in range(count)
         ]
         try:
@@ -238,17 +240,23 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         accepted = []
         for request in requests:
-            if flag(request, "stop"):
-                self._stop(request)
-            elif (reply := self._reply(request)) is not None:
-                accepted.append((reply, request))
+            try:
+                if flag(request, "stop"):
+                    self._stop(request)
+                elif (reply := self._reply(request)) is not None:
+                    accepted.append((reply, request))
+            except Exception as error:  # whatever went wrong, it went wrong for this request alone
+                _send_error(request.get_response_sender(), f"{SAMPLING_FAILED}: {type(error).__name__}: {error}")
         beams = [reply for reply, _ in accepted if reply.options.beam_width > 1]
         for reply in beams:
             self.beams.submit(reply)
         accepted = [(reply, request) for reply, request in accepted if reply.options.beam_width == 1]
         if self.scheduler is not None:
             for reply, request in accepted:
-                self._submit(reply, request)
+                try:
+                    self._submit(reply, request)
+                except Exception as error:  # the others of this batch are already running: fail this one
+                    reply.fail(f"{SAMPLING_FAILED}: {type(error).__name__}: {error}")
             return None
         batch = [client for reply, _ in accepted for client in reply.clients]
         ready = []
@@ -320,9 +328,10 @@ def _send_error(sender: Any, message: str) -> None:
     if message.startswith(CANCELLED):
         pb_utils.Logger.log_info(message)
         error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "CANCELLED", None))
-    elif message.startswith(FORWARD_FAILED):
-        error = pb_utils.TritonError(message)
-    elif message.startswith((QUEUE_FULL, QUEUE_TIMEOUT)):  # as Triton answers these: come back later
+    elif message.startswith((FORWARD_FAILED, SAMPLING_FAILED)):  # ours, not the client's
+        pb_utils.Logger.log_error(message)
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "INTERNAL", None))
+    elif message.startswith((QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_DOWN)):  # as Triton answers these: come back later
         error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "UNAVAILABLE", None))
     else:
         error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)

@@ -3,11 +3,15 @@ and routers written for it (llm-d's scorers read these) work on the CPU target t
 ``nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max|free|used|tokens_per|fraction}`` and
 ``nv_trt_llm_request_metrics{request_type=active|max|scheduled|waiting}``. One more gauge has no
 upstream twin: ``pipeline_kv_cache_resident_bytes``, the part of the KV cache pool written at least
-once (the pool is allocated lazily in host memory; the soak tells it apart from a leak)."""
+once (the pool is allocated lazily in host memory; the soak tells it apart from a leak). Two more
+say whether the scheduler lives, for health checks (Triton's own health cannot see a python
+model's thread): ``pipeline_scheduler_heartbeat_seconds``, the Unix time of the scheduler loop's
+last beat, and ``pipeline_scheduler_alive`` (1 or 0)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
@@ -36,8 +40,20 @@ class EngineStats:
             description="Bytes of the KV cache pool written at least once (resident in host memory)",
             kind=pb_utils.MetricFamily.GAUGE,
         )
+        heartbeat = pb_utils.MetricFamily(
+            name="pipeline_scheduler_heartbeat_seconds",
+            description="Unix time of the in-flight scheduler loop's last beat (a stalled loop stops beating)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        alive = pb_utils.MetricFamily(
+            name="pipeline_scheduler_alive",
+            description="1 while the in-flight scheduler's thread runs and beats, else 0",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
         # a family must outlive its metrics: kept here with them
-        self.families = (blocks, requests, resident)
+        self.families = (blocks, requests, resident, heartbeat, alive)
+        self.heartbeat: Any = heartbeat.Metric(labels=labels)
+        self.alive: Any = alive.Metric(labels=labels)
         self.blocks = {
             kind: blocks.Metric(labels={"kv_cache_block_type": kind, **labels})
             for kind in ("max", "free", "used", "tokens_per", "fraction")
@@ -78,6 +94,9 @@ class EngineStats:
             ):
                 self.requests[kind].set(value)
             self.resident.set(cache.resident_bytes)
+            # the beat in wall-clock time, so that a reader in another process can compare it
+            self.heartbeat.set(time.time() - (time.monotonic() - scheduler.heartbeat))
+            self.alive.set(1 if scheduler.alive() else 0)
             if self.closing.wait(PERIOD_S):
                 return
 
@@ -86,4 +105,4 @@ class EngineStats:
         self.thread.join(timeout=5)
         self.blocks.clear()  # metrics before their families (the python backend's rule)
         self.requests.clear()
-        self.resident = None
+        self.resident = self.heartbeat = self.alive = None

@@ -250,7 +250,7 @@ def measure(
             with server.Server(launch, triton, out / SERVER_LOG) as running:
                 tokenizer = loading.result()
                 if openai:
-                    with _gateway(cfg, target, running.grpc_url) as endpoint:
+                    with _gateway(cfg, target, running.grpc_url, running.metrics_url) as endpoint:
                         points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
                 else:
                     kind = "llmapi" if target.llmapi else "triton"
@@ -274,11 +274,11 @@ def _tokenizer(folder: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str) -> Iterator[loadgen.Endpoint]:
+def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str, metrics_url: str) -> Iterator[loadgen.Endpoint]:
     """The OpenAI gateway in front of a server started for the benchmark."""
     from pipeline.gateway import serve as gateway
 
-    settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url)
+    settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url, metrics_url)
     openai = cfg.openai
     host = openai.host or cfg.triton.host
     if server.port_busy(host, openai.port):

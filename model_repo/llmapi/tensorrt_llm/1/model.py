@@ -32,9 +32,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from inputs import flag, scalar, tensor
 from reference_runtime.checkpoint import load_model
+from reference_runtime.failures import CANCELLED, FORWARD_FAILED, QUEUE_FULL, QUEUE_TIMEOUT
 from reference_runtime.generate import Request, Result
 from reference_runtime.kvcache import KVCache, budget_tokens
-from reference_runtime.scheduler import CANCELLED, FORWARD_FAILED, QUEUE_FULL, QUEUE_TIMEOUT, Scheduler, SchedulerConfig
+from reference_runtime.scheduler import Scheduler, SchedulerConfig
 from stats import EngineStats
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
