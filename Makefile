@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 AIPERF_VENV ?= .venv-aiperf
 AIPERF_STAMP := $(AIPERF_VENV)/.installed
 
-.PHONY: venv aiperf demo test test-fast lint bench soak clean
+.PHONY: venv aiperf demo test test-fast fuzz lint bench soak clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,12 @@ test: venv aiperf
 # Triton server and model fixtures are built once, on one worker.
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not gpu" -n 2
+
+# The suite's fuzzers run longer: Schemathesis over the gateway's OpenAPI schema and Hypothesis over
+# the scheduler and sampler, each printing how many requests and scenarios it tried
+fuzz: venv
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-1000} $(PY) -m pytest -p no:randomly -s -q \
+		tests/unit/test_gateway_fuzz.py tests/integration/test_scheduler_fuzz.py
 
 # ruff (style), import-linter (the one-way layers in pyproject.toml) and mypy (types of pipeline/)
 lint: venv

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.gateway.health import engine_heartbeat_problem
@@ -102,6 +103,35 @@ def _triton_error(error: TritonError, retry_after_s: int = 1) -> OpenAIError:
     if error.status in (None, "INVALID_ARGUMENT"):  # a request the models refused: the client's to fix
         return OpenAIError(400, message, "invalid_request_error")
     return OpenAIError(500, message, "server_error")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object: every failure the gateway answers has this body."""
+
+    error: ErrorDetail
+
+
+# the statuses the API answers beside 200, declared in its OpenAPI schema (schema fuzzing checks them)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "the request cannot be served as asked",
+        401: "missing or wrong API key",
+        404: "unknown model or path",
+        413: "request body over the limit",
+        429: "queue full (Retry-After)",
+        500: "a fault of the server",
+        503: "overloaded or the engine is down (Retry-After)",
+        504: "no answer within the request's deadline",
+    }.items()
+}
 
 
 class ClientGone(Exception):
@@ -267,9 +297,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if settings.api_key and not hmac.compare_digest(sent.encode(), f"Bearer {settings.api_key}".encode()):
             raise OpenAIError(401, "missing or wrong API key", "invalid_request_error", code="invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Triton or the engine's scheduler is down"}})
     async def health() -> Response:
         """Ready when Triton is and the engine's scheduler beats (a dead or stalled scheduler
         answers nothing while Triton's own health stays green)."""

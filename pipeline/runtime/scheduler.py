@@ -236,15 +236,18 @@ class Scheduler:
                     continue
                 if self._stopping:
                     return
-            try:
-                ran = self.step()
-            except Exception as error:  # a bug of ours: the loop must outlive it, and so must serving
-                self.faults += 1
-                self._fail_running(f"{FORWARD_FAILED} (scheduler step): {type(error).__name__}: {error}")
-                continue
-            if not ran:  # nothing could run (e.g. only cancelled requests): do not spin
+            if not self.guarded_step():  # nothing could run (e.g. only cancelled requests): do not spin
                 with self._wake:
                     self._wake.wait(timeout=0.01)
+
+    def guarded_step(self) -> bool:
+        """``step``, outliving any exception it raises: a bug of ours must not end serving."""
+        try:
+            return self.step()
+        except Exception as error:
+            self.faults += 1
+            self._fail_running(f"{FORWARD_FAILED} (scheduler step): {type(error).__name__}: {error}")
+            return True
 
     def _fail_running(self, message: str) -> None:
         """After a failed step nothing is known of the running sequences' state: they fail (and
