@@ -12,6 +12,7 @@ tokenizer are copied in (hard links where possible), so the folder can be moved 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -59,16 +60,25 @@ log = logging.getLogger(__name__)
 
 
 def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the repository is made of: the rendered configs themselves (so that every setting a
+    config reads changes the fingerprint, whichever section it lives in), the copied code, and the
+    settings ``repository.json`` records."""
     triton = {k: v for k, v in to_dict(cfg.triton).items() if k not in SERVER_ONLY}
     build = cfg.build
+    rendered = json.dumps({**render.rendered_configs(cfg), "model.yaml": _model_yaml(cfg)}, sort_keys=True)
     return {
         "triton": triton,
         "limits": [build.max_batch_size, build.max_input_len, build.max_seq_len],
         "target": str(cfg.target.kind),
         "templates": render.templates_digest(cfg),
+        "rendered": hashlib.sha256(rendered.encode()).hexdigest()[:16],
         "sampling_defaults": dict(cfg.model.sampling_defaults),
         **({"backend": str(cfg.backend)} if cfg.backend is Backend.pytorch else {}),
     }
+
+
+def _model_yaml(cfg: PipelineConfig) -> Any:
+    return render.model_yaml(cfg) if cfg.backend is Backend.pytorch else None
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
