@@ -78,8 +78,8 @@ def test_streamed_pieces_concatenate_to_the_unstreamed_text(served: Served) -> N
         pieces = [
             json.loads(line[len("data: ") :])["text_output"] for line in body.splitlines() if line.startswith("data: ")
         ]
-        # a character cut by max_tokens stays held back in the stream, where the whole text shows U+FFFD
-        assert "".join(pieces) == whole.rstrip("\ufffd") and not any("\ufffd" in p for p in pieces)
+        # a character cut by max_tokens is held back until the end, then flushed as the whole text shows it
+        assert "".join(pieces) == whole and not any("\ufffd" in p for p in pieces[:-1])
         outputs.append(whole)
     assert any(not text.isascii() for text in outputs), outputs  # the prompts did produce such characters
     # the ensemble, decoding piece by piece as upstream's does, splits at least one of them

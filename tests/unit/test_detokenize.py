@@ -76,3 +76,15 @@ def test_streams_are_kept_apart_and_forgotten_when_idle() -> None:
     forgetful = _module().Streams(tokenizer, idle_s=-1.0)  # every stream is idle at the next push
     assert forgetful.push("a", ids[:2]) == ""
     assert forgetful.push("a", ids[2:3]) == ""  # its first two bytes are gone: one alone is no character
+
+
+def test_a_stream_cut_inside_a_character_flushes_it_at_the_end_as_the_whole_text_shows_it() -> None:
+    tokenizer = byte_level()
+    ids = tokenizer.encode("a日本", add_special_tokens=False)[:5]  # "a", all of 日, one byte of 本
+    whole = tokenizer.decode(ids)
+    assert whole.endswith("\ufffd")
+    streams = _module().Streams(tokenizer)
+    pieces = [streams.push("s", [token]) for token in ids]
+    assert "\ufffd" not in "".join(pieces)  # held back while more bytes may come
+    pieces.append(streams.end("s"))
+    assert "".join(pieces) == whole and "s" not in streams.open and streams.end("s") == ""

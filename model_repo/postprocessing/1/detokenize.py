@@ -39,6 +39,14 @@ class StreamDecoder:
         self.tokens, self.read, self.prefix = self.tokens[self.prefix :], self.read - self.prefix, 0
         return after[len(before) :]
 
+    def flush(self) -> str:
+        """The text still held back at the end of the stream (a character cut short by the length
+        limit comes out as U+FFFD, as in the whole text decoded at once)."""
+        before = self._decode(self.tokens[self.prefix : self.read])
+        after = self._decode(self.tokens[self.prefix :])
+        self.tokens, self.prefix, self.read = [], 0, 0
+        return after[len(before) :]
+
 
 class Streams:
     """The open streams of a model instance, by key. A stream's last piece is not marked, so a
@@ -55,3 +63,8 @@ class Streams:
         decoder = self.open.get(key, (StreamDecoder(self.tokenizer, self.skip), now))[0]
         self.open[key] = (decoder, now)
         return decoder.push(new)
+
+    def end(self, key: str) -> str:
+        """The stream is over: what it still held back, and it is forgotten."""
+        decoder, _ = self.open.pop(key, (None, 0.0))
+        return "" if decoder is None else decoder.flush()

@@ -3,7 +3,8 @@
 A streamed response carries only its new tokens. With ``STREAM`` true and a ``STREAM_KEY`` (sent
 by the BLS model, one per request), the text of each piece is decoded in the context of the
 stream's earlier tokens and a character still missing bytes is held back (``detokenize.py``), so
-the pieces of a stream concatenate to the non-streamed text. Without them every response is
+the pieces of a stream concatenate to the non-streamed text; ``STREAM_END`` ends a stream and
+returns what it still held back. Without them every response is
 decoded on its own, as upstream's postprocessing does: the ensemble cannot give postprocessing a
 stream's identity (Triton refuses an ensemble step whose inputs come from a decoupled model and
 from another one), so UTF-8-safe streaming needs the BLS model, as upstream advises.
@@ -50,17 +51,30 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
-            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [1, beams, len]
-            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # [1, beams]
-            key = _optional(request, "STREAM_KEY")
-            streaming = bool(_optional(request, "STREAM")) and key is not None
-            texts = []
-            for beam, (ids, length) in enumerate(zip(tokens[0], lengths[0], strict=True)):
-                ids = ids[:length].tolist()
-                if streaming:
-                    texts.append(self.streams.push(f"{key!r}/{beam}", ids).encode())
-                else:
-                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special).encode())
-            output = pb_utils.Tensor("OUTPUT", np.array([texts], dtype=object))
-            responses.append(pb_utils.InferenceResponse([output]))
+            try:  # a malformed request (sent straight to this model) fails alone
+                output = pb_utils.Tensor("OUTPUT", np.array([self._texts(request)], dtype=object))
+                responses.append(pb_utils.InferenceResponse([output]))
+            except Exception as error:
+                invalid = pb_utils.TritonError(f"postprocessing: {error}", pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=invalid))
         return responses
+
+    def _texts(self, request: Any) -> list[bytes]:
+        tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [1, beams, len]
+        lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # [1, beams]
+        key = _optional(request, "STREAM_KEY")
+        streaming = bool(_optional(request, "STREAM")) and key is not None
+        if tokens.ndim != 3 or lengths.shape[-1] != tokens.shape[1]:
+            raise ValueError(f"TOKENS_BATCH {list(tokens.shape)} and SEQUENCE_LENGTH {list(lengths.shape)} disagree")
+        if tokens.size and tokens.min() < 0:  # (ids past the tokenizer's vocabulary decode to nothing)
+            raise ValueError("TOKENS_BATCH holds negative ids")
+        texts = []
+        for beam, (ids, length) in enumerate(zip(tokens[0], lengths.reshape(1, -1)[0], strict=True)):
+            ids = ids[: max(0, int(length))].tolist()
+            if streaming and bool(_optional(request, "STREAM_END")):
+                texts.append(self.streams.end(f"{key!r}/{beam}").encode())
+            elif streaming:
+                texts.append(self.streams.push(f"{key!r}/{beam}", ids).encode())
+            else:
+                texts.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special).encode())
+        return texts

@@ -65,6 +65,15 @@ def _in_repository(args: dict[str, Any], path: str) -> Path:
     return Path(args["model_repository"]).parent / path
 
 
+def _template_error(error: Exception) -> bool:
+    """Whether a chat template refused the messages (jinja's raise_exception): the client's fault."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return False
+    return isinstance(error, TemplateError)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
@@ -170,7 +179,13 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._one(request))
-            except ValueError as error:
-                invalid = pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)  # HTTP 400
+            except (ValueError, RecursionError) as error:  # refused here, or JSON nested past Python's stack
+                invalid = pb_utils.TritonError(str(error) or type(error).__name__, pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=invalid))
+            except Exception as error:  # a chat template that raises (roles must alternate) or a tokenizer
+                # error: this request fails alone, in its own words, and the batch goes on
+                client_fault = _template_error(error)
+                code = pb_utils.TritonError.INVALID_ARG if client_fault else pb_utils.TritonError.INTERNAL
+                message = f"the chat template refused the messages: {error}" if client_fault else str(error)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
         return responses

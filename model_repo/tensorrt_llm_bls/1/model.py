@@ -137,6 +137,21 @@ class _Failed(Exception):
 QUIET_CANCEL = "pipeline_quiet_cancel"  # request parameter the engine model reads
 
 
+def _int32(value: int) -> np.ndarray:
+    return np.array([[value]], dtype=np.int32)
+
+
+def _index(engine_response: Any) -> int:
+    """The response's sequence (num_return_sequences > 1), 0 for a single one."""
+    index = pb_utils.get_output_tensor_by_name(engine_response, "sequence_index")
+    return 0 if index is None else int(index.as_numpy().reshape(-1)[0])
+
+
+def _count(engine_response: Any) -> Any:
+    count = pb_utils.get_output_tensor_by_name(engine_response, "num_output_tokens")
+    return None if count is None else count.as_numpy()
+
+
 def _checked(response: Any) -> Any:
     if response.has_error():
         raise _Failed(response.error().message(), response.error().code())
@@ -170,9 +185,8 @@ class TritonPythonModel:
         """Text of one engine response; a streamed one is decoded in the context of its stream
         (``stream_key`` and the sequence's index), so no character is split between two responses."""
         tokens = pb_utils.get_output_tensor_by_name(engine_response, "output_ids").as_numpy()
-        index = pb_utils.get_output_tensor_by_name(engine_response, "sequence_index")
-        if stream_key is not None and index is not None:
-            stream_key = f"{stream_key}-{int(index.as_numpy().reshape(-1)[0])}"
+        if stream_key is not None:
+            stream_key = f"{stream_key}-{_index(engine_response)}"
         lengths = pb_utils.get_output_tensor_by_name(engine_response, "sequence_length").as_numpy()
         inputs = [pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)]
         if stream_key is not None:
@@ -230,6 +244,7 @@ class TritonPythonModel:
                 with self.watch_lock:
                     self.watched[engine_id] = request
             ended = False  # the engine's request sent its last response
+            counts: dict[int, Any] = {}  # streamed sequences -> their output count (on their last response)
             try:
                 responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
                 for response in responses:
@@ -238,8 +253,18 @@ class TritonPythonModel:
                         self._stop(engine_id)
                         raise _Failed("request cancelled", getattr(pb_utils.TritonError, "CANCELLED", None))
                     reply = self._response(_checked(response), stream_key)
+                    if stream_key is not None:
+                        count = _count(response)
+                        counts[_index(response)] = count if count is not None else counts.get(_index(response))
                     if reply is not None:
                         sender.send(reply)
+                if stream_key is not None:
+                    for index, count in counts.items():  # what the detokenizer held back, at the end
+                        self._flush(sender, stream_key, index, count)
+            except BaseException:
+                if not ended:  # relaying failed: the engine's request stops before it is drained
+                    self._stop(engine_id)
+                raise
             finally:
                 # the engine's request is read to its final response, whatever happened here:
                 # Triton 2.51 aborts when an engine answers a BLS request whose iterator is gone.
@@ -259,6 +284,27 @@ class TritonPythonModel:
             else:
                 reply = pb_utils.TritonError(str(error))
             sender.send(pb_utils.InferenceResponse(error=reply), flags=FINAL)
+
+    def _flush(self, sender: Any, stream_key: str, index: int, count: Any) -> None:
+        """End a stream's detokenization: a character cut short by max_tokens was held back
+        waiting for bytes that never come. It goes out as U+FFFD, so the pieces concatenate to the
+        unstreamed text; the response repeats the sequence's output count, so a client counting
+        responses as tokens sees no extra one."""
+        inputs = [
+            pb_utils.Tensor("TOKENS_BATCH", np.zeros((1, 1, 0), dtype=np.int32)),
+            pb_utils.Tensor("SEQUENCE_LENGTH", np.zeros((1, 1), dtype=np.int32)),
+            pb_utils.Tensor("STREAM_KEY", np.array([[f"{stream_key}-{index}".encode()]], dtype=object)),
+            pb_utils.Tensor("STREAM", np.array([[True]])),
+            pb_utils.Tensor("STREAM_END", np.array([[True]])),
+        ]
+        post = pb_utils.InferenceRequest(model_name="postprocessing", requested_output_names=["OUTPUT"], inputs=inputs)
+        text = pb_utils.get_output_tensor_by_name(_checked(post.exec()), "OUTPUT").as_numpy()
+        if not b"".join(text.reshape(-1)):
+            return
+        outputs = [pb_utils.Tensor("text_output", text), pb_utils.Tensor("sequence_index", _int32(index))]
+        if count is not None:
+            outputs.append(pb_utils.Tensor("num_output_tokens", count))
+        sender.send(pb_utils.InferenceResponse(outputs))
 
     def _watch(self) -> None:
         """Stop the engine's request of every client that went away."""
