@@ -264,6 +264,11 @@ class TritonConfig:
     # that running streams keep receiving tokens meanwhile. Measured on 2 cores: 32 keeps their
     # ITL p99 within 2.6x of p50 while a 1500-token prompt is admitted (64: 3.4x).
     cpu_context_chunk_tokens: int = 32
+    # CPU target: memory the requests in flight may fill with returned logits (return_context_logits:
+    # prompt x vocabulary floats; return_generation_logits: one vocabulary of floats a token): a
+    # request that would pass it alone is refused (400), one that would pass it beside the others
+    # waits its turn as for a full queue (429). 0: no bound.
+    cpu_max_logits_mb: int = 512
     streaming: bool = True  # decoupled engine model: token streaming over gRPC and generate_stream
     # both: the ensemble (entry model of benchmarks, upstream's clients) and the BLS model, which
     # the OpenAI gateway uses: its streamed text is UTF-8 safe and a client that goes away cancels

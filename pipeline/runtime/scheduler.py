@@ -70,6 +70,9 @@ class SchedulerConfig:
     cancellation_check_period_ms: int = 100
     max_queue_size: int = 0  # requests waiting to be admitted; beyond it a request is refused (0: no bound)
     queue_timeout_ms: int = 0  # a request not admitted within this is refused (0: it waits as long as it takes)
+    # returned logits (context: prompt x vocabulary floats, generation: a vocabulary a token) held
+    # by the requests in flight; 0: no bound
+    max_logits_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_scheduler_policy not in POLICIES:
@@ -106,6 +109,7 @@ class Sequence:
     cancelled: bool = False
     done: bool = False
     paused: int = 0  # times it was paused for lack of cache (max_utilization)
+    logits_bytes: int = 0  # its share of the logits budget, held until it ends
     chunked: bool = False  # its prompt is prefilled a chunk per step (longer than a step's budget)
 
     @property
@@ -143,6 +147,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()  # the loop's last sign of life (health reads it)
         self.faults = 0  # exceptions the loop caught (in sampling, callbacks or a step itself)
+        self.logits_reserved = 0  # bytes of the logits budget held by requests in flight
 
     @property
     def capacity_tokens(self) -> int:
@@ -173,20 +178,38 @@ class Scheduler:
         sequence = Sequence(request, on_token, on_finish, on_error, Timings(time.monotonic_ns()))
         sequence.is_cancelled = is_cancelled
         sequence.generator = seeded(request.seed)
+        sequence.logits_bytes = self._logits_bytes(request)
+        budget = self.config.max_logits_bytes
         with self._wake:
             if self.config.max_queue_size and len(self.waiting) >= self.config.max_queue_size:
-                full = True
+                full = f"{len(self.waiting)} requests are waiting (max_queue_size)"
+            elif budget and self.logits_reserved + sequence.logits_bytes > budget:
+                full = f"the requests in flight hold {self.logits_reserved / 2**20:.0f} MiB of the logits budget"
             else:
-                full = False
+                full = ""
+                self.logits_reserved += sequence.logits_bytes
                 self.waiting.append(sequence)
                 self._wake.notify()
         if full:  # refused at once: a flood must not grow the process or delay everyone behind it
-            on_error(f"{QUEUE_FULL}: {len(self.waiting)} requests are waiting (max_queue_size)")
+            on_error(f"{QUEUE_FULL}: {full}")
             return None
         return sequence
 
+    def _logits_bytes(self, request: Request) -> int:
+        """What the request's returned logits will hold at most, in bytes (float32)."""
+        rows = len(request.input_ids) if request.return_context_logits else 0
+        rows += request.max_new_tokens if request.return_generation_logits else 0
+        return rows * self.vocab_size * 4
+
     def _capacity_problems(self, request: Request) -> list[str]:
         prompt = len(request.input_ids)
+        budget, logits = self.config.max_logits_bytes, self._logits_bytes(request)
+        if budget and logits > budget:
+            return [
+                f"return_context_logits/return_generation_logits for {prompt} prompt and {request.max_new_tokens} "
+                f"output tokens would hold {logits / 2**20:.0f} MiB of logits; this engine holds at most "
+                f"{budget / 2**20:.0f} MiB (triton.cpu_max_logits_mb)"
+            ]
         if prompt + request.max_new_tokens > self.capacity_tokens:
             return [
                 f"{prompt} input tokens plus request_output_len={request.max_new_tokens} exceed the KV cache "
@@ -472,6 +495,9 @@ class Scheduler:
         if sequence.done:
             return
         sequence.done = True
+        with self._wake:
+            self.logits_reserved -= sequence.logits_bytes
+            sequence.logits_bytes = 0
         if sequence in self.running:
             self.running.remove(sequence)
         blocks = len(sequence.table.blocks)

@@ -401,3 +401,17 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(model: A
         assert live.alive() and live.cache.used == 0
     finally:
         live.stop()
+
+
+def test_returned_logits_count_against_a_budget(model: Any) -> None:
+    vocab_bytes = model.config.vocab_size * 4
+    budgeted = scheduler(model, max_logits_bytes=10 * vocab_bytes)
+    alone, first, second = Client(), Client(), Client()
+    alone.submit(budgeted, Request(PROMPTS[1], max_new_tokens=11, return_generation_logits=True))
+    assert alone.error and "cpu_max_logits_mb" in alone.error  # could never fit: refused by name
+    first.submit(budgeted, Request(PROMPTS[0], max_new_tokens=6, return_generation_logits=True))
+    second.submit(budgeted, Request(PROMPTS[0], max_new_tokens=6, return_generation_logits=True))
+    assert second.error and second.error.startswith(QUEUE_FULL)  # fits alone, not beside the first: 429
+    _run(budgeted, [first])
+    assert first.result is not None and len(first.result.generation_logits) == 6
+    assert budgeted.logits_reserved == 0

@@ -91,6 +91,7 @@ configs = st.fixed_dictionaries(
         "max_queue_size": st.integers(0, 3),
         "max_seq_len": st.sampled_from([None, 32, 256]),
         "cancellation_check_period_ms": st.just(0),
+        "max_logits_bytes": st.sampled_from([0, 50_000, 10**7]),
     }
 )
 
@@ -143,6 +144,7 @@ def test_arbitrary_requests_and_faults_keep_every_invariant(model: Any, vocab: i
         TALLY["violations"] += len(ended_wrong) + (scheduler.cache.used != 0)
         assert not ended_wrong, f"requests that did not end exactly once: {ended_wrong}"
         assert scheduler.cache.used == 0, "KV cache blocks leaked"
+        assert scheduler.logits_reserved == 0, "logits budget leaked"
         normal = Spec({"input_ids": [1], "max_new_tokens": 3, "temperature": 0}, 0, None, None)
         _submit(scheduler, normal, step)
         while scheduler.running or scheduler.waiting:

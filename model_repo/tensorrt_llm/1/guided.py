@@ -35,8 +35,14 @@ class Matcher:
             self.matcher.accept_token(token)
 
 
+MAX_GUIDE_BYTES = 64 * 1024  # a schema or grammar larger than this is refused: compiling it would take seconds
+CACHE_BYTES = 64 * 2**20  # xgrammar's cache of compiled grammars (unbounded by default: every distinct schema stays)
+COMPILE_THREADS = 2  # xgrammar's default is 8, on a host that has fewer cores than that for everything
+
+
 class Grammars:
-    """Compiles guides (xgrammar caches what it compiled) and hands out one matcher per sequence."""
+    """Compiles guides (xgrammar caches what it compiled, within CACHE_BYTES) and hands out one
+    matcher per sequence."""
 
     def __init__(self, tokenizer_dir: Path, vocab_size: int):
         self.tokenizer_dir, self.vocab_size = tokenizer_dir, vocab_size
@@ -52,7 +58,10 @@ class Grammars:
 
                 tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
                 info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
-                self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info)
+                self._xgr, self._compiler = (
+                    xgrammar,
+                    xgrammar.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_limit_bytes=CACHE_BYTES),
+                )
         return self._xgr, self._compiler
 
     def compile(self, guide_type: str, guide: str) -> Any:
@@ -61,6 +70,8 @@ class Grammars:
             raise ValueError(f"guided_decoding_guide_type={guide_type!r}: use one of {', '.join(GUIDE_TYPES)}")
         if guide_type != "json" and not guide:
             raise ValueError(f"guided_decoding_guide is empty: a {guide_type} guide needs one")
+        if len(guide.encode()) > MAX_GUIDE_BYTES:
+            raise ValueError(f"guided_decoding_guide is {len(guide.encode())} bytes; at most {MAX_GUIDE_BYTES}")
         _, compiler = self._load()
         try:
             if guide_type == "json":

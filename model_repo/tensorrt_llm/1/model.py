@@ -18,6 +18,7 @@ request that has its request id, as on the GPU backend.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import queue
@@ -79,6 +80,8 @@ class TritonPythonModel:
         if params.get("guided_decoding_backend") == "xgrammar":
             tokenizer_dir = Path(args["model_repository"]).parent / params["tokenizer_dir"]
             self.grammars = Grammars(tokenizer_dir, self.vocab_size)
+        # guides compile one at a time off the execute thread (each compile may use 2 of xgrammar's threads)
+        self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self.scheduler: Scheduler | None = None
         self.live: dict[str, list[Any]] = {}  # request id -> its sequences, for stop requests
         self.stats: EngineStats | None = None
@@ -114,6 +117,7 @@ class TritonPythonModel:
             context_chunk_tokens=int(params.get("context_chunk_tokens") or 0) or None,
             enable_kv_cache_reuse=params["enable_kv_cache_reuse"] == "true",
             cancellation_check_period_ms=int(params["cancellation_check_period_ms"]),
+            max_logits_bytes=int(params.get("max_logits_mb") or 0) * 2**20,
             **_queue_policy(config),
         )
         pb_utils.Logger.log_info(
@@ -128,6 +132,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.stats is not None:
             self.stats.stop()
+        self.compiler.shutdown(wait=False, cancel_futures=True)
         if self.scheduler is not None:
             self.scheduler.stop()
         self.beams.stop()
@@ -204,17 +209,16 @@ class TritonPythonModel:
             for i in range(count)
         ]
         try:
-            compiled = self._grammar(request)
+            guide = self._guide(request)
         except ValueError as error:
             _send_error(sender, str(error))
             return None
-        if compiled is not None:
-            assert self.grammars is not None
-            copies = [replace(copy, guide=self.grammars.matcher(compiled)) for copy in copies]
-        return _Reply(sender, options, copies)
+        reply = _Reply(sender, options, copies)
+        reply.guide = guide
+        return reply
 
-    def _grammar(self, request: Any) -> Any:
-        """The request's compiled guide, or None when it asks for no guided decoding."""
+    def _guide(self, request: Any) -> tuple[str, str] | None:
+        """The request's guide (its type and text), or None when it asks for no guided decoding."""
         guide_type, guide = text(request, "guided_decoding_guide_type"), text(request, "guided_decoding_guide")
         if guide_type is None:
             if guide is not None:
@@ -222,7 +226,31 @@ class TritonPythonModel:
             return None
         if self.grammars is None:
             raise ValueError("guided decoding is off in this repository (triton.guided_decoding=false)")
-        return self.grammars.compile(guide_type, guide or "")
+        return guide_type, guide or ""
+
+    def _guided(self, reply: _Reply) -> bool:
+        """Compile the reply's guide and give each of its sequences a matcher; False (the request
+        answered with the error) when the guide does not compile."""
+        if reply.guide is None:
+            return True
+        assert self.grammars is not None
+        try:
+            compiled = self.grammars.compile(*reply.guide)
+        except ValueError as error:
+            reply.fail(str(error))
+            return False
+        for client in reply.clients:
+            client.parsed = replace(client.parsed, guide=self.grammars.matcher(compiled))
+        return True
+
+    def _compile_then_submit(self, reply: _Reply, request: Any) -> None:
+        """On the compile thread: a large schema takes seconds to compile, and requests without
+        one are admitted meanwhile."""
+        try:
+            if self._guided(reply):
+                self._submit(reply, request)
+        except Exception as error:
+            reply.fail(f"{SAMPLING_FAILED}: {type(error).__name__}: {error}")
 
     def _stop(self, request: Any) -> None:
         """``stop``: cancel the running request with this request's id (the backend's semantics)."""
@@ -253,12 +281,15 @@ class TritonPythonModel:
         accepted = [(reply, request) for reply, request in accepted if reply.options.beam_width == 1]
         if self.scheduler is not None:
             for reply, request in accepted:
+                if reply.guide is not None:
+                    self.compiler.submit(self._compile_then_submit, reply, request)
+                    continue
                 try:
                     self._submit(reply, request)
                 except Exception as error:  # the others of this batch are already running: fail this one
                     reply.fail(f"{SAMPLING_FAILED}: {type(error).__name__}: {error}")
             return None
-        batch = [client for reply, _ in accepted for client in reply.clients]
+        batch = [client for reply, _ in accepted if self._guided(reply) for client in reply.clients]
         ready = []
         for client in batch:  # a bad request must not take its batch down
             problems = client.parsed.problems(self.vocab_size, self.max_seq_len, self.max_input_len)
@@ -371,6 +402,7 @@ class _Reply:
         self.siblings: list[Any] = []  # the scheduler's sequences, cancelled when one fails
         self.scheduler: Scheduler | None = None
         self.on_close: Any = None
+        self.guide: tuple[str, str] | None = None  # guided decoding asked for: compiled before it runs
         self.quiet_cancel = False  # end a cancelled request with an empty final response (BLS requests)
         # sequences of one request answer from the scheduler's thread and, when refused, from
         # execute's: nothing is sent, and the client is not asked, once the final response is out

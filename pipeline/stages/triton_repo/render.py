@@ -98,6 +98,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             "batching": str(triton.cpu_batching),
             "max_num_tokens": str(triton.cpu_max_num_tokens),
             "context_chunk_tokens": str(triton.cpu_context_chunk_tokens),
+            "max_logits_mb": str(triton.cpu_max_logits_mb),
             "tokens_per_block": str(cfg.build.tokens_per_block),
             # guided decoding through xgrammar with the repository's tokenizer, as the GPU backend names it
             "guided_decoding_backend": "xgrammar" if triton.guided_decoding else "",
