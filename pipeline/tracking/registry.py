@@ -6,22 +6,37 @@ what it is (format, tp/pp, target, backend) and how it did (the benchmark's head
 ``promote`` points an alias (``production``) at a version; ``serve model_uri=models:/<name>@<alias>``
 downloads that version and serves it. A repository registered once is not registered again: a
 cached rebuild finds its version by the repository's fingerprint.
+
+A repository is code that Triton runs, so every version carries a manifest of its files' hashes
+(``manifest.py``) and the manifest's digest as a tag: a download is verified before it is used,
+and so is a copy already on disk before it is served. A version already pulled is served from
+disk, with a warning, when the tracking server does not answer, so a restart during an outage
+is not a crash loop.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, StageError
+from pipeline.tracking import manifest
+from pipeline.workspace import locked
 
 log = logging.getLogger(__name__)
 
 REPOSITORY_ARTIFACT = "triton_repository"  # where a run keeps the registered repository
+MANIFEST_ARTIFACT = "triton_repository.manifest.json"  # beside it: every file's sha256
 FINGERPRINT_TAG = "pipeline.repository_fingerprint"
+DIGEST_TAG = "pipeline.repository_digest"  # the manifest's sha256
+LOCAL_MANIFEST = "manifest.json"  # a downloaded version's manifest, beside its repository
+ALIASES = "aliases.json"  # alias -> version, as last resolved (for serving while the server is down)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HEADLINE_METRICS = ("quality_perplexity_change_pct",)  # beside every point's throughput and latency
 
 
@@ -61,11 +76,12 @@ def register(
         if version.tags.get(FINGERPRINT_TAG) == fingerprint:
             log.info("the repository is version %s of registered model %s already", version.version, name)
             return str(version.version)
-    log.info("registering the repository as a version of %s (uploading %s)", name, repository)
+    log.info("registering the repository as a version of %s (hashing and uploading %s)", name, repository)
+    files = manifest.manifest(repository)
     client.log_artifacts(run_id, str(repository), REPOSITORY_ARTIFACT)
-    version = client.create_model_version(
-        name, f"runs:/{run_id}/{REPOSITORY_ARTIFACT}", run_id=run_id, tags=_tags(cfg, fingerprint, metrics)
-    )
+    client.log_dict(run_id, files, MANIFEST_ARTIFACT)
+    tags = {**_tags(cfg, fingerprint, metrics), DIGEST_TAG: manifest.digest(files)}
+    version = client.create_model_version(name, f"runs:/{run_id}/{REPOSITORY_ARTIFACT}", run_id=run_id, tags=tags)
     client.set_tag(run_id, "pipeline.registered_version", f"{name}/{version.version}")
     log.info("registered model %s version %s", name, version.version)
     return str(version.version)
@@ -90,36 +106,128 @@ def promote(client: Any, name: str, alias: str, version: str | None = None, run:
     return version
 
 
+def _reachable(tracking_uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether an HTTP tracking server answers at all (MLflow's client would retry for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def _parse(model_uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of a models:/ URI, checked before anything is asked or written."""
+    if not model_uri.startswith("models:/"):
+        raise ConfigError(f"model_uri={model_uri}: give models:/<name>@<alias> or models:/<name>/<version>")
+    rest = model_uri.removeprefix("models:/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        version = None
+    else:
+        name, _, version = rest.rpartition("/")
+        alias = None
+    if not NAME.match(name) or (alias is not None and not NAME.match(alias)):
+        raise ConfigError(f"model_uri={model_uri}: names and aliases take letters, digits, '.', '_' and '-'")
+    if version is not None and not version.isdigit():
+        raise ConfigError(f"model_uri={model_uri}: a version is a number (models:/<name>/<n>)")
+    return name, alias, version
+
+
+def _verified(folder: Path, what: str) -> Path:
+    """The repository in a downloaded version's folder, after its files match its manifest."""
+    repository = folder / REPOSITORY_ARTIFACT
+    recorded = folder / LOCAL_MANIFEST
+    if not recorded.is_file():  # registered before manifests were: nothing to check it against
+        log.warning("%s carries no manifest (registered by an older pipeline): it is served unverified", what)
+        return repository
+    found = manifest.problems(repository, json.loads(recorded.read_text()))
+    if found:
+        raise StageError(
+            f"{what} at {folder} does not match its registered manifest ({'; '.join(found[:3])}): remove the folder "
+            "and pull again, or find who changed it"
+        )
+    return repository
+
+
+def _remember_alias(base: Path, alias: str, version: str) -> None:
+    path = base / ALIASES
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({**known, alias: version}))
+    temporary.replace(path)
+
+
+def _offline(base: Path, model_uri: str, alias: str | None, version: str | None) -> Path:
+    """The tracking server does not answer: a version pulled before is served from disk."""
+    if version is None:
+        known = json.loads((base / ALIASES).read_text()) if (base / ALIASES).is_file() else {}
+        version = known.get(alias)
+    folder = base / str(version)
+    if version is None or not (folder / REPOSITORY_ARTIFACT / "repository.json").is_file():
+        raise StageError(
+            f"model_uri={model_uri}: the tracking server does not answer and this version was never pulled here: "
+            "start the tracking server (or check tracking.uri), or serve a folder with repo=<path>"
+        )
+    log.warning("the tracking server does not answer: serving %s as version %s, pulled before", model_uri, version)
+    return _verified(folder, f"version {version} of {model_uri}")
+
+
 def download(model_uri: str, tracking_uri: str, into: Path) -> Path:
     """The repository a ``models:/<name>@<alias>`` (or ``/<version>``) URI names, downloaded once
-    into ``into`` (a folder per version, written whole before it is used)."""
+    into ``into`` (a folder per version, written whole and verified before it is used; one
+    download of a version at a time)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if not model_uri.startswith("models:/"):
-        raise ConfigError(f"model_uri={model_uri}: give models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, number = _parse(model_uri)
+    base = into / name
+    if not _reachable(tracking_uri):
+        return _offline(base, model_uri, alias, number)
     client = mlflow.MlflowClient(tracking_uri)  # the registry is the tracking server's
-    name, _, ref = model_uri.removeprefix("models:/").partition("@")
     try:
-        if ref:
-            found = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = model_uri.removeprefix("models:/").rpartition("/")
-            found = client.get_model_version(name, number)
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
     except MlflowException as error:
         raise ConfigError(f"model_uri={model_uri}: {error.message}") from error
-    version, source = found.version, found.source  # runs:/<run>/triton_repository
-    folder = into / name / str(version)
-    repository = folder / REPOSITORY_ARTIFACT  # the download keeps the artifact folder's name
-    if (repository / "repository.json").is_file():
-        return repository
-    partial = folder.with_name(f".{version}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what a killed download left
-    shutil.rmtree(folder, ignore_errors=True)
-    log.info("downloading %s (version %s) into %s", model_uri, version, folder)
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(partial), tracking_uri=tracking_uri)
-    except MlflowException as error:
-        raise StageError(f"model_uri={model_uri}: the download failed: {error.message}") from error
-    partial.replace(folder)
-    return repository
+    version, source = str(found.version), found.source  # runs:/<run>/triton_repository
+    if not version.isdigit():  # never a path from the server: "../.." would be deleted below
+        raise StageError(f"model_uri={model_uri}: the tracking server named version {version!r}, which is no number")
+    folder = base / version
+    what = f"version {version} of {model_uri}"
+    with locked(base / f".{version}.lock"):
+        if alias:
+            _remember_alias(base, alias, version)
+        if (folder / REPOSITORY_ARTIFACT / "repository.json").is_file():
+            return _verified(folder, what)
+        partial = base / f".{version}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # what a killed download left
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("downloading %s (version %s) into %s", model_uri, version, folder)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(partial), tracking_uri=tracking_uri)
+            _fetch_manifest(found, partial, tracking_uri, what)
+        except MlflowException as error:
+            raise StageError(f"model_uri={model_uri}: the download failed: {error.message}") from error
+        _verified(partial, what)
+        partial.replace(folder)
+    return folder / REPOSITORY_ARTIFACT
+
+
+def _fetch_manifest(found: Any, partial: Path, tracking_uri: str, what: str) -> None:
+    """The version's manifest, checked against the digest its tag holds, into the download."""
+    import mlflow
+
+    expected = found.tags.get(DIGEST_TAG)
+    if expected is None:
+        return  # registered by an older pipeline: served with a warning
+    source = f"{found.source.rsplit('/', 1)[0]}/{MANIFEST_ARTIFACT}"
+    where = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(partial), tracking_uri=tracking_uri)
+    got = Path(where)
+    files = json.loads(got.read_text())
+    got.unlink()
+    if manifest.digest(files) != expected:
+        raise StageError(f"{what}: its manifest does not match the digest it was registered with: refused")
+    (partial / LOCAL_MANIFEST).write_text(json.dumps(files, indent=1))
