@@ -43,7 +43,7 @@ def test_a_pulled_version_is_its_registered_files_and_a_changed_copy_is_refused(
     served = registry.download(f"models:/{NAME}@production", uri, into)
     assert (served / "preprocessing" / "1" / "model.py").read_text() == "print('the model as built')\n"
     (served / "preprocessing" / "1" / "model.py").write_text("import os; os.system('evil')\n")
-    with pytest.raises(StageError, match="does not match its registered manifest.*model.py differs"):
+    with pytest.raises(StageError, match=r"does not match its registered manifest.*model.py differs"):
         registry.download(f"models:/{NAME}@production", uri, into)  # checked again before it is served
     (served / "preprocessing" / "1" / "model.py").unlink()
     (served / "preprocessing" / "1" / "model.py").symlink_to("/etc/hostname")
@@ -55,7 +55,7 @@ def test_a_version_changed_in_the_artifact_store_is_refused_at_download(register
     uri, tmp = registered
     (stored,) = (tmp / "artifacts").rglob("triton_repository/preprocessing/1/model.py")
     stored.write_text("print('changed after registration')\n")
-    with pytest.raises(StageError, match="model.py differs"):
+    with pytest.raises(StageError, match=r"model\.py differs"):
         registry.download(f"models:/{NAME}@production", uri, tmp / "pulled")
     assert not list((tmp / "pulled" / NAME).glob("1")), "a refused download must not be left in place"
 
