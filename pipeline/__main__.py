@@ -92,7 +92,7 @@ def run(command: str, rest: list[str]) -> None:
     jobs = [(job, validate.load(job, check_memory=command != "plan")) for job in job_overrides]
     if command == "build" and multirun and launchers.chosen_launcher(overrides) not in launchers.IN_PROCESS:
         if jobs[0][1].dry_run:
-            print(launchers.describe(jobs))
+            print(redact(launchers.describe(jobs)))
             print("dry run: nothing was submitted (drop dry_run=true to launch)")
             return
         launchers.launch(jobs)  # SLURM, Ray or local processes, through Hydra's launcher plugins

@@ -22,9 +22,10 @@ import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import StageError
-from pipeline.redact import SECRET_ENV_VARS, redact
+from pipeline.redact import redact, secret_env_vars
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 20
@@ -68,7 +69,8 @@ def _die_with_parent() -> None:
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment without the credentials (a server or a builder needs none), plus ``extra``."""
-    clean = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_VARS}
+    secret = secret_env_vars()
+    clean = {k: v for k, v in os.environ.items() if k not in secret}
     return {**clean, **(extra or {})}
 
 
@@ -81,7 +83,8 @@ def _record(process: subprocess.Popen[bytes], log_file: Path) -> None:
 
     with contextlib.suppress(OSError, psutil.Error):
         started = psutil.Process(process.pid).create_time()
-        _record_file(log_file).write_text(json.dumps({"pgid": process.pid, "started": started}))
+        owner = {"owner": os.getpid(), "owner_started": psutil.Process().create_time()}
+        _record_file(log_file).write_text(json.dumps({"pgid": process.pid, "started": started, **owner}))
 
 
 def _forget(log_file: Path) -> None:
@@ -89,9 +92,21 @@ def _forget(log_file: Path) -> None:
         _record_file(log_file).unlink()
 
 
+def _owner_alive(data: dict[str, Any]) -> bool:
+    """Whether the run that recorded a group still runs (its pid, started when it was): a live
+    server of another run in the same folder is never reaped."""
+    import psutil
+
+    try:
+        owner = psutil.Process(int(data["owner"]))
+        return abs(owner.create_time() - float(data["owner_started"])) <= 1 and owner.status() != psutil.STATUS_ZOMBIE
+    except (KeyError, ValueError, TypeError, psutil.Error):
+        return False
+
+
 def reap_recorded(folder: Path) -> int:
     """Kill the survivors of process groups recorded under ``folder`` by a run that died without
-    stopping them; returns how many processes were killed."""
+    stopping them (never those of a run still alive); returns how many processes were killed."""
     import psutil
 
     killed = 0
@@ -100,6 +115,8 @@ def reap_recorded(folder: Path) -> int:
             data = json.loads(record.read_text())
             pgid, started = int(data["pgid"]), float(data["started"])
         except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _owner_alive(data):
             continue
         for candidate in psutil.process_iter(["pid", "create_time"]):
             with contextlib.suppress(psutil.Error, OSError):

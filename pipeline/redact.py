@@ -25,6 +25,17 @@ SECRET_ENV_VARS = (
     "OPENAI_API_KEY",
 )
 MASK = "***"
+_REGISTERED: set[str] = set()  # more names, from the configuration (openai.api_key_env)
+
+
+def register_secret_env(name: str) -> None:
+    """Treat the variable ``name`` as a credential too: redacted everywhere, kept from children."""
+    if name:
+        _REGISTERED.add(name)
+
+
+def secret_env_vars() -> tuple[str, ...]:
+    return SECRET_ENV_VARS + tuple(sorted(_REGISTERED - set(SECRET_ENV_VARS)))
 
 
 # scheme://user:password@ -> scheme://***@ (a user name alone is kept: it is no secret)
@@ -44,7 +55,7 @@ def _saved_hub_token() -> str:
 
 def secret_values() -> list[str]:
     # Very short values would mask ordinary words; real tokens are long.
-    values = [os.environ.get(name, "") for name in SECRET_ENV_VARS] + [_saved_hub_token()]
+    values = [os.environ.get(name, "") for name in secret_env_vars()] + [_saved_hub_token()]
     return [v for v in values if len(v) >= 6]
 
 

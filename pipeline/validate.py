@@ -27,7 +27,7 @@ from pipeline.config.schema import (
     TargetKind,
 )
 from pipeline.errors import ConfigError
-from pipeline.redact import redact
+from pipeline.redact import redact, register_secret_env
 from pipeline.sizing import calibration, memory, rules
 from pipeline.stages.engine import trtllm
 
@@ -37,6 +37,8 @@ def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineCo
     ``target=auto`` asks nvidia-smi here, once per call. ``check_memory=False`` leaves the memory
     plan's verdict to the caller (``plan`` prints the table first)."""
     cfg = compose.typed(overrides)
+    # the gateway's key may live in any variable: it is a credential wherever text leaves the process
+    register_secret_env(cfg.openai.api_key_env)
     if cfg.target.kind is TargetKind.auto:
         cfg.target = hardware.detect()
     _architecture_from_checkpoint(cfg.model)

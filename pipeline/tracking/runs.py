@@ -291,9 +291,10 @@ def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None
         yield None
         return
     client, experiment_id = _client_and_experiment(cfg)
-    name = "sweep: " + "; ".join(" ".join(job) for job in jobs)[:200]
+    # overrides may carry credentials (a tracking URI with a password): redacted before they are stored
+    name = redact("sweep: " + "; ".join(" ".join(job) for job in jobs))[:200]
     run = client.create_run(experiment_id, tags={"mlflow.runName": name, "pipeline.sweep": "true"})
-    client.log_param(run.info.run_id, "jobs", json.dumps([" ".join(j) for j in jobs])[:6000])
+    client.log_param(run.info.run_id, "jobs", redact(json.dumps([" ".join(j) for j in jobs]))[:6000])
     try:
         yield run.info.run_id
     except BaseException:

@@ -95,6 +95,8 @@ def test_a_slurm_sweep_dry_run_prints_the_batch_script_it_would_submit(tmp_path:
         assert line in script, script
     assert "#SBATCH --job-name=pipeline-build" in script and "-m submitit.core._submit" in script
     assert "quant=none model=llama8b" in script and "quant=fp8 model=llama8b" in script
+    secret = cli(*common, "hydra/launcher=slurm", "tracking.uri=https://bob:pa55word@mlflow.example")
+    assert secret.returncode == 0 and "pa55word" not in secret.stdout + secret.stderr  # the dry run is redacted
     plugin = cli(*common, "hydra/launcher=submitit_slurm", "hydra.launcher.gres=gpu:8", "hydra.launcher.timeout_min=30")
     assert plugin.returncode == 0, plugin.stderr
     assert "#SBATCH --gres=gpu:8" in plugin.stdout and "#SBATCH --time=30" in plugin.stdout

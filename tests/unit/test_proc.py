@@ -78,6 +78,16 @@ def test_a_recycled_process_group_id_is_left_alone(tmp_path: Path) -> None:
     assert not (tmp_path / "old.log.pgid").exists()
 
 
+def test_a_server_of_a_run_still_alive_is_never_reaped(tmp_path: Path) -> None:
+    """Two serves share a log folder: the second must not stop the first's live server."""
+    running = proc.Background(["sleep", "60"], tmp_path / "first.log")  # recorded by this (live) process
+    try:
+        assert proc.reap_recorded(tmp_path) == 0 and running.alive()
+        assert (tmp_path / "first.log.pgid").is_file()
+    finally:
+        running.stop(grace_s=2)
+
+
 def test_a_stopped_child_leaves_no_record_and_no_secret_in_its_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

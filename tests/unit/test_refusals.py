@@ -89,6 +89,15 @@ def test_url_credentials_never_reach_the_output(tmp_path: Path) -> None:
     assert redact("see http://u:p4ss@h:5000/x and https://user@h") == "see http://***@h:5000/x and https://user@h"
 
 
+def test_a_gateway_key_in_any_variable_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import proc
+
+    monkeypatch.setenv("TEAM_GATEWAY_KEY", "sk-team-key-0123456789")
+    validate.load(["target=cpu", "openai.api_key_env=TEAM_GATEWAY_KEY"])
+    assert redact("--api-key sk-team-key-0123456789") == "--api-key ***"
+    assert "TEAM_GATEWAY_KEY" not in proc.child_environment()
+
+
 def test_the_token_hf_auth_login_saved_is_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "token").write_text("hf_savedbylogin0123456789\n")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
