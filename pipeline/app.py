@@ -268,7 +268,10 @@ def manifests(
         return
     if kind != "serve":
         raise ConfigError(f"kind={kind}: use kind=serve (Deployment, Service, InferenceService) or kind=build (a Job)")
-    for path in kubernetes.write(cfg, folder, kubernetes.build(cfg, model_uri=model_uri)):
+    memory = None if cfg.target.is_gpu else kubernetes.cpu_memory_bytes(cfg, step.dirs.final / artifacts.REPOSITORY)
+    for note in kubernetes.notes(cfg):
+        log.warning("%s", note)
+    for path in kubernetes.write(cfg, folder, kubernetes.build(cfg, model_uri=model_uri, memory_bytes=memory)):
         print(path)
     if model_uri:
         print(f"the init container pulls {model_uri}: create the Secret {secret!r} (uri, username, password), then:")

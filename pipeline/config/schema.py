@@ -386,6 +386,12 @@ class OpenAIConfig:
     served_model_name: str | None = None  # what clients put in "model"; null: the model config's name
     # each request's deadline toward Triton, queueing and streaming included (504 past it)
     request_timeout_s: float = 600.0
+    # manifests: without an API key Secret the gateway (and a Triton port, if published) is open to
+    # anyone who can reach the Service; refused unless this says it is meant
+    allow_unauthenticated: bool = False
+    # manifests: publish Triton's HTTP and gRPC ports beside the gateway (they take no API key and serve
+    # every model); by default Triton listens on the pod's loopback only and the gateway is the way in
+    expose_triton: bool = False
     # request bodies larger than this are refused with 413 before they are read (0: sized from the
     # engine's max_seq_len, 64 bytes a token, plus 1 MiB for the rest of the request)
     max_body_bytes: int = 0

@@ -106,9 +106,9 @@ class Request:
                 problems.append("embedding_bias holds a value that is not a finite number")
             elif float(self.embedding_bias.abs().max()) > MAX_BIAS:
                 problems.append(f"embedding_bias holds a weight beyond +-{MAX_BIAS:g}")
-        for name, words in (("stop_words_list", self.stop_words), ("bad_words_list", self.bad_words)):
-            if len(words) > MAX_WORDS:
-                problems.append(f"{name} holds {len(words)} sequences; at most {MAX_WORDS}")
+        for name, count in (("stop_words_list", len(self.stop_words)), ("bad_words_list", len(self.bad_words))):
+            if count > MAX_WORDS:
+                problems.append(f"{name} holds {count} sequences; at most {MAX_WORDS}")
         if self.seed is not None and not -(2**63) <= self.seed < SEED_RANGE:
             problems.append(f"seed={self.seed} must lie in [-2**63, 2**64 - 1]")
         if self.min_tokens < 0:

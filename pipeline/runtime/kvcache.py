@@ -186,8 +186,7 @@ class KVCache:
         table.blocks = []
 
 
-def available_memory_bytes() -> int:
-    """Memory the host can still hand out (MemAvailable), the CPU's "free GPU memory"."""
+def _host_available_bytes() -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -196,6 +195,37 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def cgroup_available_bytes(root: str = "/sys/fs/cgroup") -> int | None:
+    """What the container's memory limit still allows (cgroup v2 memory.max - memory.current, or
+    v1's limit_in_bytes - usage_in_bytes), or None without a limit: a pod limited to 4 GiB on a
+    64 GiB node is OOM-killed if its pool is sized from the node's free memory."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        limit = _read_number(f"{root}/{limit_file}")
+        if limit is not None and limit < 2**60:  # v1 writes a huge number for "no limit"
+            return max(0, limit - (_read_number(f"{root}/{usage_file}") or 0))
+    return None
+
+
+def available_memory_bytes(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Memory this process can still get, the CPU's "free GPU memory": the host's MemAvailable,
+    or less where a cgroup limit (a container's) allows less."""
+    host = _host_available_bytes()
+    limited = cgroup_available_bytes(cgroup_root)
+    return host if limited is None else min(host, limited)
 
 
 def budget_tokens(bytes_per_token: int, memory_fraction: float, max_tokens: int | None, ceiling: int) -> int:

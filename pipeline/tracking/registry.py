@@ -189,7 +189,7 @@ def download(model_uri: str, tracking_uri: str, into: Path) -> Path:
         return _offline(base, model_uri, alias, number)
     client = mlflow.MlflowClient(tracking_uri)  # the registry is the tracking server's
     try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(number))
     except MlflowException as error:
         raise ConfigError(f"model_uri={model_uri}: {error.message}") from error
     version, source = str(found.version), found.source  # runs:/<run>/triton_repository

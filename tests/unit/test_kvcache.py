@@ -74,3 +74,19 @@ def test_the_budget_is_the_smallest_of_memory_cap_and_ceiling() -> None:
     assert budget_tokens(1, 1.0, max_tokens=None, ceiling=4096) == 4096
     assert budget_tokens(1, 1.0, max_tokens=1000, ceiling=4096) == 1000
     assert budget_tokens(2**50, 0.5, max_tokens=None, ceiling=4096) == 0  # a petabyte per token fits nowhere
+
+
+def test_the_pool_is_sized_from_a_containers_memory_limit_not_the_hosts(tmp_path: Path) -> None:
+    from pipeline.runtime import kvcache
+
+    (tmp_path / "memory.max").write_text(f"{4 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{1 * 2**30}\n")
+    assert kvcache.cgroup_available_bytes(str(tmp_path)) == 3 * 2**30
+    assert kvcache.available_memory_bytes(str(tmp_path)) <= 3 * 2**30
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: the host's memory
+    assert kvcache.cgroup_available_bytes(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{2**29}\n")
+    assert kvcache.cgroup_available_bytes(str(v1)) == 2 * 2**30 - 2**29

@@ -4,6 +4,7 @@ dropped and the comparison would fail)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +39,58 @@ def test_embedded_model_gets_a_valid_deployment_service_and_inferenceservice(tmp
     _assert_schema(docs["service.yaml"], "V1Service")
     pod = docs["deployment.yaml"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    # the OpenAI-compatible API: its port on the container and the Service, its key from a Secret
-    assert {"name": "openai", "containerPort": 9000} in container["ports"]
-    assert {"name": "openai", "port": 9000, "targetPort": "openai"} in docs["service.yaml"]["spec"]["ports"]
-    assert "openai.served_model_name=smollm2-135m" in container["args"] and "openai.host=0.0.0.0" in container["args"]
+    # the gateway is the only way in: Triton on the pod's loopback, its ports published nowhere
+    assert "triton.host=127.0.0.1" in container["args"] and "openai.host=0.0.0.0" in container["args"]
+    assert {p["name"] for p in container["ports"]} == {"openai", "metrics"}
+    assert {p["name"] for p in docs["service.yaml"]["spec"]["ports"]} == {"openai", "metrics"}
+    for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "openai"}, probe
+        assert container[probe]["timeoutSeconds"] == 5
+    assert "openai.served_model_name=smollm2-135m" in container["args"]
     (key,) = container["env"]
-    assert key["name"] == "PIPELINE_OPENAI_API_KEY" and key["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert key["name"] == "PIPELINE_OPENAI_API_KEY" and key["valueFrom"]["secretKeyRef"]["optional"] is False
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
-    assert "resources" not in container  # the CPU target asks for no GPU
+    assert "nvidia.com/gpu" not in str(container.get("resources"))  # the CPU target asks for no GPU
+    assert "WARNING" not in (folder / "deployment.yaml").read_text()
     assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "triton-repo"
     isvc = docs["inferenceservice.yaml"]
     assert isvc["kind"] == "InferenceService"
     for predictor_container in isvc["spec"]["predictor"]["containers"]:
         _assert_schema(predictor_container, "V1Container")
+        assert predictor_container["ports"] == [{"name": "openai", "containerPort": 9000}]  # Knative: one port
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warning"),
+    [
+        (["openai.allow_unauthenticated=true"], "without a key"),
+        (["openai.expose_triton=true"], "take no API key"),
+        (["openai.enabled=false"], "take no API key"),
+    ],
+)
+def test_an_open_door_is_said_in_the_manifest_and_on_the_terminal(
+    tmp_path: Path, overrides: list[str], warning: str
+) -> None:
+    result = cli("manifests", f"workdir={tmp_path}", "target=cpu", *overrides)
+    assert result.returncode == 0 and warning in result.stderr, result.stderr
+    folder = next((tmp_path / "manifests").iterdir())
+    assert warning in (folder / "deployment.yaml").read_text().split("apiVersion")[0]
+
+
+def test_a_cpu_pod_gets_memory_sized_from_the_built_repository(tmp_path: Path) -> None:
+    cfg = validate.load(["target=cpu", "build.max_batch_size=4", "build.max_seq_len=1024", "build.max_input_len=512"])
+    engine = tmp_path / "repository" / "tensorrt_llm" / "1" / "engine"
+    engine.mkdir(parents=True)
+    hf = {"num_hidden_layers": 30, "num_key_value_heads": 3, "num_attention_heads": 9, "hidden_size": 576}
+    (engine / "config.json").write_text(json.dumps(hf))
+    (engine / "rank0.safetensors").write_bytes(b"\0" * 2**20)
+    memory = kubernetes.cpu_memory_bytes(cfg, tmp_path / "repository")
+    per_token = 2 * 30 * 3 * 64 * 4  # 46080 bytes: SmolLM2-135M in float32
+    assert memory == 2 * (2**20 + (engine / "config.json").stat().st_size) + 4 * 1024 * per_token + 2 * 2**30
+    container = kubernetes.build(cfg, memory_bytes=memory)["deployment.yaml"]["spec"]["template"]["spec"]["containers"]
+    resources = container[0]["resources"]
+    assert resources["limits"] == resources["requests"] == {"memory": "3Gi"}
+    assert kubernetes.cpu_memory_bytes(cfg, tmp_path / "not-built") is None
 
 
 def test_gpu_requests_equal_world_size_on_one_node() -> None:
@@ -61,6 +100,7 @@ def test_gpu_requests_equal_world_size_on_one_node() -> None:
     _assert_schema(deployment, "V1Deployment")
     limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"nvidia.com/gpu": "2"}
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # a rolling update needs a second set of GPUs
 
 
 def test_multi_node_is_refused_in_one_line() -> None:
