@@ -3,6 +3,9 @@ back, prefixes found by name, the least recently used named block overwritten fi
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pipeline.runtime import kvcache
 from pipeline.runtime.kvcache import BlockTable, KVCache, block_hashes, budget_tokens
 
 
@@ -77,7 +80,6 @@ def test_the_budget_is_the_smallest_of_memory_cap_and_ceiling() -> None:
 
 
 def test_the_pool_is_sized_from_a_containers_memory_limit_not_the_hosts(tmp_path: Path) -> None:
-    from pipeline.runtime import kvcache
 
     (tmp_path / "memory.max").write_text(f"{4 * 2**30}\n")
     (tmp_path / "memory.current").write_text(f"{1 * 2**30}\n")
