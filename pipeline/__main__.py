@@ -169,6 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f"{type(error).__name__}: {error}"
         print(f"error: {redact(detail)} (PIPELINE_DEBUG=1 shows where)", file=sys.stderr)
         return 1
+    except Exception as error:
+        if not type(error).__module__.startswith("mlflow"):
+            raise
+        _debug_traceback()  # the tracking server failed mid-run: one line, and the stages are kept
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: the tracking server failed: {redact(first)[:300]} (the stages done are kept: run the "
+              "same command again once it answers)", file=sys.stderr)  # fmt: skip
+        return 1
     except Terminated as stop:
         print(f"stopped by {signal.Signals(stop.signum).name}: run the same command again to resume", file=sys.stderr)
         return 128 + stop.signum

@@ -5,6 +5,12 @@ artifacts beside it in ``<workdir>/mlartifacts``), so runs never land in a stray
 A job that fails ends as FAILED with its log attached. Everything logged passes through the
 redaction filter or comes from the config, which holds no secrets (tokens come from the
 environment only).
+
+A tracking server that dies mid-run costs seconds, not minutes: MLflow's client retries a call
+twice here (its default is seven times with backoff, about four minutes a call), a failure ends
+the command in one line (the CLI says so), and a run that could not be marked FAILED is recorded
+in the workdir and marked when the server answers again (``settle_unfinished``). The stages'
+results are on disk before anything is recorded, so the next build finds them in its cache.
 """
 
 from __future__ import annotations
@@ -50,11 +56,21 @@ LOGGED_FILES = (
 )
 
 
+# MLflow's HTTP retry budget for this process (users may set their own)
+MLFLOW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+UNFINISHED = "unfinished-runs"  # a workdir folder: runs that ended while the server was away
+
 # a bench of a server this config did not build: only what describes the measurement
 BENCH_ONLY_PARAMS = ("model", "benchmark_preset", "pipeline_version", "tritonclient_version")
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
+    """The store's URI; every user of the store asks for it first, so MLflow's retry budget for
+    this process is set here."""
+    import os
+
+    for name, value in MLFLOW_RETRIES.items():
+        os.environ.setdefault(name, value)
     return cfg.tracking.uri or f"sqlite:///{artifacts.mlflow_store(cfg.workdir_path)}"
 
 
@@ -88,6 +104,7 @@ def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
     # experiment, the other waits and finds them
     with locked(store.with_name(".mlflow.lock")):
         client = MlflowClient(tracking_uri(cfg))
+        settle_unfinished(client, cfg.workdir_path)
         name = cfg.tracking.experiment or cfg.model.name
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
@@ -271,13 +288,44 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
                 yield JobRun(client, run_id)
         except BaseException as error:
             job_log.write_text(redact(job_log.read_text()))
-            client.log_artifact(run_id, str(job_log))
-            if isinstance(error, KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP: say which
-                client.set_tag(run_id, "pipeline.stopped_by", _stopper(error))
-            client.set_terminated(run_id, status="FAILED")
+            stopped_by = _stopper(error) if isinstance(error, KeyboardInterrupt) else None  # say which signal
+            _end_failed(client, cfg.workdir_path, run_id, job_log, stopped_by)
             raise
         client.log_artifact(run_id, str(job_log))
         client.set_terminated(run_id, status="FINISHED")
+
+
+def _end_failed(client: Any, workdir: Path, run_id: str, job_log: Path, stopped_by: str | None) -> None:
+    """Mark the run FAILED, best effort: the job's own error is what the user must see, and a
+    tracking server that is gone must not hide it behind minutes of retries and a traceback."""
+    try:
+        client.log_artifact(run_id, str(job_log))
+        if stopped_by:
+            client.set_tag(run_id, "pipeline.stopped_by", stopped_by)
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as error:
+        folder = workdir / UNFINISHED
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{run_id}.json").write_text(json.dumps({"status": "FAILED", "stopped_by": stopped_by}))
+        first = redact(str(error).splitlines()[0] if str(error) else type(error).__name__)[:200]
+        log.warning("run %s could not be marked FAILED (%s): the next build here marks it", run_id, first)
+
+
+def settle_unfinished(client: Any, workdir: Path) -> None:
+    """Mark the runs that ended while the tracking server was away, now that it answers."""
+    folder = workdir / UNFINISHED
+    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            ended = json.loads(record.read_text())
+            client.set_tag(record.stem, "pipeline.ended_while", "the tracking server was unreachable")
+            if ended.get("stopped_by"):
+                client.set_tag(record.stem, "pipeline.stopped_by", ended["stopped_by"])
+            client.set_terminated(record.stem, status=ended.get("status", "FAILED"))
+        except Exception as error:  # another store, or still away: kept for the next time
+            log.debug("run %s is not settled yet: %s", record.stem, error)
+            continue
+        record.unlink()
+        log.info("run %s, which ended while the tracking server was away, is now marked FAILED", record.stem)
 
 
 def _stopper(error: KeyboardInterrupt) -> str:

@@ -4,6 +4,7 @@ last test stops it)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import urllib.error
@@ -82,15 +83,17 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         yield Served(running, cfg, steps[-1].dirs.final, overrides, log)
 
 
-@pytest.fixture(scope="package")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real tracking server with proxied artifact storage (what teams share), for this package."""
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path, port: int) -> Iterator[tuple[str, Any]]:
+    """``mlflow server`` on ``port`` with its store and artifacts in ``folder`` (so a restart on the
+    same folder and port is the same server), and a function that kills it outright (its whole
+    process group: the server runs its workers as children)."""
+    import os
+    import signal
     import subprocess
     import sys
     import time
 
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    (port,) = free_ports(1)
     argv = [
         sys.executable,
         "-m",
@@ -107,9 +110,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--artifacts-destination",
         str(folder / "artifacts"),
     ]
-    with (folder / "server.log").open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    with (folder / "server.log").open("ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+
+    def kill(sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -119,7 +128,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except OSError:
                 assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
                 time.sleep(0.5)
-        yield url
+        yield url, kill
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="package")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real tracking server with proxied artifact storage (what teams share), for this package."""
+    (port,) = free_ports(1)
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), port) as (url, _):
+        yield url
