@@ -34,7 +34,7 @@ def test_a_server_that_dies_mid_run_costs_seconds_and_the_run_is_marked_when_it_
             run.client.log_param(run_id, "after", "the server died")
         assert time.monotonic() - started < 45, "MLflow's retries held the failure for minutes"
     assert (tmp_path / "work" / runs.UNFINISHED / f"{run_id}.json").is_file()
-    with running_mlflow_server(store, port) as (url, _):
+    with running_mlflow_server(store, port):
         client, _ = runs._client_and_experiment(cfg)  # what the next build does first
         ended = client.get_run(run_id)
         assert ended.info.status == "FAILED" and "unreachable" in ended.data.tags["pipeline.ended_while"]
