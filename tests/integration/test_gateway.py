@@ -210,3 +210,72 @@ def test_bench_of_the_openai_endpoint_with_aiperf_is_a_run_compare_lists(
     row = next(line for line in listed.stdout.splitlines() if "openai" in line)
     assert api in row and MODEL in row
     assert "tensorrt" not in row  # a bench of a server names no backend it cannot know
+
+
+def test_a_tiny_temperature_is_answered_and_the_engine_serves_on(api: str) -> None:
+    """temperature=1e-40 once stopped the CPU engine's scheduler for good while health stayed green."""
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "top_p": 1}
+    tiny_status, tiny = _post(f"{api}/completions", {**body, "temperature": 1e-40, "seed": 2**64 - 1, "n": 2})
+    greedy_status, greedy = _post(f"{api}/completions", {**body, "temperature": 0})
+    assert tiny_status == 200 and greedy_status == 200, (tiny, greedy)
+    texts = {choice["text"] for choice in json.loads(tiny)["choices"]}
+    assert texts == {json.loads(greedy)["choices"][0]["text"]}  # a tiny temperature is greedy
+    with urllib.request.urlopen(f"{api.removesuffix('/v1')}/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def test_an_engine_side_refusal_reaches_the_client_through_the_bls_as_429_or_503(smollm2_workdir: Path) -> None:
+    """One sequence at a time, one waiting, a second's queue timeout: of three requests at once one
+    is answered, one waits past the timeout (503) and one finds the queue full (429), in seconds,
+    through the BLS model and the gateway (an error the engine sends does reach the BLS model's
+    iterator in Triton 2.51); the server serves on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline import app, runner, validate
+    from pipeline.deploy import server
+    from pipeline.stages import STAGES
+
+    http, grpc, metrics, port = free_ports(4)
+    overrides = [
+        f"workdir={smollm2_workdir}",
+        "target=cpu",
+        "quant=none",
+        "triton=bls",
+        "build.max_batch_size=1",
+        "triton.max_queue_size=1",
+        "triton.queue_timeout_ms=1000",
+        "triton.exit_timeout_s=3",
+        "until=triton_repo",
+        f"triton.http_port={http}",
+        f"triton.grpc_port={grpc}",
+        f"triton.metrics_port={metrics}",
+    ]
+    cfg = validate.load(overrides)
+    runner.build(cfg, STAGES)
+    target = app.built_target(cfg)
+    launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir)
+    with server.Server(launch, cfg.triton, smollm2_workdir / "refusal-server.log") as running:
+        config = OpenAIConfig(port=port)
+        settings = gateway.settings_for(config, target.repo, MODEL, running.grpc_url, running.metrics_url)
+        api = gateway.start(config, "127.0.0.1", settings)
+        try:
+            body = {"model": MODEL, "prompt": "Count:", "max_tokens": 48, "ignore_eos": True, "temperature": 0}
+
+            def send(delay: float) -> tuple[int, str, float]:
+                time.sleep(delay)
+                started = time.monotonic()
+                status, text = _post(f"{api.url}/completions", body)
+                return status, text, time.monotonic() - started
+
+            with ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(send, [0.0, 0.3, 0.6]))
+            statuses = sorted(status for status, _, _ in results)
+            assert statuses == [200, 429, 503], results
+            for status, text, took in results:
+                if status != 200:
+                    error = json.loads(text)["error"]
+                    assert error["code"] in ("queue_full", "unavailable") and took < 10, (status, text, took)
+            after_status, _ = _post(f"{api.url}/completions", {**body, "max_tokens": 2})
+            assert after_status == 200
+        finally:
+            api.stop()
