@@ -119,6 +119,48 @@ def test_grpc_streaming_through_tritonclient(served: Served) -> None:
     assert len(pieces) >= 5 and "".join(pieces) == "The capital of France is Paris."
 
 
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_a_request_of_two_prompts_answers_each_by_batch_index(served: Served, model: str) -> None:
+    """Upstream's clients may send several prompts in one request (batch size 2): each prompt's
+    answer comes with its batch_index, equal to what the prompt gets alone."""
+    import tritonclient.grpc as grpcclient
+
+    prompts = [QUESTION, "What is the capital of Italy?"]
+    alone = [
+        served.generate(model, text_input=prompts[0], max_tokens=8)["text_output"],
+        served.generate(model, text_input=prompts[1], max_tokens=8, bad_words="Rome")["text_output"],
+    ]
+    received: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    values = {
+        "text_input": (np.array([[p.encode()] for p in prompts], dtype=object), "BYTES"),
+        "max_tokens": (np.array([[8], [8]], dtype=np.int32), "INT32"),
+        "bad_words": (np.array([[b""], [b"Rome"]], dtype=object), "BYTES"),
+        "stream": (np.array([[False], [False]]), "BOOL"),
+    }
+    inputs = []
+    for name, (array, dtype) in values.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    answers: dict[int, str] = {}
+    try:
+        client.async_stream_infer(model, inputs, request_id="two", enable_empty_final_response=True)
+        while True:
+            item = received.get(timeout=120)
+            assert not isinstance(item, Exception), item
+            if item.as_numpy("text_output") is not None:  # the final response may carry the last answer
+                row = int(item.as_numpy("batch_index").reshape(-1)[0])
+                answers[row] = answers.get(row, "") + item.as_numpy("text_output").reshape(-1)[0].decode()
+            if item.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert answers == {0: alone[0], 1: alone[1]}, (answers, alone)
+
+
 def test_a_request_joins_the_running_batch_and_leaves_before_a_long_one(served: Served) -> None:
     """In-flight batching: a short request sent while a long one streams is admitted at the next step
     and answered while the long one is still generating (run to completion would make it wait).

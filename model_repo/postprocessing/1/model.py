@@ -52,29 +52,33 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:  # a malformed request (sent straight to this model) fails alone
-                output = pb_utils.Tensor("OUTPUT", np.array([self._texts(request)], dtype=object))
+                output = pb_utils.Tensor("OUTPUT", np.array(self._texts(request), dtype=object))
                 responses.append(pb_utils.InferenceResponse([output]))
             except Exception as error:
                 invalid = pb_utils.TritonError(f"postprocessing: {error}", pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=invalid))
         return responses
 
-    def _texts(self, request: Any) -> list[bytes]:
-        tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [1, beams, len]
-        lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # [1, beams]
+    def _texts(self, request: Any) -> list[list[bytes]]:
+        """The text of each beam of each row: [batch, beams]."""
+        tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [batch, beams, len]
+        lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # [batch, beams]
         key = _optional(request, "STREAM_KEY")
         streaming = bool(_optional(request, "STREAM")) and key is not None
-        if tokens.ndim != 3 or lengths.shape[-1] != tokens.shape[1]:
+        if tokens.ndim != 3 or lengths.shape != tokens.shape[:2]:
             raise ValueError(f"TOKENS_BATCH {list(tokens.shape)} and SEQUENCE_LENGTH {list(lengths.shape)} disagree")
         if tokens.size and tokens.min() < 0:  # (ids past the tokenizer's vocabulary decode to nothing)
             raise ValueError("TOKENS_BATCH holds negative ids")
         texts = []
-        for beam, (ids, length) in enumerate(zip(tokens[0], lengths.reshape(1, -1)[0], strict=True)):
-            ids = ids[: max(0, int(length))].tolist()
-            if streaming and bool(_optional(request, "STREAM_END")):
-                texts.append(self.streams.end(f"{key!r}/{beam}").encode())
-            elif streaming:
-                texts.append(self.streams.push(f"{key!r}/{beam}", ids).encode())
-            else:
-                texts.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special).encode())
+        for row_ids, row_lengths in zip(tokens, lengths, strict=True):
+            row = []
+            for beam, (ids, length) in enumerate(zip(row_ids, row_lengths, strict=True)):
+                ids = ids[: max(0, int(length))].tolist()
+                if streaming and bool(_optional(request, "STREAM_END")):
+                    row.append(self.streams.end(f"{key!r}/{beam}").encode())
+                elif streaming:  # one stream per request (the BLS sends one row at a time)
+                    row.append(self.streams.push(f"{key!r}/{beam}", ids).encode())
+                else:
+                    row.append(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special).encode())
+            texts.append(row)
         return texts

@@ -23,9 +23,36 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its 'no PyTor
 from transformers import AutoTokenizer
 
 
-def _optional(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+class Row:
+    """One prompt of a request that carries several (a batch dimension over 1, as upstream's
+    clients may send): its inputs are that row of each input."""
+
+    def __init__(self, request: Any, index: int, batch: int):
+        self.request, self.index, self.batch = request, index, batch
+
+
+def _optional(source: Any, name: str) -> np.ndarray | None:
+    row = source if isinstance(source, Row) else Row(source, 0, 1)
+    tensor = pb_utils.get_input_tensor_by_name(row.request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    return array[row.index : row.index + 1] if row.batch > 1 and array.shape[:1] == (row.batch,) else array
+
+
+def _merged(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """The outputs of a request's rows as one batch: ids padded to the longest prompt (the engine
+    reads REQUEST_INPUT_LEN), word lists to the longest list."""
+    if len(rows) == 1:
+        return rows[0]
+    merged = {}
+    for name in rows[0]:
+        arrays = [row[name] for row in rows]
+        width = max(a.shape[-1] for a in arrays)
+        fill = pad_id if name == "INPUT_ID" else -1
+        pad = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=fill) for a in arrays]
+        merged[name] = np.concatenate(pad)
+    return merged
 
 
 def _strings(array: np.ndarray | None) -> list[str]:
@@ -135,9 +162,20 @@ class TritonPythonModel:
                 bias[token] += weight
         return bias[None]
 
-    def _one(self, request: Any) -> Any:
+    def _response(self, request: Any) -> Any:
+        query = pb_utils.get_input_tensor_by_name(request, "QUERY")
+        batch = 1 if query is None else max(1, query.as_numpy().shape[0])
+        rows = [self._one(Row(request, index, batch)) for index in range(batch)]
+        merged = _merged([{k: v for k, v in row.items() if k != "EMBEDDING_BIAS"} for row in rows], self.pad_id)
+        biases = [row.get("EMBEDDING_BIAS") for row in rows]
+        if any(b is not None for b in biases):  # absent otherwise, as upstream leaves out what was not asked for
+            size = next(b for b in biases if b is not None).shape
+            merged["EMBEDDING_BIAS"] = np.concatenate([np.zeros(size, np.float32) if b is None else b for b in biases])
+        return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in merged.items()])
+
+    def _one(self, request: Any) -> dict[str, np.ndarray]:
         for name, models in NOT_SERVED.items():
-            if pb_utils.get_input_tensor_by_name(request, name) is not None:
+            if _optional(request, name) is not None:
                 raise ValueError(f"{name}: {models} are not served by this pipeline (it builds text-only LLMs)")
         query = _strings(_optional(request, "QUERY"))
         text = query[0] if query else ""
@@ -170,15 +208,15 @@ class TritonPythonModel:
             "OUT_PAD_ID": np.array([[int(pad.reshape(-1)[0]) if pad is not None else self.pad_id]], dtype=np.int32),
         }
         bias = self._embedding_bias(request)
-        if bias is not None:  # absent otherwise, as upstream leaves out what was not asked for
+        if bias is not None:
             outputs["EMBEDDING_BIAS"] = bias
-        return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+        return outputs
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
             try:
-                responses.append(self._one(request))
+                responses.append(self._response(request))
             except (ValueError, RecursionError) as error:  # refused here, or JSON nested past Python's stack
                 invalid = pb_utils.TritonError(str(error) or type(error).__name__, pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=invalid))

@@ -56,12 +56,30 @@ BEAMLESS = (
 )
 
 
-def tensor(request: Any, name: str) -> np.ndarray | None:
-    """The input as an array, or None when absent or empty (an empty tensor asks for nothing)."""
-    found = pb_utils.get_input_tensor_by_name(request, name)
+class Row:
+    """One prompt of a request that carries several (a batch dimension over 1, as upstream's
+    clients may send, telling the answers apart by ``batch_index``): its inputs are that row."""
+
+    def __init__(self, request: Any, index: int, batch: int):
+        self.request, self.index, self.batch = request, index, batch
+
+
+def batch_size(request: Any) -> int:
+    ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+    shape = () if ids is None else ids.as_numpy().shape
+    return int(shape[0]) if len(shape) > 1 else 1
+
+
+def tensor(source: Any, name: str) -> np.ndarray | None:
+    """The input as an array (of a ``Row``: its row), or None when absent or empty (an empty
+    tensor asks for nothing)."""
+    row = source if isinstance(source, Row) else Row(source, 0, 1)
+    found = pb_utils.get_input_tensor_by_name(row.request, name)
     if found is None:
         return None
     array = found.as_numpy()
+    if row.batch > 1 and array.shape[:1] == (row.batch,):
+        array = array[row.index : row.index + 1]
     return array if array.size else None
 
 
@@ -125,6 +143,4 @@ def refusals(request: Any, max_beam_width: int) -> list[str]:
     ids = tensor(request, "input_ids")
     if ids is None:
         problems.append("input_ids is missing: the CPU target needs token ids (prompt tables are not supported)")
-    elif ids.ndim > 1 and ids.shape[0] != 1:
-        problems.append(f"input_ids holds {ids.shape[0]} sequences: send one request per prompt")
     return problems

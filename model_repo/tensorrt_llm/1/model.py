@@ -35,7 +35,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
 from guided import Grammars
-from inputs import embedding_bias, flag, refusals, scalar, tensor, text, word_list
+from inputs import Row, batch_size, embedding_bias, flag, refusals, scalar, tensor, text, word_list
 from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
 from reference_runtime.failures import (
@@ -173,6 +173,12 @@ class TritonPythonModel:
             beam_width = int(scalar(request, "beam_width", 1))
             # beam search returns num_return_sequences of its beams, all of them by default
             count = int(scalar(request, "num_return_sequences", beam_width))
+            batch = batch_size(request)
+            if batch > 1 and (beam_width > 1 or not self.decoupled):
+                problems.append(
+                    f"a request of {batch} prompts needs a decoupled engine model (triton.streaming=true) and "
+                    "beam_width=1 here: each prompt answers with its own responses (batch_index)"
+                )
             if not 1 <= count <= MAX_RETURN_SEQUENCES:
                 problems.append(f"num_return_sequences={count} must lie in 1..{MAX_RETURN_SEQUENCES}")
             elif count > 1 and beam_width == 1 and not self.decoupled:
@@ -182,7 +188,8 @@ class TritonPythonModel:
                 )
             if problems:
                 raise ValueError("; ".join(problems))
-            parsed = self._request(request)
+            prompts = [self._request(Row(request, row, batch)) for row in range(batch)]
+            parsed = prompts[0]
             if parsed.return_context_logits and self.scheduler is None:
                 raise ValueError("return_context_logits needs in-flight batching (triton.cpu_batching=inflight)")
         except Exception as error:
@@ -195,25 +202,28 @@ class TritonPythonModel:
             num_input_tokens=flag(request, "return_num_input_tokens"),
             num_output_tokens=flag(request, "return_num_output_tokens"),
             indexed=count > 1 and beam_width == 1,
+            batched=batch > 1,
             beam_width=beam_width,
             length_penalty=float(scalar(request, "len_penalty", 1.0)),
             early_stopping=int(scalar(request, "early_stopping", 1)),
             beams_returned=min(count, beam_width),
         )
         if beam_width > 1:  # one search answers with its beams
-            return _Reply(sender, options, [parsed])
-        # n samples of one prompt: sequence i draws from seed + i (wrapped into the seed's range),
+            return _Reply(sender, options, [parsed], [(0, 0)])
+        # n samples of each prompt: sequence i draws from seed + i (wrapped into the seed's range),
         # so the n differ and repeat
-        copies = [
-            replace(parsed, seed=None if parsed.seed is None else (parsed.seed + i) % SEED_RANGE) if i else parsed
-            for i in range(count)
-        ]
+        copies, positions = [], []
+        for row, prompt in enumerate(prompts):
+            for i in range(count):
+                seed = None if prompt.seed is None else (prompt.seed + i) % SEED_RANGE
+                copies.append(replace(prompt, seed=seed) if i else prompt)
+                positions.append((row, i))
         try:
             guide = self._guide(request)
         except ValueError as error:
             _send_error(sender, str(error))
             return None
-        reply = _Reply(sender, options, copies)
+        reply = _Reply(sender, options, copies, positions)
         reply.guide = guide
         return reply
 
@@ -379,6 +389,7 @@ class Options:
     num_input_tokens: bool
     num_output_tokens: bool
     indexed: bool  # num_return_sequences > 1: every response names its sequence
+    batched: bool = False  # several prompts in one request: every response names its prompt (batch_index)
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: int = 1
@@ -394,9 +405,12 @@ class _Reply:
     sequence answers with its own responses (one per token when streaming), and the request closes
     when the last of them ends, or at the first error."""
 
-    def __init__(self, sender: Any, options: Options, requests: list[Request]):
+    def __init__(self, sender: Any, options: Options, requests: list[Request], positions: list[tuple[int, int]]):
+        """``positions``: each sequence's prompt (batch index) and sample (sequence index)."""
         self.sender, self.options = sender, options
-        self.clients = [_Client(self, request, index) for index, request in enumerate(requests)]
+        self.clients = [
+            _Client(self, request, index, row) for request, (row, index) in zip(requests, positions, strict=True)
+        ]
         self.open = len(requests)
         self.closed = False
         self.siblings: list[Any] = []  # the scheduler's sequences, cancelled when one fails
@@ -450,8 +464,8 @@ class _Reply:
 class _Client:
     """One sequence of a request: hands its tokens and its end to the request's reply."""
 
-    def __init__(self, reply: _Reply, parsed: Request, index: int):
-        self.reply, self.parsed, self.index = reply, parsed, index
+    def __init__(self, reply: _Reply, parsed: Request, index: int, row: int = 0):
+        self.reply, self.parsed, self.index, self.row = reply, parsed, index, row
         self.answered = False
         self.cum_log_prob = 0.0
 
@@ -465,6 +479,8 @@ class _Client:
             tensors.append(pb_utils.Tensor("generation_logits", torch.stack(logits)[None, None].numpy()))
         if self.reply.options.indexed:
             tensors.append(pb_utils.Tensor("sequence_index", _int32(self.index)))
+        if self.reply.options.batched:
+            tensors.append(pb_utils.Tensor("batch_index", _int32(self.row)))
         return tensors
 
     def token(self, token: int, result: Result) -> None:

@@ -141,10 +141,19 @@ def _int32(value: int) -> np.ndarray:
     return np.array([[value]], dtype=np.int32)
 
 
-def _index(engine_response: Any) -> int:
-    """The response's sequence (num_return_sequences > 1), 0 for a single one."""
-    index = pb_utils.get_output_tensor_by_name(engine_response, "sequence_index")
-    return 0 if index is None else int(index.as_numpy().reshape(-1)[0])
+def _output_int(engine_response: Any, name: str) -> int:
+    found = pb_utils.get_output_tensor_by_name(engine_response, name)
+    return 0 if found is None else int(found.as_numpy().reshape(-1)[0])
+
+
+def _index(engine_response: Any) -> tuple[int, int]:
+    """Which stream a response belongs to: its prompt (batch_index, for a request of several) and
+    its sequence (sequence_index, num_return_sequences > 1); (0, 0) for a single one."""
+    return _output_int(engine_response, "batch_index"), _output_int(engine_response, "sequence_index")
+
+
+def _stream(stream_key: str, index: tuple[int, int]) -> str:
+    return f"{stream_key}-{index[0]}-{index[1]}"
 
 
 def _count(engine_response: Any) -> Any:
@@ -186,7 +195,7 @@ class TritonPythonModel:
         (``stream_key`` and the sequence's index), so no character is split between two responses."""
         tokens = pb_utils.get_output_tensor_by_name(engine_response, "output_ids").as_numpy()
         if stream_key is not None:
-            stream_key = f"{stream_key}-{_index(engine_response)}"
+            stream_key = _stream(stream_key, _index(engine_response))
         lengths = pb_utils.get_output_tensor_by_name(engine_response, "sequence_length").as_numpy()
         inputs = [pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)]
         if stream_key is not None:
@@ -244,7 +253,7 @@ class TritonPythonModel:
                 with self.watch_lock:
                     self.watched[engine_id] = request
             ended = False  # the engine's request sent its last response
-            counts: dict[int, Any] = {}  # streamed sequences -> their output count (on their last response)
+            counts: dict[tuple[int, int], Any] = {}  # streamed sequences -> their output count (on their last response)
             try:
                 responses = iter(engine.exec(decoupled=True) if self.engine_decoupled else [engine.exec()])
                 for response in responses:
@@ -285,7 +294,7 @@ class TritonPythonModel:
                 reply = pb_utils.TritonError(str(error))
             sender.send(pb_utils.InferenceResponse(error=reply), flags=FINAL)
 
-    def _flush(self, sender: Any, stream_key: str, index: int, count: Any) -> None:
+    def _flush(self, sender: Any, stream_key: str, index: tuple[int, int], count: Any) -> None:
         """End a stream's detokenization: a character cut short by max_tokens was held back
         waiting for bytes that never come. It goes out as U+FFFD, so the pieces concatenate to the
         unstreamed text; the response repeats the sequence's output count, so a client counting
@@ -293,7 +302,7 @@ class TritonPythonModel:
         inputs = [
             pb_utils.Tensor("TOKENS_BATCH", np.zeros((1, 1, 0), dtype=np.int32)),
             pb_utils.Tensor("SEQUENCE_LENGTH", np.zeros((1, 1), dtype=np.int32)),
-            pb_utils.Tensor("STREAM_KEY", np.array([[f"{stream_key}-{index}".encode()]], dtype=object)),
+            pb_utils.Tensor("STREAM_KEY", np.array([[_stream(stream_key, index).encode()]], dtype=object)),
             pb_utils.Tensor("STREAM", np.array([[True]])),
             pb_utils.Tensor("STREAM_END", np.array([[True]])),
         ]
@@ -301,7 +310,8 @@ class TritonPythonModel:
         text = pb_utils.get_output_tensor_by_name(_checked(post.exec()), "OUTPUT").as_numpy()
         if not b"".join(text.reshape(-1)):
             return
-        outputs = [pb_utils.Tensor("text_output", text), pb_utils.Tensor("sequence_index", _int32(index))]
+        outputs = [pb_utils.Tensor("text_output", text), pb_utils.Tensor("sequence_index", _int32(index[1]))]
+        outputs.append(pb_utils.Tensor("batch_index", _int32(index[0])))
         if count is not None:
             outputs.append(pb_utils.Tensor("num_output_tokens", count))
         sender.send(pb_utils.InferenceResponse(outputs))
