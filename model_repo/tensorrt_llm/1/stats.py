@@ -19,37 +19,27 @@ import triton_python_backend_utils as pb_utils
 PERIOD_S = 1.0  # upstream publishes its iteration stats about as often
 
 
+def _gauges(name: str, description: str) -> Any:
+    return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+
+
 class EngineStats:
     """A thread that copies the scheduler's counters into Triton's metrics every PERIOD_S."""
 
     def __init__(self, scheduler: Any, model: str, version: str) -> None:
         self.scheduler = scheduler
         labels = {"model": model, "version": version}
-        blocks = pb_utils.MetricFamily(
-            name="nv_trt_llm_kv_cache_block_metrics",
-            description="TRT LLM KV cache block metrics",
-            kind=pb_utils.MetricFamily.GAUGE,
+        blocks = _gauges("nv_trt_llm_kv_cache_block_metrics", "TRT LLM KV cache block metrics")
+        requests = _gauges("nv_trt_llm_request_metrics", "TRT LLM request metrics")
+        resident = _gauges(
+            "pipeline_kv_cache_resident_bytes",
+            "Bytes of the KV cache pool written at least once (resident in host memory)",
         )
-        requests = pb_utils.MetricFamily(
-            name="nv_trt_llm_request_metrics",
-            description="TRT LLM request metrics",
-            kind=pb_utils.MetricFamily.GAUGE,
+        heartbeat = _gauges(
+            "pipeline_scheduler_heartbeat_seconds",
+            "Unix time of the in-flight scheduler loop's last beat (a stalled loop stops beating)",
         )
-        resident = pb_utils.MetricFamily(
-            name="pipeline_kv_cache_resident_bytes",
-            description="Bytes of the KV cache pool written at least once (resident in host memory)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        heartbeat = pb_utils.MetricFamily(
-            name="pipeline_scheduler_heartbeat_seconds",
-            description="Unix time of the in-flight scheduler loop's last beat (a stalled loop stops beating)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        alive = pb_utils.MetricFamily(
-            name="pipeline_scheduler_alive",
-            description="1 while the in-flight scheduler's thread runs and beats, else 0",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
+        alive = _gauges("pipeline_scheduler_alive", "1 while the in-flight scheduler's thread runs and beats, else 0")
         # a family must outlive its metrics: kept here with them
         self.families = (blocks, requests, resident, heartbeat, alive)
         self.heartbeat: Any = heartbeat.Metric(labels=labels)
