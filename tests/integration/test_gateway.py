@@ -28,7 +28,8 @@ KEY = "sk-test-gateway-key-0123"
 def api(served: Served) -> Iterator[str]:
     (port,) = free_ports(1)
     config = OpenAIConfig(port=port)
-    settings = gateway.settings_for(config, served.final / "repository", MODEL, served.server.grpc_url)
+    repository = served.final / "repository"
+    settings = gateway.settings_for(config, repository, MODEL, served.server.grpc_url, served.server.metrics_url)
     running = gateway.start(config, "127.0.0.1", settings)
     yield running.url
     running.stop()
@@ -173,7 +174,8 @@ def test_an_api_key_is_required_when_set(served: Served, monkeypatch: pytest.Mon
     (port,) = free_ports(1)
     config = OpenAIConfig(port=port, api_key_env="TEST_GATEWAY_KEY")
     monkeypatch.setenv("TEST_GATEWAY_KEY", KEY)
-    settings = gateway.settings_for(config, served.final / "repository", MODEL, served.server.grpc_url)
+    repository = served.final / "repository"
+    settings = gateway.settings_for(config, repository, MODEL, served.server.grpc_url, served.server.metrics_url)
     running = gateway.start(config, "127.0.0.1", settings)
     try:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
