@@ -27,7 +27,7 @@ def test_the_grammar_cache_is_bounded_and_a_huge_guide_is_refused(tiny_checkpoin
     guided = _guided()
     grammars = guided.Grammars(tiny_checkpoint, 128)
     schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(4000)}}
-    with pytest.raises(ValueError, match="guided_decoding_guide is .* bytes; at most 65536"):
+    with pytest.raises(ValueError, match=r"guided_decoding_guide is .* bytes; at most 65536"):
         grammars.compile("json_schema", json.dumps(schema))
     grammars.compile("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
     _, compiler = grammars._load()
