@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, StageError
 from pipeline.tracking import manifest
+from pipeline.tracking.store import reachable
 from pipeline.workspace import locked
 
 log = logging.getLogger(__name__)
@@ -106,19 +107,6 @@ def promote(client: Any, name: str, alias: str, version: str | None = None, run:
     return version
 
 
-def _reachable(tracking_uri: str, timeout_s: float = 5.0) -> bool:
-    """Whether an HTTP tracking server answers at all (MLflow's client would retry for minutes)."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return True
-    import requests
-
-    try:
-        requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
-    except requests.RequestException:
-        return False
-    return True
-
-
 def _parse(model_uri: str) -> tuple[str, str | None, str | None]:
     """(name, alias, version) of a models:/ URI, checked before anything is asked or written."""
     if not model_uri.startswith("models:/"):
@@ -185,7 +173,7 @@ def download(model_uri: str, tracking_uri: str, into: Path) -> Path:
 
     name, alias, number = _parse(model_uri)
     base = into / name
-    if not _reachable(tracking_uri):
+    if not reachable(tracking_uri):
         return _offline(base, model_uri, alias, number)
     client = mlflow.MlflowClient(tracking_uri)  # the registry is the tracking server's
     try:

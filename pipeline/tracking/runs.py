@@ -34,6 +34,7 @@ from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
 from pipeline.tracking import registry
+from pipeline.tracking.store import reachable
 from pipeline.workspace import MANIFEST, installed_version, locked
 
 log = logging.getLogger(__name__)
@@ -289,16 +290,19 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
         except BaseException as error:
             job_log.write_text(redact(job_log.read_text()))
             stopped_by = _stopper(error) if isinstance(error, KeyboardInterrupt) else None  # say which signal
-            _end_failed(client, cfg.workdir_path, run_id, job_log, stopped_by)
+            _end_failed(client, cfg, run_id, job_log, stopped_by)
             raise
         client.log_artifact(run_id, str(job_log))
         client.set_terminated(run_id, status="FINISHED")
 
 
-def _end_failed(client: Any, workdir: Path, run_id: str, job_log: Path, stopped_by: str | None) -> None:
+def _end_failed(client: Any, cfg: PipelineConfig, run_id: str, job_log: Path, stopped_by: str | None) -> None:
     """Mark the run FAILED, best effort: the job's own error is what the user must see, and a
-    tracking server that is gone must not hide it behind minutes of retries and a traceback."""
+    tracking server that is gone must not hide it behind retries and a traceback."""
+    workdir = cfg.workdir_path
     try:
+        if not reachable(tracking_uri(cfg), timeout_s=2):
+            raise ConnectionError("the tracking server does not answer")
         client.log_artifact(run_id, str(job_log))
         if stopped_by:
             client.set_tag(run_id, "pipeline.stopped_by", stopped_by)

@@ -572,7 +572,7 @@ def test_a_short_soak_with_a_burst_of_dropped_streams(served: Served) -> None:
     the suite's flood, and the next test stops the server it leaves."""
     # the burst comes early, so that probes go on after it; idle request threads of the BLS pool
     # end after 3 s, before the server is measured again
-    result = soak.run(served.server, seconds=10, streams=8, burst=60, settle_s=4, burst_after_s=2)
+    result = soak.run(served.server, seconds=6, streams=8, burst=60, settle_s=4, burst_after_s=1)
     assert served.server.alive(), served.log.read_text()[-2000:]
     assert result["errors"] == 0, result["error_examples"]
     assert result["completed"] > 0
