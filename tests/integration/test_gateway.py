@@ -170,6 +170,39 @@ def test_a_client_that_disconnects_cancels_its_triton_request(api: str, served: 
     assert served.log.read_text().count("request cancelled: after") == before + 1
 
 
+def test_a_non_streamed_request_whose_client_left_is_cancelled(api: str, served: Served) -> None:
+    """uvicorn does not cancel a handler whose client left: the gateway watches for the disconnect
+    and cancels the generation (a timed-out SDK call would otherwise run on, and be retried)."""
+    import socket
+
+    before = served.log.read_text().count("request cancelled: after")
+    host, port = api.removeprefix("http://").removesuffix("/v1").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "Count:", "max_tokens": 400, "ignore_eos": True}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1.5)  # the request is generating
+    deadline = time.monotonic() + 40
+    while served.log.read_text().count("request cancelled: after") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served.log.read_text().count("request cancelled: after") == before + 1
+
+
+def test_a_request_past_its_deadline_is_a_504_and_triton_cancels_it(served: Served) -> None:
+    (port,) = free_ports(1)
+    config = OpenAIConfig(port=port, request_timeout_s=1.0)
+    settings = gateway.settings_for(config, served.final / "repository", MODEL, served.server.grpc_url)
+    running = gateway.start(config, "127.0.0.1", settings)
+    try:
+        started = time.monotonic()
+        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 400, "ignore_eos": True}
+        status, text = _post(f"{running.url}/completions", body)
+        assert status == 504 and json.loads(text)["error"]["code"] == "timeout", text
+        assert time.monotonic() - started < 10
+    finally:
+        running.stop()
+
+
 def test_an_api_key_is_required_when_set(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     (port,) = free_ports(1)
     config = OpenAIConfig(port=port, api_key_env="TEST_GATEWAY_KEY")

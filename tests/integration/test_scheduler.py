@@ -415,3 +415,18 @@ def test_returned_logits_count_against_a_budget(model: Any) -> None:
     _run(budgeted, [first])
     assert first.result is not None and len(first.result.generation_logits) == 6
     assert budgeted.logits_reserved == 0
+
+
+def test_a_stalled_loop_is_not_alive_and_refuses_new_requests(model: Any, monkeypatch: Any) -> None:
+    from pipeline.runtime import scheduler as module
+
+    live = scheduler(model)
+    live.start()
+    try:
+        assert live.alive()
+        monkeypatch.setattr(module, "STALL_S", -1.0)  # every beat is now older than the stall limit
+        client = Client()
+        client.submit(live, Request(PROMPTS[0]))
+        assert not live.alive() and client.error and "not running" in client.error
+    finally:
+        live.stop()
