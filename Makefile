@@ -42,8 +42,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(PY) -m pipeline build
 
+# The unit tests on both cores (they are independent of each other, as make test-fast runs them),
+# then the integration tests on one worker: they share a Triton server and model fixtures built
+# once, and some measure how the server behaves under load
 test: venv aiperf
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 tests/unit
+	$(PY) -m pytest tests/integration tests/gpu
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
 # full quantize matrix) and gpu, on two workers (these tests spend much of their time in
