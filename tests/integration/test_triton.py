@@ -252,6 +252,7 @@ POISONS = [
     ({"input_ids": [1] * 2049}, "2049 input tokens exceed the engine's max_input_len=2048"),
     ({"repetition_penalty": 1e-40}, "must lie in [0.001, 1000]"),
     ({"temperature": 0.5, "frequency_penalty": -1e38}, "must lie in [-1000, 1000]"),
+    ({"input_lengths": -3}, "input_lengths=-3 must lie in"),
     ({"seed": 2**64 - 1, "temperature": 1e-40, "runtime_top_p": 1.0}, None),  # greedy, in range: answered
 ]
 
@@ -262,8 +263,9 @@ def test_poisoned_requests_fail_alone_in_their_batch(served: Served) -> None:
     ids = served.chat_ids(QUESTION)
     good = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 8}
     bad = [{**good, **poison} for poison, _ in POISONS]
-    for body in bad:
-        body["input_lengths"] = len(body["input_ids"])
+    for body, (poison, _) in zip(bad, POISONS, strict=True):
+        if "input_lengths" not in poison:
+            body["input_lengths"] = len(body["input_ids"])
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda body: served.post("/v2/models/tensorrt_llm/generate", body), bad + [good] * 5))
     for (status, text), (_, message) in zip(replies, POISONS, strict=False):

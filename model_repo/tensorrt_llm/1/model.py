@@ -142,6 +142,8 @@ class TritonPythonModel:
         assert ids is not None  # refusals() checked it
         ids = ids.reshape(-1)
         length = int(scalar(request, "input_lengths", len(ids)))
+        if not 1 <= length <= len(ids):  # a negative length would silently cut the prompt
+            raise ValueError(f"input_lengths={length} must lie in 1..{len(ids)} (the ids sent)")
         seed = scalar(request, "seed", None)
         return Request(
             input_ids=ids[:length].tolist(),
