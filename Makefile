@@ -42,12 +42,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(PY) -m pipeline build
 
-# The unit tests on both cores (they are independent of each other, as make test-fast runs them),
-# then the integration tests on one worker: they share a Triton server and model fixtures built
-# once, and some measure how the server behaves under load
+# make test runs in two parts. First, on both cores, the tests that share nothing costly: the unit
+# tests (make test-fast runs them the same way) and the integration modules that need only the
+# tiny model and a tracking server. Then, on one worker, the rest: they share a Triton server and
+# the embedded model's stages, built once, and some measure the server under load.
+PARALLEL_TESTS := tests/unit tests/integration/test_fetch_hub.py tests/integration/test_fetch_local.py \
+	tests/integration/test_launchers.py tests/integration/test_tracking_outage.py tests/integration/test_registry.py
+
 test: venv aiperf
-	$(PY) -m pytest -n 2 tests/unit
-	$(PY) -m pytest tests/integration tests/gpu
+	$(PY) -m pytest -n 2 $(PARALLEL_TESTS)
+	$(PY) -m pytest tests/integration tests/gpu $(addprefix --ignore=,$(PARALLEL_TESTS))
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
 # full quantize matrix) and gpu, on two workers (these tests spend much of their time in
