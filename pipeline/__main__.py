@@ -109,11 +109,18 @@ def refuse_interpolation(overrides: Sequence[str]) -> None:
     """``${oc.env:HF_TOKEN}`` and other resolvers would copy the environment into the printed and
     recorded config: values on the command line are taken literally or not at all."""
     for override in overrides:
+        key = override.split("=", 1)[0]
         if "${" in override:
             raise ConfigError(
-                f"{override.split('=', 1)[0]}: overrides cannot use ${{...}} interpolation (it can read the "
+                f"{key}: overrides cannot use ${{...}} interpolation (it can read the "
                 "environment into logs and the MLflow store); give the value itself"
             )
+        if "$(" in override:  # the kubelet expands $(VAR) in the args of the manifests' containers
+            raise ConfigError(
+                f"{key}: overrides cannot hold $(...) (Kubernetes would expand it); give the value itself"
+            )
+        if "\n" in override or "\r" in override:  # a line of its own in a SLURM batch script
+            raise ConfigError(f"{key}: an override cannot hold a line break; give the value on one line")
 
 
 @contextlib.contextmanager

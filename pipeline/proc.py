@@ -61,10 +61,21 @@ STOP_GRACE_S = 15.0  # the most a stop waits before SIGKILL: SIGTERM and Ctrl-C 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _libc_prctl() -> Any:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+# resolved here, in the parent: between fork and exec the child only calls it (loading a library
+# there, in a process with threads, can deadlock on a lock another thread held at the fork)
+_PRCTL = _libc_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the parent dies (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -74,6 +74,20 @@ def test_prompts_and_calibration_files_are_checked_line_by_line(tmp_path: Path) 
     assert "is not a .txt or .jsonl file" in _refusal("quant=fp8", f"quant.calib.dataset={csv}")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tracking.experiment=$(MLFLOW_TRACKING_PASSWORD)", "Kubernetes would expand it"),
+        ("hydra.launcher.partition=gpu\n#SBATCH --wrap=evil", "cannot hold a line break"),
+    ],
+)
+def test_overrides_that_manifests_or_batch_scripts_would_execute_are_refused(override: str, message: str) -> None:
+    from pipeline.__main__ import refuse_interpolation
+
+    with pytest.raises(ConfigError, match=message):
+        refuse_interpolation([override])
+
+
 @pytest.mark.slow  # the whole CLI in this process
 def test_interpolation_in_an_override_is_refused(tmp_path: Path) -> None:
     result = cli("plan", f"workdir={tmp_path}", "tracking.experiment=${oc.env:HF_TOKEN}", env={"HF_TOKEN": "hf_x" * 4})
