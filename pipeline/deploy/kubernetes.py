@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import REPO_ENGINE_DIR
-from pipeline.config.schema import PipelineConfig, served_model_name
+from pipeline.config.schema import Backend, PipelineConfig, served_model_name
 
 MOUNT = "/models/repo"
 REGISTRY_WORKDIR = "/models"  # model_uri: the init container pulls the version here, serve reads it
@@ -43,16 +43,22 @@ def _name(cfg: PipelineConfig) -> str:
 PROBE_TIMEOUT_S = 5  # a saturated CPU pod answers health slowly: Kubernetes' default of 1 s restarts it
 
 
+def has_gateway(cfg: PipelineConfig) -> bool:
+    """Whether ``serve`` starts the OpenAI gateway in the pod: it speaks to the engine path's
+    models, so not beside a backend=pytorch (LLM-API) repository, whose pods Triton alone serves."""
+    return cfg.openai.enabled and cfg.backend is not Backend.pytorch
+
+
 def gateway_only(cfg: PipelineConfig) -> bool:
     """Whether the gateway is the pod's only way in (Triton on loopback, its ports unpublished)."""
-    return cfg.openai.enabled and not cfg.openai.expose_triton
+    return has_gateway(cfg) and not cfg.openai.expose_triton
 
 
 def _ports(cfg: PipelineConfig) -> dict[str, int]:
     """The ports the pod publishes, the first one the one a single-port frontend routes."""
     triton = cfg.triton
     ports = {} if gateway_only(cfg) else {"http": triton.http_port, "grpc": triton.grpc_port}
-    if cfg.openai.enabled:
+    if has_gateway(cfg):
         ports = {"openai": cfg.openai.port, **ports}
     return {**ports, "metrics": triton.metrics_port}
 
@@ -60,7 +66,7 @@ def _ports(cfg: PipelineConfig) -> dict[str, int]:
 def notes(cfg: PipelineConfig) -> list[str]:
     """What an operator must know before applying the manifests (also written into them)."""
     said = []
-    if cfg.openai.enabled and cfg.openai.allow_unauthenticated:
+    if has_gateway(cfg) and cfg.openai.allow_unauthenticated:
         said.append(
             "the OpenAI API takes requests without a key unless the Secret "
             f"{_name(cfg)}-openai (key api-key) exists: anyone who reaches the Service can use the model"
@@ -68,7 +74,8 @@ def notes(cfg: PipelineConfig) -> list[str]:
     if not gateway_only(cfg):
         said.append(
             "Triton's HTTP and gRPC ports are published: they take no API key and serve every model "
-            "(set openai.enabled=true with openai.expose_triton=false to keep them inside the pod)"
+            "(with the OpenAI gateway, openai.expose_triton=false keeps them inside the pod; backend=pytorch "
+            "repositories have no gateway yet)"
         )
     return said
 
@@ -110,7 +117,7 @@ def _container(
     host = "127.0.0.1" if gateway_only(cfg) else "0.0.0.0"
     args = ["serve", *_source_args(model_uri), f"target={cfg.target.name}", f"triton.host={host}"]
     args += [f"triton.{k}_port={getattr(triton, f'{k}_port')}" for k in ("http", "grpc", "metrics")]
-    if cfg.openai.enabled:  # the OpenAI-compatible API beside Triton, under the model's name
+    if has_gateway(cfg):  # the OpenAI-compatible API beside Triton, under the model's name
         args += ["openai.host=0.0.0.0", f"openai.port={cfg.openai.port}"]
         args += [f"openai.served_model_name={served_model_name(cfg)}"]
     container: dict[str, Any] = {
@@ -127,14 +134,14 @@ def _container(
         ],
     }
     env = _tracking_env() if model_uri else []
-    if cfg.openai.enabled:
+    if has_gateway(cfg):
         # the gateway's API key: the pod does not start without its Secret, unless that is meant
         optional = cfg.openai.allow_unauthenticated
         secret = {"name": f"{_name(cfg)}-openai", "key": "api-key", "optional": optional}
         env.append({"name": cfg.openai.api_key_env, "valueFrom": {"secretKeyRef": secret}})
     if env:
         container["env"] = env
-    if cfg.openai.enabled:  # the gateway's /health fails when the engine's scheduler stalls or dies
+    if has_gateway(cfg):  # the gateway's /health fails when the engine's scheduler stalls or dies
         container["livenessProbe"] = {
             "httpGet": {"path": "/health", "port": "openai"},
             "periodSeconds": 30,
