@@ -66,7 +66,7 @@ fuzz: venv
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-1000} $(PY) -m pytest -p no:randomly -s -q \
 		tests/unit/test_gateway_fuzz.py tests/integration/test_scheduler_fuzz.py
 
-# ruff (style), import-linter (the one-way layers in pyproject.toml) and mypy (types of pipeline/)
+# ruff (style), import-linter (the one-way layers in pyproject.toml) and mypy (types of pipeline/ and benchmarks/)
 lint: venv
 	$(VENV)/bin/ruff check pipeline tests benchmarks model_repo
 	$(VENV)/bin/ruff format --check pipeline tests benchmarks model_repo
