@@ -29,9 +29,11 @@ RUN if [ "$BACKEND" = pytorch ]; then \
 RUN apt-get update -q=2 && apt-get install -y --no-install-recommends tini git && rm -rf /var/lib/apt/lists/*
 
 # backend=pytorch: upstream's LLM-API model (model.py, helpers.py) at the installed TensorRT-LLM's tag
+# (its version read from the package metadata: importing tensorrt_llm needs a GPU driver, which an
+# image build does not have)
 ENV PIPELINE_LLMAPI_MODEL_DIR=/opt/tensorrt_llm_llmapi/tensorrt_llm/1
 RUN if [ "$BACKEND" = pytorch ]; then \
-      v=$(python3 -c "import tensorrt_llm; print(tensorrt_llm.__version__)" | tail -1) \
+      v=$(python3 -c "from importlib.metadata import version; print(version('tensorrt_llm'))") \
       && git clone --quiet --depth 1 --branch "v$v" --filter=blob:none --sparse https://github.com/NVIDIA/TensorRT-LLM.git /tmp/trtllm \
       && git -C /tmp/trtllm sparse-checkout set triton_backend/all_models/llmapi \
       && mkdir -p /opt/tensorrt_llm_llmapi \
@@ -49,15 +51,18 @@ COPY model_repo ./model_repo
 # TensorRT-LLM pins) stay exactly as they are: every installed version becomes a constraint, so pip
 # adds only what the container lacks, in versions that fit, and fails rather than upgrade one. The
 # quantize recipes work with both ModelOpt config schemas (pipeline/stages/quantize/recipes.py). `pip check`
-# fails the build on any remaining conflict.
+# fails the build on a conflict the install introduced; NGC images may carry conflicts of their own,
+# taken before the install and left alone.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN pip list --format=freeze > /tmp/container-packages.txt \
+ && (pip check > /tmp/conflicts-before.txt || true) \
  && pip install --no-cache-dir --no-deps -e . \
  && pip install --no-cache-dir --constraint /tmp/container-packages.txt \
         "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" "gguf>=0.10" psutil tqdm pyyaml \
         "tritonclient[grpc,http]>=2.51" "mlflow>=3.7" \
         "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "requests>=2.31" "datasets>=3" \
- && pip check
+ && (pip check > /tmp/conflicts-after.txt || true) \
+ && ! grep -v "^No broken requirements" /tmp/conflicts-after.txt | grep -vxF -f /tmp/conflicts-before.txt
 
 # Triton's HTTP, gRPC and metrics ports, and the OpenAI-compatible API (`serve`, openai.port)
 EXPOSE 8000 8001 8002 9000

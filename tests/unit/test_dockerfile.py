@@ -30,7 +30,9 @@ def test_container_packages_are_kept_and_conflicts_fail_the_build() -> None:
     install = DOCKERFILE[DOCKERFILE.index("RUN pip list") :].split("\n\n")[0]
     assert "pip list --format=freeze > /tmp/container-packages.txt" in install
     assert "--constraint /tmp/container-packages.txt" in install
-    assert install.rstrip().endswith("pip check")
+    # a conflict the install introduced fails the build; the container's own are taken first
+    assert "(pip check > /tmp/conflicts-before.txt || true)" in install.split("pip install")[0]
+    assert install.rstrip().endswith("grep -vxF -f /tmp/conflicts-before.txt")
     assert "modelopt" not in install  # TensorRT-LLM's own pin stays
 
 
