@@ -20,7 +20,9 @@ import yaml
 from pipeline.config.schema import PipelineConfig, SchedulerPolicy
 
 PINNED = "1.3"  # the release line these names were checked against
-MIN_VERSION = (1, 0)  # the LLM API runs the PyTorch backend from 1.0 on
+# the line whose LLM API, model.yaml and Triton LLM-API model this path was written to (the
+# Dockerfile's BACKEND=pytorch check refuses older images with the same floor)
+MIN_VERSION = (1, 3)
 # LLM(...) arguments this pipeline writes, and the fields of the nested configs it fills, as the
 # pinned version names them
 LLM_ARGS = {
@@ -147,5 +149,5 @@ def version_problem(version: str | None) -> str | None:
     except ValueError:
         return None  # a development build: let the LLM API judge
     if release < MIN_VERSION:
-        return f"TensorRT-LLM {version} predates the PyTorch backend's LLM API (1.0): {fix}"
+        return f"TensorRT-LLM {version} predates the PyTorch backend path this pipeline serves (1.3): {fix}"
     return None

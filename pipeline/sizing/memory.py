@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from pipeline.config.schema import Architecture, KVCacheDType, PipelineConfig, QuantFormat
+from pipeline.config.schema import Architecture, Backend, KVCacheDType, PipelineConfig, QuantFormat
 from pipeline.sizing import rules
 from pipeline.tables import aligned
 
@@ -195,10 +195,7 @@ def quantize_placement(cfg: PipelineConfig) -> str:
     memory = quantize_memory(cfg)
     if not cfg.target.is_gpu:
         size = f" (about {memory[0]:.1f} GiB)" if memory else ""
-        return (
-            f"loads the model on the CPU in float32{size}, calibrates with ModelOpt, "
-            f"exports tp={cfg.parallel.tp} pp={cfg.parallel.pp}"
-        )
+        return f"loads the model on the CPU in float32{size}, calibrates with ModelOpt, {_export(cfg)}"
     gpus = max(1, cfg.target.count)
     if memory is None:
         spread = f"on the first GPU, or spread over the host's {gpus} GPUs when it does not fit one"
@@ -210,10 +207,14 @@ def quantize_placement(cfg: PipelineConfig) -> str:
             f"spread over the host's {gpus} GPUs (device map over whole decoder layers, about "
             f"{memory[0]:.0f} GiB of {cfg.model.dtype} weights, {per_gpu:.1f} GiB per GPU)"
         )
-    return (
-        f"loads the model in {cfg.model.dtype} {spread}, calibrates with ModelOpt, "
-        f"exports tp={cfg.parallel.tp} pp={cfg.parallel.pp}"
-    )
+    return f"loads the model in {cfg.model.dtype} {spread}, calibrates with ModelOpt, {_export(cfg)}"
+
+
+def _export(cfg: PipelineConfig) -> str:
+    parallel = f"tp={cfg.parallel.tp} pp={cfg.parallel.pp}"
+    if cfg.backend is Backend.pytorch:  # one checkpoint for any layout: the LLM API shards it as it loads
+        return f"exports one unified Hugging Face checkpoint (the LLM API shards it for {parallel} as it loads)"
+    return f"exports {parallel}"
 
 
 def quantize_memory_problem(cfg: PipelineConfig) -> str | None:

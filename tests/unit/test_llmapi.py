@@ -142,13 +142,15 @@ def test_the_quantize_fingerprint_of_the_pytorch_backend_ignores_parallelism(tmp
 
 
 @pytest.mark.parametrize(
-    ("version", "refused"), [(None, "needs the tensorrt_llm package"), ("0.21.0", "predates"), ("1.3.0", None)]
+    ("version", "refused"),
+    [(None, "needs the tensorrt_llm package"), ("0.21.0", "predates"), ("1.2.1", "predates"), ("1.3.0", None)],
 )
-def test_the_pytorch_backend_needs_the_llm_api_of_tensorrt_llm_1_0_or_newer(
+def test_the_pytorch_backend_needs_tensorrt_llm_1_3_as_the_dockerfile_does(
     version: str | None, refused: str | None
 ) -> None:
     problem = llmapi.version_problem(version)
     assert (problem is None) if refused is None else (refused in str(problem))
+    assert f"v >= {llmapi.MIN_VERSION}" in (Path(__file__).parents[2] / "Dockerfile").read_text()
 
 
 def test_launch_commands_of_the_llmapi_repository(tmp_path: Path) -> None:
@@ -203,3 +205,13 @@ def test_trtllm_serve_flags_are_options_of_the_pinned_version(tmp_path: Path) ->
     argv = llmapi.trtllm_serve_argv(cfg, tmp_path, tmp_path / llmapi.OPTIONS_FILE, "0.0.0.0", 8000)
     flags = [arg for arg in argv if arg.startswith("--")]
     assert flags and set(flags) <= llmapi.TRTLLM_SERVE_FLAGS
+
+
+def test_plan_of_the_pytorch_backend_shows_no_engine_build_and_one_unified_export(tmp_path: Path) -> None:
+    from pipeline.sizing import memory
+    from pipeline.stages.engine import stage as engine
+
+    cfg = validate.load([*PYTORCH_GPU, "parallel.tp=2"])
+    assert engine.command(cfg, {"quantize": tmp_path}, tmp_path, tmp_path) is None  # nothing for plan to print
+    placement = memory.quantize_placement(cfg)
+    assert "unified Hugging Face checkpoint" in placement and "shards it for tp=2 pp=1" in placement

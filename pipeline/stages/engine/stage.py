@@ -59,8 +59,9 @@ PRIVATE_TIMING_CACHE = "timing.cache"
 
 def command(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, workdir: Path) -> list[str] | None:
     """trtllm-build's argv. The timing cache it reads and rewrites is this build's own copy of the
-    shared one (``run`` publishes it back whole), so two builds at once never tear it."""
-    if not cfg.target.is_gpu:
+    shared one (``run`` publishes it back whole), so two builds at once never tear it. None where
+    nothing is built: the CPU target, and backend=pytorch (the LLM API loads the checkpoint)."""
+    if not cfg.target.is_gpu or cfg.backend is Backend.pytorch:
         return None
     cache = out / PRIVATE_TIMING_CACHE if cfg.build.timing_cache else None
     return trtllm.build_argv(cfg, inputs["quantize"] / CHECKPOINT, out / ENGINE, cache)
