@@ -41,6 +41,8 @@ def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineCo
     register_secret_env(cfg.openai.api_key_env)
     if cfg.target.kind is TargetKind.auto:
         cfg.target = hardware.detect()
+    # resolved once, so the recorded config and the fingerprints carry the number
+    cfg.triton.kv_cache_free_gpu_mem_fraction = cfg.kv_cache_fraction
     _architecture_from_checkpoint(cfg.model)
     problems = validate(cfg, check_memory)
     if problems:
@@ -210,7 +212,7 @@ def _triton_problems(cfg: PipelineConfig) -> list[str]:
     ports = [triton.http_port, triton.grpc_port, triton.metrics_port]
     if len(set(ports)) < 3 or not all(0 < p < 65536 for p in ports):
         problems.append(f"triton.http_port, grpc_port and metrics_port must be three distinct ports, not {ports}")
-    if not 0 < triton.kv_cache_free_gpu_mem_fraction <= 1:
+    if not 0 < cfg.kv_cache_fraction <= 1:
         problems.append("triton.kv_cache_free_gpu_mem_fraction must lie in (0, 1]")
     if min(triton.preprocessing_instances, triton.postprocessing_instances, triton.bls_instances) < 1:
         problems.append("triton.*_instances must be at least 1")

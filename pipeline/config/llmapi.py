@@ -79,7 +79,7 @@ def options(cfg: PipelineConfig) -> dict[str, Any]:
     """``LLM(**options)`` without ``model`` (each launcher says where the checkpoint is)."""
     build, triton = cfg.build, cfg.triton
     kv_cache: dict[str, Any] = {
-        "free_gpu_memory_fraction": triton.kv_cache_free_gpu_mem_fraction,
+        "free_gpu_memory_fraction": cfg.kv_cache_fraction,
         "enable_block_reuse": block_reuse(cfg),
         "tokens_per_block": build.tokens_per_block,
     }

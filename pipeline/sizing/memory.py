@@ -115,7 +115,7 @@ def plan_for(cfg: PipelineConfig, tp: int | None = None, pp: int | None = None) 
     activations = activation_bytes_per_gpu(arch, tp, build.max_num_tokens, build.max_batch_size)
     total_kv, rank_kv = kv_bytes_per_token(arch, tp, pp, cfg.quant.kv_cache_dtype)
     free = memory - weights - activations
-    kv_cache = max(0.0, free) * cfg.triton.kv_cache_free_gpu_mem_fraction
+    kv_cache = max(0.0, free) * cfg.kv_cache_fraction
     tokens = int(kv_cache // rank_kv) if rank_kv else 0
     sequences = tokens // build.max_seq_len
     if free <= 0:

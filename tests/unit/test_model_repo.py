@@ -212,6 +212,7 @@ def test_cpu_engine_model_gets_its_thread_count_and_the_engine_limit() -> None:
 
 def test_the_cpu_scheduler_reads_the_gpu_backends_parameter_names() -> None:
     overrides = ["triton.batch_scheduler_policy=max_utilization", "triton.max_tokens_in_paged_kv_cache=8192"]
+    overrides += ["triton.kv_cache_free_gpu_mem_fraction=0.8"]  # (its default differs: 0.95 GPU, 0.9 CPU)
     cpu = render.engine_parameters(validate.load(["target=cpu", "triton.cpu_max_num_tokens=16", *overrides]))
     gpu = render.engine_parameters(validate.load([*GPU, *overrides]))
     shared = ["batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction", "enable_chunked_context"]
@@ -220,7 +221,9 @@ def test_the_cpu_scheduler_reads_the_gpu_backends_parameter_names() -> None:
     assert cpu["max_tokens_in_paged_kv_cache"] == "8192" and cpu["batch_scheduler_policy"] == "max_utilization"
     assert cpu["max_num_tokens"] == "16" and cpu["tokens_per_block"] == "32" and cpu["batching"] == "inflight"
     assert cpu["context_chunk_tokens"] == "32"  # the scheduler caps it at max_num_tokens
-    assert "max_tokens_in_paged_kv_cache" not in render.engine_parameters(validate.load(["target=cpu"]))
+    default_cpu = render.engine_parameters(validate.load(["target=cpu"]))
+    assert "max_tokens_in_paged_kv_cache" not in default_cpu and default_cpu["kv_cache_free_gpu_mem_fraction"] == "0.9"
+    assert render.engine_parameters(validate.load(GPU))["kv_cache_free_gpu_mem_fraction"] == "0.95"
 
 
 @pytest.mark.parametrize(

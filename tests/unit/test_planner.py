@@ -61,8 +61,8 @@ def test_llama70b_fp8_fits_one_h100_and_tp2_gives_more_kv_room() -> None:
     one, two = memory.plan_for(cfg, 1, 1), memory.plan_for(cfg, 2, 1)
     assert one.fits and one.kv_bytes_per_token_per_gpu == 160 * KIB
     assert 60 < one.weights_gib_per_gpu < 70 and one.kv_cache_gib_per_gpu > 5
-    # what the KV cache gets: 90 % of what weights and activations leave
-    left = (79.6 - one.weights_gib_per_gpu - one.activations_gib_per_gpu) * 0.9
+    # what the KV cache gets: 95 % of what weights and activations leave (NVIDIA's benchmark setting)
+    left = (79.6 - one.weights_gib_per_gpu - one.activations_gib_per_gpu) * 0.95
     assert one.kv_cache_gib_per_gpu == pytest.approx(left)
     assert one.kv_tokens == int(left * GIB // (160 * KIB))
     assert two.kv_tokens > 5 * one.kv_tokens

@@ -7,7 +7,8 @@ NVIDIA's advice, applied when a switch is left null (the build-time flag guide a
 NVFP4 tuning guides): ``--gemm_plugin auto`` for 16-bit weights and off for FP8/NVFP4 (their own
 GEMM paths are faster); FP8 context FMHA only with FP8 on SM >= 89; ``--reduce_fusion`` for tp > 1,
 and with it ``--user_buffer`` for FP8 Llama on Hopper (the kernel exists for FP8 Llama only and
-fails on Ada); ``--norm_quant_fusion`` for NVFP4 Llama; multiple optimization profiles always;
+fails on Ada); ``--norm_quant_fusion`` for NVFP4 Llama without reduce fusion (at tp=1: the builder
+drops it otherwise); multiple optimization profiles always;
 one build worker per rank the target's GPUs allow, so ranks build in parallel. The latency preset
 adds Hopper's low-latency FP8 GEMM plugins, which the builder rejects on Blackwell.
 """
@@ -113,7 +114,11 @@ def switches(cfg: PipelineConfig) -> Switches:
         fp8_context_fmha=_advised(build.use_fp8_context_fmha, uses_fp8(cfg) and sm >= FP8_MIN_SM),
         reduce_fusion=reduce_fusion,
         user_buffer=_advised(build.user_buffer, reduce_fusion and fp8_on_hopper and is_llama(cfg)),
-        norm_quant_fusion=_advised(build.norm_quant_fusion, fmt is QuantFormat.nvfp4 and is_llama(cfg)),
+        # the builder keeps it only for NVFP4 Llama without reduce fusion (builder.py overrides it
+        # to False otherwise): advised at tp=1 only, where it takes effect
+        norm_quant_fusion=_advised(
+            build.norm_quant_fusion, fmt is QuantFormat.nvfp4 and is_llama(cfg) and not reduce_fusion
+        ),
         # both fuse or replace the FP8 GEMMs: never together with the regular GEMM plugin
         low_latency_gemm=build.fp8_low_latency_gemm and fp8_on_hopper and gemm is None,
         # each worker needs a GPU of its own on the build host

@@ -79,7 +79,7 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
     # what both targets read, under the backend's names
     shared = {
         "batch_scheduler_policy": str(triton.batch_scheduler_policy),
-        "kv_cache_free_gpu_mem_fraction": str(triton.kv_cache_free_gpu_mem_fraction),
+        "kv_cache_free_gpu_mem_fraction": str(cfg.kv_cache_fraction),
         "enable_chunked_context": _flag(triton.enable_chunked_context),
         "enable_kv_cache_reuse": _flag(kv_cache_reuse(cfg)),
         "exclude_input_in_output": _flag(triton.exclude_input_in_output),
