@@ -81,18 +81,13 @@ def mpirun_argv(triton: TritonConfig, repo: Path, world_size: int, binary: str =
 
 
 def llmapi_argv(triton: TritonConfig, repo: Path, world_size: int) -> list[str]:
-    """The LLM-API repository: one server; with world_size > 1 under ``trtllm-llmapi-launch``, which
-    runs it on rank 0 and makes the other ranks the LLM API's MPI workers."""
-    if world_size == 1:
-        return tritonserver_argv(triton, repo)
-    return [
-        "mpirun",
-        "--allow-run-as-root",
-        "-n",
-        str(world_size),
-        "trtllm-llmapi-launch",
-        *tritonserver_argv(triton, repo),
-    ]
+    """The LLM-API repository: one server under ``mpirun``, as upstream's launch_triton_server.py
+    starts it (also at world_size 1: without mpirun the LLM's worker would come from an MPI
+    singleton spawn, which Open MPI may refuse as root in a container). With world_size > 1 under
+    ``trtllm-llmapi-launch``, which runs it on rank 0 and makes the other ranks the LLM API's MPI
+    workers."""
+    launcher = ["trtllm-llmapi-launch"] if world_size > 1 else []
+    return ["mpirun", "--allow-run-as-root", "-n", str(world_size), *launcher, *tritonserver_argv(triton, repo)]
 
 
 def gpu_launch(triton: TritonConfig, repo: Path, world_size: int, llmapi: bool = False) -> Launch:

@@ -156,7 +156,9 @@ def test_the_pytorch_backend_needs_tensorrt_llm_1_3_as_the_dockerfile_does(
 def test_launch_commands_of_the_llmapi_repository(tmp_path: Path) -> None:
     cfg = validate.load(PYTORCH_GPU)
     one = server.gpu_launch(cfg.triton, tmp_path, 1, llmapi=True).argv
-    assert one[0] == "tritonserver" and "--disable-auto-complete-config" in one
+    # under mpirun at one rank too, as upstream's launcher starts it (no MPI singleton spawn as root)
+    assert one[:5] == ["mpirun", "--allow-run-as-root", "-n", "1", "tritonserver"]
+    assert "--disable-auto-complete-config" in one
     two = server.gpu_launch(cfg.triton, tmp_path, 2, llmapi=True).argv
     assert two[:5] == ["mpirun", "--allow-run-as-root", "-n", "2", "trtllm-llmapi-launch"] and two[5] == "tritonserver"
     serve = llmapi.trtllm_serve_argv(cfg, tmp_path / "engine", tmp_path / llmapi.OPTIONS_FILE, "127.0.0.1", 8000)
