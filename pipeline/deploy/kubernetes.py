@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.artifacts import REPO_ENGINE_DIR
 from pipeline.config.schema import Backend, PipelineConfig, served_model_name
+from pipeline.sizing import memory
 
 MOUNT = "/models/repo"
 REGISTRY_WORKDIR = "/models"  # model_uri: the init container pulls the version here, serve reads it
@@ -161,14 +162,11 @@ def cpu_memory_bytes(cfg: PipelineConfig, repository: Path) -> int | None:
     runtime's float32 tensors), the KV pool a full batch of the longest sequences can fill (or
     triton.max_tokens_in_paged_kv_cache), and 2 GiB for Triton, its stubs and activations. None
     before the repository is built."""
-    import json
-
     engine = repository / REPO_ENGINE_DIR
-    if not (engine / "config.json").is_file():
+    if not engine.is_dir():
         return None
-    hf = json.loads((engine / "config.json").read_text())
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    per_token = 2 * hf["num_hidden_layers"] * hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim * 4
+    sixteen_bit, _ = memory.kv_bytes_per_token(cfg.model.arch, 1, 1, None)
+    per_token = 2 * sixteen_bit  # the reference runtime keeps its KV cache in float32
     tokens = cfg.triton.max_tokens_in_paged_kv_cache or cfg.build.max_batch_size * cfg.build.max_seq_len
     weights = sum(f.stat().st_size for f in engine.rglob("*") if f.is_file())
     return 2 * weights + tokens * per_token + 2 * 2**30

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.gateway.errors import OpenAIError
 from pipeline.gateway.health import engine_heartbeat_problem
 from pipeline.gateway.limits import BodyLimit
 from pipeline.gateway.protocol import ChatRequest, CompletionRequest, Sampling, Unsupported
@@ -57,28 +58,6 @@ class GatewaySettings:
     max_body_bytes: int = 8 * 2**20  # a larger body is refused with 413 before it is read whole
     metrics_url: str | None = None  # Triton's /metrics, where the CPU engine publishes its heartbeat
     retry_after_s: int = 1  # what 429 and 503 tell clients to wait
-
-
-class OpenAIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str,
-        param: str | None = None,
-        code: str | None = None,
-        retry_after_s: int | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
-        self.retry_after_s = retry_after_s
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def _triton_error(error: TritonError, retry_after_s: int = 1) -> OpenAIError:
@@ -335,10 +314,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             values = body.triton_values(default, settings.sampling_defaults)
         except Unsupported as error:
             raise OpenAIError(400, str(error), "invalid_request_error") from error
-        if values["max_tokens"] >= settings.max_model_len:
-            raise OpenAIError(400, f"max_tokens={values['max_tokens']} leaves no room for a prompt within the "
-                              f"engine's max_seq_len={settings.max_model_len}", "invalid_request_error",
-                              param="max_tokens")  # fmt: skip
         generation = Generation(body, values, settings, metrics)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.gateway.errors import OpenAIError
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -52,13 +54,8 @@ class BodyLimit:
         await self.app(scope, counted_receive, guarded_send)
 
     async def _refuse(self, send: Any) -> None:
-        error = {
-            "message": f"the request body is larger than this server's limit of {self.limit} bytes",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "request_too_large",
-        }
-        body = json.dumps({"error": error}).encode()
+        message = f"the request body is larger than this server's limit of {self.limit} bytes"
+        body = json.dumps(OpenAIError(413, message, "invalid_request_error", code="request_too_large").body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers.append((b"connection", b"close"))  # the rest of the body is not read
         await send({"type": "http.response.start", "status": 413, "headers": headers})

@@ -18,7 +18,6 @@ QUEUE_TIMEOUT = "Request timeout expired"  # Triton's words for a request that w
 class Failure(Enum):
     """Whose fault a failed request is, which decides what a client should do about it."""
 
-    REFUSED = "refused"  # the request cannot be served as asked: the client's to fix (400)
     BUSY = "busy"  # the server is at capacity: retry later (429)
     UNAVAILABLE = "unavailable"  # waited too long, or the engine is down: retry, maybe elsewhere (503)
     CANCELLED = "cancelled"  # stopped before it ended (by a stop request or shutdown)
@@ -26,8 +25,8 @@ class Failure(Enum):
 
 
 def kind_of(message: str) -> Failure | None:
-    """The kind of an engine error by its first words; None when they name none (the caller
-    decides, usually REFUSED for the models' own checks)."""
+    """The kind of an engine error by its words; None when they name none: the request was refused
+    by the models' own checks, the client's to fix (400)."""
     if QUEUE_FULL in message:
         return Failure.BUSY
     if QUEUE_TIMEOUT in message or SCHEDULER_DOWN in message:

@@ -36,7 +36,7 @@ MANIFEST_ARTIFACT = "triton_repository.manifest.json"  # beside it: every file's
 FINGERPRINT_TAG = "pipeline.repository_fingerprint"
 DIGEST_TAG = "pipeline.repository_digest"  # the manifest's sha256
 LOCAL_MANIFEST = "manifest.json"  # a downloaded version's manifest, beside its repository
-ALIASES = "aliases.json"  # alias -> version, as last resolved (for serving while the server is down)
+ALIASES = "aliases"  # a file per alias: its version as last resolved (for serving while the server is down)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HEADLINE_METRICS = ("quality_perplexity_change_pct",)  # beside every point's throughput and latency
 
@@ -142,18 +142,18 @@ def _verified(folder: Path, what: str) -> Path:
 
 
 def _remember_alias(base: Path, alias: str, version: str) -> None:
-    path = base / ALIASES
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({**known, alias: version}))
+    """A file per alias holding its version (written whole, so pulls of two versions never mix)."""
+    path = base / ALIASES / alias
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{alias}.{version}.tmp")
+    temporary.write_text(version)
     temporary.replace(path)
 
 
 def _offline(base: Path, model_uri: str, alias: str | None, version: str | None) -> Path:
     """The tracking server does not answer: a version pulled before is served from disk."""
-    if version is None:
-        known = json.loads((base / ALIASES).read_text()) if (base / ALIASES).is_file() else {}
-        version = known.get(alias)
+    if version is None and (base / ALIASES / str(alias)).is_file():
+        version = (base / ALIASES / str(alias)).read_text().strip()
     folder = base / str(version)
     if version is None or not (folder / REPOSITORY_ARTIFACT / "repository.json").is_file():
         raise StageError(

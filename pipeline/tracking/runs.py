@@ -34,7 +34,7 @@ from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
 from pipeline.tracking import registry
-from pipeline.tracking.store import reachable
+from pipeline.tracking.store import reachable, unreachable
 from pipeline.workspace import MANIFEST, installed_version, locked
 
 log = logging.getLogger(__name__)
@@ -79,18 +79,12 @@ def probe_store(cfg: PipelineConfig, timeout_s: float = 5.0) -> None:
     """An HTTP tracking server is asked once, briefly, before anything is recorded: MLflow's own
     client would retry an unreachable one for minutes."""
     uri = tracking_uri(cfg)
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)  # any answer means it is there
-    except requests.RequestException as error:
-        reason = redact(str(error).splitlines()[0])[:160]
+    reason = unreachable(uri, timeout_s)
+    if reason is not None:
         raise ConfigError(
-            f"tracking.uri={redact(uri)} does not answer within {timeout_s:.0f} s ({reason}): start the "
-            "tracking server, fix the address, or use tracking=none"
-        ) from error
+            f"tracking.uri={redact(uri)} does not answer within {timeout_s:.0f} s ({redact(reason)[:160]}): start "
+            "the tracking server, fix the address, or use tracking=none"
+        )
 
 
 def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:

@@ -4,7 +4,6 @@ dropped and the comparison would fail)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +80,10 @@ def test_a_cpu_pod_gets_memory_sized_from_the_built_repository(tmp_path: Path) -
     cfg = validate.load(["target=cpu", "build.max_batch_size=4", "build.max_seq_len=1024", "build.max_input_len=512"])
     engine = tmp_path / "repository" / "tensorrt_llm" / "1" / "engine"
     engine.mkdir(parents=True)
-    hf = {"num_hidden_layers": 30, "num_key_value_heads": 3, "num_attention_heads": 9, "hidden_size": 576}
-    (engine / "config.json").write_text(json.dumps(hf))
     (engine / "rank0.safetensors").write_bytes(b"\0" * 2**20)
     memory = kubernetes.cpu_memory_bytes(cfg, tmp_path / "repository")
-    per_token = 2 * 30 * 3 * 64 * 4  # 46080 bytes: SmolLM2-135M in float32
-    assert memory == 2 * (2**20 + (engine / "config.json").stat().st_size) + 4 * 1024 * per_token + 2 * 2**30
+    per_token = 2 * 30 * 3 * 64 * 4  # 46080 bytes: SmolLM2-135M's 30 layers, 3 KV heads of 64, in float32
+    assert memory == 2 * 2**20 + 4 * 1024 * per_token + 2 * 2**30
     container = kubernetes.build(cfg, memory_bytes=memory)["deployment.yaml"]["spec"]["template"]["spec"]["containers"]
     resources = container[0]["resources"]
     assert resources["limits"] == resources["requests"] == {"memory": "3Gi"}

@@ -42,12 +42,14 @@ def _optional(source: Any, name: str) -> np.ndarray | None:
 
 def _merged(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
     """The outputs of a request's rows as one batch: ids padded to the longest prompt (the engine
-    reads REQUEST_INPUT_LEN), word lists to the longest list."""
+    reads REQUEST_INPUT_LEN), word lists to the longest list, and a row without an embedding bias
+    given zeros where another row has one."""
     if len(rows) == 1:
         return rows[0]
     merged = {}
-    for name in rows[0]:
-        arrays = [row[name] for row in rows]
+    for name in dict.fromkeys(name for row in rows for name in row):  # only the bias may be missing
+        present = next(row[name] for row in rows if name in row)
+        arrays = [row.get(name, np.zeros_like(present)) for row in rows]
         width = max(a.shape[-1] for a in arrays)
         fill = pad_id if name == "INPUT_ID" else -1
         pad = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=fill) for a in arrays]
@@ -166,11 +168,7 @@ class TritonPythonModel:
         query = pb_utils.get_input_tensor_by_name(request, "QUERY")
         batch = 1 if query is None else max(1, query.as_numpy().shape[0])
         rows = [self._one(Row(request, index, batch)) for index in range(batch)]
-        merged = _merged([{k: v for k, v in row.items() if k != "EMBEDDING_BIAS"} for row in rows], self.pad_id)
-        biases = [row.get("EMBEDDING_BIAS") for row in rows]
-        if any(b is not None for b in biases):  # absent otherwise, as upstream leaves out what was not asked for
-            size = next(b for b in biases if b is not None).shape
-            merged["EMBEDDING_BIAS"] = np.concatenate([np.zeros(size, np.float32) if b is None else b for b in biases])
+        merged = _merged(rows, self.pad_id)
         return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in merged.items()])
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:

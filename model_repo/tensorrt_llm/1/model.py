@@ -34,18 +34,12 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
+from failure_codes import triton_error
 from guided import Grammars
 from inputs import Row, batch_size, embedding_bias, flag, refusals, scalar, tensor, text, word_list
 from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
-from reference_runtime.failures import (
-    CANCELLED,
-    FORWARD_FAILED,
-    QUEUE_FULL,
-    QUEUE_TIMEOUT,
-    SAMPLING_FAILED,
-    SCHEDULER_DOWN,
-)
+from reference_runtime.failures import CANCELLED, FORWARD_FAILED, SAMPLING_FAILED
 from reference_runtime.generate import SEED_RANGE, Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
 from reference_runtime.scheduler import Scheduler, SchedulerConfig
@@ -366,19 +360,8 @@ def _queue_policy(config: dict[str, Any]) -> dict[str, int]:
 
 
 def _send_error(sender: Any, message: str) -> None:
-    """Close the request with an error, coded by what it is: a cancellation, the server's fault
-    (a failed forward pass), or else a request the model cannot serve as asked (HTTP 400)."""
-    if message.startswith(CANCELLED):
-        pb_utils.Logger.log_info(message)
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "CANCELLED", None))
-    elif message.startswith((FORWARD_FAILED, SAMPLING_FAILED)):  # ours, not the client's
-        pb_utils.Logger.log_error(message)
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "INTERNAL", None))
-    elif message.startswith((QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_DOWN)):  # as Triton answers these: come back later
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, "UNAVAILABLE", None))
-    else:
-        error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+    """Close the request with an error, coded by what it is (``failure_codes.py``)."""
+    sender.send(pb_utils.InferenceResponse(error=triton_error(message)), flags=FINAL)
 
 
 @dataclass

@@ -272,7 +272,7 @@ def _llmapi_code_files(cfg: PipelineConfig) -> dict[str, Path]:
         return {f"{ENGINE_MODEL}/1/{name}": folder / name for name in UPSTREAM_LLMAPI_FILES}
     for source in sorted((LLMAPI_TEMPLATES / ENGINE_MODEL / "1").glob("*.py")):
         files[f"{ENGINE_MODEL}/1/{source.name}"] = source
-    for name in ("stats.py", "inputs.py"):
+    for name in ("stats.py", "inputs.py", "failure_codes.py"):
         files[f"{ENGINE_MODEL}/1/{name}"] = TEMPLATES_DIR / ENGINE_MODEL / "1" / name
     for name in sorted(p.name for p in RUNTIME_DIR.glob("*.py")):
         files[f"{ENGINE_MODEL}/1/reference_runtime/{name}"] = RUNTIME_DIR / name

@@ -30,9 +30,10 @@ import triton_python_backend_utils as pb_utils
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from failure_codes import triton_error
 from inputs import flag, scalar, tensor
 from reference_runtime.checkpoint import load_model
-from reference_runtime.failures import CANCELLED, FORWARD_FAILED, QUEUE_FULL, QUEUE_TIMEOUT
+from reference_runtime.failures import CANCELLED
 from reference_runtime.generate import Request, Result
 from reference_runtime.kvcache import KVCache, budget_tokens
 from reference_runtime.scheduler import Scheduler, SchedulerConfig
@@ -273,12 +274,8 @@ class _Reply:
     def fail(self, message: str) -> None:
         if message.startswith(CANCELLED):  # the LLM API ends a cancelled request, not with an error
             self._close(self._response(Result([], "cancelled"), "cancelled"))
-        elif message.startswith(FORWARD_FAILED):
-            self._close(_error(message))
-        elif message.startswith((QUEUE_FULL, QUEUE_TIMEOUT)):
-            self._close(_error(message, "UNAVAILABLE"))
         else:
-            self._close(_error(message, "INVALID_ARG"))
+            self._close(pb_utils.InferenceResponse(error=triton_error(message)))
 
     def _response(self, result: Result, finish_reason: str | None) -> Any:
         options = self.options
