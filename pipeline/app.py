@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, proc, runner
-from pipeline.config import llmapi
 from pipeline.config.schema import Backend, Endpoint, PipelineConfig, served_model_name, to_yaml
-from pipeline.deploy import kubernetes, server
+from pipeline.deploy import kubernetes, llmapi, server
 from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.redact import redact, url_without_credentials
 from pipeline.runner import Step
@@ -161,7 +160,7 @@ def serve(cfg: PipelineConfig, repo: str | None = None, model_uri: str | None = 
         openai = False
 
     def start_gateway(grpc_url: str, metrics_url: str) -> server.RunningGateway:
-        from pipeline.gateway import serve as gateway
+        from pipeline.deploy.openai import serve as gateway
 
         settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url, metrics_url)
         return gateway.start(cfg.openai, cfg.triton.host, settings)

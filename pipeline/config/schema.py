@@ -376,7 +376,7 @@ class ParallelConfig:
 
 @dataclass
 class OpenAIConfig:
-    """The OpenAI-compatible API that ``serve`` starts next to Triton (pipeline/gateway)."""
+    """The OpenAI-compatible API that ``serve`` starts next to Triton (pipeline/deploy/openai)."""
 
     enabled: bool = True
     host: str | None = None  # null: triton.host (127.0.0.1 unless configured)

@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from pipeline import app, artifacts, runner, validate
-from pipeline.config import llmapi
-from pipeline.deploy import server
+from pipeline.deploy import llmapi, server
 from pipeline.stages import STAGES
 from tests.conftest import free_ports, run_cli
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.config.schema import OpenAIConfig
-from pipeline.gateway import serve as gateway
+from pipeline.deploy.openai import serve as gateway
 from tests.conftest import cli, free_ports
 from tests.integration.conftest import Served
 

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import app, artifacts, runner, validate
 from pipeline.deploy import server
-from pipeline.gateway.triton_stream import triton_inputs
+from pipeline.deploy.openai.triton_stream import triton_inputs
 from pipeline.stages import STAGES
 from tests.conftest import cli, free_ports
 from tests.integration.test_quantize import _build

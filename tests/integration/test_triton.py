@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks import soak
 from pipeline.deploy import server
-from pipeline.gateway.triton_stream import triton_inputs
+from pipeline.deploy.openai.triton_stream import triton_inputs
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
 from tests.conftest import cli

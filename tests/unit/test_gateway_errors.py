@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.gateway.app import GatewaySettings, create_app
-from pipeline.gateway.health import heartbeat_problem
+from pipeline.deploy.openai.app import GatewaySettings, create_app
+from pipeline.deploy.openai.health import heartbeat_problem
 from tests.conftest import free_ports
 
 MODEL = "m"

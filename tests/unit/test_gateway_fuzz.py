@@ -13,7 +13,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from pipeline.gateway.app import create_app
+from pipeline.deploy.openai.app import create_app
 from tests.unit.test_gateway_errors import call, settings
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.gateway.stops import StopMatcher
+from pipeline.deploy.openai.stops import StopMatcher
 
 
 def _run(stops: list[str], pieces: list[str]) -> tuple[str, bool, list[str]]:

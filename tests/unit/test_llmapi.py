@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from pipeline import artifacts, runner, validate
-from pipeline.config import llmapi
-from pipeline.deploy import server
+from pipeline.deploy import llmapi, server
 from pipeline.errors import ConfigError
 from pipeline.stages import STAGES
 from pipeline.stages.triton_repo import render

@@ -36,9 +36,8 @@ from pipeline.artifacts import (
     REPOSITORY,
     SERVER_LOG,
 )
-from pipeline.config import llmapi
 from pipeline.config.schema import Backend, BenchTool, Endpoint, PipelineConfig, served_model_name, to_dict
-from pipeline.deploy import server
+from pipeline.deploy import llmapi, server
 from pipeline.errors import StageError
 from pipeline.redact import url_without_credentials
 from pipeline.stages.benchmark import aiperf, loadgen, report, workload
@@ -276,7 +275,7 @@ def _tokenizer(folder: Path) -> Any:
 @contextlib.contextmanager
 def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str, metrics_url: str) -> Iterator[loadgen.Endpoint]:
     """The OpenAI gateway in front of a server started for the benchmark."""
-    from pipeline.gateway import serve as gateway
+    from pipeline.deploy.openai import serve as gateway
 
     settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url, metrics_url)
     openai = cfg.openai

@@ -21,9 +21,9 @@ from typing import Any
 
 from pipeline import proc
 from pipeline.artifacts import BUILD_LOG, CHECKPOINT, ENGINE, ENGINE_JSON, timing_cache
-from pipeline.config import llmapi
 from pipeline.config.hardware import detect
 from pipeline.config.schema import Backend, PipelineConfig, to_dict
+from pipeline.deploy import llmapi
 from pipeline.errors import StageError
 from pipeline.sizing import memory
 from pipeline.stages.engine import trtllm

@@ -23,8 +23,8 @@ from pipeline.artifacts import (
     REPO_XGRAMMAR_INFO,
 )
 from pipeline.assets import RUNTIME_DIR, TEMPLATES_DIR
-from pipeline.config import llmapi
 from pipeline.config.schema import Backend, CpuBatching, Expose, PipelineConfig
+from pipeline.deploy import llmapi
 from pipeline.errors import StageError
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

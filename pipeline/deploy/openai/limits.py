@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.gateway.errors import OpenAIError
+from pipeline.deploy.openai.errors import OpenAIError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.artifacts import REPOSITORY_JSON
 from pipeline.config.schema import OpenAIConfig
+from pipeline.deploy.openai.app import GatewaySettings, create_app
 from pipeline.errors import StageError
-from pipeline.gateway.app import GatewaySettings, create_app
 
 if TYPE_CHECKING:  # uvicorn is imported when the gateway starts
     import uvicorn

@@ -31,12 +31,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.gateway.errors import OpenAIError
-from pipeline.gateway.health import engine_heartbeat_problem
-from pipeline.gateway.limits import BodyLimit
-from pipeline.gateway.protocol import ChatRequest, CompletionRequest, Sampling, Unsupported
-from pipeline.gateway.stops import StopMatcher
-from pipeline.gateway.triton_stream import Piece, TritonError, TritonStream
+from pipeline.deploy.openai.errors import OpenAIError
+from pipeline.deploy.openai.health import engine_heartbeat_problem
+from pipeline.deploy.openai.limits import BodyLimit
+from pipeline.deploy.openai.protocol import ChatRequest, CompletionRequest, Sampling, Unsupported
+from pipeline.deploy.openai.stops import StopMatcher
+from pipeline.deploy.openai.triton_stream import Piece, TritonError, TritonStream
 from pipeline.runtime.failures import Failure, kind_of
 
 log = logging.getLogger(__name__)
