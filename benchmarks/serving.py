@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 from pipeline import app, runner, validate
-from pipeline.config.schema import BenchmarkConfig, PipelineConfig
+from pipeline.config.schema import BenchmarkConfig, Endpoint, PipelineConfig
 from pipeline.deploy import server
 from pipeline.stages import STAGES
 from pipeline.stages.benchmark import loadgen, report, workload
@@ -77,7 +77,7 @@ class Bench:
     """Load points against one server, measured like the benchmark stage measures them."""
 
     def __init__(self, running: server.Server, tokenizer: Any):
-        self.endpoint, self.tokenizer = loadgen.Endpoint("triton", running.grpc_url, "ensemble"), tokenizer
+        self.endpoint, self.tokenizer = loadgen.Endpoint(Endpoint.triton, running.grpc_url, "ensemble"), tokenizer
 
     def prompts(self, count: int, seed: int) -> list[loadgen.Prompt]:
         return workload.synthetic(self.tokenizer, count, WORKLOAD, seed)

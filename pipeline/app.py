@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from pipeline import artifacts, proc, runner
 from pipeline.config.schema import Backend, Endpoint, PipelineConfig, served_model_name, to_yaml
-from pipeline.deploy import kubernetes, llmapi, server
+from pipeline.deploy import kubernetes, llmapi, server, serving
 from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.redact import redact, url_without_credentials
 from pipeline.runner import Step
@@ -70,9 +69,7 @@ def plan(cfg: PipelineConfig) -> None:
         print("\n".join(f'{key}: "{value}"' for key, value in params.items()))
         print("\n# serve (python -m pipeline serve)")
         print(_serve_line(cfg, _repository_step(steps)))
-        if cfg.openai.enabled:
-            url = f"http://{cfg.openai.host or cfg.triton.host}:{cfg.openai.port}/v1"
-            print(f"# and the OpenAI-compatible API at {url} (model {served_model_name(cfg)!r})")
+        _print_gateway_line(cfg)
     verdict = memory.problems(cfg)
     if verdict:  # after the table, so the user sees what does not fit and what would
         raise ConfigError("; ".join(verdict))
@@ -84,6 +81,7 @@ def _print_llmapi_plan(cfg: PipelineConfig, steps: list[Step]) -> None:
     print(llmapi.options_yaml(llmapi.options(cfg)).rstrip())
     print("\n# serve with Triton's LLM-API model (python -m pipeline serve)")
     print(_serve_line(cfg, _repository_step(steps)))
+    _print_gateway_line(cfg)
     engine = next(s for s in steps if s.name == "engine").dirs.final
     argv = llmapi.trtllm_serve_argv(
         cfg,
@@ -94,6 +92,12 @@ def _print_llmapi_plan(cfg: PipelineConfig, steps: list[Step]) -> None:
     )
     print("\n# or with trtllm-serve's OpenAI API (python -m pipeline serve serve.frontend=trtllm-serve, GPU targets)")
     print(proc.quote(argv))
+
+
+def _print_gateway_line(cfg: PipelineConfig) -> None:
+    if cfg.openai.enabled:
+        url = f"http://{cfg.openai.host or cfg.triton.host}:{cfg.openai.port}/v1"
+        print(f"# and the OpenAI-compatible API at {url} (model {served_model_name(cfg)!r})")
 
 
 def _print_memory_plan(cfg: PipelineConfig) -> None:
@@ -143,52 +147,17 @@ def built_target(cfg: PipelineConfig) -> server.Target:
 
 def serve(cfg: PipelineConfig, repo: str | None = None, model_uri: str | None = None) -> None:
     """Serve the last build's repository (or the folder ``repo``, or the registered version
-    ``model_uri=models:/<name>@<alias>``) until Ctrl-C, with the OpenAI-compatible API beside it
-    (openai.enabled)."""
+    ``model_uri=models:/<name>@<alias>``) until Ctrl-C, with the OpenAI-compatible API in front
+    (openai.enabled; with serve.frontend=trtllm-serve, trtllm-serve's own)."""
     if model_uri:
         repo = str(registry.download(model_uri, runs.tracking_uri(cfg), artifacts.registry_downloads(cfg.workdir_path)))
-    if cfg.serve.frontend == "trtllm-serve":
-        serve_trtllm(cfg)
-        return
     target = server.target_of_folder(repo, cfg.workdir_path) if repo else built_target(cfg)
-    openai = cfg.openai.enabled
-    if openai and target.llmapi:
-        log.warning(
-            "the OpenAI gateway speaks to the engine path's models, not the LLM-API model: it is not started "
-            "(on GPU targets serve.frontend=trtllm-serve serves an OpenAI API with backend=pytorch)"
-        )
-        openai = False
-
-    def start_gateway(grpc_url: str, metrics_url: str) -> server.RunningGateway:
-        from pipeline.deploy.openai import serve as gateway
-
-        settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url, metrics_url)
-        return gateway.start(cfg.openai, cfg.triton.host, settings)
-
-    server.serve_until_stopped(cfg.triton, target, cfg.workdir_path, start_gateway if openai else None)
-
-
-def serve_trtllm(cfg: PipelineConfig) -> None:
-    """backend=pytorch on a GPU: trtllm-serve on the built checkpoint with the recorded LLM API
-    arguments, until Ctrl-C (its OpenAI API is the endpoint; `bench benchmark.endpoint=openai`
-    measures it)."""
-    if shutil.which("trtllm-serve") is None:
-        raise StageError("trtllm-serve not found: run inside the TensorRT-LLM container, or use serve.frontend=triton")
-    engine = next(s for s in runner.plan(cfg, STAGES) if s.name == "engine")
-    if not engine.cached:
-        raise StageError("no finished build for these overrides: run `python -m pipeline build` with them first")
-    folder, port = engine.dirs.final, cfg.serve.trtllm_serve_port
-    argv = llmapi.trtllm_serve_argv(cfg, folder / artifacts.ENGINE, folder / llmapi.OPTIONS_FILE, cfg.triton.host, port)
-    log_file = (
-        artifacts.serve_logs(cfg.workdir_path, engine.fingerprint)
-        / f"trtllm-serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    )
-    with server.TrtllmServe(argv, cfg.triton.host, port, log_file, cfg.triton.ready_timeout_s) as running:
-        print(f"serving {folder / artifacts.ENGINE} with trtllm-serve")
-        print(f"  OpenAI API  {running.url}/v1   (/health, /metrics)   log {log_file}")
-        if server.wait_until_interrupted(running.alive, "trtllm-serve"):
+    log_file = target.log_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with serving.serving(cfg, target, log_file, openai=cfg.openai.enabled) as endpoints:
+        print("\n".join(serving.banner(target, endpoints)), flush=True)
+        if server.wait_until_interrupted(endpoints.alive, endpoints.frontend):
             return
-    raise StageError(f"trtllm-serve exited unexpectedly: see {log_file}")
+    raise StageError(f"{endpoints.frontend} exited unexpectedly; see {log_file}")
 
 
 def bench(cfg: PipelineConfig, url: str | None = None) -> None:
@@ -206,7 +175,7 @@ def bench(cfg: PipelineConfig, url: str | None = None) -> None:
         cfg.benchmark.model = benchmark.served_model(url, benchmark.api_key(cfg))
     out = artifacts.bench_results(cfg.workdir_path, time.strftime("%Y%m%d-%H%M%S"))
     with runs.job_run(cfg, command="bench") as run:
-        results = benchmark.measure(cfg, out, cfg.workdir_path, tokenizer, target=target, url=url)
+        results = benchmark.measure(cfg, out, tokenizer, target=target, url=url)
         if run is not None:
             run.record_bench(cfg, results, out, served_here=not url)
     print(f"results in {out}")

@@ -23,7 +23,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from pipeline import proc
 from pipeline.artifacts import (
@@ -366,41 +365,3 @@ def target_of_repository(repo: Path, log_dir: Path) -> Target:
             f"{path} is missing or damaged ({type(error).__name__}: {error}): render the repository again "
             "(python -m pipeline build with the same overrides, force=true)"
         ) from error
-
-
-class RunningGateway(Protocol):
-    url: str
-
-    def stop(self) -> None: ...
-
-
-GatewayStart = Callable[[str, str], RunningGateway]  # Triton's gRPC and metrics URLs -> the started OpenAI API
-
-
-def serve_until_stopped(
-    triton: TritonConfig, target: Target, workdir: Path, gateway: GatewayStart | None = None
-) -> None:
-    """Serve until Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt); a server that dies
-    is an error. ``gateway`` starts the OpenAI-compatible API once Triton is ready (given Triton's
-    gRPC URL) and is stopped with it."""
-    launch = launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir, llmapi=target.llmapi)
-    log_file = target.log_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    with Server(launch, triton, log_file) as server:
-        print(f"serving {target.repo}")
-        print(f"  HTTP  {server.url}/v2/models/{target.entry_model}/generate (and /generate_stream)")
-        print(f"  gRPC  {server.grpc_url}   metrics {server.metrics_url}   log {log_file}")
-        length = "sampling_param_max_tokens" if target.llmapi else "max_tokens"
-        print(
-            f'  try:  curl -s -d \'{{"text_input": "What is the capital of France?", "{length}": 20}}\' '
-            f"{server.url}/v2/models/{target.entry_model}/generate"
-        )
-        api = gateway(server.grpc_url, server.metrics_url) if gateway is not None else None
-        if api is not None:
-            print(f"  OpenAI API  {api.url}   (/chat/completions, /completions, /models; /health and /metrics)")
-        try:
-            if wait_until_interrupted(server.alive, "Triton"):
-                return
-        finally:
-            if api is not None:
-                api.stop()
-    raise StageError(f"Triton exited unexpectedly; see {log_file}")

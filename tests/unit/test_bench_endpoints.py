@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import validate
+from pipeline.config.schema import Endpoint
 from pipeline.redact import url_without_credentials
 from pipeline.stages.benchmark import aiperf, loadgen
 from pipeline.stages.benchmark import stage as benchmark
@@ -71,7 +72,7 @@ def _option(args: list[str], name: str) -> str:
 def test_aiperf_gets_the_same_endpoint_load_and_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiperf, "executable", lambda: "aiperf")
     cfg = _cfg("benchmark.endpoint=openai", "benchmark.requests_per_point=16", "benchmark.warmup_requests=2")
-    endpoint = loadgen.Endpoint("openai", "https://gw.example:9443/prefix/v1", "smollm2-135m")
+    endpoint = loadgen.Endpoint(Endpoint.openai, "https://gw.example:9443/prefix/v1", "smollm2-135m")
     args = _argv(cfg, endpoint, {"load": "c=8", "concurrency": 8, "rate": None, "ramp_up_s": 6.54})
     assert _option(args, "--url") == "https://gw.example:9443"
     assert _option(args, "--custom-endpoint") == "/prefix/v1/completions"
@@ -90,7 +91,7 @@ def test_aiperf_gets_the_same_endpoint_load_and_sampling(monkeypatch: pytest.Mon
 def test_aiperf_reaches_triton_through_its_generate_stream_template(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiperf, "executable", lambda: "aiperf")
     cfg = _cfg("benchmark.rates=[2.5]", "benchmark.concurrency=[]", "benchmark.temperature=0.5")
-    endpoint = loadgen.Endpoint("triton", "127.0.0.1:8001", "ensemble")
+    endpoint = loadgen.Endpoint(Endpoint.triton, "127.0.0.1:8001", "ensemble")
     args = _argv(cfg, endpoint, {"load": "rate=2.5", "concurrency": None, "rate": 2.5}, "http://127.0.0.1:8000")
     assert _option(args, "--custom-endpoint") == "/v2/models/ensemble/generate_stream"
     assert _option(args, "--request-rate") == "2.5" and _option(args, "--arrival-pattern") == "poisson"

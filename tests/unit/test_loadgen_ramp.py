@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from pipeline.config.schema import Endpoint
 from pipeline.stages.benchmark import loadgen, report
 
 TOKEN_GAP_S = 0.02
@@ -57,7 +58,7 @@ def server_url() -> Iterator[str]:
 
 
 def test_ramped_workers_start_one_after_another_paced_by_the_first_stream(server_url: str) -> None:
-    endpoint = loadgen.Endpoint("openai", server_url, "m")
+    endpoint = loadgen.Endpoint(Endpoint.openai, server_url, "m")
     prompts = [loadgen.Prompt("hi", 1, 16) for _ in range(8)]
     results, seconds, ended = loadgen.run_point(
         endpoint, prompts, loadgen.Sampling(), concurrency=4, on_done=_count, ramp_up=True
@@ -79,7 +80,7 @@ def test_ramped_workers_start_one_after_another_paced_by_the_first_stream(server
 
 
 def test_without_a_ramp_up_every_worker_starts_at_once_and_throughput_spans_the_point(server_url: str) -> None:
-    endpoint = loadgen.Endpoint("openai", server_url, "m")
+    endpoint = loadgen.Endpoint(Endpoint.openai, server_url, "m")
     prompts = [loadgen.Prompt("hi", 1, 8) for _ in range(4)]
     results, seconds, _ = loadgen.run_point(endpoint, prompts, loadgen.Sampling(), concurrency=4, on_done=_count)
     sends = sorted(m.sent for m in results)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import validate
+from pipeline.config.schema import Endpoint
 from pipeline.errors import ConfigError
 from pipeline.redact import redact
 from tests.conftest import cli
@@ -172,7 +173,7 @@ def test_a_benchmark_request_that_raises_is_an_error_of_that_request() -> None:
     (the gRPC channel connects lazily: no server is reached before the inputs are built)."""
     from pipeline.stages.benchmark import loadgen
 
-    endpoint = loadgen.Endpoint("triton", "127.0.0.1:9", "ensemble")
+    endpoint = loadgen.Endpoint(Endpoint.triton, "127.0.0.1:9", "ensemble")
     prompts = [loadgen.Prompt("hi", 1, "many"), loadgen.Prompt("hi", 1, None)]  # type: ignore[arg-type]
     results, _, ended = loadgen.run_point(endpoint, prompts, loadgen.Sampling(), concurrency=1, timeout_s=5)
     assert ended is None and [m.error.split(":")[0] for m in results if m.error] == ["ValueError", "TypeError"]

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.deploy.openai.errors import OpenAIError
 from pipeline.deploy.openai.health import engine_heartbeat_problem
 from pipeline.deploy.openai.limits import BodyLimit
+from pipeline.deploy.openai.llmapi_entry import EngineEntry, LlmApiEntry, LlmApiLayout
 from pipeline.deploy.openai.protocol import ChatRequest, CompletionRequest, Sampling, Unsupported
 from pipeline.deploy.openai.stops import StopMatcher
 from pipeline.deploy.openai.triton_stream import Piece, TritonError, TritonStream
@@ -58,6 +59,10 @@ class GatewaySettings:
     max_body_bytes: int = 8 * 2**20  # a larger body is refused with 413 before it is read whole
     metrics_url: str | None = None  # Triton's /metrics, where the CPU engine publishes its heartbeat
     retry_after_s: int = 1  # what 429 and 503 tell clients to wait
+    llmapi: LlmApiLayout | None = None  # set when the entry model is the LLM-API model of backend=pytorch
+
+
+Entry = EngineEntry | LlmApiEntry
 
 
 def _triton_error(error: TritonError, retry_after_s: int = 1) -> OpenAIError:
@@ -173,10 +178,10 @@ class Generation:
         self.started = time.monotonic()
         self.first_token: float | None = None
 
-    async def deltas(self, triton: TritonStream) -> AsyncGenerator[tuple[int, str], None]:
+    async def deltas(self, entry: Entry) -> AsyncGenerator[tuple[int, str], None]:
         """(choice index, new text) as it comes; sets finish reasons and token counts. Closing
         this generator early closes the Triton stream, which cancels the request."""
-        async with aclosing(triton.generate(self.values, uuid.uuid4().hex)) as pieces:
+        async with aclosing(entry.generate(self.values, uuid.uuid4().hex, self.body.stops())) as pieces:
             async for piece in pieces:
                 text = self._take(piece)
                 if text:
@@ -203,7 +208,8 @@ class Generation:
             text += matcher.flush()
             choice.tokens = piece.num_output_tokens or 0  # the server's count
             if choice.finish_reason is None:
-                choice.finish_reason = "length" if choice.tokens >= self.values["max_tokens"] else "stop"
+                made_all = choice.tokens >= self.values["max_tokens"]
+                choice.finish_reason = piece.finish_reason or ("length" if made_all else "stop")
         if matcher.stopped and choice.finish_reason is None:
             choice.finish_reason = "stop"
         choice.text += text
@@ -240,6 +246,7 @@ def _log_probs(choice: Choice, chat: bool) -> Any:
 def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="pipeline OpenAI-compatible API")
     triton = TritonStream(settings.grpc_url, settings.entry_model, settings.request_timeout_s)
+    entry: Entry = EngineEntry(triton) if settings.llmapi is None else LlmApiEntry(triton, settings.llmapi)
     metrics = Metrics()
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
@@ -318,7 +325,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        deltas = generation.deltas(triton)
+        deltas = generation.deltas(entry)
         try:
             if body.stream:  # the first piece (or the refusal) comes before the stream's 200
                 first = await _unless_client_leaves(request, anext(deltas, None))
@@ -328,6 +335,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await deltas.aclose()
             metrics.requests.labels(endpoint, "error").inc()
             raise _triton_error(error, settings.retry_after_s) from error
+        except Unsupported as error:  # what the LLM-API layout has no input for
+            await deltas.aclose()
+            raise OpenAIError(400, str(error), "invalid_request_error") from error
         except ClientGone:
             await deltas.aclose()
             metrics.requests.labels(endpoint, "disconnected").inc()
@@ -340,13 +350,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         metrics.requests.labels(endpoint, "ok").inc()
         choices = []
         for index, choice in enumerate(generation.choices):
-            entry: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason or "stop"}
-            entry["logprobs"] = _log_probs(choice, chat)
+            item: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason or "stop"}
+            item["logprobs"] = _log_probs(choice, chat)
             if chat:
-                entry["message"] = {"role": "assistant", "content": choice.text}
+                item["message"] = {"role": "assistant", "content": choice.text}
             else:
-                entry["text"] = choice.text
-            choices.append(entry)
+                item["text"] = choice.text
+            choices.append(item)
         return JSONResponse(
             {
                 "id": ident,

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.artifacts import REPOSITORY_JSON
+from pipeline.artifacts import REPO_CHECKPOINT_DIR, REPOSITORY_JSON
 from pipeline.config.schema import OpenAIConfig
 from pipeline.deploy.openai.app import GatewaySettings, create_app
+from pipeline.deploy.openai.llmapi_entry import LlmApiLayout
 from pipeline.errors import StageError
 
 if TYPE_CHECKING:  # uvicorn is imported when the gateway starts
@@ -28,9 +29,15 @@ def settings_for(
     """The gateway's settings for a rendered repository served at ``grpc_url`` (``metrics_url``:
     Triton's metrics, where the CPU engine's heartbeat is read for ``/health``)."""
     info = json.loads((repo / REPOSITORY_JSON).read_text())
+    layout = None
+    if info.get("backend") == "pytorch":  # the LLM-API layout: one model, text in and out
+        entry = str(info["entry_model"])
+        layout = llmapi_layout(repo, entry)
     # the BLS model streams UTF-8-safe text; the ensemble may split a character over two pieces
-    entry = "tensorrt_llm_bls" if "tensorrt_llm_bls" in info["models"] else "ensemble"
-    if entry == "ensemble":
+    elif "tensorrt_llm_bls" in info["models"]:
+        entry = "tensorrt_llm_bls"
+    else:
+        entry = "ensemble"
         log.warning(
             "the repository has no tensorrt_llm_bls model (triton.expose=ensemble): the OpenAI API streams through "
             "the ensemble, which may split a multi-byte character and does not cancel a request whose client left"
@@ -47,6 +54,20 @@ def settings_for(
         request_timeout_s=openai.request_timeout_s,
         max_body_bytes=openai.max_body_bytes or max_seq_len * 64 + 2**20,
         metrics_url=metrics_url,
+        llmapi=layout,
+    )
+
+
+def llmapi_layout(repo: Path, model: str) -> LlmApiLayout:
+    """The LLM-API model's declared inputs and streaming mode, from its rendered config."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return LlmApiLayout(
+        tokenizer_dir=repo / REPO_CHECKPOINT_DIR,
+        inputs=frozenset(tensor.name for tensor in config.input),
+        decoupled=config.model_transaction_policy.decoupled,
     )
 
 

@@ -10,6 +10,7 @@ slot at the next step.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class Piece:
     final: bool  # the request's last response
     num_input_tokens: int | None
     num_output_tokens: int | None
+    finish_reason: str | None = None  # the model's own, where it says (the LLM-API model does)
 
 
 UINT64_INPUTS = (
@@ -71,9 +73,14 @@ def triton_inputs(values: dict[str, Any], batched: bool = True) -> list[Any]:
     return inputs
 
 
-def _scalar(result: Any, name: str) -> Any:
+def scalar(result: Any, name: str) -> Any:
     array = result.as_numpy(name)
     return None if array is None or array.size == 0 else array.reshape(-1)[0].item()
+
+
+def decode(text: Any) -> str:
+    """A BYTES output as text ("" when absent)."""
+    return "" if text is None else b"".join(text.reshape(-1)).decode("utf-8", "replace")
 
 
 class TritonStream:
@@ -105,15 +112,18 @@ class TritonStream:
         if self._channel is not None:
             await self._channel.close()
 
-    async def generate(self, values: dict[str, Any], request_id: str) -> AsyncGenerator[Piece, None]:
-        """Every response of one request to the entry model, as pieces of text."""
+    async def results(
+        self, values: dict[str, Any], request_id: str, batched: bool = True
+    ) -> AsyncGenerator[tuple[Any, bool], None]:
+        """Every non-empty response of one request to the entry model, as tritonclient's
+        ``InferResult`` and whether it is the request's last."""
         import grpc
         from tritonclient.grpc import InferResult
         from tritonclient.grpc._utils import _get_inference_request
 
         request = _get_inference_request(
             model_name=self.model,
-            inputs=triton_inputs(values),
+            inputs=triton_inputs(values, batched),
             model_version="",
             request_id=request_id,
             outputs=None,
@@ -137,20 +147,25 @@ class TritonStream:
                 final = response.infer_response.parameters["triton_final_response"].bool_param
                 if not response.infer_response.outputs:  # the empty response that only ends the request
                     return
-                result = InferResult(response.infer_response)
-                text = result.as_numpy("text_output")
-                log_probs = result.as_numpy("output_log_probs")
-                yield Piece(
-                    text="" if text is None else b"".join(text.reshape(-1)).decode("utf-8", "replace"),
-                    sequence=int(_scalar(result, "sequence_index") or 0),
-                    log_prob=None if log_probs is None or log_probs.size == 0 else float(log_probs.reshape(-1)[-1]),
-                    final=final,
-                    num_input_tokens=_scalar(result, "num_input_tokens"),
-                    num_output_tokens=_scalar(result, "num_output_tokens"),
-                )
+                yield InferResult(response.infer_response), final
                 if final:
                     return
         except grpc.aio.AioRpcError as error:
             raise TritonError(error.details() or str(error), error.code().name) from error
         finally:
             call.cancel()  # a no-op when the call ended; otherwise Triton cancels the request
+
+    async def generate(self, values: dict[str, Any], request_id: str) -> AsyncGenerator[Piece, None]:
+        """The engine path's entry model (BLS or ensemble): each response one token's text."""
+        async with aclosing(self.results(values, request_id)) as results:
+            async for result, final in results:
+                text = result.as_numpy("text_output")
+                log_probs = result.as_numpy("output_log_probs")
+                yield Piece(
+                    text=decode(text),
+                    sequence=int(scalar(result, "sequence_index") or 0),
+                    log_prob=None if log_probs is None or log_probs.size == 0 else float(log_probs.reshape(-1)[-1]),
+                    final=final,
+                    num_input_tokens=scalar(result, "num_input_tokens"),
+                    num_output_tokens=scalar(result, "num_output_tokens"),
+                )

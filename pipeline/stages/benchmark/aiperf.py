@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from pipeline import proc
 from pipeline.assets import PROJECT
 from pipeline.config.schema import BenchmarkConfig
+from pipeline.config.schema import Endpoint as EndpointKind
 from pipeline.errors import StageError
 from pipeline.stages.benchmark.loadgen import Endpoint, Measured, Prompt, Sampling, openai_sampling
 from pipeline.stages.benchmark.report import percentile, throughput_window
@@ -74,7 +75,7 @@ def _triton_template(sampling: Sampling) -> str:
 
 
 def _endpoint_args(endpoint: Endpoint, http_url: str | None, sampling: Sampling) -> list[str]:
-    if endpoint.kind == "openai":
+    if endpoint.kind is EndpointKind.openai:
         parts = urlsplit(endpoint.url)
         extra = openai_sampling(sampling)
         args = ["--endpoint-type", "completions", "--url", f"{parts.scheme}://{parts.netloc}"]

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.config.schema import Endpoint as EndpointKind
+
 
 @dataclass
 class Prompt:
@@ -68,10 +70,10 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the load goes: ``kind`` "triton" (``url`` host:grpc_port, ``model`` the entry model)
-    or "openai" (``url`` the base URL, .../v1; ``model`` the served model name)."""
+    """Where the load goes: ``kind`` triton or llmapi (``url`` host:grpc_port, ``model`` the entry
+    model) or openai (``url`` the base URL, .../v1; ``model`` the served model name)."""
 
-    kind: str
+    kind: EndpointKind
     url: str
     model: str
     api_key: str | None = None  # OpenAI: sent as a bearer token
@@ -145,7 +147,7 @@ class _TritonWorker:
         import tritonclient.grpc as grpcclient
 
         self.model, self.timeout_s = endpoint.model, timeout_s
-        self.cumulative = endpoint.kind == "llmapi"
+        self.cumulative = endpoint.kind is EndpointKind.llmapi
         self.events: queue.Queue[tuple[float, Any, Any]] = queue.Queue()
         self.client = grpcclient.InferenceServerClient(endpoint.url)
         self.client.start_stream(callback=lambda result, error: self.events.put((time.perf_counter(), result, error)))
@@ -284,7 +286,7 @@ def _http_error(response: Any) -> str:
 
 
 def _connect(endpoint: Endpoint, timeout_s: float) -> _Worker:
-    if endpoint.kind == "openai":
+    if endpoint.kind is EndpointKind.openai:
         return _OpenAIWorker(endpoint, timeout_s)
     return _TritonWorker(endpoint, timeout_s)
 

@@ -14,30 +14,23 @@ client cannot pass for a slow server.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pipeline.artifacts import (
     CLIENT_JSON,
     ENGINE_MODEL,
     PLOT,
-    REPO_CHECKPOINT_DIR,
-    REPO_MODEL_YAML,
     REPOSITORY,
     SERVER_LOG,
 )
-from pipeline.config.schema import Backend, BenchTool, Endpoint, PipelineConfig, served_model_name, to_dict
-from pipeline.deploy import llmapi, server
+from pipeline.config.schema import BenchTool, Endpoint, PipelineConfig, to_dict
+from pipeline.deploy import server, serving
 from pipeline.errors import StageError
 from pipeline.redact import url_without_credentials
 from pipeline.stages.benchmark import aiperf, loadgen, report, workload
@@ -60,12 +53,6 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     """What the benchmark needs from this machine, checked before the build starts."""
     if not cfg.benchmark.enabled:
         return []
-    triton_frontend = cfg.serve.frontend == "triton"  # trtllm-serve is measured through its OpenAI API
-    if cfg.backend is Backend.pytorch and cfg.benchmark.endpoint is Endpoint.openai and triton_frontend:
-        return [
-            "benchmark.endpoint=openai: the OpenAI gateway does not serve the LLM-API repository of backend=pytorch: "
-            "use benchmark.endpoint=triton (or bench url=<trtllm-serve's /v1> benchmark.endpoint=openai)"
-        ]
     if cfg.benchmark.tool is not BenchTool.aiperf:
         return []
     try:
@@ -111,7 +98,7 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
     from tqdm import tqdm
 
     bench, endpoint = cfg.benchmark, client.endpoint
-    sampling = loadgen.Sampling(bench.temperature, bench.top_k, bench.top_p, bench.ignore_eos)
+    sampling = loadgen.Sampling(bench.temperature, bench.top_k, bench.top_p, bench.ignore_eos and client.ignore_eos)
     slo = to_dict(bench.slo)
     if bench.warmup_requests:
         log.info("warming up with %d requests", bench.warmup_requests)
@@ -175,6 +162,7 @@ class Client:
     endpoint: loadgen.Endpoint
     tokenizer_dir: Path
     http_url: str | None = None  # Triton's HTTP address: AIPerf reaches Triton over HTTP
+    ignore_eos: bool = True  # whether the endpoint can be asked to ignore the end token
 
 
 def _client_info(endpoint: loadgen.Endpoint, tool: BenchTool) -> dict[str, str]:
@@ -214,56 +202,59 @@ def served_model(url: str, key: str | None) -> str:
 def measure(
     cfg: PipelineConfig,
     out: Path,
-    workdir: Path,
     tokenizer_dir: Path,
     target: server.Target | None = None,
     url: str | None = None,
 ) -> dict[str, Any]:
     """Sweep a server: the one at ``url`` (Triton's gRPC address, or an OpenAI base URL with
-    ``benchmark.endpoint=openai``), or ``target``'s repository served here for the sweep (with the
-    OpenAI gateway in front when the endpoint is openai) and stopped after it."""
+    ``benchmark.endpoint=openai``), or ``target``'s repository served here for the sweep, as
+    ``serve`` serves it (with the OpenAI gateway in front when the endpoint is openai), and
+    stopped after it."""
     bench = cfg.benchmark
     openai = bench.endpoint is Endpoint.openai
     if url:
         tokenizer = _tokenizer(tokenizer_dir)
         if openai:
             model = bench.model or served_model(url, api_key(cfg))
-            endpoint = loadgen.Endpoint("openai", url, model, api_key(cfg))
+            endpoint = loadgen.Endpoint(Endpoint.openai, url, model, api_key(cfg))
         else:
             llmapi = bench.endpoint is Endpoint.llmapi or (target is not None and target.llmapi)
             default = target.entry_model if target else (ENGINE_MODEL if llmapi else "ensemble")
-            endpoint = loadgen.Endpoint("llmapi" if llmapi else "triton", url, bench.model or default)
+            endpoint = loadgen.Endpoint(Endpoint.llmapi if llmapi else Endpoint.triton, url, bench.model or default)
         points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
-    elif target is not None and target.llmapi and target.on_gpu and cfg.serve.frontend == "trtllm-serve":
-        tokenizer = _tokenizer(tokenizer_dir)
-        with _trtllm_serve(cfg, target, out) as base_url:
-            endpoint = loadgen.Endpoint("openai", base_url, bench.model or served_model(base_url, None))
-            points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
     else:
         assert target is not None, "without url= the benchmark serves a built repository"
-        triton = server.with_free_ports(cfg.triton)
-        launch = server.launch_for(triton, target.repo, target.on_gpu, target.world_size, workdir, llmapi=target.llmapi)
-        # the tokenizer (seconds of imports and loading) loads while Triton starts
+        # the tokenizer (seconds of imports and loading) loads while the server starts
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             loading = pool.submit(_tokenizer, tokenizer_dir)
-            with server.Server(launch, triton, out / SERVER_LOG) as running:
+            with serving.serving(cfg, target, out / SERVER_LOG, openai=openai, free_ports=True) as served:
                 tokenizer = loading.result()
-                if openai:
-                    with _gateway(cfg, target, running.grpc_url, running.metrics_url) as endpoint:
-                        points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
-                else:
-                    kind = "llmapi" if target.llmapi else "triton"
-                    endpoint = loadgen.Endpoint(kind, running.grpc_url, bench.model or target.entry_model)
-                    points = sweep(cfg, Client(endpoint, tokenizer_dir, running.url), tokenizer, out)
+                endpoint = _served_endpoint(cfg, target, served)
+                ignore_eos = bench.ignore_eos and not (target.llmapi and served.frontend == "triton")
+                if bench.ignore_eos and not ignore_eos:
+                    log.info("the LLM-API model has no input to ignore the end token: requests may end early")
+                points = sweep(cfg, Client(endpoint, tokenizer_dir, served.http_url, ignore_eos), tokenizer, out)
     info = _client_info(endpoint, bench.tool)
     (out / CLIENT_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return {
         "points": points,
         **info,
         "model": endpoint.model,
-        "endpoint": endpoint.kind,
+        "endpoint": str(endpoint.kind),
         "url": url_without_credentials(endpoint.url),
     }
+
+
+def _served_endpoint(cfg: PipelineConfig, target: server.Target, served: serving.Endpoints) -> loadgen.Endpoint:
+    """Where the load goes on a server started for the sweep: its OpenAI API (the gateway's or
+    trtllm-serve's), else Triton's gRPC stream to the entry model."""
+    if served.openai_url:
+        key = api_key(cfg) if served.frontend == "triton" else None  # the gateway checks the key
+        model = cfg.benchmark.model or served.served_model or served_model(served.openai_url, key)
+        return loadgen.Endpoint(Endpoint.openai, served.openai_url, model, key)
+    assert served.grpc_url is not None
+    kind = Endpoint.llmapi if target.llmapi else Endpoint.triton
+    return loadgen.Endpoint(kind, served.grpc_url, cfg.benchmark.model or target.entry_model)
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -272,43 +263,8 @@ def _tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-@contextlib.contextmanager
-def _gateway(cfg: PipelineConfig, target: server.Target, grpc_url: str, metrics_url: str) -> Iterator[loadgen.Endpoint]:
-    """The OpenAI gateway in front of a server started for the benchmark."""
-    from pipeline.deploy.openai import serve as gateway
-
-    settings = gateway.settings_for(cfg.openai, target.repo, served_model_name(cfg), grpc_url, metrics_url)
-    openai = cfg.openai
-    host = openai.host or cfg.triton.host
-    if server.port_busy(host, openai.port):
-        openai = dataclasses.replace(openai, port=server.free_port(host))
-        log.warning("port %d is in use: this benchmark's OpenAI gateway takes %d instead", cfg.openai.port, openai.port)
-    running = gateway.start(openai, cfg.triton.host, settings)
-    try:
-        yield loadgen.Endpoint("openai", running.url, settings.served_model, api_key(cfg))
-    finally:
-        running.stop()
-
-
-@contextlib.contextmanager
-def _trtllm_serve(cfg: PipelineConfig, target: server.Target, out: Path) -> Iterator[str]:
-    """serve.frontend=trtllm-serve: trtllm-serve on the repository's checkpoint with the arguments
-    of its model.yaml, for the sweep; yields its OpenAI base URL."""
-    settings = yaml.safe_load((target.repo / REPO_MODEL_YAML).read_text())
-    options = {k: v for k, v in settings.items() if k not in ("model", "triton_config")}
-    options_file = out / llmapi.OPTIONS_FILE
-    options_file.write_text(llmapi.options_yaml(options))
-    host = cfg.triton.host
-    port = cfg.serve.trtllm_serve_port
-    if server.port_busy(host, port):
-        port = server.free_port(host)
-    argv = llmapi.trtllm_serve_argv(cfg, target.repo / REPO_CHECKPOINT_DIR, options_file, host, port)
-    with server.TrtllmServe(argv, host, port, out / SERVER_LOG, cfg.triton.ready_timeout_s) as running:
-        yield f"{running.url}/v1"
-
-
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     if not cfg.benchmark.enabled:
         return {"skipped": "benchmark=none"}
     target = server.target_of_repository(ws.input("triton_repo") / REPOSITORY, ws.out)
-    return measure(cfg, ws.out, ws.workdir, target.tokenizer_dir, target)
+    return measure(cfg, ws.out, target.tokenizer_dir, target)

@@ -133,6 +133,17 @@ def queue_size(cfg: PipelineConfig) -> int:
     return QUEUE_PER_BATCH * cfg.build.max_batch_size if size is None else size
 
 
+# the CPU LLM-API model's guided decoding (xgrammar, as the engine path's): the engine path's inputs
+LLMAPI_CPU_GUIDE_INPUTS = "".join(
+    f',\n  {{ name: "{name}", data_type: TYPE_STRING, dims: [ 1 ], optional: true }}'
+    for name in ("guided_decoding_guide_type", "guided_decoding_guide")
+)
+
+
+def _cpu_guides(cfg: PipelineConfig) -> bool:
+    return not cfg.target.is_gpu and cfg.triton.guided_decoding
+
+
 def llmapi_parameters(cfg: PipelineConfig) -> dict[str, str]:
     """``parameters`` of the LLM-API model. Upstream's GPU model reads none (its settings are in
     model.yaml); the CPU target's adds what only the reference runtime has, and the queue bounds
@@ -187,7 +198,11 @@ def llmapi_model_problem(cfg: PipelineConfig) -> str | None:
 def values(cfg: PipelineConfig) -> dict[str, str]:
     """Every placeholder of every template, from the config."""
     if cfg.backend is Backend.pytorch:
-        return {"decoupled": _flag(cfg.triton.streaming), "parameters": _parameters_block(llmapi_parameters(cfg))}
+        return {
+            "decoupled": _flag(cfg.triton.streaming),
+            "parameters": _parameters_block(llmapi_parameters(cfg)),
+            "extension_inputs": LLMAPI_CPU_GUIDE_INPUTS if _cpu_guides(cfg) else "",
+        }
     triton, build = cfg.triton, cfg.build
     batch = build.max_batch_size
     # requests the repository holds at once: the engine's batch and its queue (0, no queue bound,
@@ -272,7 +287,7 @@ def _llmapi_code_files(cfg: PipelineConfig) -> dict[str, Path]:
         return {f"{ENGINE_MODEL}/1/{name}": folder / name for name in UPSTREAM_LLMAPI_FILES}
     for source in sorted((LLMAPI_TEMPLATES / ENGINE_MODEL / "1").glob("*.py")):
         files[f"{ENGINE_MODEL}/1/{source.name}"] = source
-    for name in ("stats.py", "inputs.py", "failure_codes.py"):
+    for name in ("stats.py", "inputs.py", "failure_codes.py", "guided.py"):
         files[f"{ENGINE_MODEL}/1/{name}"] = TEMPLATES_DIR / ENGINE_MODEL / "1" / name
     for name in sorted(p.name for p in RUNTIME_DIR.glob("*.py")):
         files[f"{ENGINE_MODEL}/1/reference_runtime/{name}"] = RUNTIME_DIR / name

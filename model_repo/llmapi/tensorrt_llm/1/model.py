@@ -11,7 +11,10 @@ generated text in ``text_output`` (cumulative when streaming, as the LLM API's `
 ``cumulative_logprob`` when asked for, and with ``sampling_param_return_perf_metrics`` the KV cache
 counters and request timings. A ``stop`` request cancels the running request with its request id.
 What the reference runtime cannot do (images, LoRA, best_of) is refused with an error naming the
-input. Stop strings are matched on the text, across token boundaries, and left out of it.
+input. Stop strings are matched on the text, across token boundaries, and left out of it. Beyond
+upstream's inputs it takes the engine path's ``guided_decoding_guide_type``/``guided_decoding_guide``
+(declared with triton.guided_decoding, compiled by xgrammar as there), so the OpenAI gateway serves
+JSON schemas on this layout too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from failure_codes import triton_error
-from inputs import flag, scalar, tensor
+from guided import Grammars
+from inputs import flag, scalar, tensor, text
 from reference_runtime.checkpoint import load_model
 from reference_runtime.failures import CANCELLED
 from reference_runtime.generate import Request, Result
@@ -67,6 +71,7 @@ class TritonPythonModel:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.grammars = Grammars(checkpoint, int(self.model.config.vocab_size))  # loads on the first guide
         self.scheduler = Scheduler(self.model, _scheduler_config(self.model.config, settings, params))
         self.scheduler.start()
         self.live: dict[str, list[Any]] = {}  # Triton request id -> its scheduler sequence, for stop requests
@@ -159,8 +164,18 @@ class TritonPythonModel:
             presence_penalty=float(scalar(request, "sampling_param_presence_penalty", 0.0)),
             frequency_penalty=float(scalar(request, "sampling_param_frequency_penalty", 0.0)),
             return_log_probs=options.cumulative_logprob,
+            guide=self._guide(request),
         )
         return parsed, options
+
+    def _guide(self, request: Any) -> Any:
+        """The request's grammar matcher, or None; ValueError naming the input when it is wrong."""
+        guide_type, guide = text(request, "guided_decoding_guide_type"), text(request, "guided_decoding_guide")
+        if guide_type is None:
+            if guide is not None:
+                raise ValueError("guided_decoding_guide without guided_decoding_guide_type: say which kind of guide")
+            return None
+        return self.grammars.matcher(self.grammars.compile(guide_type, guide or ""))
 
     def _stop(self, request: Any) -> None:
         """``stop``: cancel the running request with this request's id; the stop request itself is
