@@ -45,9 +45,9 @@ PROBE_TIMEOUT_S = 5  # a saturated CPU pod answers health slowly: Kubernetes' de
 
 
 def has_gateway(cfg: PipelineConfig) -> bool:
-    """Whether ``serve`` starts the OpenAI gateway in the pod: it speaks to the engine path's
-    models, so not beside a backend=pytorch (LLM-API) repository, whose pods Triton alone serves."""
-    return cfg.openai.enabled and cfg.backend is not Backend.pytorch
+    """Whether ``serve`` starts the OpenAI gateway in the pod (in front of Triton, for either
+    repository layout; trtllm-serve is its own OpenAI server)."""
+    return cfg.openai.enabled and cfg.serve.frontend == "triton"
 
 
 def gateway_only(cfg: PipelineConfig) -> bool:
@@ -75,8 +75,7 @@ def notes(cfg: PipelineConfig) -> list[str]:
     if not gateway_only(cfg):
         said.append(
             "Triton's HTTP and gRPC ports are published: they take no API key and serve every model "
-            "(with the OpenAI gateway, openai.expose_triton=false keeps them inside the pod; backend=pytorch "
-            "repositories have no gateway yet)"
+            "(with the OpenAI gateway, openai.expose_triton=false keeps them inside the pod)"
         )
     return said
 

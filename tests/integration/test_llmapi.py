@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pipeline import app, artifacts, runner, validate
-from pipeline.deploy import server
+from pipeline.deploy import serving
 from pipeline.deploy.openai.triton_stream import triton_inputs
 from pipeline.stages import STAGES
 from tests.conftest import cli, free_ports
@@ -75,12 +75,12 @@ def test_unified_export_of_every_pytorch_format_reads_back_as_modelopts_model(
 
 
 class Served:
-    def __init__(self, running: server.Server, checkpoint: Path, overrides: list[str]):
-        self.server, self.checkpoint, self.overrides = running, checkpoint, overrides
+    def __init__(self, endpoints: serving.Endpoints, checkpoint: Path, overrides: list[str]):
+        self.endpoints, self.checkpoint, self.overrides = endpoints, checkpoint, overrides
 
     def generate(self, **body: Any) -> tuple[int, dict[str, Any]]:
         request = urllib.request.Request(
-            f"{self.server.url}/v2/models/tensorrt_llm/generate", data=json.dumps(body).encode()
+            f"{self.endpoints.http_url}/v2/models/tensorrt_llm/generate", data=json.dumps(body).encode()
         )
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
@@ -90,7 +90,7 @@ class Served:
 
     def stream(self, **body: Any) -> list[dict[str, Any]]:
         request = urllib.request.Request(
-            f"{self.server.url}/v2/models/tensorrt_llm/generate_stream",
+            f"{self.endpoints.http_url}/v2/models/tensorrt_llm/generate_stream",
             data=json.dumps({**body, "streaming": True}).encode(),
         )
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -99,7 +99,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(smollm2_workdir: Path) -> Iterator[Served]:
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, gateway = free_ports(4)
     overrides = [
         f"workdir={smollm2_workdir}",
         "target=cpu",
@@ -111,15 +111,16 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
         f"triton.http_port={http}",
         f"triton.grpc_port={grpc}",
         f"triton.metrics_port={metrics}",
+        f"openai.port={gateway}",
     ]
     cfg = validate.load([*overrides, "until=triton_repo"])
     runner.build(cfg, STAGES)
     target = app.built_target(cfg)
     assert target.llmapi and target.entry_model == "tensorrt_llm"
-    launch = server.launch_for(cfg.triton, target.repo, False, 1, smollm2_workdir, llmapi=True)
-    # a folder of its own: starting a server reaps what earlier runs left serving from its log folder
-    with server.Server(launch, cfg.triton, smollm2_workdir / "llmapi" / "server.log") as running:
-        yield Served(running, target.repo / artifacts.REPO_CHECKPOINT_DIR, overrides)
+    # served as `serve` serves it, with the OpenAI gateway in front; a log folder of its own: starting
+    # a server reaps what earlier runs left serving from its log folder
+    with serving.serving(cfg, target, smollm2_workdir / "llmapi" / "server.log", openai=True) as endpoints:
+        yield Served(endpoints, target.repo / artifacts.REPO_CHECKPOINT_DIR, overrides)
 
 
 @pytest.mark.slow  # a real Triton serving SmolLM2
@@ -188,7 +189,7 @@ def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Ser
     import tritonclient.grpc as grpcclient
 
     received: queue.Queue[Any] = queue.Queue()
-    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    client = grpcclient.InferenceServerClient(served.endpoints.grpc_url)
     client.start_stream(callback=lambda result, error: received.put(error or result))
     started = time.monotonic()
     try:
@@ -201,7 +202,7 @@ def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Ser
         status, body = served.generate(text_input="x", stop=True)  # a stop request without an id
         assert status == 400 and "A request id must be provided" in body["error"]
         answers: queue.Queue[Any] = queue.Queue()
-        stop_client = grpcclient.InferenceServerClient(served.server.grpc_url)
+        stop_client = grpcclient.InferenceServerClient(served.endpoints.grpc_url)
         stop_client.start_stream(callback=lambda result, error: answers.put(error or result))
         try:
             stop_client.async_stream_infer(
@@ -227,7 +228,7 @@ def test_a_stop_request_with_the_same_id_cancels_the_running_request(served: Ser
 def test_bench_measures_the_llmapi_model_over_grpc(served: Served, smollm2_workdir: Path) -> None:
     result = cli(
         "bench",
-        f"url={served.server.grpc_url}",
+        f"url={served.endpoints.grpc_url}",
         *served.overrides,
         "benchmark.concurrency=[2]",
         "benchmark.requests_per_point=2",
@@ -240,3 +241,72 @@ def test_bench_measures_the_llmapi_model_over_grpc(served: Served, smollm2_workd
     assert point["load"] == "c=2" and point["successful"] == 2 and 1 <= point["output_tokens_mean"] <= 4
     client = json.loads((table.parent / artifacts.CLIENT_JSON).read_text())
     assert "LLM-API model inputs" in client["client"]
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> Any:
+    from openai import OpenAI
+
+    assert served.endpoints.openai_url is not None
+    return OpenAI(base_url=served.endpoints.openai_url, api_key="unused", max_retries=0)
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.slow  # a real Triton serving SmolLM2, the gateway in front
+def test_the_gateway_serves_the_llmapi_model_as_it_serves_the_engine_path(client: Any, served: Served) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served.checkpoint)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=CHAT, temperature=0)
+    answer = reply.choices[0].message.content
+    assert answer == "The capital of France is Paris." and reply.choices[0].finish_reason == "stop"  # as test_gateway
+    assert reply.usage.prompt_tokens == len(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    assert reply.usage.completion_tokens == len(tokenizer.encode(answer, add_special_tokens=False))
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=CHAT, temperature=0, stream=True, stream_options={"include_usage": True}, max_tokens=4
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (
+        streamed == "The capital of France"
+        and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    )
+    assert chunks[-1].usage.completion_tokens == 4
+    cut = client.chat.completions.create(model=model, messages=CHAT, stop=["Paris", "Lyon"], temperature=0)
+    assert cut.choices[0].message.content == "The capital of France is " and cut.choices[0].finish_reason == "stop"
+    plain = client.completions.create(model=model, prompt=QUESTION, max_tokens=3, temperature=0)
+    assert plain.choices[0].text.startswith(" Paris") and plain.usage.completion_tokens == 3
+
+
+@pytest.mark.slow  # a real Triton serving SmolLM2, the gateway in front
+def test_n_choices_are_seeded_requests_and_a_json_schema_shapes_the_answer(client: Any) -> None:
+    import jsonschema
+
+    asked = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 6}
+    both = client.chat.completions.create(**asked, n=2, seed=5, temperature=1.0)
+    alone = [client.chat.completions.create(**asked, seed=seed, temperature=1.0) for seed in (5, 6)]
+    assert [c.message.content for c in both.choices] == [r.choices[0].message.content for r in alone]
+    assert both.usage.completion_tokens == 12
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}
+    shaped = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        temperature=0,
+    )
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), schema)
+
+
+@pytest.mark.slow  # a real Triton serving SmolLM2, the gateway in front
+def test_what_the_llmapi_layout_has_no_input_for_is_a_400_naming_it(client: Any) -> None:
+    import openai
+
+    for extra, needle in (({"logprobs": True}, "logprobs"), ({"extra_body": {"ignore_eos": True}}, "ignore_eos")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=2, **extra)
+    assert client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=2).choices  # serves on

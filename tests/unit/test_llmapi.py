@@ -91,12 +91,17 @@ def _llmapi_config(overrides: list[str]) -> Any:
 
 @pytest.mark.parametrize("streaming", ["true", "false"])
 def test_the_llmapi_model_declares_the_contracts_inputs_and_outputs_exactly(streaming: str) -> None:
-    """100% of upstream's names, data types and dims, nothing more; max_batch_size and decoupled in
+    """100% of upstream's names, data types and dims, nothing more on GPU targets (the CPU target's
+    model adds the engine path's two guided-decoding inputs); max_batch_size and decoupled in
     config.pbtxt equal to model.yaml's triton_config (the two launch styles read different ones)."""
-    cfg, config = _llmapi_config(["backend=pytorch", "target=cpu", f"triton.streaming={streaming}"])
     contract = CONTRACT["llmapi/tensorrt_llm"]
+    upstream = {e["name"]: (e["data_type"], e["dims"], e["optional"]) for e in contract["inputs"]}
+    _, gpu = _llmapi_config([*PYTORCH_GPU, f"triton.streaming={streaming}"])
+    assert {t.name: (_type_name(t.data_type), list(t.dims), t.optional) for t in gpu.input} == upstream
+    cfg, config = _llmapi_config(["backend=pytorch", "target=cpu", f"triton.streaming={streaming}"])
     inputs = {t.name: (_type_name(t.data_type), list(t.dims), t.optional) for t in config.input}
-    assert inputs == {e["name"]: (e["data_type"], e["dims"], e["optional"]) for e in contract["inputs"]}
+    guides = {name: ("TYPE_STRING", [1], True) for name in ("guided_decoding_guide_type", "guided_decoding_guide")}
+    assert inputs == {**upstream, **guides}
     outputs = {t.name: (_type_name(t.data_type), list(t.dims)) for t in config.output}
     assert outputs == {e["name"]: (e["data_type"], e["dims"]) for e in contract["outputs"]}
     assert config.backend == "python" and not config.HasField("dynamic_batching")

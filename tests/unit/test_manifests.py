@@ -161,12 +161,19 @@ def test_a_build_job_runs_build_with_the_same_overrides_on_a_gpu_node(tmp_path: 
     assert cli("manifests", f"workdir={tmp_path}", "kind=job").returncode == 1
 
 
-def test_a_pytorch_backend_pod_is_probed_on_triton_which_serves_it() -> None:
-    """The gateway serves the engine path's models only: a backend=pytorch pod has none, so its
-    probes ask Triton (a probe on the gateway's port would restart every such pod)."""
-    cfg = validate.load(["model=llama70b", "quant=fp8", "target=h100", "backend=pytorch"])
-    container = kubernetes.build(cfg)["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
-    assert "livenessProbe" not in container and not any(a.startswith("openai.") for a in container["args"])
+def test_a_pytorch_backend_pod_is_probed_on_the_gateway_that_serves_it() -> None:
+    """The gateway serves the LLM-API layout too: a backend=pytorch pod is reached and probed
+    through it as an engine-path pod is; with the gateway off, its probes ask Triton."""
+    overrides = ["model=llama70b", "quant=fp8", "target=h100", "backend=pytorch"]
+    container = kubernetes.build(validate.load(overrides))["deployment.yaml"]["spec"]["template"]["spec"]
+    container = container["containers"][0]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert {p["name"] for p in container["ports"]} == {"openai", "metrics"}
+    bare = kubernetes.build(validate.load([*overrides, "openai.enabled=false"]))["deployment.yaml"]["spec"]["template"][
+        "spec"
+    ]
+    bare = bare["containers"][0]
+    assert "livenessProbe" not in bare and not any(a.startswith("openai.") for a in bare["args"])
     for probe in ("readinessProbe", "startupProbe"):
-        assert container[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert "triton.host=0.0.0.0" in container["args"] and {p["name"] for p in container["ports"]} >= {"http", "grpc"}
+        assert bare[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert "triton.host=0.0.0.0" in bare["args"] and {p["name"] for p in bare["ports"]} >= {"http", "grpc"}
