@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import REPO_ENGINE_DIR
-from pipeline.config.schema import Backend, PipelineConfig, served_model_name
+from pipeline.config.schema import PipelineConfig, served_model_name
 from pipeline.sizing import memory
 
 MOUNT = "/models/repo"
