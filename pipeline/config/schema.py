@@ -425,9 +425,11 @@ class PipelineConfig:
     tracking: TrackingConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    # tensorrt: engines built by trtllm-build; pytorch: TensorRT-LLM's PyTorch backend (>= 1.3), which
+    # serves ModelOpt's unified checkpoint without a build step
     backend: Backend = Backend.tensorrt
     serve: ServeConfig = field(default_factory=ServeConfig)
-    workdir: str = "./artifacts"
+    workdir: str = "./artifacts"  # every stage's folders, serve logs and the default MLflow store
     force: bool = False  # redo every stage even when its artifacts are cached
     redo: list[str] = field(default_factory=list)  # redo these stages only, e.g. redo=[quantize]
     dry_run: bool = False  # print the plan and stop
