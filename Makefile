@@ -43,11 +43,14 @@ demo: venv
 	$(PY) -m pipeline build
 
 # make test runs in two parts. First, on both cores, the tests that share nothing costly: the unit
-# tests (make test-fast runs them the same way) and the integration modules that need only the
-# tiny model and a tracking server. Then, on one worker, the rest: they share a Triton server and
-# the embedded model's stages, built once, and some measure the server under load.
+# tests (in-process and fast) and the integration modules that start only small processes and
+# servers of their own (the tiny model, a tracking server, a process tree). Then, on one worker,
+# the rest: they share a Triton server and the embedded model's stages, built once, and some
+# measure the server under load.
 PARALLEL_TESTS := tests/unit tests/integration/test_fetch_hub.py tests/integration/test_fetch_local.py \
-	tests/integration/test_launchers.py tests/integration/test_tracking_outage.py tests/integration/test_registry.py
+	tests/integration/test_launchers.py tests/integration/test_tracking_outage.py tests/integration/test_registry.py \
+	tests/integration/test_proc.py tests/integration/test_runner.py tests/integration/test_tracking_store.py \
+	tests/integration/test_loadgen_ramp.py
 
 test: venv aiperf
 	$(PY) -m pytest -n 2 $(PARALLEL_TESTS)

@@ -39,9 +39,10 @@ def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
         print(runner.format_plan(runner.plan(cfg, STAGES), cfg))
         print("dry run: nothing was run (drop dry_run=true to build)")
         return []
-    runner.preflight(cfg, runner.plan(cfg, STAGES))  # a refused build opens no MLflow run
+    planned = runner.plan(cfg, STAGES)
+    runner.preflight(cfg, planned)  # a refused build opens no MLflow run
     with runs.job_run(cfg, sweep_parent) as run:
-        steps = runner.build(cfg, STAGES)
+        steps = runner.build(cfg, STAGES, planned)
         if run is not None:
             run.record(cfg, steps)
     for step in steps:

@@ -153,11 +153,13 @@ def preflight(cfg: PipelineConfig, steps: list[Step]) -> None:
         raise PipelineError("; ".join(problems))
 
 
-def build(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[Step]:
-    """Run every stage that is not already done (all of them with ``force``)."""
+def build(cfg: PipelineConfig, stages: Sequence[Stage], planned: list[Step] | None = None) -> list[Step]:
+    """Run every stage that is not already done (all of them with ``force``). ``planned``: the
+    steps ``plan`` made and ``preflight`` passed for these stages, so they are not made again."""
     workdir = cfg.workdir_path
-    steps = plan(cfg, stages)
-    preflight(cfg, steps)
+    steps = planned if planned is not None else plan(cfg, stages)
+    if planned is None:
+        preflight(cfg, steps)
     remove_stale(workdir, [stage.NAME for stage in stages])
     inputs: dict[str, Path] = {}
     for step in steps:

@@ -444,6 +444,13 @@ class PipelineConfig:
         return GPU_KV_FRACTION if self.target.is_gpu else CPU_KV_FRACTION
 
     @property
+    def prefix_reuse(self) -> bool:
+        """triton.enable_kv_cache_reuse; null: on when prompts are wrapped in the chat template,
+        whose system prefix they then share (both backends follow this rule)."""
+        wanted = self.triton.enable_kv_cache_reuse
+        return self.triton.chat_template if wanted is None else wanted
+
+    @property
     def workdir_path(self) -> Path:
         return Path(self.workdir).expanduser().resolve()
 

@@ -69,18 +69,12 @@ TRTLLM_SERVE_FLAGS = {
 OPTIONS_FILE = "llm_api_options.yaml"  # in the engine stage's folder: trtllm-serve's --extra_llm_api_options
 
 
-def block_reuse(cfg: PipelineConfig) -> bool:
-    """Prefix reuse of KV cache blocks; null: on when prompts share the chat template's prefix."""
-    wanted = cfg.triton.enable_kv_cache_reuse
-    return cfg.triton.chat_template if wanted is None else wanted
-
-
 def options(cfg: PipelineConfig) -> dict[str, Any]:
     """``LLM(**options)`` without ``model`` (each launcher says where the checkpoint is)."""
     build, triton = cfg.build, cfg.triton
     kv_cache: dict[str, Any] = {
         "free_gpu_memory_fraction": cfg.kv_cache_fraction,
-        "enable_block_reuse": block_reuse(cfg),
+        "enable_block_reuse": cfg.prefix_reuse,
         "tokens_per_block": build.tokens_per_block,
     }
     if triton.max_tokens_in_paged_kv_cache is not None:

@@ -1,6 +1,6 @@
 """Fixtures shared by the integration tests that talk to a real Triton: one server per package
-run, serving the CPU repository of SmolLM2 (test_gateway.py uses it before test_triton.py, whose
-last test stops it)."""
+run, serving the CPU repository of SmolLM2. No test stops it: its teardown stops it and checks
+that nothing it started is left running, so the tests that share it may run in any order."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from pipeline import app, runner, validate
@@ -81,6 +82,13 @@ def served(smollm2_workdir: Path) -> Iterator[Served]:
     log = smollm2_workdir / "server.log"
     with server.Server(launch, cfg.triton, log) as running:
         yield Served(running, cfg, steps[-1].dirs.final, overrides, log)
+        assert running.process is not None, "a test stopped the shared server"
+        leader = psutil.Process(running.process.process.pid)
+        family = [leader, *leader.children(recursive=True)]
+        assert len(family) >= 4  # tritonserver and one python stub per python model
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"stopping Triton left {alive} running"
+    assert not server.busy_ports(cfg.triton)
 
 
 @contextlib.contextmanager

@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 
 from benchmarks import soak
-from pipeline.deploy import server
 from pipeline.deploy.openai.triton_stream import triton_inputs
 from pipeline.runtime.checkpoint import load_model
 from pipeline.runtime.generate import Request, generate
@@ -580,15 +578,3 @@ def test_a_short_soak_with_a_burst_of_dropped_streams(served: Served) -> None:
     assert result["completed"] > 0
     assert result["checks"]["threads do not grow (< 10%)"], result["server_threads"]
     assert result["probes"] > 0
-
-
-def test_stop_leaves_no_process_behind(served: Served, smollm2_workdir: Path) -> None:
-    """Runs last in this module: stops the module's server and looks for leftovers."""
-    assert served.server.process is not None
-    leader = psutil.Process(served.server.process.process.pid)
-    family = [leader, *leader.children(recursive=True)]
-    assert len(family) >= 4  # tritonserver and one python stub per python model
-    served.server.stop()
-    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, alive
-    assert not server.busy_ports(served.cfg.triton)

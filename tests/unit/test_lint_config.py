@@ -19,3 +19,25 @@ def test_the_pre_commit_hooks_are_the_tools_make_lint_runs_and_ci_runs_make_lint
         assert f"$(VENV)/bin/{tool}" in lint, (hook["id"], lint)
     assert {h["id"] for h in hooks} == {"ruff", "ruff-format", "import-linter", "mypy"}
     assert "make lint" in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+PROCESS_OR_SERVER = (
+    "import subprocess",
+    "subprocess.run(",
+    "Popen(",
+    "Background(",
+    "HTTPServer(",
+    "running_mlflow_server(",
+)
+
+
+def test_unit_tests_start_no_process_and_no_server() -> None:
+    """The folders show the tiers: a test that starts a process or a server is an integration test."""
+    starting = [
+        f"{path.name}: {needle}"
+        for path in sorted((ROOT / "tests" / "unit").glob("test_*.py"))
+        if path.name != Path(__file__).name  # this file names them
+        for needle in PROCESS_OR_SERVER
+        if needle in path.read_text()
+    ]
+    assert not starting, f"move these to tests/integration/ (and into make test's PARALLEL_TESTS): {starting}"

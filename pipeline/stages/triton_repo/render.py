@@ -58,13 +58,9 @@ def _flag(value: bool) -> str:
 
 
 def kv_cache_reuse(cfg: PipelineConfig) -> bool:
-    """Reuse of KV cache blocks across requests that share a prefix. Null: on when prompts are
-    wrapped in the chat template (they share its system prefix); it needs paged context FMHA in
-    the engine."""
-    wanted = cfg.triton.enable_kv_cache_reuse
-    if wanted is None:
-        wanted = cfg.triton.chat_template
-    return wanted and cfg.build.use_paged_context_fmha
+    """Reuse of KV cache blocks across requests that share a prefix (``cfg.prefix_reuse``), which
+    the engine can do only with paged context FMHA."""
+    return cfg.prefix_reuse and cfg.build.use_paged_context_fmha
 
 
 def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
