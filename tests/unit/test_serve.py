@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import validate
-from pipeline.deploy import server
+from pipeline.deploy import server, serving
 from pipeline.errors import StageError
 from tests.conftest import cli
 
@@ -69,3 +69,18 @@ def test_serve_without_a_build_says_what_to_run(tmp_path: Path) -> None:
     assert "run `python -m pipeline build` with the same overrides first" in result.stderr
     missing = cli("serve", f"repo={tmp_path}", "target=cpu")
     assert missing.returncode == 1 and "is not a model repository" in missing.stderr
+
+
+def test_one_serving_context_picks_the_frontend_the_target_can_take(tmp_path: Path) -> None:
+    """serving() serves trtllm-serve only for the LLM-API layout on a GPU target; a copied engine
+    repository served with serve.frontend=trtllm-serve is refused before anything starts."""
+    cfg = validate.load(["model=llama8b", "target=h100", "backend=pytorch", "serve.frontend=trtllm-serve"])
+    llmapi = server.Target(REPO, True, 1, "tensorrt_llm", tmp_path, backend="pytorch")
+    engine = server.Target(REPO, True, 1, "ensemble", tmp_path)
+    assert serving.frontend_of(cfg, llmapi) == "trtllm-serve"
+    with pytest.raises(StageError, match="serves backend=pytorch builds of GPU targets"):
+        serving.frontend_of(cfg, engine)
+    assert serving.frontend_of(validate.load(["model=llama8b", "target=h100"]), engine) == "triton"
+    lines = serving.banner(llmapi, serving.Endpoints("trtllm-serve", "tensorrt_llm", tmp_path / "log", lambda: True,
+                                                     openai_url="http://127.0.0.1:8000/v1"))  # fmt: skip
+    assert "trtllm-serve" in lines[0] and "http://127.0.0.1:8000/v1" in lines[1]
