@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.artifacts import REPO_ENGINE_DIR
 from pipeline.config.schema import OpenAIConfig
 from pipeline.deploy.openai import serve as gateway
 from tests.conftest import cli, free_ports
@@ -257,6 +258,36 @@ def test_a_tiny_temperature_is_answered_and_the_engine_serves_on(api: str) -> No
     assert texts == {json.loads(greedy)["choices"][0]["text"]}  # a tiny temperature is greedy
     with urllib.request.urlopen(f"{api.removesuffix('/v1')}/health") as response:
         assert json.loads(response.read())["status"] == "ok"
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_reference_runtime_does(
+    client: Any, api: str, served: Served
+) -> None:
+    """What evaluation harnesses send for multiple-choice tasks: token ids, echo, logprobs, one
+    token. Every prompt token's log probability is the reference runtime's own, to float tolerance."""
+    import torch
+
+    from pipeline.runtime.checkpoint import load_model
+
+    ids = served.tokenizer.encode("The capital of France is Paris", add_special_tokens=False)
+    reply = client.completions.create(model=MODEL, prompt=[ids, ids[:3]], max_tokens=1, logprobs=1, echo=True)
+    first = reply.choices[0]
+    assert first.text.startswith("The capital of France is Paris") and len(reply.choices) == 2
+    with torch.no_grad():  # the reference runtime's model on the served checkpoint, in this process
+        logits = load_model(served.final / "repository" / REPO_ENGINE_DIR)(torch.tensor([ids])).logits[0]
+    rows = logits.double().log_softmax(-1)
+    expected = [rows[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert first.logprobs.token_logprobs[0] is None
+    assert first.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-3)
+    assert first.logprobs.tokens[: len(ids)] == [served.tokenizer.decode([i]) for i in ids]
+    # the greedy token at each position is among the top ones, so a harness can tell greedy answers
+    assert all(
+        max(top.values()) >= lp
+        for top, lp in zip(first.logprobs.top_logprobs[1:], first.logprobs.token_logprobs[1:], strict=True)
+    )
+    assert reply.usage.prompt_tokens == len(ids) + 3
+    status, body = _post(f"{api}/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True})
+    assert status == 400 and "echo" in body
 
 
 def test_an_engine_side_refusal_reaches_the_client_through_the_bls_as_429_or_503(smollm2_workdir: Path) -> None:

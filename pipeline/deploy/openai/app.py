@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.deploy.openai import scoring
 from pipeline.deploy.openai.errors import OpenAIError
 from pipeline.deploy.openai.health import engine_heartbeat_problem
 from pipeline.deploy.openai.limits import BodyLimit
@@ -60,6 +62,8 @@ class GatewaySettings:
     metrics_url: str | None = None  # Triton's /metrics, where the CPU engine publishes its heartbeat
     retry_after_s: int = 1  # what 429 and 503 tell clients to wait
     llmapi: LlmApiLayout | None = None  # set when the entry model is the LLM-API model of backend=pytorch
+    tokenizer_dir: Path | None = None  # the served model's tokenizer: token-id prompts, echo scoring
+    scoring_refused: str | None = None  # why echo with logprobs cannot be served here (None: it can)
 
 
 Entry = EngineEntry | LlmApiEntry
@@ -246,6 +250,8 @@ def _log_probs(choice: Choice, chat: bool) -> Any:
 def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="pipeline OpenAI-compatible API")
     triton = TritonStream(settings.grpc_url, settings.entry_model, settings.request_timeout_s)
+    engine = TritonStream(settings.grpc_url, scoring.ENGINE_MODEL, settings.request_timeout_s)
+    tokenizer = _LazyTokenizer(settings.tokenizer_dir)
     entry: Entry = EngineEntry(triton) if settings.llmapi is None else LlmApiEntry(triton, settings.llmapi)
     metrics = Metrics()
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -317,12 +323,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise OpenAIError(404, f"model {body.model!r} does not exist; this server serves {settings.served_model!r}",
                               "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
         try:
+            if isinstance(body, CompletionRequest) and body.scoring():
+                return await _unless_client_leaves(request, scored(body))
+            if isinstance(body, CompletionRequest) and not isinstance(body.prompts()[0], str):
+                body = body.model_copy(update={"prompt": [await tokenizer.decode(p) for p in body.prompts()]})
             default = settings.default_max_tokens if chat else 16  # OpenAI's completions default
             values = body.triton_values(default, settings.sampling_defaults)
         except Unsupported as error:
             raise OpenAIError(400, str(error), "invalid_request_error") from error
-        generation = Generation(body, values, settings, metrics)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        generation = Generation(body, values, settings, metrics)
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         deltas = generation.deltas(entry)
@@ -368,6 +378,50 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             }
         )
 
+    async def scored(body: CompletionRequest) -> Response:
+        """echo: every prompt scored token by token (and ``max_tokens`` greedy tokens after it)."""
+        if settings.scoring_refused:
+            raise OpenAIError(400, settings.scoring_refused, "invalid_request_error", param="echo")
+        prompts = [p if isinstance(p, list) else await tokenizer.encode(p) for p in body.prompts()]
+        if any(len(ids) < 1 for ids in prompts):
+            raise OpenAIError(400, "prompt: an empty prompt has nothing to score", "invalid_request_error")
+        loaded = await tokenizer.get()
+        top = body.logprobs or 0
+        try:
+            results = await asyncio.gather(
+                *(scoring.score(engine, ids, body.max_tokens or 16, top, loaded, uuid.uuid4().hex) for ids in prompts)
+            )
+        except TritonError as error:
+            metrics.requests.labels("completions", "error").inc()
+            raise _triton_error(error, settings.retry_after_s) from error
+        metrics.requests.labels("completions", "ok").inc()
+        choices = [
+            {
+                "index": index,
+                "text": result.text,
+                "logprobs": result.logprobs() if body.logprobs is not None else None,
+                "finish_reason": result.finish_reason,
+            }
+            for index, result in enumerate(results)
+        ]
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        completion_tokens = sum(r.completion_tokens for r in results)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": settings.served_model,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
+
     @v1.post("/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest) -> Response:
         return await run(request, body, "chat")
@@ -381,8 +435,36 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.on_event("shutdown")
     async def close() -> None:
         await triton.close()
+        await engine.close()
 
     return app
+
+
+class _LazyTokenizer:
+    """The served model's tokenizer, loaded on the first request that needs it (transformers takes
+    seconds to import; most gateways never see token ids or echo)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._tokenizer: Any = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Any:
+        if self.folder is None:
+            raise OpenAIError(400, "prompt: this server has no tokenizer for token ids", "invalid_request_error")
+        async with self._lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.folder)
+        return self._tokenizer
+
+    async def decode(self, ids: str | list[int]) -> str:
+        return ids if isinstance(ids, str) else str((await self.get()).decode(ids))
+
+    async def encode(self, text: str) -> list[int]:
+        # as the preprocessing model encodes a completion's prompt: no special tokens added
+        return list((await self.get()).encode(text, add_special_tokens=False))
 
 
 async def _drain(deltas: AsyncGenerator[Any, None]) -> None:

@@ -174,19 +174,44 @@ class ChatRequest(Sampling):
         return {"text_input": "", "messages": json.dumps(messages), **values}
 
 
+TokenIds = list[Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]]
+MAX_SCORED_PROMPTS = 64  # prompts one echo request may score
+
+
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
-    logprobs: Int | None = Field(default=None, ge=0, le=5)
+    # text, or token ids (evaluation harnesses send ids so that their context lengths are exact)
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    logprobs: Int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    def scoring(self) -> bool:
+        """``echo``: the prompt comes back with its tokens' log probabilities (``logprobs``)."""
+        if not self.echo:
+            return False
+        if self.stream or self.n != 1:
+            raise Unsupported("echo: score prompts without stream and with n=1")
+        if (self.temperature or 0) > 0:
+            raise Unsupported("echo: the prompt is scored with greedy decoding; use temperature=0")
+        if not 1 <= len(self.prompts()) <= MAX_SCORED_PROMPTS:
+            raise Unsupported(f"echo: send 1 to {MAX_SCORED_PROMPTS} prompts")
+        return True
 
     def triton_values(self, default_max_tokens: int, defaults: dict[str, float]) -> dict[str, Any]:
         if self.logprobs:
-            raise Unsupported("logprobs > 0: this server returns the chosen token's log probability only")
-        if self.echo:
-            raise Unsupported("echo is not supported")
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+            raise Unsupported("logprobs > 0: top log probabilities come with echo=true only")
+        prompts = self.prompts()
         if len(prompts) != 1:
-            raise Unsupported("prompt: send one prompt per request")
+            raise Unsupported("prompt: send one prompt per request (or several with echo=true)")
+        if not isinstance(prompts[0], str):
+            raise Unsupported("prompt: token ids are decoded by the gateway first (a bug if seen)")
         values = self.sampling_values(default_max_tokens, defaults, self.logprobs == 0)
         # a completion continues the text as given: no chat template
         return {"text_input": prompts[0], "apply_chat_template": False, **values}

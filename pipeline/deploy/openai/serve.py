@@ -9,9 +9,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pipeline.artifacts import REPO_CHECKPOINT_DIR, REPOSITORY_JSON
+from pipeline.artifacts import REPO_CHECKPOINT_DIR, REPO_TOKENIZER_DIR, REPOSITORY_JSON
 from pipeline.config.schema import OpenAIConfig
 from pipeline.deploy.openai.app import GatewaySettings, create_app
 from pipeline.deploy.openai.llmapi_entry import LlmApiLayout
@@ -30,9 +30,12 @@ def settings_for(
     Triton's metrics, where the CPU engine's heartbeat is read for ``/health``)."""
     info = json.loads((repo / REPOSITORY_JSON).read_text())
     layout = None
+    tokenizer_dir = repo / REPO_TOKENIZER_DIR
+    refused = scoring_refusal(info)
     if info.get("backend") == "pytorch":  # the LLM-API layout: one model, text in and out
         entry = str(info["entry_model"])
         layout = llmapi_layout(repo, entry)
+        tokenizer_dir = layout.tokenizer_dir
     # the BLS model streams UTF-8-safe text; the ensemble may split a character over two pieces
     elif "tensorrt_llm_bls" in info["models"]:
         entry = "tensorrt_llm_bls"
@@ -55,7 +58,25 @@ def settings_for(
         max_body_bytes=openai.max_body_bytes or max_seq_len * 64 + 2**20,
         metrics_url=metrics_url,
         llmapi=layout,
+        tokenizer_dir=tokenizer_dir,
+        scoring_refused=refused,
     )
+
+
+def scoring_refusal(info: dict[str, Any]) -> str | None:
+    """Why this repository cannot score prompts (echo with logprobs), or None when it can."""
+    if info.get("backend") == "pytorch":
+        return (
+            "echo: the LLM-API model of backend=pytorch returns no prompt log probabilities; serve a "
+            "backend=tensorrt build to score prompts"
+        )
+    # repositories rendered before the key existed: the CPU engine always returns context logits
+    if not info.get("context_logits", info.get("runtime") not in ("tensorrt_llm", "pytorch")):
+        return (
+            "echo: this engine was built without context logits; rebuild with "
+            "build.extra_args=[--gather_context_logits] to score prompts"
+        )
+    return None
 
 
 def llmapi_layout(repo: Path, model: str) -> LlmApiLayout:

@@ -158,6 +158,9 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "max_seq_len": cfg.build.max_seq_len,
         "streaming": cfg.triton.streaming,
         "sampling_defaults": dict(cfg.model.sampling_defaults),
+        # whether the engine model returns prompt logits (the gateway's echo with logprobs)
+        "context_logits": cfg.backend is Backend.tensorrt
+        and (not cfg.target.is_gpu or "--gather_context_logits" in cfg.build.extra_args),
         "engine_files": engine_files,
     }
     text = json.dumps(info, indent=2) + "\n"
