@@ -39,6 +39,8 @@ commands:
   promote point an alias of the registered model at a build's version: run=<id>|version=<n> alias=production
   compare table of the runs in the MLflow store: sort=<column> filter="params.quant = 'fp8'"
   bench   benchmark a running server (url=host:grpc_port) or the last build's repository
+  eval    evaluate a running OpenAI-compatible server (url=http://host:port/v1) or the last build's
+          repository on eval.tasks (lm-evaluation-harness; the pipeline's own tasks by default)
   manifests  Kubernetes YAML (Deployment or LeaderWorkerSet, Service, KServe InferenceService)
 
 options:

@@ -6,6 +6,9 @@ A ``-m`` sweep is a list of jobs; ``run_jobs`` runs them in order, under one par
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, proc, runner
-from pipeline.config.schema import Backend, Endpoint, PipelineConfig, served_model_name, to_yaml
+from pipeline.config.schema import (
+    DEFAULT_MAX_DROP,
+    Backend,
+    Endpoint,
+    GateMode,
+    PipelineConfig,
+    QuantConfig,
+    served_model_name,
+    to_yaml,
+)
 from pipeline.deploy import kubernetes, llmapi, server, serving
 from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.redact import redact, url_without_credentials
@@ -21,6 +33,8 @@ from pipeline.runner import Step
 from pipeline.sizing import memory
 from pipeline.stages import STAGES
 from pipeline.stages.benchmark import stage as benchmark
+from pipeline.stages.evaluate import paired
+from pipeline.stages.evaluate import stage as eval_stage
 from pipeline.stages.triton_repo import render
 from pipeline.tracking import compare as run_table
 from pipeline.tracking import registry, runs
@@ -43,12 +57,71 @@ def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
     runner.preflight(cfg, planned)  # a refused build opens no MLflow run
     with runs.job_run(cfg, sweep_parent) as run:
         steps = runner.build(cfg, STAGES, planned)
+        gate = accuracy_gate(cfg, steps)
         if run is not None:
-            run.record(cfg, steps)
+            run.record(cfg, steps, gate)
     for step in steps:
         took = f"{step.seconds:.1f} s" if step.seconds is not None else "cached"
         print(f"{step.name:<10} {took:<10} {step.dirs.final}")
+    if gate is not None:
+        print(
+            f"\n# accuracy gate: {gate['verdict']} (against the unquantized build, {gate['confidence']:.0%} one-sided)"
+        )
+        print("\n".join(gate["lines"]))
+        failed = [task for task in gate["tasks"] if not task["passed"]]
+        if failed and cfg.eval.gate is GateMode.fail:
+            worst = min(failed, key=lambda task: task["lower_bound"])
+            raise PipelineError(
+                f"the accuracy gate failed: {worst['task']} lost {-worst['delta']:.3f} "
+                f"[{-worst['ci_high']:+.3f}, {-worst['ci_low']:+.3f}] against a budget of {worst['max_drop']:.3f} "
+                "(eval.gate=warn reports without failing; eval.max_drop.<format> sets the budget)"
+            )
     return steps
+
+
+def reference_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The unquantized build of the same model, target and serving settings, up to its evaluation:
+    what a quantized deployment's accuracy is compared with (for quant=none, the build itself)."""
+    reference = copy.deepcopy(cfg)
+    reference.quant = QuantConfig(eval_tokens=cfg.quant.eval_tokens)
+    reference.until, reference.redo, reference.force = eval_stage.NAME, [], False
+    return reference
+
+
+def accuracy_gate(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any] | None:
+    """The deployment's evaluated items paired with the unquantized reference's, per task; None
+    when this build was not evaluated (eval=none, or until= stopped before it)."""
+    ours = next((s for s in steps if s.name == eval_stage.NAME), None)
+    if ours is None or not cfg.eval.enabled or not ours.dirs.final.is_dir():
+        return None
+    reference_steps = runner.build(reference_config(cfg), STAGES)
+    theirs = next(s for s in reference_steps if s.name == eval_stage.NAME)
+    if theirs.fingerprint != ours.fingerprint:
+        log.info("the unquantized reference: %s", theirs.dirs.final)
+    budget = cfg.eval.max_drop.get(str(cfg.quant.format), DEFAULT_MAX_DROP["int4_awq"])
+    scores = {s["task"]: s for s in json.loads((ours.dirs.final / artifacts.EVAL_JSON).read_text())}
+    mine, reference = _items(ours), _items(theirs)
+    comparisons = [
+        paired.compare(
+            task, mine[task], reference.get(task, []), budget, cfg.eval.confidence, scores[task]["at_chance"]
+        )
+        for task in scores
+    ]
+    return {
+        "verdict": "pass" if all(c.passed for c in comparisons) else "fail",
+        "confidence": cfg.eval.confidence,
+        "tasks": [c.to_dict() for c in comparisons],
+        "lines": [c.verdict() for c in comparisons],
+        "reference_dir": str(theirs.dirs.final),
+    }
+
+
+def _items(step: Step) -> dict[str, list[dict[str, Any]]]:
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for line in (step.dirs.final / artifacts.EVAL_ITEMS).read_text().splitlines():
+        item = json.loads(line)
+        by_task.setdefault(item["task"], []).append(item)
+    return by_task
 
 
 def plan(cfg: PipelineConfig) -> None:
@@ -173,12 +246,41 @@ def bench(cfg: PipelineConfig, url: str | None = None) -> None:
     tokenizer = _bench_tokenizer(cfg, target, url)
     if url and cfg.benchmark.endpoint is Endpoint.openai and not cfg.benchmark.model:
         # asked before the MLflow run opens: an unreachable server leaves no FAILED run
-        cfg.benchmark.model = benchmark.served_model(url, benchmark.api_key(cfg))
+        cfg.benchmark.model = serving.served_model(url, benchmark.api_key(cfg))
     out = artifacts.bench_results(cfg.workdir_path, time.strftime("%Y%m%d-%H%M%S"))
     with runs.job_run(cfg, command="bench") as run:
         results = benchmark.measure(cfg, out, tokenizer, target=target, url=url)
         if run is not None:
             run.record_bench(cfg, results, out, served_here=not url)
+    print(f"results in {out}")
+
+
+def evaluate(cfg: PipelineConfig, url: str | None = None) -> None:
+    """Evaluate a running OpenAI-compatible server (``url=http://host:port/v1``) on ``eval.tasks``,
+    or the last build's repository served here; scores and per-item records go to
+    <workdir>/eval-runs/<time>/ and to an MLflow run."""
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"url={url}: eval takes an OpenAI base URL, e.g. http://127.0.0.1:9000/v1")
+    names = eval_stage.task_names(cfg)
+    problems = eval_stage.preflight(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, enabled=True)))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    out = artifacts.eval_results(cfg.workdir_path, time.strftime("%Y%m%d-%H%M%S"))
+    target = _built(cfg) if url else built_target(cfg)
+    with runs.job_run(cfg, command="eval") as run:
+        if url:
+            key = benchmark.api_key(cfg)
+            tokenizer = _bench_tokenizer(cfg, target, url)
+            model = cfg.benchmark.model or serving.served_model(url, key)
+            scores = eval_stage.evaluate_url(cfg, url, model, tokenizer, out, names, key)
+        else:
+            assert target is not None
+            scores = eval_stage.evaluate_target(cfg, target, out)
+        if run is not None:
+            run.record_eval(scores, out)
+    for score in scores:
+        flag = "  (within noise of chance: suspect)" if score.at_chance else ""
+        print(f"{score.task}: {score.metric} {score.score:.3f} +- {score.stderr:.3f} over {score.items} items{flag}")
     print(f"results in {out}")
 
 
@@ -210,7 +312,7 @@ def promote(cfg: PipelineConfig, run: str | None = None, version: str | None = N
     runs.probe_store(cfg)
     client = mlflow.MlflowClient(runs.tracking_uri(cfg))
     name = registry.model_name(cfg)
-    chosen = registry.promote(client, name, alias, version=version, run=run)
+    chosen = registry.promote(client, name, alias, version=version, run=run, force=cfg.force)
     print(f"models:/{name}@{alias} -> version {chosen}")
     print(f"serve it with: python -m pipeline serve model_uri=models:/{name}@{alias}")
 
@@ -269,6 +371,7 @@ COMMANDS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "manifests": (manifests, ("kind", "model_uri")),
     "pull": (pull, ("model_uri",)),
     "bench": (bench, ("url",)),
+    "eval": (evaluate, ("url",)),
 }
 
 

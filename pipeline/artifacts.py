@@ -33,6 +33,8 @@ BENCHMARK_CSV = "benchmark.csv"
 PLOT = "latency_throughput.png"
 CLIENT_JSON = "client.json"
 SERVER_LOG = "server.log"
+EVAL_JSON = "eval.json"  # the eval stage: each task's score, standard error, items, chance level
+EVAL_ITEMS = "items.jsonl"  # the eval stage: one record per item (prompt, target, answer, score)
 
 # Inside a repository: model names and paths relative to its root (serve starts Triton there).
 ENGINE_MODEL = "tensorrt_llm"
@@ -68,6 +70,11 @@ def mlflow_artifacts(workdir: Path) -> Path:
 def serve_logs(workdir: Path, fingerprint: str) -> Path:
     """Logs of `serve` for a repository (``external`` for repo=<path>)."""
     return workdir / "serve" / fingerprint
+
+
+def eval_results(workdir: Path, stamp: str) -> Path:
+    """Results of one `eval` command."""
+    return workdir / "eval-runs" / stamp
 
 
 def bench_results(workdir: Path, stamp: str) -> Path:

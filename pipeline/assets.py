@@ -13,4 +13,5 @@ RUNTIME_DIR = PACKAGE / "runtime"  # the reference runtime, copied into CPU repo
 DATA_DIR = PACKAGE / "data"
 CALIBRATION_TEXT = DATA_DIR / "calibration.txt"  # quant.calib.dataset=builtin
 HELDOUT_TEXT = DATA_DIR / "heldout.txt"  # quality scoring and benchmark prompts; never calibrated on
+CAPITALS = DATA_DIR / "capitals.txt"  # the pipeline_capitals evaluation task (stages/evaluate/tasks.py)
 TRTLLM_BUILD_FLAGS = DATA_DIR / "trtllm_build_flags.json"  # trtllm-build's flags in TensorRT-LLM 1.2.x

@@ -33,6 +33,7 @@ def register() -> None:
     store.store(group="triton", name="triton" + SCHEMA_SUFFIX, node=schema.TritonConfig)
     store.store(group="benchmark", name="benchmark" + SCHEMA_SUFFIX, node=schema.BenchmarkConfig)
     store.store(group="tracking", name="tracking" + SCHEMA_SUFFIX, node=schema.TrackingConfig)
+    store.store(group="eval", name="eval" + SCHEMA_SUFFIX, node=schema.EvalConfig)
 
 
 def group_options(group: str) -> list[str]:

@@ -350,6 +350,35 @@ class BenchmarkConfig:
     slo: SLOConfig = field(default_factory=SLOConfig)
 
 
+class GateMode(StrEnum):
+    fail = "fail"  # a build that fails the accuracy gate ends with a non-zero status
+    warn = "warn"  # the verdict is reported and recorded, the build goes on
+
+
+# the accuracy a format may lose on a task before the gate fails it, in points of accuracy (0-1)
+DEFAULT_MAX_DROP = {"none": 0.01, "fp8": 0.01, "int4_awq": 0.03, "w4a8_awq": 0.03, "int8_sq": 0.03, "nvfp4": 0.03}
+
+
+@dataclass
+class EvalConfig:
+    """Accuracy on tasks through the served OpenAI API (lm-evaluation-harness), paired against the
+    unquantized build of the same model, and the gate that keeps a build that lost accuracy from
+    being promoted."""
+
+    name: str = MISSING
+    enabled: bool = True
+    # lm-evaluation-harness task names; empty: the pipeline's own (pipeline_capitals, a
+    # log-likelihood task, and pipeline_arithmetic, generated), which need no download
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = 60  # items per task (null: all); the gate says when a task is too small to tell
+    gate: GateMode = GateMode.fail
+    # the most accuracy each format may lose on any task (one-sided test at `confidence`)
+    max_drop: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_DROP))
+    confidence: float = 0.95
+    num_concurrent: int = 4  # requests in flight from the harness (the engine batches them)
+    timeout_s: float = 600.0  # per request
+
+
 @dataclass
 class TrackingConfig:
     name: str = MISSING
@@ -423,6 +452,7 @@ class PipelineConfig:
     triton: TritonConfig = MISSING
     benchmark: BenchmarkConfig = MISSING
     tracking: TrackingConfig = MISSING
+    eval: EvalConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     # tensorrt: engines built by trtllm-build; pytorch: TensorRT-LLM's PyTorch backend (>= 1.3), which

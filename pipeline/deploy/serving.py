@@ -24,6 +24,7 @@ from pipeline.artifacts import REPO_CHECKPOINT_DIR, REPO_MODEL_YAML
 from pipeline.config.schema import OpenAIConfig, PipelineConfig, served_model_name
 from pipeline.deploy import llmapi, server
 from pipeline.errors import StageError
+from pipeline.redact import url_without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,20 @@ def banner(target: server.Target, endpoints: Endpoints) -> list[str]:
             f"  OpenAI API  {endpoints.openai_url}   (/chat/completions, /completions, /models; /health and /metrics)"
         )
     return lines
+
+
+def served_model(url: str, key: str | None) -> str:
+    """The first model an OpenAI-compatible server lists at ``url``/models."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    where = f"{url_without_credentials(url).rstrip('/')}/models"
+    try:
+        response = requests.get(url.rstrip("/") + "/models", headers=headers, timeout=10)
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (requests.RequestException, ValueError, KeyError, IndexError) as error:
+        raise StageError(
+            f"cannot list the models at {where}: {str(error).splitlines()[0][:200]} "
+            "(give benchmark.model=<served name>, and check url= points at .../v1)"
+        ) from error

@@ -39,6 +39,8 @@ LOCAL_MANIFEST = "manifest.json"  # a downloaded version's manifest, beside its 
 ALIASES = "aliases"  # a file per alias: its version as last resolved (for serving while the server is down)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HEADLINE_METRICS = ("quality_perplexity_change_pct",)  # beside every point's throughput and latency
+GATE_TAG = "accuracy_gate"  # pass | fail | skipped: promote refuses all but pass without force=true
+FORCED_TAG = "accuracy_gate.forced"  # set when a version that did not pass was promoted anyway
 
 
 def model_name(cfg: PipelineConfig) -> str:
@@ -88,8 +90,11 @@ def register(
     return str(version.version)
 
 
-def promote(client: Any, name: str, alias: str, version: str | None = None, run: str | None = None) -> str:
-    """Point ``alias`` at a version, given by number or by the build run that registered it."""
+def promote(
+    client: Any, name: str, alias: str, version: str | None = None, run: str | None = None, force: bool = False
+) -> str:
+    """Point ``alias`` at a version, given by number or by the build run that registered it. A
+    version that did not pass the accuracy gate is refused unless ``force`` (recorded on it)."""
     if (version is None) == (run is None):
         raise ConfigError("promote needs run=<MLflow run id> or version=<n>, one of them")
     if run is not None:
@@ -101,10 +106,35 @@ def promote(client: Any, name: str, alias: str, version: str | None = None, run:
     from mlflow.exceptions import MlflowException
 
     try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException as error:
+        raise ConfigError(f"promote: {error.message}") from error
+    verdict = tags.get(GATE_TAG, "skipped")
+    if verdict != "pass":
+        failed = "; ".join(f"{k.removeprefix(GATE_TAG + '.')} {v}" for k, v in sorted(tags.items())
+                           if k.startswith(GATE_TAG + ".") and k != FORCED_TAG)  # fmt: skip
+        why = f"failed the accuracy gate ({failed})" if verdict == "fail" else "was not evaluated (eval=none)"
+        if not force:
+            raise ConfigError(f"version {version} of {name} {why}: promote it anyway with force=true")
+        log.warning("promoting version %s of %s, which %s (force=true)", version, name, why)
+        client.set_model_version_tag(name, version, FORCED_TAG, f"{alias} by force=true")
+    try:
         client.set_registered_model_alias(name, alias, version)
     except MlflowException as error:
         raise ConfigError(f"promote: {error.message}") from error
     return version
+
+
+def gate_verdict(gate: dict[str, Any] | None) -> str:
+    return "skipped" if gate is None else str(gate["verdict"])
+
+
+def tag_gate(client: Any, name: str, version: str, gate: dict[str, Any] | None) -> None:
+    """The version's accuracy gate: its verdict, and each task's delta with its interval."""
+    client.set_model_version_tag(name, version, GATE_TAG, gate_verdict(gate))
+    for task in (gate or {}).get("tasks", []):
+        interval = f"{task['delta']:+.4f} [{task['ci_low']:+.4f}, {task['ci_high']:+.4f}]"
+        client.set_model_version_tag(name, version, f"{GATE_TAG}.{task['task']}", interval)
 
 
 def _parse(model_uri: str) -> tuple[str, str | None, str | None]:

@@ -53,6 +53,8 @@ LOGGED_FILES = (
     artifacts.STAGE_LOG,
     artifacts.ENGINE_JSON,
     artifacts.REPOSITORY_JSON,
+    artifacts.EVAL_JSON,
+    artifacts.EVAL_ITEMS,
     *BENCHMARK_FILES,
 )
 
@@ -172,6 +174,17 @@ def _flat_metrics(steps: list[Step], cfg: PipelineConfig) -> tuple[dict[str, flo
     return flat, series
 
 
+def gate_metrics(gate: dict[str, Any] | None) -> dict[str, float]:
+    """eval_<task>_acc, _acc_ref, _delta, _ci_low, _ci_high, _agreement per evaluated task."""
+    flat: dict[str, float] = {}
+    for task in (gate or {}).get("tasks", []):
+        name = task["task"]
+        for key, metric in (("accuracy", "acc"), ("reference", "acc_ref"), ("delta", "delta"), ("ci_low", "ci_low"),
+                            ("ci_high", "ci_high"), ("agreement", "agreement")):  # fmt: skip
+            flat[f"eval_{name}_{metric}"] = float(task[key])
+    return flat
+
+
 def benchmark_metrics(
     points: list[dict[str, Any]], cfg: PipelineConfig
 ) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
@@ -210,9 +223,7 @@ def _artifacts(client: Any, run_id: str, cfg: PipelineConfig, steps: list[Step])
             continue
         for name in LOGGED_FILES:
             for file in final.glob(name):
-                # a stage's records under its name; the benchmark's results under "benchmark"
-                where = "benchmark" if name in BENCHMARK_FILES else step.name
-                client.log_artifact(run_id, str(file), artifact_path=where)
+                client.log_artifact(run_id, str(file), artifact_path=step.name)  # a stage's records under its name
         for pbtxt in final.glob(f"{artifacts.REPOSITORY}/*/config.pbtxt"):
             client.log_artifact(run_id, str(pbtxt), artifact_path=f"triton_repo/{pbtxt.parent.name}")
 
@@ -221,10 +232,17 @@ class JobRun:
     def __init__(self, client: Any, run_id: str):
         self.client, self.run_id = client, run_id
 
-    def record(self, cfg: PipelineConfig, steps: list[Step]) -> None:
+    def record(self, cfg: PipelineConfig, steps: list[Step], gate: dict[str, Any] | None = None) -> None:
+        """The build's metrics, artifacts and registered version; ``gate``: the accuracy gate's
+        verdict and per-task comparisons (None: the build was not evaluated)."""
         for step in steps:
             self.client.set_tag(self.run_id, f"fingerprint.{step.name}", step.fingerprint)
         flat, series = _flat_metrics(steps, cfg)
+        flat.update(gate_metrics(gate))
+        self.client.set_tag(self.run_id, registry.GATE_TAG, registry.gate_verdict(gate))
+        if gate is not None:  # what the deployment's items were paired with
+            for name in (artifacts.EVAL_JSON, artifacts.EVAL_ITEMS):
+                self.client.log_artifact(self.run_id, str(Path(gate["reference_dir"]) / name), "eval/reference")
         sha = next((s.results.get("revision_sha") for s in steps if s.name == "fetch" and s.results), None)
         if sha:  # hub models: the commit the revision resolved to
             self.client.log_param(self.run_id, "model_revision", sha)
@@ -233,7 +251,8 @@ class JobRun:
         repository = next((s for s in steps if s.name == "triton_repo"), None)
         if cfg.tracking.register and repository is not None and repository.dirs.final.is_dir():
             folder = repository.dirs.final / artifacts.REPOSITORY
-            registry.register(self.client, self.run_id, cfg, folder, repository.fingerprint, flat)
+            version = registry.register(self.client, self.run_id, cfg, folder, repository.fingerprint, flat)
+            registry.tag_gate(self.client, registry.model_name(cfg), version, gate)
 
     def record_bench(self, cfg: PipelineConfig, results: dict[str, Any], folder: Path, served_here: bool) -> None:
         """A ``bench`` command's sweep: what was measured and where. ``served_here``: the server
@@ -246,6 +265,16 @@ class JobRun:
         for name in BENCHMARK_FILES:
             for file in folder.glob(name):
                 self.client.log_artifact(self.run_id, str(file), artifact_path="benchmark")
+
+    def record_eval(self, scores: list[Any], folder: Path) -> None:
+        """An ``eval`` command: each task's score and standard error, and the per-item records."""
+        flat = {}
+        for score in scores:
+            flat[f"eval_{score.task}_acc"] = float(score.score)
+            flat[f"eval_{score.task}_stderr"] = float(score.stderr)
+        self._log_metrics(flat, [])
+        for file in sorted(folder.glob("*.json*")):
+            self.client.log_artifact(self.run_id, str(file), artifact_path="eval")
 
     def _log_metrics(self, flat: dict[str, float], series: list[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric

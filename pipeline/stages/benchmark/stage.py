@@ -182,23 +182,6 @@ def api_key(cfg: PipelineConfig) -> str | None:
     return os.environ.get(cfg.openai.api_key_env) or None
 
 
-def served_model(url: str, key: str | None) -> str:
-    """The first model an OpenAI-compatible server lists at ``url``/models."""
-    import requests
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    where = f"{url_without_credentials(url).rstrip('/')}/models"
-    try:
-        response = requests.get(url.rstrip("/") + "/models", headers=headers, timeout=10)
-        response.raise_for_status()
-        return str(response.json()["data"][0]["id"])
-    except (requests.RequestException, ValueError, KeyError, IndexError) as error:
-        raise StageError(
-            f"cannot list the models at {where}: {str(error).splitlines()[0][:200]} "
-            "(give benchmark.model=<served name>, and check url= points at .../v1)"
-        ) from error
-
-
 def measure(
     cfg: PipelineConfig,
     out: Path,
@@ -215,7 +198,7 @@ def measure(
     if url:
         tokenizer = _tokenizer(tokenizer_dir)
         if openai:
-            model = bench.model or served_model(url, api_key(cfg))
+            model = bench.model or serving.served_model(url, api_key(cfg))
             endpoint = loadgen.Endpoint(Endpoint.openai, url, model, api_key(cfg))
         else:
             llmapi = bench.endpoint is Endpoint.llmapi or (target is not None and target.llmapi)
@@ -250,7 +233,7 @@ def _served_endpoint(cfg: PipelineConfig, target: server.Target, served: serving
     trtllm-serve's), else Triton's gRPC stream to the entry model."""
     if served.openai_url:
         key = api_key(cfg) if served.frontend == "triton" else None  # the gateway checks the key
-        model = cfg.benchmark.model or served.served_model or served_model(served.openai_url, key)
+        model = cfg.benchmark.model or served.served_model or serving.served_model(served.openai_url, key)
         return loadgen.Endpoint(Endpoint.openai, served.openai_url, model, key)
     assert served.grpc_url is not None
     kind = Endpoint.llmapi if target.llmapi else Endpoint.triton

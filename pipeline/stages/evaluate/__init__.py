@@ -1,0 +1,1 @@
+"""eval: the deployment evaluated on tasks through its OpenAI API, against its unquantized reference."""
