@@ -4,7 +4,8 @@ One row per build or ``bench`` run (sweep parents are left out): model, quant, K
 target, the endpoint measured (and for a bench the server's address), output
 tokens/s at each concurrency, single-user latency (TTFT p50/p99 and ITL p50 at the lowest
 concurrency), cost per million output tokens at the highest concurrency (GPU targets with a
-price), and the perplexity change of the quantization. ``sort=<column>`` (``-column`` for
+price), the perplexity change of the quantization, and the accuracy gate's verdict with the
+largest accuracy loss against the unquantized reference over the evaluated tasks. ``sort=<column>`` (``-column`` for
 descending) and ``filter=<MLflow filter>``, e.g. ``filter="params.quant = 'fp8'"``.
 """
 
@@ -54,6 +55,7 @@ def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list
     low, high = (f"c{levels[0]}", f"c{levels[-1]}") if levels else ("c1", "c1")
     columns = FIXED + [f"tok/s@c{c}" for c in levels]
     columns += [f"TTFT p50@{low}", f"TTFT p99@{low}", f"ITL p50@{low}", f"$/Mtok@{high}", "ppl change %"]
+    columns += ["gate", "acc delta"]
     table = []
     for run in runs:
         p, m = run.data.params, run.data.metrics
@@ -77,6 +79,9 @@ def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list
         row[f"ITL p50@{low}"] = m.get(f"{low}_itl_ms_p50")
         row[f"$/Mtok@{high}"] = m.get(f"{high}_usd_per_million_output_tokens")
         row["ppl change %"] = m.get("quality_perplexity_change_pct")
+        row["gate"] = run.data.tags.get("accuracy_gate")
+        deltas = [value for key, value in m.items() if key.startswith("eval_") and key.endswith("_delta")]
+        row["acc delta"] = min(deltas) if deltas else None  # the task that lost the most
         table.append(row)
     return columns, table
 

@@ -42,6 +42,7 @@ def _common(workdir: Path, store: Path) -> list[str]:
         "benchmark.output_tokens=6",
         "benchmark.slo.ttft_ms=60000",
         "eval=none",  # the benchmark and the runs are under test here (test_eval.py evaluates)
+        "tracking.register=false",  # test_registry.py registers; uploading the repository costs seconds
         *_ports(),
     ]
 

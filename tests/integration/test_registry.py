@@ -31,7 +31,7 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         "target=cpu",
         "quant=none",
         "benchmark=none",
-        "eval.limit=10",  # a random model: it answers at chance, and the accuracy gate fails it
+        "eval=none",  # the version is registered with accuracy_gate=skipped: promote needs force=true
         "quant.eval_tokens=0",
         "build.max_seq_len=512",
         "build.max_input_len=256",
@@ -40,10 +40,9 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         f"tracking.registered_model={name}",
     ]
     first = cli("build", *overrides)
-    assert first.returncode == 1 and "the accuracy gate failed" in first.stderr, first.stderr[-2000:]
-    assert "within noise of chance" in first.stdout
+    assert first.returncode == 0, first.stderr[-2000:]
     again = cli("build", *overrides)  # cached: the same repository, no second version
-    assert again.returncode == 1 and "already" in again.stderr, again.stderr[-2000:]
+    assert again.returncode == 0 and "already" in again.stderr, again.stderr[-2000:]
     client = mlflow.MlflowClient(mlflow_server)
     (version,) = client.search_model_versions(f"name='{name}'")
     assert {k: version.tags[k] for k in ("format", "tp", "pp", "target", "backend")} == {
@@ -53,9 +52,9 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         "target": "cpu",
         "backend": "tensorrt",
     }
-    assert version.tags["accuracy_gate"] == "fail" and "accuracy_gate.pipeline_capitals" in version.tags
+    assert version.tags["accuracy_gate"] == "skipped"
     refused = cli("promote", f"run={version.run_id}", "alias=production", *overrides)
-    assert refused.returncode == 1 and "failed the accuracy gate" in refused.stderr and "force=true" in refused.stderr
+    assert refused.returncode == 1 and "was not evaluated" in refused.stderr and "force=true" in refused.stderr
     promoted = cli("promote", f"run={version.run_id}", "alias=production", "force=true", *overrides)
     assert promoted.returncode == 0 and f"models:/{name}@production -> version {version.version}" in promoted.stdout
     forced = client.get_model_version(name, version.version).tags

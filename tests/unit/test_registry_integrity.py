@@ -95,3 +95,20 @@ def test_two_pulls_of_one_version_at_once_both_get_it_whole(registered: tuple[st
 def test_hostile_model_uris_are_refused_before_anything_is_asked(uri: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         registry.download(uri, "http://127.0.0.1:9", tmp_path)
+
+
+def test_promote_refuses_a_version_that_failed_the_accuracy_gate_unless_forced(registered: tuple[str, Path]) -> None:
+    import mlflow
+
+    uri, _ = registered
+    client = mlflow.MlflowClient(uri)
+    gate = {"verdict": "fail", "tasks": [{"task": "pipeline_capitals", "delta": -0.2, "ci_low": -0.3, "ci_high": -0.1}]}
+    registry.tag_gate(client, NAME, "1", gate)
+    with pytest.raises(
+        ConfigError, match=r"failed the accuracy gate \(pipeline_capitals -0.2000 \[-0.3000, -0.1000\]\)"
+    ):
+        registry.promote(client, NAME, "canary", version="1")
+    assert registry.promote(client, NAME, "canary", version="1", force=True) == "1"
+    assert client.get_model_version(NAME, "1").tags["accuracy_gate.forced"] == "canary by force=true"
+    registry.tag_gate(client, NAME, "1", {"verdict": "pass", "tasks": []})
+    assert registry.promote(client, NAME, "stable", version="1") == "1"  # a pass needs no force
