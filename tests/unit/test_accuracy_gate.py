@@ -57,3 +57,21 @@ def test_the_shipped_tasks_are_fixed_and_well_formed(tmp_path: Path) -> None:
     folder = tasks.write(tmp_path)
     spec = json.loads((folder / "pipeline_capitals.yaml").read_text())  # JSON is YAML
     assert spec["output_type"] == "multiple_choice" and Path(spec["dataset_kwargs"]["data_files"]["test"]).is_file()
+
+
+def test_the_default_tasks_leave_out_prompt_scoring_where_the_deployment_cannot_score() -> None:
+    from pipeline import validate
+    from pipeline.stages.evaluate import stage
+
+    assert stage.task_names(validate.load(["target=cpu"])) == ["pipeline_capitals", "pipeline_arithmetic"]
+    llmapi = validate.load(["target=cpu", "backend=pytorch"])
+    assert stage.task_names(llmapi) == ["pipeline_arithmetic"]
+    gpu = ["model=llama8b", "target=h100", "quant=fp8"]
+    assert stage.task_names(validate.load(gpu)) == ["pipeline_arithmetic"]
+    gathered = validate.load([*gpu, "build.extra_args=[--gather_context_logits]"])
+    assert stage.task_names(gathered) == ["pipeline_capitals", "pipeline_arithmetic"]
+    refused = stage.preflight(validate.load(["target=cpu", "backend=pytorch", "eval.tasks=[pipeline_capitals]"]))
+    assert refused == [
+        "eval.tasks: pipeline_capitals scores prompt log probabilities, and the LLM-API model of backend=pytorch "
+        "returns no prompt log probabilities: drop it"
+    ]

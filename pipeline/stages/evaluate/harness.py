@@ -54,9 +54,46 @@ def task_problems(names: list[str]) -> list[str]:
     unknown = [n for n in task_names(names) if n not in builtin.BUILTINS]
     if not unknown:
         return []
-    known = set(TaskManager().all_tasks)
-    missing = [n for n in unknown if n not in known]
-    return [f"eval.tasks: {n!r} is not a task of lm-evaluation-harness (see `lm_eval ls tasks`)" for n in missing]
+    manager = TaskManager()
+    known = set(manager.all_tasks)
+    problems = [f"eval.tasks: {n!r} is not a task of lm-evaluation-harness (see `lm_eval ls tasks`)"
+                for n in unknown if n not in known]  # fmt: skip
+    absent = [n for n in unknown if n in known and not _data_at_hand(manager, n)]
+    if absent and not _hub_reachable():
+        problems += [
+            f"eval.tasks: the data of {', '.join(absent)} is not at hand: the Hugging Face Hub is not reachable and "
+            "HF_DATASETS_CACHE holds no copy (fill the cache on a connected machine, or use the pipeline's own tasks)"
+        ]
+    return problems
+
+
+def _data_at_hand(manager: Any, name: str) -> bool:
+    """Whether the task loads from the local datasets cache alone (both libraries read their
+    offline switches at call time from these attributes, set only for the check)."""
+    import datasets.config
+    import huggingface_hub.constants
+    from lm_eval.tasks import get_task_dict
+
+    switches = [(datasets.config, "HF_HUB_OFFLINE"), (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    saved = [getattr(module, key) for module, key in switches]
+    for module, key in switches:
+        setattr(module, key, True)
+    try:
+        get_task_dict([name], manager)
+        return True
+    except Exception:  # datasets raises a ConnectionError, a FileNotFoundError or its own errors
+        return False
+    finally:
+        for (module, key), value in zip(switches, saved, strict=True):
+            setattr(module, key, value)
+
+
+def _hub_reachable() -> bool:
+    try:
+        with urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=5):
+            return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def can_score_prompts(base_url: str, model: str, api_key: str | None) -> str | None:

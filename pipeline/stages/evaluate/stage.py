@@ -32,12 +32,21 @@ KEEP_ON_ERROR = True
 log = logging.getLogger(__name__)
 
 
+def scoring_problem(cfg: PipelineConfig) -> str | None:
+    """Why the served deployment cannot score prompts (log-likelihood tasks), or None."""
+    if cfg.backend is Backend.pytorch:
+        return "the LLM-API model of backend=pytorch returns no prompt log probabilities"
+    if cfg.target.is_gpu and "--gather_context_logits" not in cfg.build.extra_args:
+        return "the engine returns context logits only when built with build.extra_args=[--gather_context_logits]"
+    return None
+
+
 def task_names(cfg: PipelineConfig) -> list[str]:
-    """The tasks this build is evaluated on. The default set leaves out log-likelihood tasks where
-    the served layout cannot score prompts (backend=pytorch), and says so."""
+    """The tasks this build is evaluated on: ``eval.tasks``, else the pipeline's own, leaving out
+    the log-likelihood one where the deployment cannot score prompts."""
     if cfg.eval.tasks:
         return list(cfg.eval.tasks)
-    if cfg.backend is Backend.pytorch:
+    if scoring_problem(cfg):
         return [name for name, task in builtin.BUILTINS.items() if not task.loglikelihood]
     return list(builtin.BUILTINS)
 
@@ -52,13 +61,10 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     if not cfg.eval.enabled:
         return []
     problems = harness.task_problems(task_names(cfg))
-    if cfg.backend is Backend.pytorch:
+    why = scoring_problem(cfg)
+    if why:
         scoring = [n for n in cfg.eval.tasks if n in builtin.BUILTINS and builtin.BUILTINS[n].loglikelihood]
-        problems += [
-            f"eval.tasks: {n} scores prompt log probabilities, which the LLM-API model of backend=pytorch "
-            "cannot give: drop it"
-            for n in scoring
-        ]
+        problems += [f"eval.tasks: {n} scores prompt log probabilities, and {why}: drop it" for n in scoring]
     return problems
 
 
@@ -72,8 +78,9 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
 def evaluate_target(cfg: PipelineConfig, target: server.Target, out: Path) -> list[harness.TaskScore]:
     """``target`` served as ``serve`` serves it, evaluated through its OpenAI API into ``out``."""
     names = task_names(cfg)
-    if not cfg.eval.tasks and cfg.backend is Backend.pytorch:
-        log.warning("the LLM-API layout cannot score prompts: evaluating %s only", ", ".join(names))
+    why = scoring_problem(cfg)
+    if not cfg.eval.tasks and why:
+        log.warning("%s: evaluating %s only (no log-likelihood task)", why, ", ".join(names))
     key = os.environ.get(cfg.openai.api_key_env) or None
     with serving.serving(cfg, target, out / "server.log", openai=True, free_ports=True) as served:
         if served.openai_url is None:
