@@ -25,7 +25,7 @@ from tests.integration.conftest import Served
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
-ITEMS = 10  # per task: enough for a damaged model to fail clearly, few enough for seconds of work
+ITEMS = 8  # per task: enough for a damaged model to fail clearly, few enough for seconds of work
 
 
 @pytest.fixture(scope="module")
