@@ -22,7 +22,7 @@ from pipeline.config.schema import (
     Endpoint,
     GateMode,
     PipelineConfig,
-    QuantConfig,
+    QuantFormat,
     served_model_name,
     to_yaml,
 )
@@ -83,7 +83,8 @@ def reference_config(cfg: PipelineConfig) -> PipelineConfig:
     """The unquantized build of the same model, target and serving settings, up to its evaluation:
     what a quantized deployment's accuracy is compared with (for quant=none, the build itself)."""
     reference = copy.deepcopy(cfg)
-    reference.quant = QuantConfig(eval_tokens=cfg.quant.eval_tokens)
+    # the user's other quant settings kept: a sweep's quant=none job is then the reference itself
+    reference.quant = dataclasses.replace(reference.quant, format=QuantFormat.none, kv_cache_dtype=None)
     reference.until, reference.redo, reference.force = eval_stage.NAME, [], False
     return reference
 

@@ -75,3 +75,15 @@ def test_the_default_tasks_leave_out_prompt_scoring_where_the_deployment_cannot_
         "eval.tasks: pipeline_capitals scores prompt log probabilities, and the LLM-API model of backend=pytorch "
         "returns no prompt log probabilities: drop it"
     ]
+
+
+def test_the_reference_is_the_unquantized_build_with_the_users_other_settings() -> None:
+    from pipeline import app, validate
+
+    cfg = validate.load(["target=cpu", "quant=int4_awq", "quant.awq_block_size=64", "quant.kv_cache_dtype=int8"])
+    reference = app.reference_config(cfg)
+    assert str(reference.quant.format) == "none" and reference.quant.kv_cache_dtype is None
+    assert reference.quant.awq_block_size == 64 and reference.until == "eval" and not reference.force
+    assert cfg.quant.format.value == "int4_awq"  # the build's own config is left as it is
+    none = validate.load(["target=cpu", "quant=none", "quant.awq_block_size=64"])
+    assert app.reference_config(none).quant == none.quant  # a sweep's quant=none job is the reference
