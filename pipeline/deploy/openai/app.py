@@ -45,6 +45,7 @@ from pipeline.runtime.failures import Failure, kind_of
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+STOP_DRAIN_PIECES = 8  # pieces read after every choice hit a stop string, before the request is cancelled
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
@@ -185,20 +186,29 @@ class Generation:
     async def deltas(self, entry: Entry) -> AsyncGenerator[tuple[int, str], None]:
         """(choice index, new text) as it comes; sets finish reasons and token counts. Closing
         this generator early closes the Triton stream, which cancels the request."""
+        after_stop = 0
         async with aclosing(entry.generate(self.values, uuid.uuid4().hex, self.body.stops())) as pieces:
             async for piece in pieces:
                 text = self._take(piece)
                 if text:
                     yield piece.sequence, text
                 if all(m.stopped for m in self.matchers):
-                    break  # every choice hit a stop string: the request is cancelled
+                    # the engine was given the stop strings too and usually ends the request
+                    # itself a token later: a cancellation is kept for the rare text-only match
+                    # (the CPU target's Triton 2.51 crashed under a storm of cancelled streams)
+                    after_stop += 1
+                    if after_stop > STOP_DRAIN_PIECES:
+                        break
         self._observe()
 
     def _take(self, piece: Piece) -> str:
-        """Account for one piece; the text that can go out now."""
+        """Account for one piece; the text that can go out now (nothing, and no token counted,
+        for a choice that already hit a stop string)."""
         if piece.num_input_tokens is not None:
             self.prompt_tokens = piece.num_input_tokens
         choice, matcher = self.choices[piece.sequence], self.matchers[piece.sequence]
+        if matcher.stopped:
+            return ""
         closing = piece.num_output_tokens is not None  # the sequence's last response: no new token
         if not closing:
             choice.tokens += 1

@@ -49,6 +49,7 @@ ANSWERED_HERE = {
     "return_num_input_tokens",
     "return_num_output_tokens",
     "exclude_input_in_output",
+    "stop_words",  # handed to the model as sampling_param_stop
 }
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 

@@ -122,6 +122,8 @@ class Sampling(BaseModel):
             values["end_id"] = -1  # no token has this id: the end token is never matched
         if self.n > 1:
             values["num_return_sequences"] = self.n
+        if self.stops():  # the engine stops at them too (token-level); the gateway matches the text
+            values["stop_words"] = self.stops()
         values.update(_guide(self.response_format))
         return values
 
