@@ -144,7 +144,33 @@ def evaluate(
     if api_key:
         os.environ["OPENAI_API_KEY"] = api_key  # how local-completions sends a key (never logged)
     log.info("evaluating %s through %s (%s items per task)", ", ".join(names), base_url, limit or "all")
-    results = lm_eval.simple_evaluate(
+    try:
+        results = _simple_evaluate(lm_eval, manager, base_url, model, tokenizer_dir, names, limit, num_concurrent,
+                                   timeout_s)  # fmt: skip
+    except (ConfigError, StageError):
+        raise
+    except Exception as error:  # the harness raises what its HTTP client raised (aiohttp, tenacity)
+        first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        raise StageError(f"lm-evaluation-harness failed against {base_url}: {first}") from error
+    if results is None:
+        raise StageError("lm-evaluation-harness returned no results")
+    scores = [_score(name, results["results"][name], name in loglikelihood) for name in names]
+    items = [_item(name, sample) for name in names for sample in results["samples"][name]]
+    return scores, items
+
+
+def _simple_evaluate(
+    lm_eval: Any,
+    manager: Any,
+    base_url: str,
+    model: str,
+    tokenizer_dir: Path,
+    names: list[str],
+    limit: int | None,
+    num_concurrent: int,
+    timeout_s: float,
+) -> Any:
+    return lm_eval.simple_evaluate(
         model="local-completions",
         model_args={
             "base_url": f"{base_url.rstrip('/')}/completions",
@@ -165,11 +191,6 @@ def evaluate(
         torch_random_seed=0,
         fewshot_random_seed=0,
     )
-    if results is None:
-        raise StageError("lm-evaluation-harness returned no results")
-    scores = [_score(name, results["results"][name], name in loglikelihood) for name in names]
-    items = [_item(name, sample) for name in names for sample in results["samples"][name]]
-    return scores, items
 
 
 def _is_loglikelihood(manager: Any, name: str) -> bool:
