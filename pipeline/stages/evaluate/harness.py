@@ -145,8 +145,27 @@ def evaluate(
         os.environ["OPENAI_API_KEY"] = api_key  # how local-completions sends a key (never logged)
     log.info("evaluating %s through %s (%s items per task)", ", ".join(names), base_url, limit or "all")
     try:
-        results = _simple_evaluate(lm_eval, manager, base_url, model, tokenizer_dir, names, limit, num_concurrent,
-                                   timeout_s)  # fmt: skip
+        results = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={
+                "base_url": f"{base_url.rstrip('/')}/completions",
+                "model": model,
+                "tokenizer": str(tokenizer_dir),
+                "tokenizer_backend": "huggingface",
+                "tokenized_requests": True,
+                "num_concurrent": num_concurrent,
+                "max_retries": 1,
+                "timeout": timeout_s,
+            },
+            tasks=names,
+            task_manager=manager,
+            limit=limit,
+            log_samples=True,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
     except (ConfigError, StageError):
         raise
     except Exception as error:  # the harness raises what its HTTP client raised (aiohttp, tenacity)
@@ -157,40 +176,6 @@ def evaluate(
     scores = [_score(name, results["results"][name], name in loglikelihood) for name in names]
     items = [_item(name, sample) for name in names for sample in results["samples"][name]]
     return scores, items
-
-
-def _simple_evaluate(
-    lm_eval: Any,
-    manager: Any,
-    base_url: str,
-    model: str,
-    tokenizer_dir: Path,
-    names: list[str],
-    limit: int | None,
-    num_concurrent: int,
-    timeout_s: float,
-) -> Any:
-    return lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args={
-            "base_url": f"{base_url.rstrip('/')}/completions",
-            "model": model,
-            "tokenizer": str(tokenizer_dir),
-            "tokenizer_backend": "huggingface",
-            "tokenized_requests": True,
-            "num_concurrent": num_concurrent,
-            "max_retries": 1,
-            "timeout": timeout_s,
-        },
-        tasks=names,
-        task_manager=manager,
-        limit=limit,
-        log_samples=True,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-    )
 
 
 def _is_loglikelihood(manager: Any, name: str) -> bool:
