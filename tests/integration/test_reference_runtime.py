@@ -228,3 +228,20 @@ def test_a_clients_pad_id_never_enters_the_batch(tiny_engine: Path) -> None:
     short, long = Request([1, 5], max_new_tokens=4, pad_id=-1), Request([1, 4, 4, 8, 10], max_new_tokens=4, pad_id=9)
     alone = [generate(model, [r])[0].output_ids for r in (short, long)]
     assert [r.output_ids for r in generate(model, [short, long])] == alone
+
+
+@pytest.mark.slow
+def test_smollm2_fp8_is_close_to_the_original(smollm2_workdir: Path) -> None:
+    # the same build as the export test of fp8: quantized once
+    overrides = ("quant=fp8", *SMALL_CALIBRATION, "target=cpu", "until=engine", "tracking=none")
+    result = cli("build", f"workdir={smollm2_workdir}", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = runner.plan(validate.load([f"workdir={smollm2_workdir}", *overrides]), STAGES)[1]
+    quality = step.dirs.final / "quality.json"
+    report = json.loads(quality.read_text())
+    assert 0 < report["kl_divergence_mean"] < 0.1
+    assert report["top1_agreement"] > 0.8
+    assert abs(report["perplexity_change_pct"]) < 10
+    assert len(list(quality.parent.glob("checkpoint/rank*.safetensors"))) == 6
+    again = cli("build", f"workdir={smollm2_workdir}", *overrides)
+    assert again.returncode == 0 and again.stdout.count("cached") == 3  # fetch, quantize, engine
