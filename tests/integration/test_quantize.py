@@ -1,5 +1,5 @@
 """quantize: real ModelOpt on a tiny Llama for every format x tp x pp (SmolLM2's quality is in
-test_reference_runtime.py, beside the builds it shares); no server, so on make test's parallel tier."""
+test_reference_runtime.py, beside the builds it shares)."""
 
 from __future__ import annotations
 

@@ -71,6 +71,7 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         f"workdir={tmp_path / 'deploy'}",  # another host's workdir: nothing of the build is there
         f"tracking.uri={mlflow_server}",
         "openai.enabled=false",
+        "triton.exit_timeout_s=3",  # nothing is in flight when it is stopped
         f"triton.http_port={http}",
         f"triton.grpc_port={grpc}",
         f"triton.metrics_port={metrics}",

@@ -1,6 +1,6 @@
 """ModelOpt's unified export of every format the PyTorch backend serves (backend=pytorch), read
 back by the reference runtime and compared with the engine path's checkpoint of the same format,
-on the tiny Llama: no server, so make test runs it on its parallel tier."""
+on the tiny Llama."""
 
 from __future__ import annotations
 
