@@ -50,7 +50,7 @@ demo: venv
 PARALLEL_TESTS := tests/unit tests/integration/test_fetch_hub.py tests/integration/test_fetch_local.py \
 	tests/integration/test_launchers.py tests/integration/test_tracking_outage.py tests/integration/test_registry.py \
 	tests/integration/test_proc.py tests/integration/test_runner.py tests/integration/test_tracking_store.py \
-	tests/integration/test_loadgen_ramp.py tests/integration/test_beam_search.py tests/integration/test_scheduler_fuzz.py
+	tests/integration/test_loadgen_ramp.py tests/integration/test_beam_search.py
 
 test: venv aiperf
 	$(PY) -m pytest -n 2 $(PARALLEL_TESTS)

@@ -92,6 +92,10 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         )
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # kill it, and let the failure above be the one reported
+            process.kill()
+            raise
     downloaded = tmp_path / "deploy" / "registry" / name / str(version.version) / "triton_repository"
     assert (downloaded / "repository.json").is_file()
