@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import pytest
@@ -98,18 +97,13 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C, repeated once, then kill. On clean clones under the full parallel tier the first
-    SIGINT was seen lost (the served Triton never got its SIGTERM; not reproduced alone): a repeat
-    is warned about, not failed on, since stopping is what test_proc and the SIGTERM tests check."""
-    for attempt in range(2):
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            continue
-        if attempt:
-            warnings.warn("serve needed a second Ctrl-C to stop", stacklevel=1)
-        return
-    process.kill()
-    process.wait(timeout=30)
-    raise AssertionError("serve did not stop after two Ctrl-C")
+    """SIGTERM, which the CLI turns into Ctrl-C's stop with a handler of its own. (Ctrl-C itself was
+    seen not to stop this subprocess on clean-clone runs of the full parallel tier, twice in a row:
+    consistent with SIGINT inherited as ignored there, as Python then leaves it; not reproduced.)"""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+        raise AssertionError("serve did not stop within 60 s of SIGTERM") from None
