@@ -141,7 +141,8 @@ class LlmApiEntry:
 
     async def generate(self, values: dict[str, Any], request_id: str, stops: list[str]) -> AsyncGenerator[Piece, None]:
         prompt, inputs = self.prepare(values, stops)
-        prompt_tokens = len(self.tokenizer.encode(prompt))
+        # off the event loop: a long prompt takes milliseconds to tokenize, and every stream waits on the loop
+        prompt_tokens = len(await asyncio.to_thread(self.tokenizer.encode, prompt))
         n, seed = int(values.get("num_return_sequences", 1)), values.get("seed")
         requests = []
         for index in range(n):
