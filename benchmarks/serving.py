@@ -35,13 +35,13 @@ from typing import Any
 import psutil
 
 from pipeline import app, runner, validate
-from pipeline.config.schema import BenchmarkConfig, Endpoint, PipelineConfig
+from pipeline.config.schema import Endpoint, PipelineConfig, WorkloadConfig
 from pipeline.deploy import server
 from pipeline.stages import STAGES
 from pipeline.stages.benchmark import loadgen, report, workload
 
 OUTPUT_TOKENS = 64
-WORKLOAD = BenchmarkConfig(name="serving", input_tokens=64, input_tokens_stddev=32, output_tokens=OUTPUT_TOKENS)
+WORKLOAD = WorkloadConfig(input_tokens=64, input_tokens_stddev=32, output_tokens=OUTPUT_TOKENS)
 GREEDY = loadgen.Sampling()
 SYSTEM_TOKENS = 256
 LONG_PROMPT_TOKENS = 1500
@@ -145,7 +145,7 @@ def prefix_reuse(bench: Bench) -> dict[str, Any]:
 
 
 def _tokens(bench: Bench, count: int, seed: int) -> list[int]:
-    config = BenchmarkConfig(name="long", input_tokens=count, output_tokens=8)
+    config = WorkloadConfig(input_tokens=count, output_tokens=8)
     text = workload.synthetic(bench.tokenizer, 1, config, seed)[0].text
     return bench.tokenizer.encode(text, add_special_tokens=False)
 

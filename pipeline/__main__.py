@@ -24,6 +24,7 @@ from pipeline.config import compose
 from pipeline.config.schema import to_yaml
 from pipeline.errors import ConfigError, PipelineError, Terminated
 from pipeline.redact import redact
+from pipeline.tune import command as tune_command
 
 USAGE = """\
 usage: python -m pipeline <command> [-m] [key=value ...]
@@ -42,6 +43,8 @@ commands:
   eval    evaluate a running OpenAI-compatible server (url=http://host:port/v1) or the last build's
           repository on eval.tasks (lm-evaluation-harness; the pipeline's own tasks by default)
   manifests  Kubernetes YAML (Deployment or LeaderWorkerSet, Service, KServe InferenceService)
+  tune    search the deployments that meet slo.* on workload.* for the cheapest: candidates ranked by
+          a performance model, the best built and measured, the winner gated and registered (@tuned)
 
 options:
   -m, --multirun  one job per combination of comma-separated values, e.g. parallel.tp=1,3; with
@@ -58,7 +61,9 @@ examples:
   python -m pipeline build -m quant=fp8,int4_awq parallel.tp=1,2 hydra/launcher=slurm
   python -m pipeline promote run=<id> alias=production
   python -m pipeline serve model_uri=models:/smollm2-135m@production
+  python -m pipeline tune model=llama70b target=h100 workload.input_tokens=2048 slo.itl_ms_p99=30 dry_run=true
 """
+COMMANDS = (*app.COMMANDS, "tune")
 
 
 def command_help(command: str) -> str:
@@ -78,7 +83,7 @@ def parse(command: str, rest: list[str]) -> tuple[list[str], bool, dict[str, str
     """A command's argv (after the command) -> (config overrides, multirun, command arguments)."""
     multirun = "-m" in rest or "--multirun" in rest
     overrides = [a for a in rest if a not in ("-m", "--multirun")]
-    keys = app.COMMANDS[command][1]
+    keys = app.COMMANDS[command][1] if command in app.COMMANDS else ()
     args = dict(a.split("=", 1) for a in overrides if a.split("=", 1)[0] in keys)
     return [a for a in overrides if a.split("=", 1)[0] not in keys], multirun, args
 
@@ -90,8 +95,13 @@ def run(command: str, rest: list[str]) -> None:
     launchers.check_choice(overrides)
     job_overrides = compose.expand_sweep(overrides) if multirun else [overrides]
     # every job's config is composed and checked once, before the first job does any work
-    # (plan prints its memory table before the verdict on it)
-    jobs = [(job, validate.load(job, check_memory=command != "plan")) for job in job_overrides]
+    # (plan prints its memory table before the verdict on it; tune searches for what fits)
+    jobs = [(job, validate.load(job, check_memory=command not in ("plan", "tune"))) for job in job_overrides]
+    if command == "tune":
+        if multirun:
+            raise ConfigError("tune searches by itself: drop -m (list the choices in tune.* instead)")
+        tune_command.tune(jobs[0][1], overrides)
+        return
     if command == "build" and multirun and launchers.chosen_launcher(overrides) not in launchers.IN_PROCESS:
         if jobs[0][1].dry_run:
             print(redact(launchers.describe(jobs)))
@@ -158,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="", file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command not in app.COMMANDS:
-        print(f"error: unknown command '{command}' (choose {', '.join(app.COMMANDS)})\n", file=sys.stderr)
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}' (choose {', '.join(COMMANDS)})\n", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
         return 2
     if "-h" in rest or "--help" in rest:

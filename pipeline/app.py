@@ -47,12 +47,19 @@ def _repository_step(steps: list[Step]) -> Step:
     return next(s for s in steps if s.name == "triton_repo")
 
 
-def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
-    """Run every stage not already done; one MLflow run (a child of ``sweep_parent`` in a sweep)."""
-    if cfg.dry_run:
-        print(runner.format_plan(runner.plan(cfg, STAGES), cfg))
-        print("dry run: nothing was run (drop dry_run=true to build)")
-        return []
+@dataclasses.dataclass
+class Built:
+    """What one ``build`` job did: its stages, the accuracy gate's verdict (None: not evaluated)
+    and its MLflow run (None: tracking=none)."""
+
+    steps: list[Step]
+    gate: dict[str, Any] | None
+    run_id: str | None
+
+
+def build_recorded(cfg: PipelineConfig, sweep_parent: str | None = None) -> Built:
+    """Every stage not already done, the accuracy gate, and one MLflow run (a child of
+    ``sweep_parent`` in a sweep or a tune) recording them; the gate's verdict is not enforced here."""
     planned = runner.plan(cfg, STAGES)
     runner.preflight(cfg, planned)  # a refused build opens no MLflow run
     with runs.job_run(cfg, sweep_parent) as run:
@@ -60,6 +67,17 @@ def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
         gate = accuracy_gate(cfg, steps)
         if run is not None:
             run.record(cfg, steps, gate)
+    return Built(steps, gate, run.run_id if run is not None else None)
+
+
+def build(cfg: PipelineConfig, sweep_parent: str | None = None) -> list[Step]:
+    """Run every stage not already done; one MLflow run (a child of ``sweep_parent`` in a sweep)."""
+    if cfg.dry_run:
+        print(runner.format_plan(runner.plan(cfg, STAGES), cfg))
+        print("dry run: nothing was run (drop dry_run=true to build)")
+        return []
+    built = build_recorded(cfg, sweep_parent)
+    steps, gate = built.steps, built.gate
     for step in steps:
         took = f"{step.seconds:.1f} s" if step.seconds is not None else "cached"
         print(f"{step.name:<10} {took:<10} {step.dirs.final}")
@@ -129,6 +147,9 @@ def plan(cfg: PipelineConfig) -> None:
     """The resolved config, the memory plan (GPU targets), each stage and how to serve the result."""
     print("# resolved config")
     print(redact(to_yaml(cfg)).rstrip())  # a tracking.uri may carry user:password
+    print("\n# engine limits")
+    build_limits = f"max_batch_size {cfg.build.batch}, max_num_tokens {cfg.build.tokens}"
+    print(f"{build_limits}: {cfg.build.sized_because or f'set by build={cfg.build.name} or the command line'}")
     _print_memory_plan(cfg)
     print("\n# stages")
     steps = runner.plan(cfg, STAGES)

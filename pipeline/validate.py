@@ -28,7 +28,7 @@ from pipeline.config.schema import (
 )
 from pipeline.errors import ConfigError
 from pipeline.redact import redact, register_secret_env
-from pipeline.sizing import calibration, memory, rules
+from pipeline.sizing import calibration, limits, memory, rules
 from pipeline.stages.engine import trtllm
 
 
@@ -44,6 +44,7 @@ def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineCo
     # resolved once, so the recorded config and the fingerprints carry the number
     cfg.triton.kv_cache_free_gpu_mem_fraction = cfg.kv_cache_fraction
     _architecture_from_checkpoint(cfg.model)
+    limits.resolve(cfg)  # null engine limits sized for the workload, once, before anything reads them
     problems = validate(cfg, check_memory)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
@@ -170,6 +171,7 @@ def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     problems += _build_problems(cfg)
     problems += _triton_problems(cfg)
     problems += _benchmark_problems(cfg.benchmark)
+    problems += _workload_problems(cfg)
     problems += _tracking_problems(cfg.tracking.uri)
     problems += _host_problems(cfg)
     said = " ".join(problems)
@@ -179,27 +181,44 @@ def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     return problems
 
 
+def _workload_problems(cfg: PipelineConfig) -> list[str]:
+    work, problems = cfg.workload, []
+    if work.prompts_file:
+        file = Path(work.prompts_file).expanduser()
+        if not file.is_file():
+            problems.append(
+                f"workload.prompts_file={work.prompts_file} does not exist: give a JSONL file with a 'text' per line"
+            )
+        else:
+            problems += _file_problems(file, "workload.prompts_file", ("text", "text_input"))
+    if work.input_tokens < 1 or work.output_tokens < 1:
+        problems.append("workload.input_tokens and workload.output_tokens must be at least 1")
+    elif work.input_tokens > cfg.build.max_input_len and not work.input_tokens_stddev:
+        problems.append(
+            f"workload.input_tokens={work.input_tokens} exceeds build.max_input_len={cfg.build.max_input_len}: "
+            "raise build.max_input_len (and build.max_seq_len) or shorten the prompts"
+        )
+    elif work.input_tokens + work.output_tokens > cfg.build.max_seq_len:
+        problems.append(
+            f"workload.input_tokens + output_tokens = {work.input_tokens + work.output_tokens} exceeds "
+            f"build.max_seq_len={cfg.build.max_seq_len}: raise build.max_seq_len or shorten the workload"
+        )
+    return problems
+
+
 def _benchmark_problems(bench: BenchmarkConfig) -> list[str]:
     problems = []
     if any(c < 1 for c in bench.concurrency) or any(r <= 0 for r in bench.rates):
         problems.append("benchmark.concurrency values must be >= 1 and benchmark.rates > 0")
     if bench.enabled and not (bench.concurrency or bench.rates):
         problems.append("benchmark.concurrency and benchmark.rates are both empty: give one, or benchmark=none")
-    if bench.enabled and bench.prompts_file:
-        file = Path(bench.prompts_file).expanduser()
-        if not file.is_file():
-            problems.append(
-                f"benchmark.prompts_file={bench.prompts_file} does not exist: give a JSONL file with a 'text' per line"
-            )
-        else:
-            problems += _file_problems(file, "benchmark.prompts_file", ("text", "text_input"))
-    if bench.requests_per_point < 1 or bench.input_tokens < 1 or bench.output_tokens < 1:
-        problems.append("benchmark.requests_per_point, input_tokens and output_tokens must be at least 1")
+    if bench.requests_per_point < 1:
+        problems.append("benchmark.requests_per_point must be at least 1")
     return problems
 
 
 def _triton_problems(cfg: PipelineConfig) -> list[str]:
-    triton, engine_batch = cfg.triton, cfg.build.max_batch_size
+    triton, engine_batch = cfg.triton, cfg.build.batch
     problems = []
     if triton.max_batch_size is not None and triton.max_batch_size != engine_batch:
         problems.append(
@@ -224,9 +243,9 @@ def _triton_problems(cfg: PipelineConfig) -> list[str]:
             f"triton.max_tokens_in_paged_kv_cache={tokens} cannot hold one {cfg.build.max_seq_len}-token "
             "sequence (build.max_seq_len): raise it or lower build.max_seq_len"
         )
-    if not 1 <= triton.cpu_max_num_tokens <= cfg.build.max_num_tokens:
+    if not 1 <= triton.cpu_max_num_tokens <= cfg.build.tokens:
         problems.append(
-            f"triton.cpu_max_num_tokens={triton.cpu_max_num_tokens} must lie in 1..{cfg.build.max_num_tokens} "
+            f"triton.cpu_max_num_tokens={triton.cpu_max_num_tokens} must lie in 1..{cfg.build.tokens} "
             "(build.max_num_tokens)"
         )
     if triton.cpu_context_chunk_tokens < 1:  # above cpu_max_num_tokens it is that budget
@@ -251,7 +270,7 @@ def _build_problems(cfg: PipelineConfig) -> list[str]:
             f"build.max_seq_len={build.max_seq_len} exceeds the {context}-token context of "
             f"{cfg.model.name}: use build.max_seq_len<={context}"
         )
-    if build.max_batch_size < 1 or build.max_num_tokens < 1 or build.max_beam_width < 1:
+    if build.batch < 1 or build.tokens < 1 or build.max_beam_width < 1:
         problems.append("build.max_batch_size, build.max_num_tokens and build.max_beam_width must be at least 1")
     problems += trtllm.extra_arg_problems(build.extra_args)
     problems += trtllm.switch_problems(cfg)

@@ -183,10 +183,12 @@ class BuildConfig:
     model, format and GPU" (see pipeline/stages/engine/trtllm.py); true/false forces it."""
 
     name: str = MISSING
-    max_batch_size: int = 64
+    # null: sized from the memory plan's KV cache capacity and the workload's lengths, the way
+    # trtllm-bench sizes its engines (pipeline/sizing/limits.py; `plan` shows what and why)
+    max_batch_size: int | None = None
     max_input_len: int = 2048
     max_seq_len: int = 4096
-    max_num_tokens: int = 8192
+    max_num_tokens: int | None = None
     max_beam_width: int = 1  # beams a request may ask for (beam_width); wider engines take more memory
     kv_cache_type: str = "paged"  # paged | continuous
     tokens_per_block: int = 32  # positions per KV cache block (pages of the paged cache, units of reuse)
@@ -203,6 +205,20 @@ class BuildConfig:
     cuda_graphs: bool = True  # backend=pytorch: decode steps as CUDA graphs, batches padded up to max_batch_size
     extra_args: list[str] = field(default_factory=list)  # any other trtllm-build flag, e.g. [--strip_plan]
     timeout_s: int = 7200
+    # why the limits are what they are (set by pipeline/sizing/limits.py when it sizes them)
+    sized_because: str | None = None
+
+    @property
+    def batch(self) -> int:
+        """max_batch_size, once ``validate.load`` has sized a null one."""
+        assert self.max_batch_size is not None, "build.max_batch_size is sized by validate.load"
+        return self.max_batch_size
+
+    @property
+    def tokens(self) -> int:
+        """max_num_tokens, once ``validate.load`` has sized a null one."""
+        assert self.max_num_tokens is not None, "build.max_num_tokens is sized by validate.load"
+        return self.max_num_tokens
 
 
 class Expose(StrEnum):
@@ -308,12 +324,29 @@ class TritonConfig:
 
 
 @dataclass
-class SLOConfig:
-    """Service-level objectives for goodput; null: no limit on that latency."""
+class WorkloadConfig:
+    """The traffic a deployment is sized, measured and tuned for: read by the engine limits'
+    sizing (``pipeline/sizing/limits.py``), ``plan``, the benchmark and ``tune`` alike."""
 
-    ttft_ms: float | None = None
-    itl_ms: float | None = None
-    e2e_ms: float | None = None
+    input_tokens: int = 64  # prompt tokens per request (the mean when input_tokens_stddev > 0)
+    input_tokens_stddev: float = 0.0
+    output_tokens: int = 32  # generated tokens per request (the mean when output_tokens_stddev > 0)
+    output_tokens_stddev: float = 0.0
+    prompts_file: str | None = None  # JSONL: {"text": ..., "max_tokens": ...} per line, instead of synthetic prompts
+
+
+@dataclass
+class SLOConfig:
+    """Service-level objectives, per load point: a point meets them when its p99 latencies are
+    within every limit set; goodput counts the requests whose own latencies are. null: no limit."""
+
+    ttft_ms_p99: float | None = None  # time to first token
+    itl_ms_p99: float | None = None  # inter-token latency (each request's mean gap between tokens)
+    e2e_ms_p99: float | None = None  # whole request
+
+    def limits(self) -> dict[str, float]:
+        """{point statistic: limit} of the limits that are set, e.g. {"ttft_ms_p99": 1000.0}."""
+        return {key: float(value) for key, value in vars(self).items() if value is not None}
 
 
 @dataclass
@@ -328,11 +361,6 @@ class BenchmarkConfig:
     # worker's first request is left out of the latencies and the throughput (loadgen._Ramp);
     # requests_per_point are measured after them
     ramp_up: bool = True
-    input_tokens: int = 64
-    input_tokens_stddev: float = 0.0
-    output_tokens: int = 32
-    output_tokens_stddev: float = 0.0
-    prompts_file: str | None = None  # JSONL: {"text": ..., "max_tokens": ...} per line
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 0.0
@@ -347,7 +375,6 @@ class BenchmarkConfig:
     # `bench` against a server this workdir did not build: a local folder holding its tokenizer
     # (prompt lengths are exact token counts); null: the last build's
     tokenizer: str | None = None
-    slo: SLOConfig = field(default_factory=SLOConfig)
 
 
 class GateMode(StrEnum):
@@ -377,6 +404,30 @@ class EvalConfig:
     confidence: float = 0.95
     num_concurrent: int = 4  # requests in flight from the harness (the engine batches them)
     timeout_s: float = 600.0  # per request
+
+
+@dataclass
+class TuneConfig:
+    """``tune``: the search for the deployment that meets ``slo`` on ``workload`` at the lowest cost."""
+
+    max_trials: int = 4  # candidates built and measured (the best predicted first)
+    time_budget_min: float = 60.0  # no new trial starts after this long
+    alias: str = "tuned"  # the registry alias the winner gets
+    # the load sweep of each trial (closed loop): the highest concurrency meeting the SLO is the
+    # candidate's operating point; null: sized from the candidate's batch limit
+    concurrency: list[int] | None = None
+    requests_per_point: int = 16
+    # the search space; empty: every choice the target allows
+    formats: list[str] = field(default_factory=list)
+    kv_cache_dtypes: list[str] = field(default_factory=list)  # "none" | "fp8" | "int8"
+    # multipliers of the sized max_batch_size / max_num_tokens tried around them
+    batch_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # CPU target: the reference runtime's knobs
+    cpu_max_num_tokens: list[int] = field(default_factory=lambda: [64, 128])
+    cpu_threads: list[int] = field(default_factory=lambda: [1])
+    cpu_max_batch_size: list[int] = field(default_factory=lambda: [4, 8])
+    cpu_context_chunk_tokens: list[int] = field(default_factory=lambda: [32])
+    seed: int = 0  # the sampler's seed (Optuna TPE after the ranked candidates)
 
 
 @dataclass
@@ -455,6 +506,9 @@ class PipelineConfig:
     eval: EvalConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     # tensorrt: engines built by trtllm-build; pytorch: TensorRT-LLM's PyTorch backend (>= 1.3), which
     # serves ModelOpt's unified checkpoint without a build step
     backend: Backend = Backend.tensorrt

@@ -166,7 +166,7 @@ def cpu_memory_bytes(cfg: PipelineConfig, repository: Path) -> int | None:
         return None
     sixteen_bit, _ = memory.kv_bytes_per_token(cfg.model.arch, 1, 1, None)
     per_token = 2 * sixteen_bit  # the reference runtime keeps its KV cache in float32
-    tokens = cfg.triton.max_tokens_in_paged_kv_cache or cfg.build.max_batch_size * cfg.build.max_seq_len
+    tokens = cfg.triton.max_tokens_in_paged_kv_cache or cfg.build.batch * cfg.build.max_seq_len
     weights = sum(f.stat().st_size for f in engine.rglob("*") if f.is_file())
     return 2 * weights + tokens * per_token + 2 * 2**30
 

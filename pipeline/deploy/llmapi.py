@@ -83,8 +83,8 @@ def options(cfg: PipelineConfig) -> dict[str, Any]:
         "backend": "pytorch",
         "tensor_parallel_size": cfg.parallel.tp,
         "pipeline_parallel_size": cfg.parallel.pp,
-        "max_batch_size": build.max_batch_size,
-        "max_num_tokens": build.max_num_tokens,
+        "max_batch_size": build.batch,
+        "max_num_tokens": build.tokens,
         "max_seq_len": build.max_seq_len,
         "max_input_len": build.max_input_len,
         "max_beam_width": build.max_beam_width,
@@ -94,7 +94,7 @@ def options(cfg: PipelineConfig) -> dict[str, Any]:
         "scheduler_config": {"capacity_scheduler_policy": CAPACITY_POLICY[triton.batch_scheduler_policy]},
     }
     if build.cuda_graphs:  # decode steps replayed as CUDA graphs, padded up to a captured batch size
-        chosen["cuda_graph_config"] = {"enable_padding": True, "max_batch_size": build.max_batch_size}
+        chosen["cuda_graph_config"] = {"enable_padding": True, "max_batch_size": build.batch}
     if triton.guided_decoding:
         chosen["guided_decoding_backend"] = "xgrammar"
     return chosen

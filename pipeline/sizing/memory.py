@@ -107,12 +107,21 @@ def activation_bytes_per_gpu(arch: Architecture, tp: int, max_num_tokens: int, m
     return max_num_tokens * per_token + logits + RUNTIME_RESERVE_GIB * GIB
 
 
-def plan_for(cfg: PipelineConfig, tp: int | None = None, pp: int | None = None) -> MemoryPlan:
+def plan_for(
+    cfg: PipelineConfig,
+    tp: int | None = None,
+    pp: int | None = None,
+    max_num_tokens: int | None = None,
+    max_batch_size: int | None = None,
+) -> MemoryPlan:
+    """The plan at ``cfg``'s parallelism and engine limits, or at the ones given."""
     arch, build, target = cfg.model.arch, cfg.build, cfg.target
     tp, pp = tp or cfg.parallel.tp, pp or cfg.parallel.pp
     memory = (target.memory_gib or 0.0) * GIB
     weights = weight_bytes_per_gpu(arch, cfg.quant.format, tp, pp)
-    activations = activation_bytes_per_gpu(arch, tp, build.max_num_tokens, build.max_batch_size)
+    tokens = build.tokens if max_num_tokens is None else max_num_tokens
+    batch = build.batch if max_batch_size is None else max_batch_size
+    activations = activation_bytes_per_gpu(arch, tp, tokens, batch)
     total_kv, rank_kv = kv_bytes_per_token(arch, tp, pp, cfg.quant.kv_cache_dtype)
     free = memory - weights - activations
     kv_cache = max(0.0, free) * cfg.kv_cache_fraction

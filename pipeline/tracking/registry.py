@@ -90,6 +90,16 @@ def register(
     return str(version.version)
 
 
+def version_of(client: Any, name: str, run_id: str) -> str | None:
+    """The version holding the repository a build run produced (registered by that run or, for a
+    cached repository, by the run that first built it): found by the repository's fingerprint."""
+    fingerprint = client.get_run(run_id).data.tags.get("fingerprint.triton_repo")
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.run_id == run_id or (fingerprint and version.tags.get(FINGERPRINT_TAG) == fingerprint):
+            return str(version.version)
+    return None
+
+
 def promote(
     client: Any, name: str, alias: str, version: str | None = None, run: str | None = None, force: bool = False
 ) -> str:

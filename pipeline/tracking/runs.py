@@ -139,8 +139,8 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
         "backend": str(cfg.backend),
         "gpu": cfg.target.gpu or "cpu",
         "build_preset": cfg.build.name,
-        "max_batch_size": cfg.build.max_batch_size,
-        "max_num_tokens": cfg.build.max_num_tokens,
+        "max_batch_size": cfg.build.batch,
+        "max_num_tokens": cfg.build.tokens,
         "max_seq_len": cfg.build.max_seq_len,
         "benchmark_preset": cfg.benchmark.name,
         # what the build's benchmark talks to: an LLM-API repository is measured with its inputs
@@ -360,19 +360,43 @@ def _stopper(error: KeyboardInterrupt) -> str:
 
 
 @contextlib.contextmanager
-def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None]:
-    """A parent run for a ``-m`` sweep; its children are the jobs."""
+def parent_run(
+    cfg: PipelineConfig, name: str, tags: dict[str, str], resume: str | None = None
+) -> Iterator[tuple[Any, str] | None]:
+    """(client, run id) of a run whose children are builds: a sweep's or a tune's. ``resume``: a
+    run id to continue (a resumed tune), if the store still has it."""
     if not cfg.tracking.enabled:
         yield None
         return
+    from mlflow.exceptions import MlflowException
+
     client, experiment_id = _client_and_experiment(cfg)
-    # overrides may carry credentials (a tracking URI with a password): redacted before they are stored
-    name = redact("sweep: " + "; ".join(" ".join(job) for job in jobs))[:200]
-    run = client.create_run(experiment_id, tags={"mlflow.runName": name, "pipeline.sweep": "true"})
-    client.log_param(run.info.run_id, "jobs", redact(json.dumps([" ".join(j) for j in jobs]))[:6000])
+    run_id = None
+    if resume:
+        try:
+            client.update_run(resume, status="RUNNING")
+            run_id = resume
+        except MlflowException:
+            log.info("run %s is not in this store: a new one is opened", resume)
+    if run_id is None:
+        # names may carry credentials (a tracking URI with a password): redacted before they are stored
+        run_id = client.create_run(experiment_id, tags={"mlflow.runName": redact(name)[:200], **tags}).info.run_id
     try:
-        yield run.info.run_id
+        yield client, run_id
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")
+
+
+@contextlib.contextmanager
+def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None]:
+    """A parent run for a ``-m`` sweep; its children are the jobs."""
+    name = "sweep: " + "; ".join(" ".join(job) for job in jobs)
+    with parent_run(cfg, name, {"pipeline.sweep": "true"}) as opened:
+        if opened is None:
+            yield None
+            return
+        client, run_id = opened
+        client.log_param(run_id, "jobs", redact(json.dumps([" ".join(j) for j in jobs]))[:6000])
+        yield run_id

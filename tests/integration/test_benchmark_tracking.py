@@ -38,9 +38,9 @@ def _common(workdir: Path, store: Path) -> list[str]:
         "benchmark.concurrency=[1,2]",
         "benchmark.requests_per_point=3",
         "benchmark.warmup_requests=1",
-        "benchmark.input_tokens=16",
-        "benchmark.output_tokens=6",
-        "benchmark.slo.ttft_ms=60000",
+        "workload.input_tokens=16",
+        "workload.output_tokens=6",
+        "slo.ttft_ms_p99=60000",
         "eval=none",  # the benchmark and the runs are under test here (test_eval.py evaluates)
         "tracking.register=false",  # test_registry.py registers; uploading the repository costs seconds
         *_ports(),
@@ -139,8 +139,8 @@ def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp
 
 
 def test_a_job_refused_at_validation_opens_no_run(smollm2_workdir: Path, tmp_path: Path) -> None:
-    missing = cli("build", *_common(smollm2_workdir, tmp_path), "benchmark.prompts_file=/nonexistent.jsonl")
-    assert missing.returncode == 1 and "benchmark.prompts_file=/nonexistent.jsonl does not exist" in missing.stderr
+    missing = cli("build", *_common(smollm2_workdir, tmp_path), "workload.prompts_file=/nonexistent.jsonl")
+    assert missing.returncode == 1 and "workload.prompts_file=/nonexistent.jsonl does not exist" in missing.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -232,7 +232,7 @@ def test_bench_of_the_openai_endpoint_with_aiperf_is_a_run_compare_lists(
         f"url={api}",
         *overrides,
         *load,
-        "benchmark.output_tokens=4",
+        "workload.output_tokens=4",
         "benchmark.endpoint=openai",
         "benchmark.tool=aiperf",
     )

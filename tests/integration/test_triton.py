@@ -557,7 +557,7 @@ def test_bench_command_measures_a_running_server(served: Served, smollm2_workdir
         "benchmark.concurrency=[2]",
         "benchmark.requests_per_point=2",
         "benchmark.warmup_requests=0",
-        "benchmark.output_tokens=4",
+        "workload.output_tokens=4",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     table = max(smollm2_workdir.glob("bench/*/benchmark.json"), key=lambda p: p.stat().st_mtime)

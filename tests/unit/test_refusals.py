@@ -61,10 +61,10 @@ def test_a_local_model_folder_needs_config_json_at_its_top(tmp_path: Path) -> No
 def test_prompts_and_calibration_files_are_checked_line_by_line(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "hi"}\n{"text": "hi", "max_tokens": "many"}\n')
-    assert f"benchmark.prompts_file={prompts}:2: max_tokens='many'" in _refusal(f"benchmark.prompts_file={prompts}")
+    assert f"workload.prompts_file={prompts}:2: max_tokens='many'" in _refusal(f"workload.prompts_file={prompts}")
     prompts.write_text('{"text": "hi", "max_tokens": 1e12}\n')
     assert f"{prompts}:1: max_tokens=1000000000000.0 must be a whole number" in _refusal(
-        f"benchmark.prompts_file={prompts}"
+        f"workload.prompts_file={prompts}"
     )
     calib = tmp_path / "calib.jsonl"
     calib.write_text('{"text": "fine"}\n{oops\n')

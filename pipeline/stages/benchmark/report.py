@@ -4,7 +4,8 @@ Definitions (genai-perf / AIPerf): TTFT, ITL and end-to-end latency per request,
 and p50/p90/p95/p99 over the successful measured requests of a point (a ramped-up point's first
 request per worker is not measured); output token throughput = output tokens of all successful
 requests / wall time of the point; request throughput = successful requests / wall time; goodput
-= requests that met every configured SLO / wall time.
+= requests whose own latencies are within every ``slo.*`` limit / wall time; a point meets the
+SLO when its p99 latencies are within the limits and no request failed.
 """
 
 from __future__ import annotations
@@ -39,19 +40,32 @@ def _stats(values: list[float]) -> dict[str, float]:
     return out
 
 
-def meets_slo(m: Measured, slo: dict[str, float | None]) -> bool:
+def meets_slo(m: Measured, slo: dict[str, float]) -> bool:
+    """Whether one request's own latencies are within the SLO's limits (``{"ttft_ms_p99": 1000}``
+    limits its TTFT to 1000 ms): what goodput counts."""
     values = {"ttft_ms": m.ttft, "itl_ms": m.itl, "e2e_ms": m.e2e}
     for key, limit in slo.items():
-        if limit is None:
-            continue
-        value = values[key]
+        value = values[key.rsplit("_", 1)[0]]
         if value is not None and value * 1000 > limit:
             return False
     return True
 
 
+def slo_misses(point: dict[str, Any], slo: dict[str, float]) -> dict[str, float]:
+    """{statistic: how far over its limit, in ms} for every limit a load point breaks (a point
+    with failed requests breaks them all: its latencies say nothing of the failures)."""
+    misses = {}
+    for key, limit in slo.items():
+        value = point.get(key, math.nan)
+        if point.get("errors") or not value == value:
+            misses[key] = math.inf
+        elif value > limit:
+            misses[key] = value - limit
+    return misses
+
+
 def summarize(
-    label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float | None]
+    label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float]
 ) -> dict[str, Any]:
     # counts and latencies over the measured requests (ramp-up ones excluded: loadgen.run_point)
     measured = [m for m in results if not m.ramp_up]
@@ -81,6 +95,8 @@ def summarize(
     for name, values in series.items():
         for stat, value in _stats(values).items():
             point[f"{name}_{stat}"] = value
+    if slo:
+        point["meets_slo"] = not slo_misses(point, slo)
     return point
 
 

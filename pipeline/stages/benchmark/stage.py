@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 
 def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(cfg.benchmark).items() if k != "name"}
+    bench = {k: v for k, v in to_dict(cfg.benchmark).items() if k != "name"}
+    return {**bench, "workload": to_dict(cfg.workload), "slo": to_dict(cfg.slo)}
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
@@ -99,16 +100,16 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
 
     bench, endpoint = cfg.benchmark, client.endpoint
     sampling = loadgen.Sampling(bench.temperature, bench.top_k, bench.top_p, bench.ignore_eos and client.ignore_eos)
-    slo = to_dict(bench.slo)
+    slo = cfg.slo.limits()
     if bench.warmup_requests:
         log.info("warming up with %d requests", bench.warmup_requests)
-        warm = workload.prompts(tokenizer, bench.warmup_requests, bench, bench.seed + 1_000_000)
+        warm = workload.prompts(tokenizer, bench.warmup_requests, cfg.workload, bench.seed + 1_000_000)
         loadgen.run_point(endpoint, warm, sampling, concurrency=bench.warmup_requests, timeout_s=bench.timeout_s)
     points: list[dict[str, Any]] = []
     for index, label in enumerate(_points(cfg)):
         ramp_up = bench.ramp_up and label["concurrency"] is not None
         count = bench.requests_per_point + (label["concurrency"] if ramp_up else 0)
-        prompts = workload.prompts(tokenizer, count, bench, bench.seed + index)
+        prompts = workload.prompts(tokenizer, count, cfg.workload, bench.seed + index)
         bar = tqdm(total=len(prompts), desc=f"benchmark {label['load']}", unit="req")
 
         def done(measured: loadgen.Measured, bar: Any = bar) -> None:
@@ -147,7 +148,7 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
             raise StageError(f"the server stopped answering during {label['load']} ({ended}); results so far in {out}")
         if bench.tool is BenchTool.aiperf:
             count = aiperf.prompt_count(bench, label)
-            fresh = workload.prompts(tokenizer, count, bench, bench.seed + 500_000 + index)
+            fresh = workload.prompts(tokenizer, count, cfg.workload, bench.seed + 500_000 + index)
             point.update(aiperf.measure(endpoint, client.http_url, bench, point, client.tokenizer_dir, fresh, out))
             log.info("%s: %s", label["load"], aiperf.summary(point))
             report.write_tables(points, out)

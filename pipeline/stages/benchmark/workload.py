@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import textfiles
 from pipeline.assets import HELDOUT_TEXT
-from pipeline.config.schema import BenchmarkConfig
+from pipeline.config.schema import WorkloadConfig
 from pipeline.stages.benchmark.loadgen import Prompt
 
 
@@ -22,13 +22,13 @@ def _length(rng: random.Random, mean: int, stddev: float) -> int:
     return max(1, round(rng.gauss(mean, stddev))) if stddev > 0 else mean
 
 
-def synthetic(tokenizer: Any, count: int, bench: BenchmarkConfig, seed: int) -> list[Prompt]:
+def synthetic(tokenizer: Any, count: int, work: WorkloadConfig, seed: int) -> list[Prompt]:
     rng = random.Random(seed)
     corpus = tokenizer.encode(HELDOUT_TEXT.read_text(), add_special_tokens=False)
     prompts = []
     for _ in range(count):
-        n_in = _length(rng, bench.input_tokens, bench.input_tokens_stddev)
-        n_out = _length(rng, bench.output_tokens, bench.output_tokens_stddev)
+        n_in = _length(rng, work.input_tokens, work.input_tokens_stddev)
+        n_out = _length(rng, work.output_tokens, work.output_tokens_stddev)
         ids: list[int] = []
         while len(ids) < n_in:  # the corpus repeats for prompts longer than it
             start = rng.randrange(len(corpus))
@@ -45,7 +45,7 @@ def from_file(path: str, tokenizer: Any, count: int, default_max_tokens: int) ->
     """JSONL lines with ``text`` (or ``text_input``) and optional ``max_tokens``; cycled to ``count``."""
     file = Path(path).expanduser()
     rows = []
-    for row in textfiles.jsonl_rows(file, "benchmark.prompts_file", ("text", "text_input")):
+    for row in textfiles.jsonl_rows(file, "workload.prompts_file", ("text", "text_input")):
         text = str(row.get("text", row.get("text_input")))  # checked: a non-empty string
         rows.append(
             Prompt(
@@ -55,7 +55,7 @@ def from_file(path: str, tokenizer: Any, count: int, default_max_tokens: int) ->
     return [rows[i % len(rows)] for i in range(count)]
 
 
-def prompts(tokenizer: Any, count: int, bench: BenchmarkConfig, seed: int) -> list[Prompt]:
-    if bench.prompts_file:
-        return from_file(bench.prompts_file, tokenizer, count, bench.output_tokens)
-    return synthetic(tokenizer, count, bench, seed)
+def prompts(tokenizer: Any, count: int, work: WorkloadConfig, seed: int) -> list[Prompt]:
+    if work.prompts_file:
+        return from_file(work.prompts_file, tokenizer, count, work.output_tokens)
+    return synthetic(tokenizer, count, work, seed)

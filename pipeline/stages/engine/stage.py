@@ -42,8 +42,8 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
         return {"runtime": "llm_api", "llm_api": llmapi.options(cfg)}
     if not cfg.target.is_gpu:
         return {"runtime": REFERENCE}
-    # cuda_graphs is the PyTorch backend's: engines do not depend on it
-    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s", "cuda_graphs")}
+    # cuda_graphs is the PyTorch backend's: engines do not depend on it (nor on the sizing's explanation)
+    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s", "cuda_graphs", "sized_because")}
     return {
         "runtime": "tensorrt_llm",
         "build": build,
@@ -114,10 +114,10 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "world_size": world_size,
         "tp": cfg.parallel.tp,
         "pp": cfg.parallel.pp,
-        "max_batch_size": cfg.build.max_batch_size,
+        "max_batch_size": cfg.build.batch,
         "max_input_len": cfg.build.max_input_len,
         "max_seq_len": cfg.build.max_seq_len,
-        "max_num_tokens": cfg.build.max_num_tokens,
+        "max_num_tokens": cfg.build.tokens,
     }
     if cfg.backend is Backend.pytorch:  # nothing to build: the checkpoint and how it is to be served
         for path in sorted(checkpoint.iterdir()):

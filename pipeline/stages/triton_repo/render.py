@@ -126,7 +126,7 @@ QUEUE_PER_BATCH = 4  # the default queue bound, in batches: a burst waits, a flo
 def queue_size(cfg: PipelineConfig) -> int:
     """The engine model's queue bound (triton.max_queue_size; null: 4 batches, 0: no bound)."""
     size = cfg.triton.max_queue_size
-    return QUEUE_PER_BATCH * cfg.build.max_batch_size if size is None else size
+    return QUEUE_PER_BATCH * cfg.build.batch if size is None else size
 
 
 # the CPU LLM-API model's guided decoding (xgrammar, as the engine path's): the engine path's inputs
@@ -200,7 +200,7 @@ def values(cfg: PipelineConfig) -> dict[str, str]:
             "extension_inputs": LLMAPI_CPU_GUIDE_INPUTS if _cpu_guides(cfg) else "",
         }
     triton, build = cfg.triton, cfg.build
-    batch = build.max_batch_size
+    batch = build.batch
     # requests the repository holds at once: the engine's batch and its queue (0, no queue bound,
     # still gets one: unbounded thread pools and queues are what a flood must not get)
     in_flight = batch + (queue_size(cfg) or QUEUE_PER_BATCH * batch)

@@ -68,7 +68,7 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     rendered = json.dumps({**render.rendered_configs(cfg), "model.yaml": _model_yaml(cfg)}, sort_keys=True)
     return {
         "triton": triton,
-        "limits": [build.max_batch_size, build.max_input_len, build.max_seq_len],
+        "limits": [build.batch, build.max_input_len, build.max_seq_len],
         "target": str(cfg.target.kind),
         "templates": render.templates_digest(cfg),
         "rendered": hashlib.sha256(rendered.encode()).hexdigest()[:16],
@@ -153,7 +153,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "backend": str(cfg.backend),
         "runtime": engine_info["runtime"],
         "world_size": engine_info["world_size"],
-        "max_batch_size": cfg.build.max_batch_size,
+        "max_batch_size": cfg.build.batch,
         "max_input_len": cfg.build.max_input_len,
         "max_seq_len": cfg.build.max_seq_len,
         "streaming": cfg.triton.streaming,

@@ -1,0 +1,311 @@
+"""``tune``: from a workload and a latency SLO to the deployment that meets it at the lowest cost,
+searched, measured, gated on accuracy and promoted.
+
+1. Candidates (``candidates.py``): the search space, each checked by the build's rules and memory
+   planner, the survivors predicted by the performance model and ranked.
+2. Trials: an Optuna study (``<workdir>/tune/<key>/study.db``) holds them, so a killed ``tune``
+   run again continues it and measures nothing twice. The first half of the budget goes to the
+   model's ranking (re-ranked after every measurement, as the model is calibrated on what was
+   measured); then Optuna's TPE sampler proposes (a repeat of a measured candidate is replaced by
+   the best-ranked unmeasured one). Each trial is a ``build`` (cached stages are reused) whose
+   benchmark sweeps the workload at the candidate's loads: an MLflow child run of the tune's run,
+   with the predicted figures and their residuals beside the measured ones.
+3. The accuracy gate: each numerics (format and KV cache dtype) is evaluated once, by its first
+   trial; trials that change only limits, parallelism or threads inherit that verdict.
+4. The decision (``decision.py``): the winner meets every SLO limit at its load and passes the gate;
+   the most output tokens/s per GPU wins (the lowest $/1M tokens where priced), ties broken by
+   fewer GPUs. It is registered under ``tune.alias`` with a deployment card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import app, validate
+from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.errors import PipelineError
+from pipeline.sizing import perf
+from pipeline.tune import candidates as cands
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.db"
+# the CPU target's default loads per trial: enough to find the knee, few enough for a 2-core host
+CPU_LOADS = 3
+
+
+@dataclass
+class Trial:
+    """A measured candidate, as the study stores it (``user_attrs``)."""
+
+    number: int
+    key: str
+    points: list[dict[str, Any]]
+    gate: str  # pass | fail | skipped
+    gate_tasks: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+    predicted: dict[str, Any] = field(default_factory=dict)  # the model's figures at the measured loads
+    inherited_gate_from: int | None = None
+
+    def operating_point(self, slo: dict[str, float]) -> dict[str, Any] | None:
+        """The measured load with the most output tokens/s that meets every SLO limit."""
+        good = [p for p in self.points if not _point_misses(p, slo)]
+        return max(good, key=lambda p: p["output_tokens_per_s"]) if good else None
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "points": self.points,
+            "gate": self.gate,
+            "gate_tasks": self.gate_tasks,
+            "run_id": self.run_id,
+            "predicted": self.predicted,
+            "inherited_gate_from": self.inherited_gate_from,
+        }
+
+    @classmethod
+    def from_attrs(cls, number: int, attrs: dict[str, Any]) -> Trial:
+        return cls(
+            number,
+            attrs["key"],
+            attrs["points"],
+            attrs["gate"],
+            attrs.get("gate_tasks", []),
+            attrs.get("run_id"),
+            attrs.get("predicted", {}),
+            attrs.get("inherited_gate_from"),
+        )
+
+
+def _point_misses(point: dict[str, Any], slo: dict[str, float]) -> dict[str, float]:
+    if point.get("errors"):
+        return {"errors": float(point["errors"])}
+    misses = {}
+    for key, limit in slo.items():
+        value = point.get(key, math.nan)
+        if value != value or value > limit:
+            misses[key] = (value - limit) if value == value else math.inf
+    return misses
+
+
+def study_dir(cfg: PipelineConfig, user_overrides: list[str]) -> Path:
+    """One study per question asked: model, target, workload, SLO, search space and the user's
+    other overrides (the workdir aside) name its folder."""
+    asked = {
+        "overrides": sorted(o for o in user_overrides if not o.startswith(("workdir=", "dry_run=", "tune.max_trials=",
+                                                                            "tune.time_budget_min="))),
+        "workload": to_dict(cfg.workload),
+        "slo": to_dict(cfg.slo),
+        "space": {k: v for k, v in to_dict(cfg.tune).items() if k not in ("max_trials", "time_budget_min", "alias")},
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:12]
+    return cfg.workdir_path / "tune" / f"{cfg.model.name}-{cfg.target.name}-{digest}"
+
+
+def trial_loads(candidate: cands.Candidate) -> list[int]:
+    """The concurrencies a trial's benchmark sweeps: ``tune.concurrency``, else powers of two up
+    to the candidate's batch limit (on the CPU target, the top few)."""
+    cfg = candidate.cfg
+    if cfg.tune.concurrency:
+        return sorted(set(cfg.tune.concurrency))
+    levels = perf.concurrency_levels(cfg.build.batch)
+    if not cfg.target.is_gpu and len(levels) > CPU_LOADS:
+        levels = [levels[0], *levels[-(CPU_LOADS - 1) :]]
+    return levels
+
+
+def trial_overrides(base_overrides: list[str], candidate: cands.Candidate, loads: list[int], gate: bool) -> list[str]:
+    """A trial's build: the user's overrides, the candidate's, and a benchmark of the workload at
+    the trial's loads. ``gate``: evaluate it (the first trial of its numerics)."""
+    cfg = candidate.cfg
+    own = [o for o in base_overrides if not o.startswith(("dry_run=", "benchmark=", "eval.enabled="))]
+    bench = [
+        f"benchmark.concurrency=[{','.join(map(str, loads))}]",
+        "benchmark.rates=[]",
+        f"benchmark.requests_per_point={cfg.tune.requests_per_point}",
+        "benchmark.enabled=true",
+        "eval.gate=warn",  # tune decides; a failed gate drops the candidate, it does not stop the search
+        f"eval.enabled={'true' if gate and cfg.eval.enabled else 'false'}",
+    ]
+    return [*own, *candidate.overrides, *bench]
+
+
+class Search:
+    """One tune: its candidates, its study and what was measured."""
+
+    def __init__(self, cfg: PipelineConfig, user_overrides: list[str]):
+        import optuna
+
+        self.cfg, self.user_overrides = cfg, user_overrides
+        self.folder = study_dir(cfg, user_overrides)
+        self.candidates = cands.enumerate_candidates(cfg)
+        self.by_key = {c.key: c for c in self.candidates if not c.dropped}
+        cands.predict_all(self.candidates)
+        self.calibration = perf.Calibration()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(
+            study_name="tune",
+            storage=f"sqlite:///{self.folder / STUDY_FILE}",
+            direction="maximize",
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
+        )
+        self._settle_interrupted()
+        self.trials = self._measured()
+        self._calibrate()
+
+    # the study's state --------------------------------------------------------------------------
+    def _settle_interrupted(self) -> None:
+        """A trial left RUNNING was killed with the last tune: failed, so its candidate is tried again."""
+        from optuna.trial import TrialState
+
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            log.info("trial %d was interrupted (%s): it is measured again", trial.number, trial.params)
+            self.study.tell(trial.number, state=TrialState.FAIL)
+
+    def _measured(self) -> list[Trial]:
+        from optuna.trial import TrialState
+
+        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return [Trial.from_attrs(t.number, t.user_attrs["trial"]) for t in done if "trial" in t.user_attrs]
+
+    def measured_keys(self) -> set[str]:
+        return {t.key for t in self.trials}
+
+    def _calibrate(self) -> None:
+        """Fit the model's two constants to every measured load, then rank again."""
+        pairs = []
+        for trial in self.trials:
+            candidate = self.by_key.get(trial.key)
+            if candidate is None:
+                continue
+            for point in trial.points:
+                if point.get("concurrency") and point.get("itl_ms_p50") == point.get("itl_ms_p50"):
+                    raw = perf.predict(candidate.deployment(), self.cfg.workload, int(point["concurrency"]))
+                    pairs.append((raw.itl_ms_p50, float(point["itl_ms_p50"])))
+        if pairs and not self.cfg.target.is_gpu:  # GPU figures keep the published-figure constants
+            self.calibration = perf.Calibration.fit(pairs)
+            cands.predict_all(self.candidates, self.calibration)
+
+    def ranking(self) -> list[cands.Candidate]:
+        return cands.ranked(self.candidates)
+
+    def next_candidate(self, also_taken: tuple[str, ...] = ()) -> cands.Candidate | None:
+        """The best-ranked candidate not measured yet (None: all were), preferring a shape (format,
+        KV cache dtype, tp, pp) not measured yet: candidates that differ only in their limits are
+        often predicted alike, and one measurement of the shape says more than two."""
+        taken = self.measured_keys() | set(also_taken)
+        left = [c for c in self.ranking() if c.key not in taken]
+        shapes = {self.by_key[k].shape for k in taken if k in self.by_key}
+        fresh = [c for c in left if c.shape not in shapes]
+        return (fresh or left or [None])[0]
+
+    def planned(self) -> list[cands.Candidate]:
+        """What the budget would measure, in order, before any calibration."""
+        picks: list[cands.Candidate] = []
+        for _ in range(max(0, self.cfg.tune.max_trials - len(self.trials))):
+            pick = self.next_candidate(tuple(c.key for c in picks))
+            if pick is None:
+                break
+            picks.append(pick)
+        return picks
+
+    # running ------------------------------------------------------------------------------------
+    def run(self, parent_run: str | None) -> list[Trial]:
+        from optuna.trial import TrialState
+
+        started, budget_s = time.monotonic(), self.cfg.tune.time_budget_min * 60
+        if self.trials:
+            log.info("resuming: %d trial(s) already measured in %s", len(self.trials), self.folder)
+        while len(self.trials) < self.cfg.tune.max_trials:
+            if time.monotonic() - started > budget_s:
+                log.warning("tune.time_budget_min=%g reached: no new trial starts", self.cfg.tune.time_budget_min)
+                break
+            candidate = self._choose()
+            if candidate is None:
+                log.info("every candidate has been measured")
+                break
+            self.study.enqueue_trial({"candidate": candidate.key})
+            trial = self.study.ask()
+            key = trial.suggest_categorical("candidate", sorted(self.by_key))  # the enqueued one, or one left waiting
+            if key in self.measured_keys() or key not in self.by_key:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            candidate = self.by_key[key]
+            log.info("trial %d/%d: %s", len(self.trials) + 1, self.cfg.tune.max_trials, candidate.key)
+            measured = self._measure(candidate, trial.number, parent_run)
+            trial.set_user_attr("trial", measured.to_attrs())
+            point = measured.operating_point(self.cfg.slo.limits())
+            value = _objective(candidate, point, measured.gate)
+            self.study.tell(trial, value, state=TrialState.COMPLETE)
+            self.trials.append(measured)
+            self._calibrate()
+        return self.trials
+
+    def _choose(self) -> cands.Candidate | None:
+        """The model's best-ranked unmeasured candidate for the first half of the budget; then
+        Optuna's sampler, a repeat of a measured one replaced by the model's choice."""
+        ranked_phase = len(self.trials) < math.ceil(self.cfg.tune.max_trials / 2)
+        chosen = self.next_candidate()
+        if ranked_phase or chosen is None:
+            return chosen
+        import optuna
+
+        probe = self.study.ask()  # what the sampler proposes, told back as pruned
+        proposed = probe.suggest_categorical("candidate", sorted(self.by_key))
+        self.study.tell(probe, state=optuna.trial.TrialState.PRUNED)
+        pick = self.by_key.get(proposed)
+        if pick is None or pick.key in self.measured_keys():
+            pick = chosen
+        return pick
+
+    def _measure(self, candidate: cands.Candidate, number: int, parent_run: str | None) -> Trial:
+        numerics = (str(candidate.cfg.quant.format), str(candidate.cfg.quant.kv_cache_dtype))
+        gated = next(
+            (t for t in self.trials if _numerics(self.by_key.get(t.key)) == numerics and t.gate != "skipped"), None
+        )
+        loads = trial_loads(candidate)
+        overrides = trial_overrides(self.user_overrides, candidate, loads, gate=gated is None)
+        trial_cfg = validate.load(overrides)
+        built = app.build_recorded(trial_cfg, sweep_parent=parent_run)
+        bench = next((s for s in built.steps if s.name == "benchmark"), None)
+        points = (bench.results or {}).get("points", []) if bench else []
+        predicted = {
+            str(c): perf.predict(candidate.deployment(), self.cfg.workload, c, self.calibration).to_dict() for c in loads
+        }
+        if built.gate is not None:
+            gate, tasks, inherited = str(built.gate["verdict"]), built.gate["tasks"], None
+        elif gated is not None:
+            gate, tasks, inherited = gated.gate, gated.gate_tasks, gated.number
+        else:  # eval=none: nothing to gate on
+            gate, tasks, inherited = "skipped", [], None
+        return Trial(number, candidate.key, points, gate, tasks, built.run_id, predicted, inherited)
+
+
+def _numerics(candidate: cands.Candidate | None) -> tuple[str, str] | None:
+    if candidate is None:
+        return None
+    return str(candidate.cfg.quant.format), str(candidate.cfg.quant.kv_cache_dtype)
+
+
+def _objective(candidate: cands.Candidate, point: dict[str, Any] | None, gate: str) -> float:
+    """What the study maximizes: output tokens/s per GPU at the best load within the SLO, 0 for a
+    candidate with none or one that failed the accuracy gate."""
+    if point is None or gate == "fail":
+        return 0.0
+    return float(point["output_tokens_per_s"]) / candidate.gpus
+
+
+def refuse_unless_runnable(cfg: PipelineConfig) -> None:
+    """Problems of the tune itself, before any candidate is built."""
+    cands.check(cfg)
+    if not cfg.tracking.enabled:
+        raise PipelineError("tune records every trial and registers the winner in MLflow: drop tracking=none")
