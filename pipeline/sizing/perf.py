@@ -167,7 +167,9 @@ def step_ms(d: Deployment, sequences: float, context: float, tokens: float) -> f
     return d.pp * (d.hw.step_overhead_ms + max(memory_ms, compute_ms) + comm_ms)
 
 
-def predict(d: Deployment, work: WorkloadConfig, concurrency: int, calibration: Calibration | None = None) -> Prediction:
+def predict(
+    d: Deployment, work: WorkloadConfig, concurrency: int, calibration: Calibration | None = None
+) -> Prediction:
     """The steady state of ``concurrency`` closed-loop users sending the workload's requests.
     In-flight batching puts the prompts of arriving requests into the same steps as the running
     sequences' next tokens: a step processes ``running`` decode tokens plus the prompt tokens that

@@ -154,7 +154,7 @@ def _variant(base: PipelineConfig, changes: dict[str, Any]) -> tuple[PipelineCon
 def enumerate_candidates(base: PipelineConfig) -> list[Candidate]:
     """Every combination, dropped ones included (with their reason)."""
     out: list[Candidate] = []
-    kv_choices: list[KVCacheDType | None | str] = [*_kv_dtypes(base)] or ["default"]
+    kv_choices: list[KVCacheDType | str | None] = [*_kv_dtypes(base)] or ["default"]
     for fmt, kv in itertools.product(_formats(base), kv_choices):
         if kv == "default":  # the format's preset KV cache: FP8 beside FP8 weights
             kv = KVCacheDType.fp8 if fmt is QuantFormat.fp8 else None

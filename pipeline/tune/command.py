@@ -114,7 +114,7 @@ def _promote(client: Any, cfg: PipelineConfig, best: decision.Outcome, text: str
     client.update_model_version(name, version, description=text)
     client.set_model_version_tag(name, version, "pipeline.tuned_for", _asked(cfg))
     if gate is None:
-        log.warning("eval=none: version %s of %s is promoted to %s without an accuracy gate", version, name, cfg.tune.alias)
+        log.warning("eval=none: version %s of %s becomes %s without an accuracy gate", version, name, cfg.tune.alias)
     registry.promote(client, name, cfg.tune.alias, version=version, force=gate is None)
     return version
 
@@ -131,5 +131,6 @@ def _no_winner(outcomes: list[decision.Outcome], cfg: PipelineConfig) -> str:
         return f"no candidate met the SLO; the closest, trial {near.trial.number} ({label}), {near.why_not}"
     failed = [o for o in outcomes if o.trial.gate == "fail"]
     if failed:
-        return f"every measured candidate failed the accuracy gate (e.g. trial {failed[0].trial.number}: {failed[0].why_not})"
+        first = failed[0]
+        return f"every measured candidate failed the accuracy gate (trial {first.trial.number} {first.why_not})"
     return "no trial was measured: raise tune.max_trials or tune.time_budget_min"

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import PipelineConfig
+from pipeline.stages.benchmark.report import slo_misses
 from pipeline.tables import aligned
 from pipeline.tune import candidates as cands
-from pipeline.tune.search import Trial, _point_misses
+from pipeline.tune.search import Trial
 
 
 @dataclass
@@ -36,8 +37,12 @@ def outcome(trial: Trial, candidate: cands.Candidate, cfg: PipelineConfig) -> Ou
     cost = price / 3600 / per_gpu * 1e6 if price and per_gpu else None
     why = None
     if trial.gate == "fail":
-        worst = min(trial.gate_tasks, key=lambda t: t["lower_bound"], default=None)
-        lost = f": {worst['task']} lost {-worst['delta']:.3f} (budget {worst['max_drop']:.3f})" if worst else ""
+        failed = [t for t in trial.gate_tasks if not t.get("passed", True)] or trial.gate_tasks
+        worst = min(failed, key=lambda t: t["lower_bound"], default=None)
+        lost = ""
+        if worst is not None:
+            chance = ", within noise of chance" if worst.get("at_chance") else ""
+            lost = f": {worst['task']} {worst['delta']:+.3f} (budget -{worst['max_drop']:.3f}{chance})"
         why = f"failed the accuracy gate{lost}"
     elif point is None:
         why = _closest_miss(trial, slo)
@@ -49,9 +54,9 @@ def _closest_miss(trial: Trial, slo: dict[str, float]) -> str:
     if not trial.points:
         return "no load point was measured"
     lightest = min(trial.points, key=lambda p: p.get("concurrency") or 0)
-    misses = _point_misses(lightest, slo)
-    if "errors" in misses:
-        return f"c={lightest.get('concurrency')}: {int(misses['errors'])} requests failed"
+    misses = slo_misses(lightest, slo)
+    if lightest.get("errors"):
+        return f"c={lightest.get('concurrency')}: {lightest['errors']} requests failed"
     parts = [
         f"{key} {lightest.get(key, math.nan):.0f} ms > {slo[key]:g} ms (by {over:.0f} ms, {over / slo[key]:.0%})"
         for key, over in misses.items()
@@ -77,7 +82,7 @@ def closest(outcomes: list[Outcome]) -> Outcome | None:
     def relative_miss(o: Outcome) -> float:
         lightest = min(o.trial.points, key=lambda p: p.get("concurrency") or 0)
         slo = o.candidate.cfg.slo.limits()
-        return sum(over / slo[k] if k in slo else 1e9 for k, over in _point_misses(lightest, slo).items())
+        return sum(over / slo[k] if k in slo else 1e9 for k, over in slo_misses(lightest, slo).items())
 
     return min(missed, key=relative_miss)
 
@@ -103,8 +108,8 @@ def trial_table(outcomes: list[Outcome]) -> str:
                     _ms(point.get("ttft_ms_p99")),
                     _num(pred.get("tokens_per_s_per_gpu")),
                     _num(point.get("output_tokens_per_s", 0) / o.candidate.gpus),
-                    o.trial.gate + (f" (trial {o.trial.inherited_gate_from})" if o.trial.inherited_gate_from else ""),
-                    "meets SLO" if not _point_misses(point, o.candidate.cfg.slo.limits()) else "misses SLO",
+                    _gate(o.trial),
+                    "meets SLO" if not slo_misses(point, o.candidate.cfg.slo.limits()) else "misses SLO",
                 )
             )
     return "\n".join(aligned(rows)) + "\n  (* the load each trial operates at: the most tokens/s within the SLO)"
@@ -135,6 +140,11 @@ def candidate_table(ranked: list[cands.Candidate], limit: int = 20) -> str:
     return "\n".join(aligned(rows)) + more
 
 
+def _gate(trial: Trial) -> str:
+    inherited = trial.inherited_gate_from
+    return trial.gate + (f" (trial {inherited})" if inherited is not None else "")
+
+
 def _ms(value: Any) -> str:
     return f"{value:.1f} ms" if isinstance(value, int | float) and value == value else "-"
 
@@ -163,7 +173,7 @@ def pareto_chart(outcomes: list[Outcome], cfg: PipelineConfig, path: Path) -> No
             ys.append(point["output_tokens_per_s"] / o.candidate.gpus)
         everything += list(zip(xs, ys, strict=True))
         style = "o-" if o.qualifies else "x--"
-        axis.plot(xs, ys, style, label=f"trial {o.trial.number}" + ("" if o.qualifies else f" ({o.why_not[:40]})"))
+        axis.plot(xs, ys, style, label=f"trial {o.trial.number}" + (f" ({o.why_not[:40]})" if o.why_not else ""))
     frontier, best = [], -1.0
     for x, y in sorted(everything, reverse=True):  # from the fastest per user down
         if y > best:
@@ -176,7 +186,9 @@ def pareto_chart(outcomes: list[Outcome], cfg: PipelineConfig, path: Path) -> No
         axis.axvline(1000 / itl_limit, color="red", linestyle=":", label=f"SLO: ITL p99 {itl_limit:g} ms")
     axis.set_xlabel("output tokens/s per user (1000 / ITL p50)")
     axis.set_ylabel("output tokens/s per GPU" if cfg.target.is_gpu else "output tokens/s (one host)")
-    axis.set_title(f"tune: {cfg.model.name} on {cfg.target.name}, {cfg.workload.input_tokens}/{cfg.workload.output_tokens} tokens")
+    axis.set_title(
+        f"tune: {cfg.model.name} on {cfg.target.name}, {cfg.workload.input_tokens}/{cfg.workload.output_tokens} tokens"
+    )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()
@@ -202,7 +214,8 @@ def card(cfg: PipelineConfig, best: Outcome, outcomes: list[Outcome], alias: str
         f"| GPUs | {best.candidate.gpus} |",
         "",
         f"Measured at concurrency {point.get('concurrency')}: {point.get('output_tokens_per_s', 0):.1f} output tok/s "
-        f"({best.tokens_per_s_per_gpu:.1f} per GPU), goodput {point.get('goodput_requests_per_s', math.nan):.2f} req/s, "
+        f"({best.tokens_per_s_per_gpu:.1f} per GPU), "
+        f"goodput {point.get('goodput_requests_per_s', math.nan):.2f} req/s, "
         f"TTFT p50/p99 {point.get('ttft_ms_p50', math.nan):.0f}/{point.get('ttft_ms_p99', math.nan):.0f} ms, "
         f"ITL p50/p99 {point.get('itl_ms_p50', math.nan):.1f}/{point.get('itl_ms_p99', math.nan):.1f} ms.",
     ]
@@ -214,7 +227,7 @@ def card(cfg: PipelineConfig, best: Outcome, outcomes: list[Outcome], alias: str
             f"- {task['task']}: {task['accuracy']:.3f} against {task['reference']:.3f} unquantized, delta "
             f"{task['delta']:+.3f} [{task['ci_low']:+.3f}, {task['ci_high']:+.3f}]"
         )
-    if best.trial.inherited_gate_from:
+    if best.trial.inherited_gate_from is not None:
         lines.append(f"(the verdict of trial {best.trial.inherited_gate_from}, the same format and KV cache dtype)")
     others = [o for o in outcomes if o is not best]
     if others:

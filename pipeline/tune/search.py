@@ -32,6 +32,7 @@ from pipeline import app, validate
 from pipeline.config.schema import PipelineConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.sizing import perf
+from pipeline.stages.benchmark import report
 from pipeline.tune import candidates as cands
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ CPU_LOADS = 3
 class Trial:
     """A measured candidate, as the study stores it (``user_attrs``)."""
 
-    number: int
+    number: int  # 1, 2, ... in the order they were measured
     key: str
     points: list[dict[str, Any]]
     gate: str  # pass | fail | skipped
@@ -56,7 +57,7 @@ class Trial:
 
     def operating_point(self, slo: dict[str, float]) -> dict[str, Any] | None:
         """The measured load with the most output tokens/s that meets every SLO limit."""
-        good = [p for p in self.points if not _point_misses(p, slo)]
+        good = [p for p in self.points if not report.slo_misses(p, slo)]
         return max(good, key=lambda p: p["output_tokens_per_s"]) if good else None
 
     def to_attrs(self) -> dict[str, Any]:
@@ -82,17 +83,6 @@ class Trial:
             attrs.get("predicted", {}),
             attrs.get("inherited_gate_from"),
         )
-
-
-def _point_misses(point: dict[str, Any], slo: dict[str, float]) -> dict[str, float]:
-    if point.get("errors"):
-        return {"errors": float(point["errors"])}
-    misses = {}
-    for key, limit in slo.items():
-        value = point.get(key, math.nan)
-        if value != value or value > limit:
-            misses[key] = (value - limit) if value == value else math.inf
-    return misses
 
 
 def study_dir(cfg: PipelineConfig, user_overrides: list[str]) -> Path:
@@ -175,7 +165,8 @@ class Search:
         from optuna.trial import TrialState
 
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return [Trial.from_attrs(t.number, t.user_attrs["trial"]) for t in done if "trial" in t.user_attrs]
+        attrs = [t.user_attrs["trial"] for t in sorted(done, key=lambda t: t.number) if "trial" in t.user_attrs]
+        return [Trial.from_attrs(index, found) for index, found in enumerate(attrs, 1)]
 
     def measured_keys(self) -> set[str]:
         return {t.key for t in self.trials}
@@ -206,7 +197,8 @@ class Search:
         left = [c for c in self.ranking() if c.key not in taken]
         shapes = {self.by_key[k].shape for k in taken if k in self.by_key}
         fresh = [c for c in left if c.shape not in shapes]
-        return (fresh or left or [None])[0]
+        chosen = fresh or left
+        return chosen[0] if chosen else None
 
     def planned(self) -> list[cands.Candidate]:
         """What the budget would measure, in order, before any calibration."""
@@ -241,7 +233,7 @@ class Search:
                 continue
             candidate = self.by_key[key]
             log.info("trial %d/%d: %s", len(self.trials) + 1, self.cfg.tune.max_trials, candidate.key)
-            measured = self._measure(candidate, trial.number, parent_run)
+            measured = self._measure(candidate, len(self.trials) + 1, parent_run)
             trial.set_user_attr("trial", measured.to_attrs())
             point = measured.operating_point(self.cfg.slo.limits())
             value = _objective(candidate, point, measured.gate)
@@ -279,7 +271,8 @@ class Search:
         bench = next((s for s in built.steps if s.name == "benchmark"), None)
         points = (bench.results or {}).get("points", []) if bench else []
         predicted = {
-            str(c): perf.predict(candidate.deployment(), self.cfg.workload, c, self.calibration).to_dict() for c in loads
+            str(c): perf.predict(candidate.deployment(), self.cfg.workload, c, self.calibration).to_dict()
+            for c in loads
         }
         if built.gate is not None:
             gate, tasks, inherited = str(built.gate["verdict"]), built.gate["tasks"], None

@@ -57,16 +57,14 @@ def slo_misses(point: dict[str, Any], slo: dict[str, float]) -> dict[str, float]
     misses = {}
     for key, limit in slo.items():
         value = point.get(key, math.nan)
-        if point.get("errors") or not value == value:
+        if point.get("errors") or value != value:
             misses[key] = math.inf
         elif value > limit:
             misses[key] = value - limit
     return misses
 
 
-def summarize(
-    label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float]
-) -> dict[str, Any]:
+def summarize(label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float]) -> dict[str, Any]:
     # counts and latencies over the measured requests (ramp-up ones excluded: loadgen.run_point)
     measured = [m for m in results if not m.ramp_up]
     ok = [m for m in measured if m.error is None and m.done is not None]

@@ -43,7 +43,8 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     if not cfg.target.is_gpu:
         return {"runtime": REFERENCE}
     # cuda_graphs is the PyTorch backend's: engines do not depend on it (nor on the sizing's explanation)
-    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ("name", "timeout_s", "cuda_graphs", "sized_because")}
+    ignored = ("name", "timeout_s", "cuda_graphs", "sized_because")
+    build = {k: v for k, v in to_dict(cfg.build).items() if k not in ignored}
     return {
         "runtime": "tensorrt_llm",
         "build": build,
