@@ -61,7 +61,7 @@ RUN pip list --format=freeze > /tmp/container-packages.txt \
         "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" "gguf>=0.10" psutil tqdm pyyaml \
         "tritonclient[grpc,http]>=2.51" "mlflow>=3.7" \
         "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "requests>=2.31" "datasets>=3" \
-        "lm-eval[api]>=0.4.9,<0.5" \
+        "lm-eval[api]>=0.4.9,<0.5" "optuna>=4,<6" \
  && (pip check > /tmp/conflicts-after.txt || true) \
  && ! grep -v "^No broken requirements" /tmp/conflicts-after.txt | grep -vxF -f /tmp/conflicts-before.txt
 

@@ -11,6 +11,10 @@ serving (``benchmarks/serving.py``): in-flight against run-to-completion batchin
 transformers generate, prefix reuse, chunked context and memory under load, with the ratios the
 scheduler is held to (``python -m benchmarks serving [soak_s=300]``).
 
+sizing (``benchmarks/sizing.py``): the engine limits the default preset sizes for Llama-3.x-70B
+FP8 TP2 on H100 at three workloads, beside trtllm-bench's, and the performance model's throughput
+at them and at the old fixed batch of 64 (arithmetic only: no GPU needed).
+
 soak (``benchmarks/soak.py``, ``make soak``): 32 streams for 5 minutes with cancellations and a
 burst of 500 dropped streams; errors, memory and thread growth, and TTFT recovery, as checks.
 """
@@ -23,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import serving, soak
+from benchmarks import serving, sizing, soak
 from pipeline import runner, validate
 from pipeline.stages import STAGES
 
@@ -88,11 +92,19 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     options = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     workdir = Path(options.get("workdir", "artifacts")).resolve()
-    chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving", "soak")] or ["quantize", "serving"]
+    chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving", "soak", "sizing")] or [
+        "sizing",
+        "quantize",
+        "serving",
+    ]
     for name in chosen:
         out = workdir / "benchmarks" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        if name == "quantize":
+        if name == "sizing":
+            rows = sizing.paper()
+            out.write_text(json.dumps(rows, indent=2) + "\n")
+            print(f"\n{_table(rows)}")
+        elif name == "quantize":
             rows = bench_quantize(workdir)
             out.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"\n{_table(rows)}")

@@ -44,7 +44,6 @@ def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineCo
     # resolved once, so the recorded config and the fingerprints carry the number
     cfg.triton.kv_cache_free_gpu_mem_fraction = cfg.kv_cache_fraction
     _architecture_from_checkpoint(cfg.model)
-    limits.resolve(cfg)  # null engine limits sized for the workload, once, before anything reads them
     problems = validate(cfg, check_memory)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
@@ -157,7 +156,10 @@ def _source_problems(model: ModelConfig) -> list[str]:
 
 
 def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
-    """Every cross-field problem, each naming the override that fixes it. Empty means valid."""
+    """Every cross-field problem, each naming the override that fixes it. Empty means valid. Null
+    engine limits are sized for the workload first (once: the recorded config and the fingerprints
+    carry the numbers), as every check below and every stage reads them."""
+    limits.resolve(cfg)
     problems = _source_problems(cfg.model)
     for name in (*memory.SIZE_FIELDS, "max_position_embeddings"):
         value = getattr(cfg.model.arch, name)

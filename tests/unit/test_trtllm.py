@@ -79,7 +79,7 @@ def test_golden_llama70b_fp8_tp2_on_h100() -> None:
     argv = _argv("model=llama70b", "quant=fp8", "parallel.tp=2", "target=h100")
     assert argv == [
         "trtllm-build", "--checkpoint_dir", "/ckpt", "--output_dir", "/engine",
-        "--max_batch_size", "64", "--max_input_len", "2048", "--max_seq_len", "4096", "--max_num_tokens", "8192",
+        "--max_batch_size", "4096", "--max_input_len", "2048", "--max_seq_len", "4096", "--max_num_tokens", "12288",
         "--max_beam_width", "1", "--kv_cache_type", "paged", "--tokens_per_block", "32",
         "--use_paged_context_fmha", "enable", "--use_fp8_context_fmha", "enable",
         "--multiple_profiles", "enable", "--reduce_fusion", "enable", "--user_buffer", "enable",
