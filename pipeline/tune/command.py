@@ -43,17 +43,19 @@ def tune(cfg: PipelineConfig, overrides: list[str]) -> None:
         return
     if not ranked:
         raise PipelineError("every candidate was dropped before any build (see the list above): widen the search")
-    resume = search.study.user_attrs.get(PARENT_ATTR)
+    parent_attr = f"{PARENT_ATTR}:{_asked(cfg)}"  # one tune run per SLO asked of the study
+    resume = search.study.user_attrs.get(parent_attr)
     name = f"tune: {cfg.model.name} on {cfg.target.name} {cfg.workload.input_tokens}/{cfg.workload.output_tokens}"
     with runs.parent_run(cfg, name, {"pipeline.tune": "true"}, resume=resume) as opened:
         assert opened is not None  # refuse_unless_runnable: tracking is on
         client, parent = opened
-        search.study.set_user_attr(PARENT_ATTR, parent)
+        search.study.set_user_attr(parent_attr, parent)
         if not resume:
             for key, value in cfg.slo.limits().items():
                 client.log_param(parent, f"slo_{key}", value)
+        before = len(search.trials)
         trials = search.run(parent)
-        for trial in trials:
+        for trial in trials[before:]:  # those measured now (the others were recorded when they were)
             _record_trial(client, trial)
         outcomes = [decision.outcome(t, search.by_key[t.key], cfg) for t in trials if t.key in search.by_key]
         print("\n# trials: predicted against measured")

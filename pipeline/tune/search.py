@@ -85,14 +85,17 @@ class Trial:
         )
 
 
+# overrides that do not change what a trial measures: a study asked again with other values of
+# these continues (a stricter SLO is judged on the loads already measured, then searched further)
+NOT_MEASURED = ("workdir=", "dry_run=", "tune.max_trials=", "tune.time_budget_min=", "tune.alias=", "slo.")
+
+
 def study_dir(cfg: PipelineConfig, user_overrides: list[str]) -> Path:
-    """One study per question asked: model, target, workload, SLO, search space and the user's
-    other overrides (the workdir aside) name its folder."""
+    """One study per measurement asked: model, target, workload, search space and the user's other
+    overrides name its folder; the SLO does not (it judges measurements, it does not change them)."""
     asked = {
-        "overrides": sorted(o for o in user_overrides if not o.startswith(("workdir=", "dry_run=", "tune.max_trials=",
-                                                                            "tune.time_budget_min="))),
+        "overrides": sorted(o for o in user_overrides if not o.startswith(NOT_MEASURED)),
         "workload": to_dict(cfg.workload),
-        "slo": to_dict(cfg.slo),
         "space": {k: v for k, v in to_dict(cfg.tune).items() if k not in ("max_trials", "time_budget_min", "alias")},
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:12]
