@@ -27,6 +27,12 @@ from pipeline.errors import StageError
 from pipeline.redact import url_without_credentials
 
 log = logging.getLogger(__name__)
+# How long a server started for a measurement (the eval and benchmark stages, bench) waits for its
+# models to unload when stopped. Nothing is in flight then, and the models unload in about a second;
+# after an evaluation the engine model was seen not to be unloaded at all (the python stubs idle,
+# finalize never called: Triton 2.51 still counting a request of it) until Triton's exit timeout,
+# 30 s by default, held every eval stage 15 s before the stop killed it.
+MEASUREMENT_EXIT_TIMEOUT_S = 3
 
 TRTLLM_SERVE = "trtllm-serve"
 
@@ -68,7 +74,11 @@ def serving(
         with _trtllm_serve(cfg, target, log_file, free_ports) as endpoints:
             yield endpoints
         return
-    triton = server.with_free_ports(cfg.triton) if free_ports else cfg.triton
+    triton = cfg.triton
+    if free_ports:  # a server for a measurement, stopped once its requests are done
+        triton = dataclasses.replace(
+            server.with_free_ports(triton), exit_timeout_s=min(triton.exit_timeout_s, MEASUREMENT_EXIT_TIMEOUT_S)
+        )
     launch = server.launch_for(
         triton, target.repo, target.on_gpu, target.world_size, cfg.workdir_path, llmapi=target.llmapi
     )

@@ -197,11 +197,17 @@ class Search:
         KV cache dtype, tp, pp) not measured yet: candidates that differ only in their limits are
         often predicted alike, and one measurement of the shape says more than two."""
         taken = self.measured_keys() | set(also_taken)
-        left = [c for c in self.ranking() if c.key not in taken]
+        # a format that failed the accuracy gate cannot win with other limits: not measured again
+        eligible = self._eligible()
+        left = [c for c in self.ranking() if c.key not in taken and c.key in eligible]
         shapes = {self.by_key[k].shape for k in taken if k in self.by_key}
         fresh = [c for c in left if c.shape not in shapes]
         chosen = fresh or left
         return chosen[0] if chosen else None
+
+    def _eligible(self) -> set[str]:
+        failed = {_numerics(self.by_key.get(t.key)) for t in self.trials if t.gate == "fail"}
+        return {key for key, c in self.by_key.items() if _numerics(c) not in failed}
 
     def planned(self) -> list[cands.Candidate]:
         """What the budget would measure, in order, before any calibration."""
@@ -258,7 +264,7 @@ class Search:
         proposed = probe.suggest_categorical("candidate", sorted(self.by_key))
         self.study.tell(probe, state=optuna.trial.TrialState.PRUNED)
         pick = self.by_key.get(proposed)
-        if pick is None or pick.key in self.measured_keys():
+        if pick is None or pick.key in self.measured_keys() or pick.key not in self._eligible():
             pick = chosen
         return pick
 
