@@ -144,27 +144,46 @@ def _efficiencies(hw: Hardware) -> tuple[float, float]:
     return (1.0, 1.0) if hw is CPU else (GPU_BANDWIDTH_EFFICIENCY, GPU_COMPUTE_EFFICIENCY)
 
 
-def step_ms(d: Deployment, sequences: float, context: float, tokens: float) -> float:
-    """One engine step: ``tokens`` processed (decode and prefill together), ``sequences`` whose
-    KV cache of ``context`` tokens each is read. The slowest pipeline stage's share, times pp."""
+@dataclass(frozen=True)
+class _Rates:
+    """What a step costs, per unit, for one deployment (worked out once per prediction)."""
+
+    fixed_ms: float  # the step's overhead and reading the rank's weights
+    kv_ms_per_token_read: float
+    compute_ms_per_token: float
+    comm_ms_per_token: float
+    comm_fixed_ms: float
+    weights_ms: float
+
+
+def _rates(d: Deployment) -> _Rates:
     bw_eff, flop_eff = _efficiencies(d.hw)
     if d.hw is CPU:  # the reference runtime computes in float32 whatever the format simulates
         weights = (d.arch.approx_params or 0.0) * 4
     else:
         weights = memory.weight_bytes_per_gpu(d.arch, d.fmt, d.tp, d.pp)
     _, kv_per_token = memory.kv_bytes_per_token(d.arch, d.tp, d.pp, d.kv_dtype)
-    read = weights + sequences * context * kv_per_token
-    memory_ms = read / (d.hw.bandwidth_gbs * GB * bw_eff) * 1000
+    per_byte_ms = 1000 / (d.hw.bandwidth_gbs * GB * bw_eff)
     params = (d.arch.approx_params or 0.0) / d.tp / d.pp
-    flops = 2 * params * tokens
-    compute_ms = flops / (d.hw.tflops[math_of(d.fmt, d.hw)] * 1e12 * flop_eff) * 1000
-    comm_ms = 0.0
+    compute = 2 * params / (d.hw.tflops[math_of(d.fmt, d.hw)] * 1e12 * flop_eff) * 1000
+    comm_per_token = comm_fixed = 0.0
     if d.tp > 1 and d.hw.interconnect_gbs:
         layers = math.ceil((d.arch.num_hidden_layers or 0) / d.pp)
-        volume = tokens * (d.arch.hidden_size or 0) * 2  # 16-bit hidden states
-        ring = 2 * (d.tp - 1) / d.tp * volume / (d.hw.interconnect_gbs * GB) * 1000
-        comm_ms = 2 * layers * (ring + d.hw.allreduce_latency_us / 1000)
-    return d.pp * (d.hw.step_overhead_ms + max(memory_ms, compute_ms) + comm_ms)
+        ring_per_token = 2 * (d.tp - 1) / d.tp * (d.arch.hidden_size or 0) * 2 / (d.hw.interconnect_gbs * GB) * 1000
+        comm_per_token = 2 * layers * ring_per_token  # 16-bit hidden states, two all-reduces a layer
+        comm_fixed = 2 * layers * d.hw.allreduce_latency_us / 1000
+    return _Rates(d.hw.step_overhead_ms, kv_per_token * per_byte_ms, compute, comm_per_token, comm_fixed,
+                  weights * per_byte_ms)  # fmt: skip
+
+
+def step_ms(d: Deployment, sequences: float, context: float, tokens: float, rates: _Rates | None = None) -> float:
+    """One engine step: ``tokens`` processed (decode and prefill together), ``sequences`` whose
+    KV cache of ``context`` tokens each is read. The slowest pipeline stage's share, times pp."""
+    r = rates or _rates(d)
+    memory_ms = r.weights_ms + sequences * context * r.kv_ms_per_token_read
+    compute_ms = tokens * r.compute_ms_per_token
+    comm_ms = r.comm_fixed_ms + tokens * r.comm_ms_per_token if r.comm_fixed_ms else 0.0
+    return d.pp * (r.fixed_ms + max(memory_ms, compute_ms) + comm_ms)
 
 
 def predict(
@@ -179,18 +198,21 @@ def predict(
     running = min(concurrency, d.max_batch_size)  # more users than the batch wait in the queue
     context = isl + osl / 2  # a decoding sequence's average KV length
 
+    rates = _rates(d)
+
     def step(tokens: float) -> float:
-        return cal.overhead_ms + cal.scale * step_ms(d, running, context, tokens)
+        return cal.overhead_ms + cal.scale * step_ms(d, running, context, tokens, rates)
 
     chunk = min(isl, max(1, d.max_num_tokens))
     chunks = math.ceil(isl / chunk)
     itl = step(running)
-    for _ in range(30):  # fixed point: the prompt tokens per step follow the request rate
-        ttft = chunks * step(running + chunk)
+    ttft = chunks * step(running + chunk)
+    for _ in range(50):  # fixed point: the prompt tokens per step follow the request rate
         lifetime = ttft + osl * itl
         prompt_tokens_per_step = running / lifetime * isl * itl
-        itl = step(running + prompt_tokens_per_step)
-    ttft = chunks * step(running + chunk)
+        previous, itl = itl, step(running + prompt_tokens_per_step)
+        if abs(itl - previous) < 1e-4 * previous:
+            break
     lifetime = ttft + osl * itl
     tokens_per_s = running / (lifetime / 1000) * osl
     waiting = max(0, concurrency - running)  # queued users wait for a slot: a lifetime per batch ahead
