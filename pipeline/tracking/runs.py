@@ -63,6 +63,10 @@ LOGGED_FILES = (
 MLFLOW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 UNFINISHED = "unfinished-runs"  # a workdir folder: runs that ended while the server was away
 
+# MLflow 3's UI opens an experiment by its kind: without one, on the GenAI traces overview (empty
+# here); a model-development experiment opens on its runs. A kind chosen in the UI is left alone.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
 # a bench of a server this config did not build: only what describes the measurement
 BENCH_ONLY_PARAMS = ("model", "benchmark_preset", "pipeline_version", "tritonclient_version")
 
@@ -105,9 +109,12 @@ def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
         name = cfg.tracking.experiment or cfg.model.name
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # created by an older pipeline: marked now
+                client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
             return client, experiment.experiment_id
         location = artifacts.mlflow_artifacts(cfg.workdir_path)
-        return client, client.create_experiment(name, artifact_location=location.as_uri())
+        tags = dict([EXPERIMENT_KIND])
+        return client, client.create_experiment(name, artifact_location=location.as_uri(), tags=tags)
 
 
 def _git_commit() -> str | None:
@@ -389,11 +396,24 @@ def parent_run(
     client.set_terminated(run_id, status="FINISHED")
 
 
+def sweep_name(jobs: list[list[str]]) -> str:
+    """A sweep named by what varies across its jobs (``sweep: quant=none,fp8``), never by the
+    overrides every job shares (the workdir, the tracking URI)."""
+    values: dict[str, list[str]] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            values.setdefault(key, [])
+            if value not in values[key]:
+                values[key].append(value)
+    varying = [f"{key}={','.join(found)}" for key, found in values.items() if len(found) > 1]
+    return "sweep: " + (" ".join(varying) or f"{len(jobs)} jobs")
+
+
 @contextlib.contextmanager
 def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None]:
     """A parent run for a ``-m`` sweep; its children are the jobs."""
-    name = "sweep: " + "; ".join(" ".join(job) for job in jobs)
-    with parent_run(cfg, name, {"pipeline.sweep": "true"}) as opened:
+    with parent_run(cfg, sweep_name(jobs), {"pipeline.sweep": "true"}) as opened:
         if opened is None:
             yield None
             return

@@ -136,6 +136,9 @@ def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert parent.info.status == "FINISHED"
+    # named by what varies, never by the workdir; the experiment opens on its runs in MLflow 3's UI
+    assert parent.data.tags["mlflow.runName"] == "sweep: triton.streaming=true,false"
+    assert client.get_experiment_by_name("tests").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_job_refused_at_validation_opens_no_run(smollm2_workdir: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def _overrides(workdir: Path, store: str, *extra: str) -> list[str]:
         "tune.formats=[none]",
         "tune.cpu_max_batch_size=[2]",
         "tune.cpu_max_num_tokens=[32,64]",
-        "tune.concurrency=[1,2]",
+        "tune.concurrency=[1,2]",  # c=1 is where an SLO nothing meets is missed by the least
         "tune.requests_per_point=4",
         "workload.input_tokens=16",
         "workload.output_tokens=8",
