@@ -158,3 +158,21 @@ def smollm2_workdir(smollm2_fetch: ResumedFetch) -> Path:
     """A workdir where the embedded SmolLM2 has been fetched (GGUF converted) once per session."""
     assert smollm2_fetch.resumed.returncode == 0, smollm2_fetch.resumed.stderr[-3000:]
     return smollm2_fetch.workdir
+
+
+def first_answer(process: subprocess.Popen[bytes], http_port: int, body: dict, timeout_s: float = 120) -> dict | None:
+    """The ensemble's answer to ``body`` from a ``serve`` process once its Triton answers on
+    ``http_port`` (None: it never did, or the process ended first)."""
+    import json
+    import urllib.request
+
+    data = json.dumps(body).encode()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            url = f"http://127.0.0.1:{http_port}/v2/models/ensemble/generate"
+            with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(1)
+    return None

@@ -137,7 +137,7 @@ def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert parent.info.status == "FINISHED"
     # named by what varies, never by the workdir; the experiment opens on its runs in MLflow 3's UI
-    assert parent.data.tags["mlflow.runName"] == "sweep: triton.streaming=true,false"
+    assert parent.data.tags["mlflow.runName"] == "sweep: triton.streaming=True,False"  # as Hydra expands it
     assert client.get_experiment_by_name("tests").tags["mlflow.experimentKind"] == "custom_model_development"
 
 

@@ -4,17 +4,14 @@ registers its repository once (a cached rebuild finds its version), `promote` se
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, free_ports
+from tests.conftest import cli, first_answer, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -78,15 +75,7 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
     ]
     process = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        body = json.dumps({"text_input": "the capital of france is", "max_tokens": 4}).encode()
-        deadline, answer = time.monotonic() + 120, None
-        while answer is None and time.monotonic() < deadline and process.poll() is None:
-            try:
-                url = f"http://127.0.0.1:{http}/v2/models/ensemble/generate"
-                with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(1)
+        answer = first_answer(process, http, {"text_input": "the capital of france is", "max_tokens": 4})
         assert answer is not None and "text_output" in answer, (
             process.stdout.read().decode()[-3000:] if process.stdout else ""
         )

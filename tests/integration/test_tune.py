@@ -6,18 +6,15 @@ closest candidate and the limit it broke. One test, so the trials are built and 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline import validate
 from pipeline.tune import search
-from tests.conftest import cli, free_ports
+from tests.conftest import cli, first_answer, free_ports
 from tests.integration.test_registry import _stop
 
 pytestmark = pytest.mark.slow
@@ -105,15 +102,7 @@ def _serve_answers(workdir: Path, store: str, tmp_path: Path) -> None:
     ]  # fmt: skip
     process = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        body = json.dumps({"text_input": "What is the capital of France?", "max_tokens": 8}).encode()
-        deadline, answer = time.monotonic() + 120, None
-        while answer is None and time.monotonic() < deadline and process.poll() is None:
-            try:
-                url = f"http://127.0.0.1:{http}/v2/models/ensemble/generate"
-                with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(1)
+        answer = first_answer(process, http, {"text_input": "What is the capital of France?", "max_tokens": 8})
         assert answer is not None and "Paris" in answer["text_output"], answer
     finally:
         _stop(process)
