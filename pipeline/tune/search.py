@@ -307,7 +307,7 @@ def _objective(candidate: cands.Candidate, point: dict[str, Any] | None, gate: s
 
 
 def refuse_unless_runnable(cfg: PipelineConfig) -> None:
-    """Problems of the tune itself, before any candidate is built."""
+    """Problems of the tune itself, before any candidate is built (a dry run records nothing)."""
     cands.check(cfg)
-    if not cfg.tracking.enabled:
+    if not cfg.tracking.enabled and not cfg.dry_run:
         raise PipelineError("tune records every trial and registers the winner in MLflow: drop tracking=none")

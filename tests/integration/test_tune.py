@@ -42,8 +42,13 @@ def test_tune_measures_registers_resumes_and_serves_the_winner(smollm2_workdir: 
     import mlflow
     import optuna
 
+    # a workdir of its own (the session's SmolLM2 fetch linked in): its trials' benchmark and
+    # registry folders stay out of the shared one, whatever order the tests run in
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "fetch").symlink_to(smollm2_workdir / "fetch")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = _overrides(smollm2_workdir, store, "slo.itl_ms_p99=5000")
+    overrides = _overrides(workdir, store, "slo.itl_ms_p99=5000")
     first = cli("tune", *overrides, "tune.max_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "models:/smollm2-135m@tuned -> version" in first.stdout
@@ -83,17 +88,17 @@ def test_tune_measures_registers_resumes_and_serves_the_winner(smollm2_workdir: 
 
     # a stricter SLO asked of the same study is judged on what was measured: no new trial, and
     # nothing meets it: the closest candidate and the limit it broke, exit 1
-    strict = _overrides(smollm2_workdir, store, "slo.ttft_ms_p99=1", "tune.max_trials=2")
+    strict = _overrides(workdir, store, "slo.ttft_ms_p99=1", "tune.max_trials=2")
     missed = cli("tune", *strict)
     assert missed.returncode == 1
     assert "no candidate met the SLO; the closest, trial" in missed.stderr
     assert "misses the SLO even at c=1: ttft_ms_p99" in missed.stderr and "> 1 ms (by" in missed.stderr
     assert "resuming: 2 trial(s) already measured" in missed.stderr
 
-    _serve_answers(smollm2_workdir, store, tmp_path)
+    _serve_answers(store, tmp_path)
 
 
-def _serve_answers(workdir: Path, store: str, tmp_path: Path) -> None:
+def _serve_answers(store: str, tmp_path: Path) -> None:
     http, grpc, metrics = free_ports(3)
     serve = [
         sys.executable, "-m", "pipeline", "serve", "model_uri=models:/smollm2-135m@tuned",
