@@ -87,8 +87,17 @@ def launcher_config(first: Sequence[str], sweep_dir: Path) -> tuple[Any, DictCon
     return loader, config
 
 
-def launch(jobs: list[tuple[list[str], PipelineConfig]]) -> None:
-    """Run a validated ``build`` sweep through its launcher; raise when any job failed."""
+def launch(jobs: list[tuple[list[str], PipelineConfig]], parent: str | None = None) -> None:
+    """Run validated ``build`` jobs through their launcher, as children of ``parent`` (a tune's
+    run) or, without one, of a new sweep run; raise when any job failed."""
+    if parent is not None:
+        _launch(jobs, parent)
+        return
+    with runs.sweep_run(jobs[0][1], [overrides for overrides, _ in jobs]) as sweep:
+        _launch(jobs, sweep)
+
+
+def _launch(jobs: list[tuple[list[str], PipelineConfig]], parent: str | None) -> None:
     from hydra._internal.callbacks import Callbacks
     from hydra.core.plugins import Plugins
     from hydra.core.utils import JobStatus
@@ -101,33 +110,30 @@ def launch(jobs: list[tuple[list[str], PipelineConfig]]) -> None:
     context = HydraContext(config_loader=loader, callbacks=Callbacks(config))
     launcher = Plugins.instance().instantiate_launcher(hydra_context=context, task_function=build_job, config=config)
     name = chosen_launcher(jobs[0][0])
-    with runs.sweep_run(first, [overrides for overrides, _ in jobs]) as parent:
-        job_overrides = [
-            # every job sees the sweep's workdir as an absolute path (a SLURM job or Ray worker starts
-            # elsewhere) and its parent run; launcher settings stay with the sweep
-            [o for o in overrides if not o.startswith(("hydra", "workdir=", "tracking.parent_run="))]
-            + [f"workdir={cfg.workdir_path}", f"tracking.parent_run={parent or 'null'}"]
-            for overrides, cfg in jobs
-        ]
-        log.info(
-            "launching %d jobs with %s %s=%s (logs under %s)", len(jobs), "Hydra's", LAUNCHER_GROUP, name, sweep_dir
-        )
-        try:
-            returns = launcher.launch(job_overrides, initial_job_idx=0)
-        except PipelineError:
-            raise
-        except Exception as error:  # submitit re-raises a failed job's error wrapped in its own
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            raise PipelineError(
-                f"a job of the sweep failed: {lines[-1] if lines else error} (logs under {sweep_dir})"
-            ) from error
-        failed = []
-        for overrides, result in zip(job_overrides, returns, strict=True):
-            if result.status is not JobStatus.COMPLETED:
-                failed.append(" ".join(overrides[:-2]) or "(defaults)")
-                log.error("job failed: %s: %s", " ".join(overrides[:-2]), getattr(result, "_return_value", None))
-        if failed:
-            raise PipelineError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")
+    job_overrides = [
+        # every job sees the sweep's workdir as an absolute path (a SLURM job or Ray worker starts
+        # elsewhere) and its parent run; launcher settings stay with the sweep
+        [o for o in overrides if not o.startswith(("hydra", "workdir=", "tracking.parent_run="))]
+        + [f"workdir={cfg.workdir_path}", f"tracking.parent_run={parent or 'null'}"]
+        for overrides, cfg in jobs
+    ]
+    log.info("launching %d jobs with %s %s=%s (logs under %s)", len(jobs), "Hydra's", LAUNCHER_GROUP, name, sweep_dir)
+    try:
+        returns = launcher.launch(job_overrides, initial_job_idx=0)
+    except PipelineError:
+        raise
+    except Exception as error:  # submitit re-raises a failed job's error wrapped in its own
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise PipelineError(
+            f"a job of the sweep failed: {lines[-1] if lines else error} (logs under {sweep_dir})"
+        ) from error
+    failed = []
+    for overrides, result in zip(job_overrides, returns, strict=True):
+        if result.status is not JobStatus.COMPLETED:
+            failed.append(" ".join(overrides[:-2]) or "(defaults)")
+            log.error("job failed: %s: %s", " ".join(overrides[:-2]), getattr(result, "_return_value", None))
+    if failed:
+        raise PipelineError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")
 
 
 # the submitit plugin's own settings, not sbatch's
@@ -175,8 +181,5 @@ def build_job(cfg: DictConfig) -> None:
     from pipeline import logs, validate
 
     logs.setup()
-    typed = compose.to_typed(cfg)
-    problems = validate.validate(typed)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    typed = validate.checked(compose.to_typed(cfg))  # as validate.load makes it: the same fingerprints
     app.build(typed, sweep_parent=typed.tracking.parent_run)

@@ -36,7 +36,13 @@ def load(overrides: Sequence[str] = (), check_memory: bool = True) -> PipelineCo
     """Overrides -> validated, typed config. Raises ConfigError listing every problem.
     ``target=auto`` asks nvidia-smi here, once per call. ``check_memory=False`` leaves the memory
     plan's verdict to the caller (``plan`` prints the table first)."""
-    cfg = compose.typed(overrides)
+    return checked(compose.typed(overrides), check_memory)
+
+
+def checked(cfg: PipelineConfig, check_memory: bool = True) -> PipelineConfig:
+    """A composed config made whole (``target=auto`` detected, defaults resolved into it, the
+    architecture read from a local checkpoint) and checked: the same config, and so the same
+    fingerprints, whether a job is composed here or by a Hydra launcher elsewhere."""
     # the gateway's key may live in any variable: it is a credential wherever text leaves the process
     register_secret_env(cfg.openai.api_key_env)
     if cfg.target.kind is TargetKind.auto:

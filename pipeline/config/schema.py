@@ -411,6 +411,8 @@ class TuneConfig:
     """``tune``: the search for the deployment that meets ``slo`` on ``workload`` at the lowest cost."""
 
     max_trials: int = 4  # candidates built and measured (the best predicted first)
+    # with hydra/launcher=<name> (SLURM, Ray, local processes): trials launched together, a job each
+    parallel_trials: int = 1
     time_budget_min: float = 60.0  # no new trial starts after this long
     alias: str = "tuned"  # the registry alias the winner gets
     # the load sweep of each trial (closed loop): the highest concurrency meeting the SLO is the

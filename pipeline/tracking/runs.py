@@ -396,6 +396,18 @@ def parent_run(
     client.set_terminated(run_id, status="FINISHED")
 
 
+def child_run(cfg: PipelineConfig, parent: str, repository_fingerprint: str) -> str | None:
+    """The newest build run under ``parent`` that recorded this repository (a launched job's)."""
+    client, experiment_id = _client_and_experiment(cfg)
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`fingerprint.triton_repo` = '{repository_fingerprint}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
 def sweep_name(jobs: list[list[str]]) -> str:
     """A sweep named by what varies across its jobs (``sweep: quant=none,fp8``), never by the
     overrides every job shares (the workdir, the tracking URI)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline import launchers
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.tracking import registry, runs
@@ -54,7 +55,8 @@ def tune(cfg: PipelineConfig, overrides: list[str]) -> None:
             for key, value in cfg.slo.limits().items():
                 client.log_param(parent, f"slo_{key}", value)
         before = len(search.trials)
-        trials = search.run(parent)
+        launcher = launchers.chosen_launcher(overrides)
+        trials = search.run(parent, None if launcher in launchers.IN_PROCESS else launcher)
         for trial in trials[before:]:  # those measured now (the others were recorded when they were)
             _record_trial(client, trial)
         outcomes = [decision.outcome(t, search.by_key[t.key], cfg) for t in trials if t.key in search.by_key]

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import app, validate
+from pipeline import app, artifacts, launchers, runner, validate
 from pipeline.config.schema import PipelineConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.sizing import perf
+from pipeline.stages import STAGES
 from pipeline.stages.benchmark import report
+from pipeline.tracking import runs
 from pipeline.tune import candidates as cands
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,13 @@ class Trial:
 
 # overrides that do not change what a trial measures: a study asked again with other values of
 # these continues (a stricter SLO is judged on the loads already measured, then searched further)
-NOT_MEASURED = ("workdir=", "dry_run=", "tune.max_trials=", "tune.time_budget_min=", "tune.alias=", "slo.")
+NOT_MEASURED = (
+    "workdir=", "dry_run=", "tune.max_trials=", "tune.time_budget_min=", "tune.alias=", "slo.", "hydra",
+    "tune.parallel_trials=",
+)  # fmt: skip
+
+
+HOW_IT_RUNS = ("max_trials", "time_budget_min", "alias", "parallel_trials")
 
 
 def study_dir(cfg: PipelineConfig, user_overrides: list[str]) -> Path:
@@ -96,7 +104,7 @@ def study_dir(cfg: PipelineConfig, user_overrides: list[str]) -> Path:
     asked = {
         "overrides": sorted(o for o in user_overrides if not o.startswith(NOT_MEASURED)),
         "workload": to_dict(cfg.workload),
-        "space": {k: v for k, v in to_dict(cfg.tune).items() if k not in ("max_trials", "time_budget_min", "alias")},
+        "space": {k: v for k, v in to_dict(cfg.tune).items() if k not in HOW_IT_RUNS},
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:12]
     return cfg.workdir_path / "tune" / f"{cfg.model.name}-{cfg.target.name}-{digest}"
@@ -220,42 +228,64 @@ class Search:
         return picks
 
     # running ------------------------------------------------------------------------------------
-    def run(self, parent_run: str | None) -> list[Trial]:
+    def run(self, parent_run: str | None, launcher: str | None = None) -> list[Trial]:
+        """Measure trials until the budget is spent: here, one at a time, or with a Hydra
+        ``launcher`` (SLURM, Ray, local processes) ``tune.parallel_trials`` at a time, one job each."""
         from optuna.trial import TrialState
 
         started, budget_s = time.monotonic(), self.cfg.tune.time_budget_min * 60
+        width = max(1, self.cfg.tune.parallel_trials) if launcher else 1
         if self.trials:
             log.info("resuming: %d trial(s) already measured in %s", len(self.trials), self.folder)
         while len(self.trials) < self.cfg.tune.max_trials:
             if time.monotonic() - started > budget_s:
                 log.warning("tune.time_budget_min=%g reached: no new trial starts", self.cfg.tune.time_budget_min)
                 break
-            candidate = self._choose()
-            if candidate is None:
+            batch = self._next_batch(min(width, self.cfg.tune.max_trials - len(self.trials)))
+            if not batch:
                 log.info("every candidate has been measured")
+                break
+            for index, (_, candidate) in enumerate(batch, len(self.trials) + 1):
+                log.info("trial %d/%d: %s", index, self.cfg.tune.max_trials, candidate.key)
+            measured = self._measure(batch, parent_run, launcher)
+            for (trial, candidate), result in zip(batch, measured, strict=True):
+                if result is None:  # its job failed: the candidate may be tried again
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    continue
+                trial.set_user_attr("trial", result.to_attrs())
+                point = result.operating_point(self.cfg.slo.limits())
+                self.study.tell(trial, _objective(candidate, point, result.gate), state=TrialState.COMPLETE)
+                self.trials.append(result)
+            if not any(measured):
+                raise PipelineError("every trial of the last batch failed (see the log above): nothing to go on with")
+            self._calibrate()
+        return self.trials
+
+    def _next_batch(self, width: int) -> list[tuple[Any, cands.Candidate]]:
+        """Up to ``width`` (Optuna trial, candidate) pairs, asked of the study in the order chosen."""
+        from optuna.trial import TrialState
+
+        batch: list[tuple[Any, cands.Candidate]] = []
+        for _ in range(4 * width):  # a trial left waiting by a killed run may come first: pruned
+            if len(batch) == width:
+                break
+            candidate = self._choose(tuple(c.key for _, c in batch))
+            if candidate is None:
                 break
             self.study.enqueue_trial({"candidate": candidate.key})
             trial = self.study.ask()
             key = trial.suggest_categorical("candidate", sorted(self.by_key))  # the enqueued one, or one left waiting
-            if key in self.measured_keys() or key not in self.by_key:
+            if key in self.measured_keys() or key not in self.by_key or key in {c.key for _, c in batch}:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 continue
-            candidate = self.by_key[key]
-            log.info("trial %d/%d: %s", len(self.trials) + 1, self.cfg.tune.max_trials, candidate.key)
-            measured = self._measure(candidate, len(self.trials) + 1, parent_run)
-            trial.set_user_attr("trial", measured.to_attrs())
-            point = measured.operating_point(self.cfg.slo.limits())
-            value = _objective(candidate, point, measured.gate)
-            self.study.tell(trial, value, state=TrialState.COMPLETE)
-            self.trials.append(measured)
-            self._calibrate()
-        return self.trials
+            batch.append((trial, self.by_key[key]))
+        return batch
 
-    def _choose(self) -> cands.Candidate | None:
+    def _choose(self, also_taken: tuple[str, ...] = ()) -> cands.Candidate | None:
         """The model's best-ranked unmeasured candidate for the first half of the budget; then
         Optuna's sampler, a repeat of a measured one replaced by the model's choice."""
-        ranked_phase = len(self.trials) < math.ceil(self.cfg.tune.max_trials / 2)
-        chosen = self.next_candidate()
+        ranked_phase = len(self.trials) + len(also_taken) < math.ceil(self.cfg.tune.max_trials / 2)
+        chosen = self.next_candidate(also_taken)
         if ranked_phase or chosen is None:
             return chosen
         import optuna
@@ -264,32 +294,90 @@ class Search:
         proposed = probe.suggest_categorical("candidate", sorted(self.by_key))
         self.study.tell(probe, state=optuna.trial.TrialState.PRUNED)
         pick = self.by_key.get(proposed)
-        if pick is None or pick.key in self.measured_keys() or pick.key not in self._eligible():
+        taken = self.measured_keys() | set(also_taken)
+        if pick is None or pick.key in taken or pick.key not in self._eligible():
             pick = chosen
         return pick
 
-    def _measure(self, candidate: cands.Candidate, number: int, parent_run: str | None) -> Trial:
-        numerics = (str(candidate.cfg.quant.format), str(candidate.cfg.quant.kv_cache_dtype))
-        gated = next(
-            (t for t in self.trials if _numerics(self.by_key.get(t.key)) == numerics and t.gate != "skipped"), None
-        )
+    def _measure(
+        self, batch: list[tuple[Any, cands.Candidate]], parent_run: str | None, launcher: str | None
+    ) -> list[Trial | None]:
+        """Build and benchmark a batch of candidates (None: the trial's build failed). The first
+        trial of a numerics not yet gated is evaluated; the others inherit its verdict."""
+        gating = {_numerics(self.by_key.get(t.key)) for t in self.trials if t.gate != "skipped"}
+        jobs = []
+        for _, candidate in batch:
+            evaluate = _numerics(candidate) not in gating
+            gating.add(_numerics(candidate))
+            overrides = trial_overrides(self.user_overrides, candidate, trial_loads(candidate), gate=evaluate)
+            jobs.append((overrides, validate.load(overrides)))
+        if launcher is None:
+            (overrides, trial_cfg), ((_, candidate),) = jobs[0], batch
+            built = app.build_recorded(trial_cfg, sweep_parent=parent_run)
+            bench = next((s for s in built.steps if s.name == "benchmark"), None)
+            points = (bench.results or {}).get("points", []) if bench else []
+            found: list[tuple[list[dict[str, Any]], dict[str, Any] | None, str | None] | None] = [
+                (points, built.gate, built.run_id)
+            ]
+        else:
+            found = self._launched(jobs, parent_run)
+        results: list[Trial | None] = []
+        for number, ((_, candidate), outcome) in enumerate(zip(batch, found, strict=True), len(self.trials) + 1):
+            if outcome is None:
+                results.append(None)
+                continue
+            points, gate, run_id = outcome
+            results.append(self._trial(candidate, number, points, gate, run_id, results))
+        return results
+
+    def _launched(
+        self, jobs: list[tuple[list[str], PipelineConfig]], parent_run: str | None
+    ) -> list[tuple[list[dict[str, Any]], dict[str, Any] | None, str | None] | None]:
+        """The batch's builds as jobs of the Hydra launcher, then what each left: its benchmark's
+        points (written since the launch), its accuracy gate, its MLflow run."""
+        started = time.time()
+        try:
+            launchers.launch(jobs, parent=parent_run)
+        except PipelineError as error:  # what finished is read back below
+            log.error("%s", error)
+        found: list[tuple[list[dict[str, Any]], dict[str, Any] | None, str | None] | None] = []
+        for _, trial_cfg in jobs:
+            steps = runner.plan(trial_cfg, STAGES)
+            bench = next(s for s in steps if s.name == "benchmark")
+            table = bench.dirs.final / artifacts.BENCHMARK_JSON
+            if not table.is_file() or table.stat().st_mtime < started:
+                found.append(None)
+                continue
+            gate = app.accuracy_gate(trial_cfg, steps)
+            repository = next(s for s in steps if s.name == "triton_repo")
+            run_id = runs.child_run(trial_cfg, parent_run, repository.fingerprint) if parent_run else None
+            found.append((json.loads(table.read_text()), gate, run_id))
+        return found
+
+    def _trial(
+        self,
+        candidate: cands.Candidate,
+        number: int,
+        points: list[dict[str, Any]],
+        gate: dict[str, Any] | None,
+        run_id: str | None,
+        batch: list[Trial | None],
+    ) -> Trial:
         loads = trial_loads(candidate)
-        overrides = trial_overrides(self.user_overrides, candidate, loads, gate=gated is None)
-        trial_cfg = validate.load(overrides)
-        built = app.build_recorded(trial_cfg, sweep_parent=parent_run)
-        bench = next((s for s in built.steps if s.name == "benchmark"), None)
-        points = (bench.results or {}).get("points", []) if bench else []
         predicted = {
             str(c): perf.predict(candidate.deployment(), self.cfg.workload, c, self.calibration).to_dict()
             for c in loads
         }
-        if built.gate is not None:
-            gate, tasks, inherited = str(built.gate["verdict"]), built.gate["tasks"], None
-        elif gated is not None:
-            gate, tasks, inherited = gated.gate, gated.gate_tasks, gated.number
-        else:  # eval=none: nothing to gate on
-            gate, tasks, inherited = "skipped", [], None
-        return Trial(number, candidate.key, points, gate, tasks, built.run_id, predicted, inherited)
+        if gate is not None:
+            return Trial(number, candidate.key, points, str(gate["verdict"]), gate["tasks"], run_id, predicted)
+        gated = next(
+            (t for t in [*self.trials, *(b for b in batch if b is not None)]
+             if _numerics(self.by_key.get(t.key)) == _numerics(candidate) and t.gate != "skipped"),
+            None,
+        )  # fmt: skip
+        if gated is None:  # eval=none: nothing to gate on
+            return Trial(number, candidate.key, points, "skipped", [], run_id, predicted)
+        return Trial(number, candidate.key, points, gated.gate, gated.gate_tasks, run_id, predicted, gated.number)
 
 
 def _numerics(candidate: cands.Candidate | None) -> tuple[str, str] | None:
