@@ -93,8 +93,18 @@ def _default_config() -> DictConfig | None:
         return None
 
 
+# keys that moved: the old name is refused with the new one
+MOVED = {
+    **{f"benchmark.{name}": f"workload.{name}" for name in (
+        "input_tokens", "input_tokens_stddev", "output_tokens", "output_tokens_stddev", "prompts_file")},
+    **{f"benchmark.slo.{name}": f"slo.{name}_p99" for name in ("ttft_ms", "itl_ms", "e2e_ms")},
+}  # fmt: skip
+
+
 def unknown_key(key: str) -> str:
     """One line for a key the config does not have, with the nearest valid key."""
+    if key in MOVED:
+        return f"unknown config key '{key}': it is {MOVED[key]} now (one setting for plan, benchmark and tune)"
     node = _default_config()
     parts = key.split(".")
     walked: list[str] = []

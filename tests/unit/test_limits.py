@@ -87,3 +87,10 @@ def test_a_workload_longer_than_the_engine_is_refused_in_one_line() -> None:
     result = cli("plan", "workload.input_tokens=3000", "workload.output_tokens=2000", "build.max_input_len=4096")
     assert result.returncode == 1
     assert "workload.input_tokens + output_tokens = 5000 exceeds build.max_seq_len=4096" in result.stderr
+
+
+def test_the_benchmarks_old_length_and_slo_keys_name_their_new_place() -> None:
+    moved = cli("plan", "benchmark.input_tokens=8")
+    assert moved.returncode == 1 and "'benchmark.input_tokens': it is workload.input_tokens now" in moved.stderr
+    slo = cli("plan", "benchmark.slo.ttft_ms=500")
+    assert slo.returncode == 1 and "it is slo.ttft_ms_p99 now" in slo.stderr
