@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 from pipeline import app, runner, validate
-from pipeline.config.schema import Endpoint, PipelineConfig, WorkloadConfig
+from pipeline.config.schema import Endpoint, PipelineConfig, SLOConfig, WorkloadConfig
 from pipeline.deploy import server
 from pipeline.stages import STAGES
 from pipeline.stages.benchmark import loadgen, report, workload
@@ -91,7 +91,7 @@ class Bench:
         )
         if ended:
             raise RuntimeError(f"the server stopped answering: {ended}")
-        point = report.summarize({"load": f"c={concurrency}"}, results, seconds, {})
+        point = report.summarize({"load": f"c={concurrency}"}, results, seconds, SLOConfig())
         print(
             f"  c={concurrency}: {point['output_tokens_per_s']:.1f} tok/s, TTFT p50 {point['ttft_ms_p50']:.0f} ms, "
             f"ITL p50 {point['itl_ms_p50']:.0f} ms, {point['errors']} errors",

@@ -9,6 +9,7 @@ with the allowed list.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -347,6 +348,17 @@ class SLOConfig:
     def limits(self) -> dict[str, float]:
         """{point statistic: limit} of the limits that are set, e.g. {"ttft_ms_p99": 1000.0}."""
         return {key: float(value) for key, value in vars(self).items() if value is not None}
+
+    def misses(self, values: dict[str, float]) -> dict[str, float]:
+        """{limit: by how much ``values`` exceed it} (a missing or NaN value misses by infinity)."""
+        found = {}
+        for key, limit in self.limits().items():
+            value = values.get(key, math.nan)
+            if value != value:
+                found[key] = math.inf
+            elif value > limit:
+                found[key] = value - limit
+        return found
 
 
 @dataclass

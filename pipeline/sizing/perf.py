@@ -240,21 +240,16 @@ def concurrency_levels(max_batch_size: int, count: int = 0) -> list[int]:
     return levels[-count:] if count else levels
 
 
-def misses(values: dict[str, float], slo: SLOConfig) -> dict[str, float]:
-    """{limit: by how much it is exceeded} for a point's ``ttft_ms_p99`` / ``itl_ms_p99`` / ``e2e_ms_p99``."""
-    return {k: values[k] - v for k, v in slo.limits().items() if k in values and values[k] > v}
-
-
 def best_under_slo(
     d: Deployment, work: WorkloadConfig, slo: SLOConfig, calibration: Calibration | None = None
 ) -> tuple[Prediction, dict[str, float]]:
     """The highest-throughput load that meets the SLO, with no misses; else the load closest to
     it (the lowest) with what it misses."""
     points = [predict(d, work, c, calibration) for c in concurrency_levels(d.max_batch_size)]
-    good = [p for p in points if not misses(_values(p, work), slo)]
+    good = [p for p in points if not slo.misses(_values(p, work))]
     if good:
         return max(good, key=lambda p: p.output_tokens_per_s), {}
-    return points[0], misses(_values(points[0], work), slo)
+    return points[0], slo.misses(_values(points[0], work))
 
 
 def _values(p: Prediction, work: WorkloadConfig) -> dict[str, float]:

@@ -18,6 +18,7 @@ from pipeline import validate
 from pipeline.config.schema import KVCacheDType, PipelineConfig, QuantFormat
 from pipeline.errors import ConfigError
 from pipeline.sizing import limits, perf, rules
+from pipeline.tracking import runs
 
 KV_CHOICES = {"none": None, "fp8": KVCacheDType.fp8, "int8": KVCacheDType.int8}
 
@@ -41,7 +42,12 @@ class Candidate:
     def shape(self) -> tuple[str, ...]:
         """What a trial of it tells about its neighbours: numerics and parallelism."""
         cfg = self.cfg
-        return (str(cfg.quant.format), str(cfg.quant.kv_cache_dtype), str(cfg.parallel.tp), str(cfg.parallel.pp))
+        return (*self.numerics, str(cfg.parallel.tp), str(cfg.parallel.pp))
+
+    @property
+    def numerics(self) -> tuple[str, str]:
+        """What the accuracy gate judges: the format and the KV cache dtype."""
+        return str(self.cfg.quant.format), str(self.cfg.quant.kv_cache_dtype)
 
     @property
     def gpus(self) -> int:
@@ -72,10 +78,7 @@ class Candidate:
 
     def cost_per_million(self) -> float | None:
         """USD per million output tokens at the predicted load, where the target has a price."""
-        price = self.cfg.target.price_per_gpu_hour
-        if not price or self.prediction is None or not self.prediction.tokens_per_s_per_gpu:
-            return None
-        return price / 3600 / self.prediction.tokens_per_s_per_gpu * 1e6
+        return runs.cost_per_million_tokens(self.cfg, self.prediction.output_tokens_per_s if self.prediction else None)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import PipelineConfig
+from pipeline.config.schema import PipelineConfig, SLOConfig
 from pipeline.stages.benchmark.report import slo_misses
 from pipeline.tables import aligned
+from pipeline.tracking import runs
 from pipeline.tune import candidates as cands
 from pipeline.tune.search import Trial
 
@@ -30,11 +31,9 @@ class Outcome:
 
 
 def outcome(trial: Trial, candidate: cands.Candidate, cfg: PipelineConfig) -> Outcome:
-    slo = cfg.slo.limits()
-    point = trial.operating_point(slo)
+    point = trial.operating_point(cfg.slo)
     per_gpu = float(point["output_tokens_per_s"]) / candidate.gpus if point else 0.0
-    price = cfg.target.price_per_gpu_hour
-    cost = price / 3600 / per_gpu * 1e6 if price and per_gpu else None
+    cost = runs.cost_per_million_tokens(candidate.cfg, point["output_tokens_per_s"] if point else None)
     why = None
     if trial.gate == "fail":
         failed = [t for t in trial.gate_tasks if not t.get("passed", True)] or trial.gate_tasks
@@ -45,11 +44,11 @@ def outcome(trial: Trial, candidate: cands.Candidate, cfg: PipelineConfig) -> Ou
             lost = f": {worst['task']} {worst['delta']:+.3f} (budget -{worst['max_drop']:.3f}{chance})"
         why = f"failed the accuracy gate{lost}"
     elif point is None:
-        why = _closest_miss(trial, slo)
+        why = _closest_miss(trial, cfg.slo)
     return Outcome(trial, candidate, point, per_gpu, cost, why)
 
 
-def _closest_miss(trial: Trial, slo: dict[str, float]) -> str:
+def _closest_miss(trial: Trial, slo: SLOConfig) -> str:
     """The limit its least loaded point breaks, and by how much."""
     if not trial.points:
         return "no load point was measured"
@@ -57,8 +56,9 @@ def _closest_miss(trial: Trial, slo: dict[str, float]) -> str:
     misses = slo_misses(lightest, slo)
     if lightest.get("errors"):
         return f"c={lightest.get('concurrency')}: {lightest['errors']} requests failed"
+    limits = slo.limits()
     parts = [
-        f"{key} {lightest.get(key, math.nan):.0f} ms > {slo[key]:g} ms (by {over:.0f} ms, {over / slo[key]:.0%})"
+        f"{key} {lightest.get(key, math.nan):.0f} ms > {limits[key]:g} ms (by {over:.0f} ms, {over / limits[key]:.0%})"
         for key, over in misses.items()
     ]
     return f"misses the SLO even at c={lightest.get('concurrency')}: " + "; ".join(parts)
@@ -81,8 +81,8 @@ def closest(outcomes: list[Outcome]) -> Outcome | None:
 
     def relative_miss(o: Outcome) -> float:
         lightest = min(o.trial.points, key=lambda p: p.get("concurrency") or 0)
-        slo = o.candidate.cfg.slo.limits()
-        return sum(over / slo[k] if k in slo else 1e9 for k, over in slo_misses(lightest, slo).items())
+        limits = o.candidate.cfg.slo.limits()
+        return sum(over / limits[k] for k, over in slo_misses(lightest, o.candidate.cfg.slo).items())
 
     return min(missed, key=relative_miss)
 
@@ -109,7 +109,7 @@ def trial_table(outcomes: list[Outcome]) -> str:
                     _num(pred.get("tokens_per_s_per_gpu")),
                     _num(point.get("output_tokens_per_s", 0) / o.candidate.gpus),
                     _gate(o.trial),
-                    "meets SLO" if not slo_misses(point, o.candidate.cfg.slo.limits()) else "misses SLO",
+                    "meets SLO" if not slo_misses(point, o.candidate.cfg.slo) else "misses SLO",
                 )
             )
     return "\n".join(aligned(rows)) + "\n  (* the load each trial operates at: the most tokens/s within the SLO)"

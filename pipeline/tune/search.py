@@ -19,6 +19,7 @@ searched, measured, gated on accuracy and promoted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import app, artifacts, launchers, runner, validate
-from pipeline.config.schema import PipelineConfig, to_dict
+from pipeline.config.schema import PipelineConfig, SLOConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.sizing import perf
 from pipeline.stages import STAGES
@@ -57,34 +58,18 @@ class Trial:
     predicted: dict[str, Any] = field(default_factory=dict)  # the model's figures at the measured loads
     inherited_gate_from: int | None = None
 
-    def operating_point(self, slo: dict[str, float]) -> dict[str, Any] | None:
+    def operating_point(self, slo: SLOConfig) -> dict[str, Any] | None:
         """The measured load with the most output tokens/s that meets every SLO limit."""
         good = [p for p in self.points if not report.slo_misses(p, slo)]
         return max(good, key=lambda p: p["output_tokens_per_s"]) if good else None
 
     def to_attrs(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "points": self.points,
-            "gate": self.gate,
-            "gate_tasks": self.gate_tasks,
-            "run_id": self.run_id,
-            "predicted": self.predicted,
-            "inherited_gate_from": self.inherited_gate_from,
-        }
+        """What the study keeps (the number is the trial's place in the study, not stored)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "number"}
 
     @classmethod
     def from_attrs(cls, number: int, attrs: dict[str, Any]) -> Trial:
-        return cls(
-            number,
-            attrs["key"],
-            attrs["points"],
-            attrs["gate"],
-            attrs.get("gate_tasks", []),
-            attrs.get("run_id"),
-            attrs.get("predicted", {}),
-            attrs.get("inherited_gate_from"),
-        )
+        return cls(number=number, **attrs)
 
 
 # overrides that do not change what a trial measures: a study asked again with other values of
@@ -253,7 +238,7 @@ class Search:
                     self.study.tell(trial, state=TrialState.FAIL)
                     continue
                 trial.set_user_attr("trial", result.to_attrs())
-                point = result.operating_point(self.cfg.slo.limits())
+                point = result.operating_point(self.cfg.slo)
                 self.study.tell(trial, _objective(candidate, point, result.gate), state=TrialState.COMPLETE)
                 self.trials.append(result)
             if not any(measured):
@@ -381,9 +366,7 @@ class Search:
 
 
 def _numerics(candidate: cands.Candidate | None) -> tuple[str, str] | None:
-    if candidate is None:
-        return None
-    return str(candidate.cfg.quant.format), str(candidate.cfg.quant.kv_cache_dtype)
+    return candidate.numerics if candidate is not None else None
 
 
 def _objective(candidate: cands.Candidate, point: dict[str, Any] | None, gate: str) -> float:

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.config.schema import Endpoint
+from pipeline.config.schema import Endpoint, SLOConfig
 from pipeline.stages.benchmark import loadgen, report
 
 TOKEN_GAP_S = 0.02
@@ -71,7 +71,7 @@ def test_ramped_workers_start_one_after_another_paced_by_the_first_stream(server
         # worker k waits for 16 * k / 4 tokens of the first request
         assert later.sent >= first.token_times[4 * k - 1]
         assert later.sent < first.token_times[4 * k - 1] + 10 * TOKEN_GAP_S
-    point = report.summarize({"load": "c=4"}, results, seconds, {})
+    point = report.summarize({"load": "c=4"}, results, seconds, SLOConfig())
     measured_sends = [m.sent for m in results if not m.ramp_up]
     assert point["requests"] == 4 and point["ramp_up_s"] == pytest.approx(ramp[-1].sent - first.sent)
     assert point["throughput_window_s"] == pytest.approx(max(measured_sends) - min(measured_sends))
@@ -85,5 +85,5 @@ def test_without_a_ramp_up_every_worker_starts_at_once_and_throughput_spans_the_
     results, seconds, _ = loadgen.run_point(endpoint, prompts, loadgen.Sampling(), concurrency=4, on_done=_count)
     sends = sorted(m.sent for m in results)
     assert sends[-1] - sends[0] < 4 * TOKEN_GAP_S
-    point = report.summarize({"load": "c=4"}, results, seconds, {})
+    point = report.summarize({"load": "c=4"}, results, seconds, SLOConfig())
     assert point["throughput_window_s"] == seconds and point["ramp_up_s"] == 0.0

@@ -81,3 +81,10 @@ def test_the_gpu_table_is_found_by_target_and_by_name() -> None:
     assert perf.hardware_for(cfg.target) is perf.GPUS["b200"]
     assert perf.hardware_for(validate.load(["target=cpu"]).target) is perf.CPU
     assert perf.math_of(validate.load(["quant=nvfp4", "target=b200"]).quant.format, perf.GPUS["b200"]) == "fp4"
+
+
+def test_the_slo_rule_judges_model_and_measurement_alike() -> None:
+    slo = SLOConfig(ttft_ms_p99=1000, itl_ms_p99=30)
+    assert slo.misses({"ttft_ms_p99": 900.0, "itl_ms_p99": 35.0}) == {"itl_ms_p99": 5.0}
+    assert slo.misses({"ttft_ms_p99": float("nan"), "itl_ms_p99": 10.0}) == {"ttft_ms_p99": float("inf")}
+    assert SLOConfig().misses({"ttft_ms_p99": 1e9}) == {}

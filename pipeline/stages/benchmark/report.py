@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import BENCHMARK_CSV, BENCHMARK_JSON
+from pipeline.config.schema import SLOConfig
 from pipeline.stages.benchmark.loadgen import Measured
 
 PERCENTILES = (50, 90, 95, 99)
@@ -51,20 +52,15 @@ def meets_slo(m: Measured, slo: dict[str, float]) -> bool:
     return True
 
 
-def slo_misses(point: dict[str, Any], slo: dict[str, float]) -> dict[str, float]:
+def slo_misses(point: dict[str, Any], slo: SLOConfig) -> dict[str, float]:
     """{statistic: how far over its limit, in ms} for every limit a load point breaks (a point
     with failed requests breaks them all: its latencies say nothing of the failures)."""
-    misses = {}
-    for key, limit in slo.items():
-        value = point.get(key, math.nan)
-        if point.get("errors") or value != value:
-            misses[key] = math.inf
-        elif value > limit:
-            misses[key] = value - limit
-    return misses
+    if point.get("errors"):
+        return {key: math.inf for key in slo.limits()}
+    return slo.misses(point)
 
 
-def summarize(label: dict[str, Any], results: list[Measured], seconds: float, slo: dict[str, float]) -> dict[str, Any]:
+def summarize(label: dict[str, Any], results: list[Measured], seconds: float, slo: SLOConfig) -> dict[str, Any]:
     # counts and latencies over the measured requests (ramp-up ones excluded: loadgen.run_point)
     measured = [m for m in results if not m.ramp_up]
     ok = [m for m in measured if m.error is None and m.done is not None]
@@ -83,7 +79,7 @@ def summarize(label: dict[str, Any], results: list[Measured], seconds: float, sl
         "output_tokens_mean": sum(m.output_tokens for m in ok) / len(ok) if ok else math.nan,
         "output_tokens_per_s": out_tokens / window if window > 0 else math.nan,
         "requests_per_s": len(served) / window if window > 0 else math.nan,
-        "goodput_requests_per_s": sum(meets_slo(m, slo) for m in served) / window if window > 0 else math.nan,
+        "goodput_requests_per_s": sum(meets_slo(m, slo.limits()) for m in served) / window if window > 0 else math.nan,
     }
     series = {
         "ttft_ms": [m.ttft * 1000 for m in ok if m.ttft is not None],
@@ -93,7 +89,7 @@ def summarize(label: dict[str, Any], results: list[Measured], seconds: float, sl
     for name, values in series.items():
         for stat, value in _stats(values).items():
             point[f"{name}_{stat}"] = value
-    if slo:
+    if slo.limits():
         point["meets_slo"] = not slo_misses(point, slo)
     return point
 

@@ -100,7 +100,6 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
 
     bench, endpoint = cfg.benchmark, client.endpoint
     sampling = loadgen.Sampling(bench.temperature, bench.top_k, bench.top_p, bench.ignore_eos and client.ignore_eos)
-    slo = cfg.slo.limits()
     if bench.warmup_requests:
         log.info("warming up with %d requests", bench.warmup_requests)
         warm = workload.prompts(tokenizer, bench.warmup_requests, cfg.workload, bench.seed + 1_000_000)
@@ -129,7 +128,7 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
             ramp_up=ramp_up,
         )
         bar.close()
-        point = report.summarize(label, results, seconds, slo)
+        point = report.summarize(label, results, seconds, cfg.slo)
         point["ramp_up_requests"] = sum(m.ramp_up for m in results)  # in throughput, not in latencies
         point["client_cpu_s"] = time.process_time() - cpu_before
         point["client_cpu_fraction"] = point["client_cpu_s"] / seconds if seconds else 0.0
