@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 AIPERF_VENV ?= .venv-aiperf
 AIPERF_STAMP := $(AIPERF_VENV)/.installed
 
-.PHONY: venv aiperf demo test test-fast fuzz lint docs bench soak clean
+.PHONY: venv aiperf browser demo test test-fast fuzz lint docs bench soak clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps hydra-ray-launcher==1.2.2
 	touch $(STAMP)
 
+# Debian's Chromium and its driver, for the MLflow UI's browser test (Selenium drives them; nothing
+# downloads a browser at run time). Skipped where they are installed; needs root and apt.
+BROWSER_STAMP := /usr/bin/chromedriver
+browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
 demo: venv
 	$(PY) -m pipeline build
 
@@ -52,7 +60,7 @@ PARALLEL_TESTS := tests/unit tests/integration/test_fetch_hub.py tests/integrati
 	tests/integration/test_proc.py tests/integration/test_runner.py tests/integration/test_tracking_store.py \
 	tests/integration/test_loadgen_ramp.py tests/integration/test_beam_search.py
 
-test: venv aiperf
+test: venv aiperf browser
 	$(PY) -m pytest -n 2 $(PARALLEL_TESTS)
 	$(PY) -m pytest tests/integration tests/gpu $(addprefix --ignore=,$(PARALLEL_TESTS))
 

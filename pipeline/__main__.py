@@ -39,6 +39,7 @@ commands:
           registered version: model_uri=models:/<name>@<alias>) until Ctrl-C
   promote point an alias of the registered model at a build's version: run=<id>|version=<n> alias=production
   compare table of the runs in the MLflow store: sort=<column> filter="params.quant = 'fp8'"
+  ui      the MLflow UI on the store (port=5000), opened on the runs and their headline metrics
   bench   benchmark a running server (url=host:grpc_port) or the last build's repository
   eval    evaluate a running OpenAI-compatible server (url=http://host:port/v1) or the last build's
           repository on eval.tasks (lm-evaluation-harness; the pipeline's own tasks by default)

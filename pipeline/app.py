@@ -10,10 +10,12 @@ import copy
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline import artifacts, proc, runner
 from pipeline.config.schema import (
@@ -38,6 +40,7 @@ from pipeline.stages.evaluate import stage as eval_stage
 from pipeline.stages.triton_repo import render
 from pipeline.tracking import compare as run_table
 from pipeline.tracking import registry, runs
+from pipeline.tracking import ui as tracking_ui
 from pipeline.workspace import write_json_atomic
 
 log = logging.getLogger("pipeline")
@@ -344,6 +347,43 @@ def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = N
     print(run_table.table(cfg, sort=sort, where=filter))
 
 
+def ui(cfg: PipelineConfig, port: str = "5000") -> None:
+    """The MLflow UI on this config's tracking store, with links that open each experiment on its
+    runs and the headline metrics: the store's own server for an HTTP store, else ``mlflow
+    server`` started here on the workdir's sqlite store until Ctrl-C."""
+    uri = runs.tracking_uri(cfg)
+    if urlsplit(uri).scheme in ("http", "https"):
+        _print_ui_links(cfg, tracking_ui.base_url(uri))
+        return
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"port={port}: give a TCP port number, e.g. port=5000")
+    if server.port_busy("127.0.0.1", int(port)):
+        raise ConfigError(f"port {port} is in use (another MLflow UI?): give another one, e.g. port={int(port) + 1}")
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1"]
+    argv += ["--backend-store-uri", uri]
+    running = proc.Background(argv, cfg.workdir_path / "mlflow-ui.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not tracking_ui.answers(base):
+            if not running.alive() or time.monotonic() > deadline:
+                raise PipelineError(f"mlflow server did not start: {' | '.join(running.tail[-3:])}")
+            time.sleep(0.5)
+        _print_ui_links(cfg, base)
+        server.wait_until_interrupted(running.alive, "the MLflow UI")
+    finally:
+        running.stop()
+
+
+def _print_ui_links(cfg: PipelineConfig, base: str) -> None:
+    experiments = runs.experiments(cfg)
+    if not experiments:
+        print(f"no experiments yet in {redact(runs.tracking_uri(cfg))}: build something first")
+    for name, experiment_id in experiments:
+        print(f"{name}: {tracking_ui.runs_url(base, experiment_id)}")
+    print(f"models: {base}/#/models?{tracking_ui.MODE}", flush=True)
+
+
 def manifests(
     cfg: PipelineConfig, kind: str = "serve", model_uri: str | None = None, overrides: list[str] | None = None
 ) -> None:
@@ -390,6 +430,7 @@ COMMANDS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "serve": (serve, ("repo", "model_uri")),
     "promote": (promote, ("run", "version", "alias")),
     "compare": (compare, ("sort", "filter")),
+    "ui": (ui, ("port",)),
     "manifests": (manifests, ("kind", "model_uri")),
     "pull": (pull, ("model_uri",)),
     "bench": (bench, ("url",)),

@@ -18,6 +18,7 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.redact import redact
 from pipeline.tables import aligned
+from pipeline.tracking.metrics import point_metric
 from pipeline.tracking.runs import probe_store, tracking_uri
 
 FIXED = ["run", "status", "model", "quant", "kv", "tp/pp", "target", "backend", "endpoint"]
@@ -43,7 +44,7 @@ def _concurrencies(runs: list[Any]) -> list[int]:
     found = set()
     for run in runs:
         for key in run.data.metrics:
-            match = re.fullmatch(r"c(\d+)_output_tokens_per_s", key)
+            match = re.fullmatch(r"load/c(\d+)/output_tokens_per_s", key)
             if match:
                 found.add(int(match.group(1)))
     return sorted(found)
@@ -73,15 +74,14 @@ def rows(cfg: PipelineConfig, where: str | None = None) -> tuple[list[str], list
             "endpoint": f"{p['endpoint']} {p['url']}" if "url" in p else p.get("endpoint"),
         }
         for c in levels:
-            row[f"tok/s@c{c}"] = m.get(f"c{c}_output_tokens_per_s")
-        row[f"TTFT p50@{low}"] = m.get(f"{low}_ttft_ms_p50")
-        row[f"TTFT p99@{low}"] = m.get(f"{low}_ttft_ms_p99")
-        row[f"ITL p50@{low}"] = m.get(f"{low}_itl_ms_p50")
-        row[f"$/Mtok@{high}"] = m.get(f"{high}_usd_per_million_output_tokens")
-        row["ppl change %"] = m.get("quality_perplexity_change_pct")
+            row[f"tok/s@c{c}"] = m.get(point_metric(f"c={c}", "output_tokens_per_s"))
+        row[f"TTFT p50@{low}"] = m.get(f"load/{low}/ttft_ms_p50")
+        row[f"TTFT p99@{low}"] = m.get(f"load/{low}/ttft_ms_p99")
+        row[f"ITL p50@{low}"] = m.get(f"load/{low}/itl_ms_p50")
+        row[f"$/Mtok@{high}"] = m.get(f"load/{high}/usd_per_million_output_tokens")
+        row["ppl change %"] = m.get("ppl_change_pct")
         row["gate"] = run.data.tags.get("accuracy_gate")
-        deltas = [value for key, value in m.items() if key.startswith("eval_") and key.endswith("_delta")]
-        row["acc delta"] = min(deltas) if deltas else None  # the task that lost the most
+        row["acc delta"] = m.get("accuracy_delta")  # the task that lost the most
         table.append(row)
     return columns, table
 

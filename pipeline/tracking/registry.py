@@ -38,7 +38,6 @@ DIGEST_TAG = "pipeline.repository_digest"  # the manifest's sha256
 LOCAL_MANIFEST = "manifest.json"  # a downloaded version's manifest, beside its repository
 ALIASES = "aliases"  # a file per alias: its version as last resolved (for serving while the server is down)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-HEADLINE_METRICS = ("quality_perplexity_change_pct",)  # beside every point's throughput and latency
 GATE_TAG = "accuracy_gate"  # pass | fail | skipped: promote refuses all but pass without force=true
 FORCED_TAG = "accuracy_gate.forced"  # set when a version that did not pass was promoted anyway
 
@@ -47,7 +46,7 @@ def model_name(cfg: PipelineConfig) -> str:
     return cfg.tracking.registered_model or cfg.model.name
 
 
-def _tags(cfg: PipelineConfig, fingerprint: str, metrics: dict[str, float]) -> dict[str, str]:
+def _tags(cfg: PipelineConfig, fingerprint: str, headline: dict[str, float]) -> dict[str, str]:
     tags = {
         "format": str(cfg.quant.format),
         "kv_cache_dtype": str(cfg.quant.kv_cache_dtype) if cfg.quant.kv_cache_dtype else "none",
@@ -57,14 +56,13 @@ def _tags(cfg: PipelineConfig, fingerprint: str, metrics: dict[str, float]) -> d
         "backend": str(cfg.backend),
         FINGERPRINT_TAG: fingerprint,
     }
-    for key, value in metrics.items():  # the headline numbers: throughput and TTFT at each load, quality
-        if key.endswith(("_output_tokens_per_s", "_ttft_ms_p50")) or key in HEADLINE_METRICS:
-            tags[f"metric.{key}"] = f"{value:.4g}"
+    for key, value in headline.items():  # the build's headline numbers (tracking.metrics)
+        tags[f"metric.{key}"] = f"{value:.4g}"
     return tags
 
 
 def register(
-    client: Any, run_id: str, cfg: PipelineConfig, repository: Path, fingerprint: str, metrics: dict[str, float]
+    client: Any, run_id: str, cfg: PipelineConfig, repository: Path, fingerprint: str, headline: dict[str, float]
 ) -> str:
     """Register ``repository`` (once per fingerprint); returns the version."""
     from mlflow.exceptions import MlflowException
@@ -83,7 +81,7 @@ def register(
     files = manifest.manifest(repository)
     client.log_artifacts(run_id, str(repository), REPOSITORY_ARTIFACT)
     client.log_dict(run_id, files, MANIFEST_ARTIFACT)
-    tags = {**_tags(cfg, fingerprint, metrics), DIGEST_TAG: manifest.digest(files)}
+    tags = {**_tags(cfg, fingerprint, headline), DIGEST_TAG: manifest.digest(files)}
     version = client.create_model_version(name, f"runs:/{run_id}/{REPOSITORY_ARTIFACT}", run_id=run_id, tags=tags)
     client.set_tag(run_id, "pipeline.registered_version", f"{name}/{version.version}")
     log.info("registered model %s version %s", name, version.version)

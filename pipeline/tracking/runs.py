@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, Terminated
 from pipeline.logs import captured_to
 from pipeline.redact import redact
 from pipeline.runner import Step
-from pipeline.tracking import registry
+from pipeline.tracking import card, metrics, registry, system, ui
 from pipeline.tracking.store import reachable, unreachable
 from pipeline.workspace import MANIFEST, installed_version, locked
 
@@ -111,10 +111,27 @@ def _client_and_experiment(cfg: PipelineConfig) -> tuple[Any, str]:
         if experiment is not None:
             if EXPERIMENT_KIND[0] not in experiment.tags:  # created by an older pipeline: marked now
                 client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+            ui.ensure_view(client, experiment.experiment_id, experiment.tags)
             return client, experiment.experiment_id
         location = artifacts.mlflow_artifacts(cfg.workdir_path)
-        tags = dict([EXPERIMENT_KIND])
+        tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], ui.VIEW_TAG: ui.view_state()}
         return client, client.create_experiment(name, artifact_location=location.as_uri(), tags=tags)
+
+
+def experiments(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(name, id) of the store's experiments that hold runs of this pipeline, each made to open
+    on its runs with the headline view."""
+    from mlflow.tracking import MlflowClient
+
+    probe_store(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    found = []
+    for experiment in client.search_experiments():
+        if experiment.experiment_id == "0" and not client.search_runs(["0"], max_results=1):
+            continue  # MLflow's empty Default experiment
+        ui.ensure_view(client, experiment.experiment_id, experiment.tags)
+        found.append((experiment.name, experiment.experiment_id))
+    return found
 
 
 def _git_commit() -> str | None:
@@ -161,62 +178,46 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def _flat_metrics(steps: list[Step], cfg: PipelineConfig) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
-    """Flat metrics for comparison, and (name, value, step) series for the benchmark sweep."""
-    flat: dict[str, float] = {}
+Series = list[tuple[str, float, int]]  # (name, value, step)
+
+
+def _metrics(
+    steps: list[Step], cfg: PipelineConfig, gate: dict[str, Any] | None
+) -> tuple[dict[str, float], dict[str, float], Series]:
+    """(headline, detail, series) of a build: see ``metrics``."""
+    detail: dict[str, float] = {}
     series: list[tuple[str, float, int]] = []
     for step in steps:
-        flat[f"stage_seconds_{step.name}"] = float(step.seconds or 0.0)
-        results = step.results or {}
-        for key, value in (results.get("quality") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                flat[f"quality_{key}"] = float(value)
-        for phase, cost in (results.get("costs") or {}).items():
-            for key in ("seconds", "peak_rss_mb"):
-                if key in cost:
-                    flat[f"cost_{phase}_{key}"] = float(cost[key])
-        point_flat, point_series = benchmark_metrics(results.get("points", []), cfg)
-        flat.update(point_flat)
+        detail.update(metrics.stage_metrics(step.name, step.seconds, step.results or {}))
+        point_flat, point_series = metrics.benchmark_metrics((step.results or {}).get("points", []), cfg)
+        detail.update(point_flat)
         series += point_series
-    return flat, series
+    detail.update(metrics.gate_metrics(gate))
+    results = _results(steps)
+    bench = results.get("benchmark", {})
+    headline = metrics.headline(
+        cfg, bench.get("points", []), results.get("quantize", {}).get("quality"), gate, bench.get("server_peak_rss_mb")
+    )
+    return headline, detail, series
 
 
-def gate_metrics(gate: dict[str, Any] | None) -> dict[str, float]:
-    """eval_<task>_acc, _acc_ref, _delta, _ci_low, _ci_high, _agreement per evaluated task."""
-    flat: dict[str, float] = {}
-    for task in (gate or {}).get("tasks", []):
-        name = task["task"]
-        for key, metric in (("accuracy", "acc"), ("reference", "acc_ref"), ("delta", "delta"), ("ci_low", "ci_low"),
-                            ("ci_high", "ci_high"), ("agreement", "agreement")):  # fmt: skip
-            flat[f"eval_{name}_{metric}"] = float(task[key])
-    return flat
+def _results(steps: list[Step]) -> dict[str, dict[str, Any]]:
+    return {step.name: step.results or {} for step in steps}
 
 
-def benchmark_metrics(
-    points: list[dict[str, Any]], cfg: PipelineConfig
-) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
-    """A sweep's points as flat metrics (``c8_ttft_ms_p50``) and per-concurrency series."""
-    flat: dict[str, float] = {}
-    series: list[tuple[str, float, int]] = []
-    for point in points:
-        prefix = point["load"].replace("=", "").replace(".", "_")  # c=8 -> c8, rate=2.5 -> rate2_5
-        for key, value in point.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
-                flat[f"{prefix}_{key}"] = float(value)
-        cost = cost_per_million_tokens(cfg, point.get("output_tokens_per_s"))
-        if cost is not None:
-            flat[f"{prefix}_usd_per_million_output_tokens"] = cost
-        if point.get("concurrency"):
-            for key in ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "e2e_ms_p50"):
-                series.append((f"sweep_{key}", float(point[key]), int(point["concurrency"])))
-    return flat, series
+def _log_datasets(client: Any, run_id: str, found: list[dict[str, Any]]) -> None:
+    """What the stages read (calibration text, held-out text, benchmark prompts) as the run's
+    MLflow dataset inputs: name, digest, source and size, with the stage's use as the context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
-
-def cost_per_million_tokens(cfg: PipelineConfig, tokens_per_s: float | None) -> float | None:
-    price, gpus = cfg.target.price_per_gpu_hour, cfg.parallel.world_size
-    if not price or not tokens_per_s:
-        return None
-    return price * gpus / 3600 / tokens_per_s * 1e6
+    inputs = []
+    for record in found:
+        profile = json.dumps({key: record[key] for key in ("rows", "tokens") if key in record})
+        source = json.dumps({"uri": record["source"]})
+        dataset = Dataset(record["name"], record["digest"], "local", source, None, profile)
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", record["context"])]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def _artifacts(client: Any, run_id: str, cfg: PipelineConfig, steps: list[Step]) -> None:
@@ -240,26 +241,43 @@ class JobRun:
         self.client, self.run_id = client, run_id
 
     def record(self, cfg: PipelineConfig, steps: list[Step], gate: dict[str, Any] | None = None) -> None:
-        """The build's metrics, artifacts and registered version; ``gate``: the accuracy gate's
-        verdict and per-task comparisons (None: the build was not evaluated)."""
+        """The build's metrics, inputs, artifacts, registered version and description; ``gate``:
+        the accuracy gate's verdict and per-task comparisons (None: the build was not evaluated)."""
         for step in steps:
             self.client.set_tag(self.run_id, f"fingerprint.{step.name}", step.fingerprint)
-        flat, series = _flat_metrics(steps, cfg)
-        flat.update(gate_metrics(gate))
+        headline, detail, series = _metrics(steps, cfg, gate)
         self.client.set_tag(self.run_id, registry.GATE_TAG, registry.gate_verdict(gate))
         if gate is not None:  # what the deployment's items were paired with
             for name in (artifacts.EVAL_JSON, artifacts.EVAL_ITEMS):
                 self.client.log_artifact(self.run_id, str(Path(gate["reference_dir"]) / name), "eval/reference")
-        sha = next((s.results.get("revision_sha") for s in steps if s.name == "fetch" and s.results), None)
+        results = _results(steps)
+        sha = results.get("fetch", {}).get("revision_sha")
         if sha:  # hub models: the commit the revision resolved to
             self.client.log_param(self.run_id, "model_revision", sha)
-        self._log_metrics(flat, series)
+        self._log_metrics(headline, detail, series)
+        _log_datasets(self.client, self.run_id, [d for s in steps for d in (s.results or {}).get("datasets", [])])
         _artifacts(self.client, self.run_id, cfg, steps)
         repository = next((s for s in steps if s.name == "triton_repo"), None)
-        if cfg.tracking.register and repository is not None and repository.dirs.final.is_dir():
-            folder = repository.dirs.final / artifacts.REPOSITORY
-            version = registry.register(self.client, self.run_id, cfg, folder, repository.fingerprint, flat)
-            registry.tag_gate(self.client, registry.model_name(cfg), version, gate)
+        folder = repository.dirs.final / artifacts.REPOSITORY if repository is not None else None
+        facts = card.BuildFacts(
+            headline,
+            results.get("benchmark", {}).get("points", []),
+            results.get("quantize", {}).get("quality"),
+            gate,
+            sha,
+            folder if folder is not None and folder.is_dir() else None,
+        )
+        name = registry.model_name(cfg)
+        if cfg.tracking.register and repository is not None and facts.repository is not None:
+            facts.version = registry.register(
+                self.client, self.run_id, cfg, facts.repository, repository.fingerprint, headline
+            )
+            registry.tag_gate(self.client, name, facts.version, gate)
+        text = card.build_card(cfg, self.run_id, facts, name)
+        self.client.set_tag(self.run_id, card.NOTE_TAG, text)
+        # a version registered by this run is described by it (a cached rebuild's keeps its own)
+        if facts.version is not None and self.client.get_model_version(name, facts.version).run_id == self.run_id:
+            self.client.update_model_version(name, facts.version, description=text)
 
     def record_bench(self, cfg: PipelineConfig, results: dict[str, Any], folder: Path, served_here: bool) -> None:
         """A ``bench`` command's sweep: what was measured and where. ``served_here``: the server
@@ -268,29 +286,33 @@ class JobRun:
         values = params(cfg) if served_here else {k: params(cfg)[k] for k in BENCH_ONLY_PARAMS}
         for key, value in {**values, **names}.items():
             self.client.log_param(self.run_id, key, value)
-        self._log_metrics(*benchmark_metrics(results["points"], cfg))
+        headline = metrics.headline(cfg, results["points"], server_peak_rss_mb=results.get("server_peak_rss_mb"))
+        self._log_metrics(headline, *metrics.benchmark_metrics(results["points"], cfg))
+        _log_datasets(self.client, self.run_id, results.get("datasets", []))
         for name in BENCHMARK_FILES:
             for file in folder.glob(name):
                 self.client.log_artifact(self.run_id, str(file), artifact_path="benchmark")
 
     def record_eval(self, scores: list[Any], folder: Path) -> None:
         """An ``eval`` command: each task's score and standard error, and the per-item records."""
-        flat = {}
-        for score in scores:
-            flat[f"eval_{score.task}_acc"] = float(score.score)
-            flat[f"eval_{score.task}_stderr"] = float(score.stderr)
-        self._log_metrics(flat, [])
+        self._log_metrics({}, metrics.score_metrics(scores), [])
         for file in sorted(folder.glob("*.json*")):
             self.client.log_artifact(self.run_id, str(file), artifact_path="eval")
 
-    def _log_metrics(self, flat: dict[str, float], series: list[tuple[str, float, int]]) -> None:
+    def _log_metrics(
+        self, headline: dict[str, float], detail: dict[str, float], series: list[tuple[str, float, int]]
+    ) -> None:
+        """The headline metrics in a batch of their own, first: MLflow lists a run's metrics in
+        the order they were first logged, and its compare view plots the first."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in flat.items()]
-        metrics += [Metric(k, v, now, s) for k, v, s in series]
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per call
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        if headline:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in headline.items()])
+        rest = [Metric(k, v, now, 0) for k, v in detail.items()]
+        rest += [Metric(k, v, now, s) for k, v, s in series]
+        for start in range(0, len(rest), 1000):  # MLflow takes at most 1000 metrics per call
+            self.client.log_batch(self.run_id, metrics=rest[start : start + 1000])
 
 
 @contextlib.contextmanager
@@ -315,7 +337,7 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
     with tempfile.TemporaryDirectory() as tmp:
         job_log = Path(tmp) / "job.log"
         try:
-            with captured_to(job_log):
+            with captured_to(job_log), system.sampled(client, run_id, tracking_uri(cfg)):
                 yield JobRun(client, run_id)
         except BaseException as error:
             job_log.write_text(redact(job_log.read_text()))
@@ -324,6 +346,7 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
             raise
         client.log_artifact(run_id, str(job_log))
         client.set_terminated(run_id, status="FINISHED")
+    log.info("in the MLflow UI: %s", ui.run_url(ui.base_url(tracking_uri(cfg)), experiment_id, run_id))
 
 
 def _end_failed(client: Any, cfg: PipelineConfig, run_id: str, job_log: Path, stopped_by: str | None) -> None:
@@ -431,4 +454,14 @@ def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None
             return
         client, run_id = opened
         client.log_param(run_id, "jobs", redact(json.dumps([" ".join(j) for j in jobs]))[:6000])
-        yield run_id
+        try:
+            yield run_id
+        finally:
+            describe_children(client, run_id, sweep_name(jobs))
+
+
+def describe_children(client: Any, parent: str, name: str) -> None:
+    """A parent run's description: its children's headline metrics side by side."""
+    experiment_id = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+    client.set_tag(parent, card.NOTE_TAG, card.sweep_card(name, children))

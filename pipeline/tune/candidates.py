@@ -18,7 +18,7 @@ from pipeline import validate
 from pipeline.config.schema import KVCacheDType, PipelineConfig, QuantFormat
 from pipeline.errors import ConfigError
 from pipeline.sizing import limits, perf, rules
-from pipeline.tracking import runs
+from pipeline.tracking import metrics
 
 KV_CHOICES = {"none": None, "fp8": KVCacheDType.fp8, "int8": KVCacheDType.int8}
 
@@ -78,7 +78,8 @@ class Candidate:
 
     def cost_per_million(self) -> float | None:
         """USD per million output tokens at the predicted load, where the target has a price."""
-        return runs.cost_per_million_tokens(self.cfg, self.prediction.output_tokens_per_s if self.prediction else None)
+        tokens_per_s = self.prediction.output_tokens_per_s if self.prediction else None
+        return metrics.cost_per_million_tokens(self.cfg, tokens_per_s)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.cfg

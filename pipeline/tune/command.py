@@ -98,9 +98,9 @@ def _record_trial(client: Any, trial: Trial) -> None:
             guess, got = predicted.get(key), point.get(key)
             if guess is None:
                 continue
-            metrics.append(Metric(f"predicted_{key}", float(guess), 0, int(c)))
+            metrics.append(Metric(f"predicted/{key}", float(guess), 0, int(c)))
             if got is not None and got == got:  # a load whose requests all failed has no residual
-                metrics.append(Metric(f"residual_{key}", float(got) - float(guess), 0, int(c)))
+                metrics.append(Metric(f"residual/{key}", float(got) - float(guess), 0, int(c)))
     client.log_batch(trial.run_id, metrics=metrics)
     client.set_tag(trial.run_id, "pipeline.tune_trial", str(trial.number))
     client.set_tag(trial.run_id, "pipeline.tune_gate", trial.gate)

@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.config.schema import PipelineConfig, SLOConfig
 from pipeline.stages.benchmark.report import slo_misses
 from pipeline.tables import aligned
-from pipeline.tracking import runs
+from pipeline.tracking import metrics
 from pipeline.tune import candidates as cands
 from pipeline.tune.search import Trial
 
@@ -33,7 +33,7 @@ class Outcome:
 def outcome(trial: Trial, candidate: cands.Candidate, cfg: PipelineConfig) -> Outcome:
     point = trial.operating_point(cfg.slo)
     per_gpu = float(point["output_tokens_per_s"]) / candidate.gpus if point else 0.0
-    cost = runs.cost_per_million_tokens(candidate.cfg, point["output_tokens_per_s"] if point else None)
+    cost = metrics.cost_per_million_tokens(candidate.cfg, point["output_tokens_per_s"] if point else None)
     why = None
     if trial.gate == "fail":
         failed = [t for t in trial.gate_tasks if not t.get("passed", True)] or trial.gate_tasks

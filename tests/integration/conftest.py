@@ -147,3 +147,68 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (port,) = free_ports(1)
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), port) as (url, _):
         yield url
+
+
+# The tracking tests' builds: small loads, an SLO, no evaluation (test_eval.py evaluates) and no
+# registration (test_registry.py registers; uploading SmolLM2's repository costs seconds).
+SECRET = "hf_pipelinetestsecret0123456789"
+SMALL_FP8 = (
+    "quant.kv_cache_dtype=null",
+    "quant.calib.num_samples=2",
+    "quant.calib.max_length=32",
+    "quant.eval_tokens=256",
+)
+
+
+def tracked_overrides(workdir: Path, store: Path) -> list[str]:
+    http, grpc, metrics = free_ports(3)
+    return [
+        f"workdir={workdir}",
+        "target=cpu",
+        f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+        "tracking.experiment=tests",
+        "benchmark.concurrency=[1,2]",
+        "benchmark.requests_per_point=3",
+        "benchmark.warmup_requests=1",
+        "workload.input_tokens=16",
+        "workload.output_tokens=6",
+        "slo.ttft_ms_p99=60000",
+        "eval=none",
+        "tracking.register=false",
+        f"triton.http_port={http}",
+        f"triton.grpc_port={grpc}",
+        f"triton.metrics_port={metrics}",
+    ]
+
+
+class TrackedSweep:
+    """A two-format sweep (``build -m quant=none,fp8``) of SmolLM2 recorded in a store of its own."""
+
+    def __init__(self, store: Path, overrides: list[str]):
+        self.store, self.overrides = store, overrides
+        self.uri = f"sqlite:///{store / 'mlflow.db'}"
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def runs(self) -> tuple[Any, dict[str, Any]]:
+        """The sweep's parent run and its children by format."""
+        client = self.client()
+        found = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        (parent,) = [r for r in found if r.data.tags.get("pipeline.sweep") == "true"]
+        return parent, {r.data.params["quant"]: r for r in found if r is not parent}
+
+
+@pytest.fixture(scope="package")
+def tracked_sweep(smollm2_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedSweep:
+    from tests.conftest import cli
+
+    store = tmp_path_factory.mktemp("mlflow")
+    overrides = [*tracked_overrides(smollm2_workdir, store), *SMALL_FP8]
+    # system metrics every second: the short builds here still sample a few times
+    env = {"HF_TOKEN": SECRET, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    result = cli("build", "-m", "quant=none,fp8", *overrides, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return TrackedSweep(store, overrides)

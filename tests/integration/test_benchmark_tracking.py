@@ -16,44 +16,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import cli, free_ports
+from tests.conftest import cli
+from tests.integration.conftest import SECRET, TrackedSweep, tracked_overrides
 
 pytestmark = pytest.mark.slow
-SECRET = "hf_pipelinetestsecret0123456789"
 ROOT = Path(__file__).parents[2]
 
 
-def _ports() -> list[str]:
-    ports = free_ports(3)
-    return [f"triton.http_port={ports[0]}", f"triton.grpc_port={ports[1]}", f"triton.metrics_port={ports[2]}"]
-
-
 def _common(workdir: Path, store: Path) -> list[str]:
-    return [
-        f"workdir={workdir}",
-        "target=cpu",
-        "quant=none",
-        f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-        "tracking.experiment=tests",
-        "benchmark.concurrency=[1,2]",
-        "benchmark.requests_per_point=3",
-        "benchmark.warmup_requests=1",
-        "workload.input_tokens=16",
-        "workload.output_tokens=6",
-        "slo.ttft_ms_p99=60000",
-        "eval=none",  # the benchmark and the runs are under test here (test_eval.py evaluates)
-        "tracking.register=false",  # test_registry.py registers; uploading the repository costs seconds
-        *_ports(),
-    ]
-
-
-@pytest.fixture(scope="module")
-def tracked(smollm2_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    store = tmp_path_factory.mktemp("mlflow")
-    overrides = _common(smollm2_workdir, store)
-    result = cli("build", *overrides, env={"HF_TOKEN": SECRET})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return store, overrides
+    return [*tracked_overrides(workdir, store), "quant=none"]
 
 
 def _client(store: Path):
@@ -62,8 +33,10 @@ def _client(store: Path):
     return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
 
 
-def test_benchmark_results_are_complete(tracked: tuple[Path, list[str]], smollm2_workdir: Path) -> None:
-    (folder,) = [p for p in smollm2_workdir.glob("benchmark/*") if (p / "benchmark.json").is_file()]
+def test_benchmark_results_are_complete(tracked_sweep: TrackedSweep) -> None:
+    _, children = tracked_sweep.runs()
+    client = tracked_sweep.client()
+    folder = Path(client.download_artifacts(children["none"].info.run_id, "benchmark"))
     points = json.loads((folder / "benchmark.json").read_text())
     assert [p["load"] for p in points] == ["c=1", "c=2"]
     for point in points:
@@ -77,10 +50,10 @@ def test_benchmark_results_are_complete(tracked: tuple[Path, list[str]], smollm2
     assert len(rows) == 2 and (folder / "latency_throughput.png").stat().st_size > 1000
 
 
-def test_run_params_metrics_and_artifacts_read_back(tracked: tuple[Path, list[str]]) -> None:
-    store, _ = tracked
-    client = _client(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+def test_run_params_metrics_and_artifacts_read_back(tracked_sweep: TrackedSweep) -> None:
+    client = tracked_sweep.client()
+    _, children = tracked_sweep.runs()
+    run = children["none"]
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert (params["model"], params["quant"], params["tp"], params["pp"], params["target"]) == (
@@ -91,10 +64,17 @@ def test_run_params_metrics_and_artifacts_read_back(tracked: tuple[Path, list[st
         "cpu",
     )
     metrics = run.data.metrics
-    assert metrics["c1_output_tokens_per_s"] > 0 and metrics["c2_ttft_ms_p99"] > 0
-    assert metrics["quality_kl_divergence_mean"] == 0
-    history = client.get_metric_history(run.info.run_id, "sweep_output_tokens_per_s")
+    assert metrics["load/c1/output_tokens_per_s"] > 0 and metrics["load/c2/ttft_ms_p99"] > 0
+    assert metrics["quality/kl_divergence_mean"] == 0 and metrics["stage/benchmark_seconds"] > 0
+    # the headline: the highest load's figures, under short names
+    for headline, detail in (("output_tok_s", "output_tokens_per_s"), ("ttft_p99_ms", "ttft_ms_p99"),
+                             ("itl_p50_ms", "itl_ms_p50"), ("goodput_req_s", "goodput_requests_per_s")):  # fmt: skip
+        assert metrics[headline] == pytest.approx(metrics[f"load/c2/{detail}"], rel=1e-3)
+    assert metrics["ppl_change_pct"] == 0 and 0.1 < metrics["server_peak_rss_gb"] < 16
+    assert "output_tok_s_per_gpu" not in metrics and "usd_per_mtok" not in metrics  # a CPU target, no price
+    history = client.get_metric_history(run.info.run_id, "sweep/output_tokens_per_s")
     assert sorted(m.step for m in history) == [1, 2]
+    assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
     assert run.data.tags["fingerprint.quantize"] and run.data.tags["pipeline.git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "job.log", "benchmark", "triton_repo", "quantize"} <= artifacts
@@ -104,41 +84,51 @@ def test_run_params_metrics_and_artifacts_read_back(tracked: tuple[Path, list[st
     assert "triton_repo/ensemble" in repo
 
 
-def test_no_secret_reaches_the_store(tracked: tuple[Path, list[str]], smollm2_workdir: Path) -> None:
-    store, _ = tracked
-    for folder in (store, smollm2_workdir):
+def test_runs_describe_themselves_and_their_data(tracked_sweep: TrackedSweep) -> None:
+    parent, children = tracked_sweep.runs()
+    fp8, none = children["fp8"], children["none"]
+    note = fp8.data.tags["mlflow.note.content"]
+    assert note.startswith("**smollm2-135m** · fp8 · tp1 pp1 · cpu · tensorrt backend")
+    assert "| output tok/s |" in note and "At c=2, the benchmark's highest load" in note
+    assert "**Quality**: perplexity" in note and "not evaluated (eval=none)" in note
+    assert f"get-artifact?path=benchmark%2Flatency_throughput.png&run_uuid={fp8.info.run_id}" in note
+    # the data each run read: the prompts alike, the calibration set only where something was calibrated
+    inputs = {quant: {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs} for quant, run in children.items()}
+    assert set(inputs["fp8"]) == {"calibration", "evaluation", "benchmark"}
+    assert set(inputs["none"]) == {"evaluation", "benchmark"}
+    assert inputs["fp8"]["benchmark"].digest == inputs["none"]["benchmark"].digest
+    assert inputs["fp8"]["calibration"].name == "builtin"
+    assert json.loads(inputs["fp8"]["calibration"].profile) == {"rows": 2, "tokens": 64}
+    # the sweep: named by what varies, never by the workdir, with its children side by side
+    assert parent.data.tags["mlflow.runName"] == "sweep: quant=none,fp8"
+    assert parent.info.status == "FINISHED" and fp8.info.status == none.info.status == "FINISHED"
+    table = parent.data.tags["mlflow.note.content"]
+    assert fp8.info.run_name in table and none.info.run_name in table and "| run | status | gate |" in table
+    experiment = tracked_sweep.client().get_experiment_by_name("tests")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert json.loads(experiment.tags["mlflow.sharedViewState.pipeline-headline"])["selectedColumns"][0] == (
+        "metrics.`output_tok_s`"
+    )
+
+
+def test_no_secret_reaches_the_store(tracked_sweep: TrackedSweep, smollm2_workdir: Path) -> None:
+    for folder in (tracked_sweep.store, smollm2_workdir):
         for file in folder.rglob("*"):
             if file.is_file() and file.stat().st_size < 50_000_000:
                 assert SECRET.encode() not in file.read_bytes(), file
 
 
-def test_compare_lists_the_run_sorted_and_filtered(tracked: tuple[Path, list[str]]) -> None:
-    _, overrides = tracked
-    uri = [o for o in overrides if o.startswith("tracking.uri=")]
-    result = cli("compare", *uri, "sort=-tok/s@c2")
+def test_compare_lists_the_runs_sorted_and_filtered(tracked_sweep: TrackedSweep) -> None:
+    uri = f"tracking.uri={tracked_sweep.uri}"
+    result = cli("compare", uri, "sort=-tok/s@c2")
     assert result.returncode == 0, result.stderr
-    header, row = result.stdout.splitlines()[:2]
+    header, *rows = result.stdout.splitlines()
     assert "tok/s@c1" in header and "TTFT p50@c1" in header and "ppl change %" in header
-    assert "smollm2-135m" in row and "FINISHED" in row
-    none = cli("compare", *uri, "filter=params.quant = 'fp8'")
-    assert none.returncode == 0 and "no runs" in none.stdout
-    bad = cli("compare", *uri, "sort=nope")
+    assert len(rows) == 2 and all("smollm2-135m" in row and "FINISHED" in row for row in rows)
+    only = cli("compare", uri, "filter=params.quant = 'fp8'")
+    assert only.returncode == 0 and len(only.stdout.splitlines()) == 2 and " fp8 " in only.stdout
+    bad = cli("compare", uri, "sort=nope")
     assert bad.returncode == 1 and "no column 'nope'" in bad.stderr
-
-
-def test_multirun_gives_a_parent_with_a_child_per_job(smollm2_workdir: Path, tmp_path: Path) -> None:
-    overrides = [*_common(smollm2_workdir, tmp_path), "benchmark=none"]  # the runs, not the load, matter here
-    result = cli("build", "-m", "triton.streaming=true,false", *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client = _client(tmp_path)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("pipeline.sweep") == "true"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert parent.info.status == "FINISHED"
-    # named by what varies, never by the workdir; the experiment opens on its runs in MLflow 3's UI
-    assert parent.data.tags["mlflow.runName"] == "sweep: triton.streaming=True,False"  # as Hydra expands it
-    assert client.get_experiment_by_name("tests").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_job_refused_at_validation_opens_no_run(smollm2_workdir: Path, tmp_path: Path) -> None:

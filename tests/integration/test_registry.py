@@ -50,6 +50,10 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         "backend": "tensorrt",
     }
     assert version.tags["accuracy_gate"] == "skipped"
+    # the version's page explains itself: the run's description, which names the version and how to serve it
+    assert version.description.startswith("**local** · none · tp1 pp1 · cpu")
+    assert f"serve it with `python -m pipeline serve model_uri=models:/{name}/{version.version}`" in version.description
+    assert version.description == client.get_run(version.run_id).data.tags["mlflow.note.content"]
     refused = cli("promote", f"run={version.run_id}", "alias=production", *overrides)
     assert refused.returncode == 1 and "was not evaluated" in refused.stderr and "force=true" in refused.stderr
     promoted = cli("promote", f"run={version.run_id}", "alias=production", "force=true", *overrides)

@@ -60,9 +60,9 @@ def test_tune_measures_registers_resumes_and_serves_the_winner(smollm2_workdir: 
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 1
     child = client.get_run(children[0].info.run_id)
-    history = client.get_metric_history(child.info.run_id, "predicted_itl_ms_p99")
+    history = client.get_metric_history(child.info.run_id, "predicted/itl_ms_p99")
     assert sorted(m.step for m in history) == [1, 2]  # one per load, step = concurrency
-    assert client.get_metric_history(child.info.run_id, "residual_itl_ms_p99")
+    assert client.get_metric_history(child.info.run_id, "residual/itl_ms_p99")
     assert child.data.tags["pipeline.tune_gate"] == "pass"
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.png", "deployment_card.md", "trials.txt"} <= names

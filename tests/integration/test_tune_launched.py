@@ -53,5 +53,5 @@ def test_tune_launches_a_batch_of_trials_through_a_launcher(
     (parent,) = [r for r in runs if r.data.tags.get("pipeline.tune") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert all(client.get_metric_history(c.info.run_id, "predicted_itl_ms_p99") for c in children)
+    assert all(client.get_metric_history(c.info.run_id, "predicted/itl_ms_p99") for c in children)
     assert client.get_model_version_by_alias("tune-launched", "tuned").run_id in {c.info.run_id for c in children}

@@ -33,6 +33,7 @@ from pipeline.config.schema import BenchTool, Endpoint, PipelineConfig, to_dict
 from pipeline.deploy import server, serving
 from pipeline.errors import StageError
 from pipeline.redact import url_without_credentials
+from pipeline.resources import measured
 from pipeline.stages.benchmark import aiperf, loadgen, report, workload
 from pipeline.workspace import StageWorkspace, installed_version
 
@@ -93,9 +94,12 @@ def _points(cfg: PipelineConfig) -> list[dict[str, Any]]:
     ]
 
 
-def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> list[dict[str, Any]]:
+def sweep(
+    cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every load point of ``cfg.benchmark`` against a ready server; tables and plot into ``out``.
-    With ``benchmark.tool=aiperf``, AIPerf measures each point after the pipeline does."""
+    With ``benchmark.tool=aiperf``, AIPerf measures each point after the pipeline does. Returns
+    the points and the prompts sent, described as a dataset."""
     from tqdm import tqdm
 
     bench, endpoint = cfg.benchmark, client.endpoint
@@ -105,10 +109,12 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
         warm = workload.prompts(tokenizer, bench.warmup_requests, cfg.workload, bench.seed + 1_000_000)
         loadgen.run_point(endpoint, warm, sampling, concurrency=bench.warmup_requests, timeout_s=bench.timeout_s)
     points: list[dict[str, Any]] = []
+    sent: list[str] = []
     for index, label in enumerate(_points(cfg)):
         ramp_up = bench.ramp_up and label["concurrency"] is not None
         count = bench.requests_per_point + (label["concurrency"] if ramp_up else 0)
         prompts = workload.prompts(tokenizer, count, cfg.workload, bench.seed + index)
+        sent += [prompt.text for prompt in prompts]
         bar = tqdm(total=len(prompts), desc=f"benchmark {label['load']}", unit="req")
 
         def done(measured: loadgen.Measured, bar: Any = bar) -> None:
@@ -152,7 +158,7 @@ def sweep(cfg: PipelineConfig, client: Client, tokenizer: Any, out: Path) -> lis
             log.info("%s: %s", label["load"], aiperf.summary(point))
             report.write_tables(points, out)
     report.plot(points, out / PLOT, f"{cfg.model.name} {cfg.quant.format} tp={cfg.parallel.tp}")
-    return points
+    return points, workload.described(cfg.workload, bench.seed, sent)
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,7 @@ def measure(
     stopped after it."""
     bench = cfg.benchmark
     openai = bench.endpoint is Endpoint.openai
+    usage: dict[str, Any] = {}  # the served processes' memory, when the sweep serves them here
     if url:
         tokenizer = _tokenizer(tokenizer_dir)
         if openai:
@@ -204,7 +211,7 @@ def measure(
             llmapi = bench.endpoint is Endpoint.llmapi or (target is not None and target.llmapi)
             default = target.entry_model if target else (ENGINE_MODEL if llmapi else "ensemble")
             endpoint = loadgen.Endpoint(Endpoint.llmapi if llmapi else Endpoint.triton, url, bench.model or default)
-        points = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
+        points, prompts = sweep(cfg, Client(endpoint, tokenizer_dir), tokenizer, out)
     else:
         assert target is not None, "without url= the benchmark serves a built repository"
         # the tokenizer (seconds of imports and loading) loads while the server starts
@@ -216,15 +223,19 @@ def measure(
                 ignore_eos = bench.ignore_eos and not (target.llmapi and served.frontend == "triton")
                 if bench.ignore_eos and not ignore_eos:
                     log.info("the LLM-API model has no input to ignore the end token: requests may end early")
-                points = sweep(cfg, Client(endpoint, tokenizer_dir, served.http_url, ignore_eos), tokenizer, out)
+                with measured(usage, "serving", interval_s=0.5, children=True):
+                    client = Client(endpoint, tokenizer_dir, served.http_url, ignore_eos)
+                    points, prompts = sweep(cfg, client, tokenizer, out)
     info = _client_info(endpoint, bench.tool)
     (out / CLIENT_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return {
         "points": points,
+        "datasets": [prompts],
         **info,
         "model": endpoint.model,
         "endpoint": str(endpoint.kind),
         "url": url_without_credentials(endpoint.url),
+        **({"server_peak_rss_mb": usage["serving"]["peak_rss_mb"]} if usage else {}),
     }
 
 

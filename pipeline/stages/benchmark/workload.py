@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline import textfiles
+from pipeline import datasets, textfiles
 from pipeline.assets import HELDOUT_TEXT
 from pipeline.config.schema import WorkloadConfig
 from pipeline.stages.benchmark.loadgen import Prompt
@@ -39,6 +39,16 @@ def synthetic(tokenizer: Any, count: int, work: WorkloadConfig, seed: int) -> li
         text = tokenizer.decode(exact)
         prompts.append(Prompt(text, len(tokenizer.encode(text, add_special_tokens=False)), n_out))
     return prompts
+
+
+def described(work: WorkloadConfig, seed: int, texts: list[str]) -> dict[str, Any]:
+    """The prompts a sweep sent, as the run's dataset input."""
+    if work.prompts_file:
+        name, source = Path(work.prompts_file).name, str(Path(work.prompts_file).expanduser().resolve())
+    else:
+        lengths = f"{work.input_tokens}/{work.output_tokens} tokens"
+        name, source = f"synthetic prompts {lengths}", f"pipeline/data/{HELDOUT_TEXT.name} (random cuts, seed {seed})"
+    return datasets.described("benchmark", name, source, texts)
 
 
 def from_file(path: str, tokenizer: Any, count: int, default_max_tokens: int) -> list[Prompt]:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import textfiles
+from pipeline import datasets, textfiles
 from pipeline.assets import CALIBRATION_TEXT, HELDOUT_TEXT
 from pipeline.errors import ConfigError
 from pipeline.sizing.calibration import BUILTIN, CalibrationSizes
@@ -57,6 +57,20 @@ def _cnn_dailymail(limit: int) -> list[str]:
     except Exception as error:  # network, auth or cache problems all mean the same to the user
         raise ConfigError(f"cannot load cnn_dailymail ({type(error).__name__}): {fix}") from error
     return [row["article"] for row in rows]
+
+
+def source_of(dataset: str) -> str:
+    """Where calibration text comes from, as the run's dataset input names it."""
+    if dataset == BUILTIN:
+        return f"pipeline/data/{CALIBRATION_TEXT.name}"  # shipped with the package
+    if dataset == "cnn_dailymail":
+        return "hf://datasets/abisee/cnn_dailymail@3.0.0"
+    return str(Path(dataset).expanduser().resolve())
+
+
+def described(context: str, dataset: str, source: str, rows: list[torch.Tensor]) -> dict[str, object]:
+    """The batches as the run's dataset input (the digest is over the token ids used)."""
+    return datasets.described(context, dataset, source, (row for batch in rows for row in batch.tolist()))
 
 
 def windows(token_ids: list[int], count: int, length: int) -> list[list[int]]:

@@ -28,9 +28,9 @@ from pipeline.artifacts import CHECKPOINT, QUALITY_JSON, TOKENIZER
 from pipeline.assets import HELDOUT_TEXT
 from pipeline.config.schema import Backend, PipelineConfig, QuantFormat, to_dict
 from pipeline.errors import StageError
+from pipeline.resources import measured
 from pipeline.sizing import calibration, memory
 from pipeline.stages.quantize import calib_data, placement, quality, recipes
-from pipeline.stages.quantize.costs import measured
 from pipeline.workspace import StageWorkspace, require_space
 
 NAME = "quantize"
@@ -281,6 +281,19 @@ def check_export(folder: Path, cfg: PipelineConfig) -> dict[str, Any]:
     return dict(actual)
 
 
+def _datasets(cfg: PipelineConfig, calib: list[Any], heldout: list[Any]) -> list[dict[str, Any]]:
+    """The text this stage read: the calibration set (quantized formats) and the held-out text
+    the quality report scored."""
+    found = []
+    if calib:
+        dataset = calibration.calibration_sizes(cfg).dataset
+        found.append(calib_data.described("calibration", dataset, calib_data.source_of(dataset), calib))
+    if heldout:
+        source = f"pipeline/data/{HELDOUT_TEXT.name}"
+        found.append(calib_data.described("evaluation", HELDOUT_TEXT.name, source, heldout))
+    return found
+
+
 def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -337,6 +350,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     return {
         "quality": report,
         "costs": costs,
+        "datasets": _datasets(cfg, calib_batches, eval_batches),
         "quant_algo": quantization.get("quant_algo"),
         "kv_cache_quant_algo": quantization.get("kv_cache_quant_algo"),
         "format": "unified_hf" if cfg.backend is Backend.pytorch else "tensorrt_llm",
