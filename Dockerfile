@@ -62,6 +62,7 @@ RUN pip list --format=freeze > /tmp/container-packages.txt \
         "tritonclient[grpc,http]>=2.51" "mlflow>=3.7" \
         "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "requests>=2.31" "datasets>=3" \
         "lm-eval[api]>=0.4.9,<0.5" "optuna>=4,<6" \
+        nvidia-ml-py \
  && (pip check > /tmp/conflicts-after.txt || true) \
  && ! grep -v "^No broken requirements" /tmp/conflicts-after.txt | grep -vxF -f /tmp/conflicts-before.txt
 

@@ -23,6 +23,19 @@ import pytest
 from pipeline.__main__ import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What the embedded model's tests share: its fetch (the GGUF conversion) and, through it, its
+# built stages and the Triton server that serves them. `make test` runs the suite with
+# `--dist loadgroup`: every test that uses them runs on one worker, so they are made once, and
+# the other tests take the other workers.
+SHARED_FIXTURES = {"smollm2_fetch"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+
+
 SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "PIPELINE_DEBUG")
 
 

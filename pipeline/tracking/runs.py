@@ -346,7 +346,7 @@ def job_run(cfg: PipelineConfig, parent_run_id: str | None = None, command: str 
             raise
         client.log_artifact(run_id, str(job_log))
         client.set_terminated(run_id, status="FINISHED")
-    log.info("in the MLflow UI: %s", ui.run_url(ui.base_url(tracking_uri(cfg)), experiment_id, run_id))
+    log.info("%s: %s", ui.where(tracking_uri(cfg)), ui.run_url(ui.base_url(tracking_uri(cfg)), experiment_id, run_id))
 
 
 def _end_failed(client: Any, cfg: PipelineConfig, run_id: str, job_log: Path, stopped_by: str | None) -> None:

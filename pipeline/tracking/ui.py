@@ -39,13 +39,28 @@ def answers(base: str, timeout_s: float = 2.0) -> bool:
 
 
 def view_state() -> str:
-    """The shared view: the headline metrics, then what the build was, as the table's columns;
+    """The shared view. The table: the headline metrics, then what the build was, as its columns;
     the runs sorted by throughput (a sort by a metric also lists a sweep's children beside the
-    others rather than folded under their parent)."""
+    others rather than folded under their parent). The charts: a first section of a bar chart
+    per headline metric (the UI would put unprefixed metrics after every prefixed section); the
+    UI adds the other sections after it."""
     columns = [f"metrics.`{name}`" for name in HEADLINE_NAMES] + [f"params.`{name}`" for name in SHAPE_PARAMS]
     columns.append("attributes.`Dataset`")  # the data each run read, by name and digest
-    # columnOrder: in this order (the table sorts a group's columns by name otherwise)
-    state = {"selectedColumns": columns, "columnOrder": columns, "orderByKey": columns[0], "orderByAsc": False}
+    section = {"uuid": "pipeline-headline", "name": "Headline", "display": True, "isReordered": False}
+    charts = [
+        {"uuid": f"pipeline-{name}", "type": "BAR", "metricSectionId": section["uuid"], "metricKey": name,
+         "isGenerated": False, "deleted": False}
+        for name in HEADLINE_NAMES
+    ]  # fmt: skip
+    state = {
+        "selectedColumns": columns,
+        "columnOrder": columns,  # in this order: the table sorts a group's columns by name otherwise
+        "orderByKey": columns[0],
+        "orderByAsc": False,
+        "compareRunSections": [section],
+        "compareRunCharts": charts,
+        "isAccordionReordered": True,  # sections the UI makes go after this one
+    }
     return json.dumps(state)
 
 
@@ -62,6 +77,13 @@ def base_url(tracking_uri: str) -> str:
     if urlsplit(tracking_uri).scheme in ("http", "https"):
         return url_without_credentials(tracking_uri).rstrip("/")
     return LOCAL_UI
+
+
+def where(tracking_uri: str) -> str:
+    """How to reach the UI the links point at."""
+    if base_url(tracking_uri) == LOCAL_UI:
+        return "in the MLflow UI (`python -m pipeline ui` serves it)"
+    return "in the MLflow UI"
 
 
 def runs_url(base: str, experiment_id: str) -> str:

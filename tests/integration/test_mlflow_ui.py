@@ -124,6 +124,12 @@ def test_a_compare_of_the_two_runs_offers_the_headline_metrics(
     # the plot starts on the first metric a run logged: the throughput, against what varies
     chosen = text[text.index("Parameters:") : text.index("Clear All")].split()
     assert chosen == ["Parameters:", "quant", "Metrics:", "output_tok_s"], chosen
+    # the runs page's chart view: a first section with a bar per headline metric, both runs in each
+    browser.get(links["tests"] + "&compareRunsMode=CHART")
+    text = _text_when(browser, "Headline", "System metrics", "ttft_p99_ms")
+    browser.save_screenshot(str(SHOTS / "charts.png"))
+    order = [text.index(shown) for shown in ("Headline", "output_tok_s", "ttft_p99_ms", "System metrics")]
+    assert order == sorted(order), text[:2000]
 
 
 def test_the_run_page_shows_the_card_with_its_plot(
