@@ -347,6 +347,10 @@ def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = N
     print(run_table.table(cfg, sort=sort, where=filter))
 
 
+# mlflow server can take many seconds to stop after SIGTERM; what it serves is in the store already
+UI_STOP_GRACE_S = 3
+
+
 def ui(cfg: PipelineConfig, port: str = "5000") -> None:
     """The MLflow UI on this config's tracking store, with links that open each experiment on its
     runs and the headline metrics: the store's own server for an HTTP store, else ``mlflow
@@ -372,7 +376,7 @@ def ui(cfg: PipelineConfig, port: str = "5000") -> None:
         _print_ui_links(cfg, base)
         server.wait_until_interrupted(running.alive, "the MLflow UI")
     finally:
-        running.stop()
+        running.stop(grace_s=UI_STOP_GRACE_S)
 
 
 def _print_ui_links(cfg: PipelineConfig, base: str) -> None:

@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = {"smollm2_fetch"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
