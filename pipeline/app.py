@@ -349,6 +349,10 @@ def compare(cfg: PipelineConfig, sort: str | None = None, filter: str | None = N
 
 # mlflow server can take many seconds to stop after SIGTERM; what it serves is in the store already
 UI_STOP_GRACE_S = 3
+# MLflow 3's server starts four job-runner processes (huey consumers for its GenAI scoring and trace
+# archival), each an interpreter with MLflow imported, polling all the while: the runs, charts and
+# registry need none of them
+NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def ui(cfg: PipelineConfig, port: str = "5000") -> None:
@@ -365,7 +369,7 @@ def ui(cfg: PipelineConfig, port: str = "5000") -> None:
         raise ConfigError(f"port {port} is in use (another MLflow UI?): give another one, e.g. port={int(port) + 1}")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1"]
     argv += ["--backend-store-uri", uri]
-    running = proc.Background(argv, cfg.workdir_path / "mlflow-ui.log")
+    running = proc.Background(argv, cfg.workdir_path / "mlflow-ui.log", env=NO_JOB_RUNNER)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

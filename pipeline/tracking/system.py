@@ -2,10 +2,12 @@
 memory where nvidia-ml-py finds a GPU, under ``system/``, sampled every few seconds while the job
 runs, so a compare view shows whether the quantization or the benchmark saturated the machine.
 
-MLflow's monitor logs each sample as it is taken; here the samples are held and logged when the
-job ends (with the times and steps they were taken at). A run's metrics are listed in the order
-they were first logged, and MLflow's compare view plots the first: that must be the build's
-throughput, logged when the build is recorded, not the CPU load of its first seconds.
+MLflow's monitor logs each sample as it is taken and asks the server for the run's status before
+each; here its samplers run in a loop of our own that asks nothing, and the samples are logged
+when the job ends (with the times and steps they were taken at). A run's metrics are listed in
+the order they were first logged, and MLflow's compare view plots the first: that must be the
+build's throughput, logged when the build is recorded, not the CPU load of its first seconds. And
+a tracking server that dies mid-job costs the samples, never seconds of the job's own ending.
 """
 
 from __future__ import annotations
@@ -32,23 +34,27 @@ def sampled(client: Any, run_id: str, tracking_uri: str) -> Iterator[None]:
     held: list[Metric] = []
 
     class Held(SystemMetricsMonitor):
-        def publish_metrics(self, metrics: dict[str, float]) -> None:
-            now = int(time.time() * 1000)
-            held.extend(
-                Metric(f"system/{key}", float(value), now, self._logging_step) for key, value in metrics.items()
-            )
-            self._logging_step += 1
-            for monitor in self.monitors:
-                monitor.clear_metrics()
+        def monitor(self) -> None:  # sample every interval until stopped; no server call
+            step = 0
+            while not self._shutdown_event.wait(self.sampling_interval):
+                self.collect_metrics()
+                now = int(time.time() * 1000)
+                metrics = self.aggregate_metrics()
+                held.extend(Metric(f"system/{key}", float(value), now, step) for key, value in metrics.items())
+                step += 1
+                for sampler in self.monitors:
+                    sampler.clear_metrics()
 
-    # its start and stop notes would crowd the job's log
+    # its start note would crowd the job's log
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = Held(run_id, sampling_interval=INTERVAL_S, tracking_uri=tracking_uri)
     monitor.start()
     try:
         yield
     finally:
-        monitor.finish()
+        monitor._shutdown_event.set()
+        if monitor._process is not None:
+            monitor._process.join()
         try:
             if held and reachable(tracking_uri, timeout_s=2):
                 for start in range(0, len(held), 1000):  # MLflow takes at most 1000 metrics per call

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from pipeline import app, runner, validate
+from pipeline.app import NO_JOB_RUNNER
 from pipeline.config import schema
 from pipeline.deploy import server
 from pipeline.stages import STAGES
@@ -118,8 +119,9 @@ def running_mlflow_server(folder: Path, port: int) -> Iterator[tuple[str, Any]]:
         "--artifacts-destination",
         str(folder / "artifacts"),
     ]
+    env = {**os.environ, **NO_JOB_RUNNER}
     with (folder / "server.log").open("ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def kill(sig: int = signal.SIGKILL) -> None:

@@ -63,7 +63,15 @@ def links(tracked_sweep: TrackedSweep) -> Iterator[dict[str, str]]:
     """`python -m pipeline ui` on the sweep's sqlite store: the links it prints, while it runs."""
     (port,) = free_ports(1)
     argv = [sys.executable, "-m", "pipeline", "ui", f"tracking.uri={tracked_sweep.uri}", f"port={port}"]
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C as in a terminal: a test before may have left SIGINT ignored, which a child inherits
+    process = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert process.stdout is not None
     found: dict[str, str] = {}
     deadline = time.monotonic() + 120
@@ -78,7 +86,11 @@ def links(tracked_sweep: TrackedSweep) -> Iterator[dict[str, str]]:
         yield found
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        try:
+            code = process.wait(timeout=60)
+        finally:
+            process.kill()  # a UI that ignored Ctrl-C must not outlive the test (its server dies with it)
+        assert code == 0
 
 
 def _text_when(driver: Any, *needles: str, timeout_s: float = 60) -> str:
