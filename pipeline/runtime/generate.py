@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .lora import Adapter
+
 PAD = 0  # any id works: padded positions are masked out of attention
 # Below this temperature sampling is greedy: dividing float32 logits by 1e-40 overflows them to inf
 # (and softmax of inf is NaN), and the distribution is one-hot long before that anyway.
@@ -66,6 +68,7 @@ class Request:
     return_generation_logits: bool = False  # keep each step's raw logits
     return_context_logits: bool = False  # keep the raw logits of every prompt position (in-flight only)
     guide: Guide | None = None  # guided decoding: only tokens its grammar allows
+    adapter: Adapter | None = None  # a LoRA adapter for this request alone (in-flight batching)
 
     @property
     def greedy(self) -> bool:
@@ -250,6 +253,8 @@ def generate(
 
     if not requests:
         return []
+    if any(r.adapter is not None for r in requests):
+        raise ValueError("LoRA adapters are applied by in-flight batching (the scheduler), not by a static batch")
     device = next(model.parameters()).device
     pad = PAD
     width = max(len(r.input_ids) for r in requests)

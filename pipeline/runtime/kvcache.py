@@ -24,6 +24,14 @@ import torch
 ROOT = b"kv"
 
 
+def prefix_root(adapter: str | None) -> bytes:
+    """Where a sequence's block names start: keys and values computed under a LoRA adapter differ
+    from the base model's, so a prefix is shared only among requests with the same adapter."""
+    if adapter is None:
+        return ROOT
+    return hashlib.blake2b(ROOT + b"|lora|" + adapter.encode(), digest_size=16).digest()
+
+
 def block_hashes(tokens: list[int], block_size: int, parent: bytes = ROOT) -> list[bytes]:
     """The name of each full block of ``tokens``: a hash chained over every token up to its end."""
     names = []
@@ -104,13 +112,14 @@ class KVCache:
     def used(self) -> int:
         return self.num_blocks - self.available
 
-    def cached_prefix(self, tokens: list[int]) -> list[int]:
-        """The blocks already holding a prefix of ``tokens``. The last token is never matched: its
-        logits are needed, so at least one position is always computed."""
+    def cached_prefix(self, tokens: list[int], root: bytes = ROOT) -> list[int]:
+        """The blocks already holding a prefix of ``tokens`` (computed from ``root``: see
+        ``prefix_root``). The last token is never matched: its logits are needed, so at least one
+        position is always computed."""
         if not self.reuse:
             return []
         found = []
-        for name in block_hashes(tokens[: len(tokens) - 1], self.block_size):
+        for name in block_hashes(tokens[: len(tokens) - 1], self.block_size, root):
             block = self.by_name.get(name)
             if block is None:
                 break

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import lora
 from .kvcache import BlockTable, KVCache
 
 
@@ -30,6 +31,7 @@ class Span:
     start: int  # positions already in the cache
     wants_logits: bool  # the span ends the sequence's known tokens: the next one is chosen from it
     all_logits: bool = False  # logits of every position, not only the last (context logits)
+    adapter: lora.Adapter | None = None  # the request's LoRA adapter, applied to its rows alone
 
     @property
     def stop(self) -> int:
@@ -98,6 +100,15 @@ class _Step:
             _Group(spans, [single[j] for j in members], self.offsets, cache) for members in by_length(widths)
         ]
         self.chunk_blocks = {i: torch.tensor(spans[i].table.blocks[: -(-spans[i].stop // size)]) for i in self.chunks}
+        # the rows of each adapter in the step (multi-LoRA: every request its own, or none)
+        rows: dict[str, list[int]] = {}
+        adapters: dict[str, lora.Adapter] = {}
+        for i, span in enumerate(spans):
+            if span.adapter is not None:
+                adapters[span.adapter.name] = span.adapter
+                rows.setdefault(span.adapter.name, []).extend(range(self.offsets[i], self.offsets[i + 1]))
+        self.adapters = [(adapters[name], torch.tensor(r, dtype=torch.long)) for name, r in rows.items()]
+        self.adapted_mlp = any(adapter.touches_mlp for adapter, _ in self.adapters)
 
 
 class _Group:
@@ -136,9 +147,11 @@ def _layer(layer: Any, index: int, hidden: torch.Tensor, step: _Step, cache: KVC
     attn, size, spans = layer.self_attn, step.size, step.spans
     tokens = len(step.ids)
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(tokens, -1, attn.head_dim).transpose(0, 1)  # [heads, tokens, dim]
-    k = attn.k_proj(x).view(tokens, -1, attn.head_dim).transpose(0, 1)
-    v = attn.v_proj(x).view(tokens, -1, attn.head_dim)
+    q = (
+        _proj(attn.q_proj, "q_proj", x, index, step).view(tokens, -1, attn.head_dim).transpose(0, 1)
+    )  # [heads, tokens, dim]
+    k = _proj(attn.k_proj, "k_proj", x, index, step).view(tokens, -1, attn.head_dim).transpose(0, 1)
+    v = _proj(attn.v_proj, "v_proj", x, index, step).view(tokens, -1, attn.head_dim)
     q, k = _rotate(q, k, step.cos, step.sin)
     keys, values = cache.keys[index], cache.values[index]  # [slots, kv_heads, dim]
     keys.index_copy_(0, step.writes, k.transpose(0, 1).to(keys.dtype))
@@ -167,8 +180,26 @@ def _layer(layer: Any, index: int, hidden: torch.Tensor, step: _Step, cache: KVC
             q[None, :, rows], k_seq, v_seq, attn_mask=mask, scale=attn.scaling, enable_gqa=True
         )
         out[:, rows] = attended[0]
-    hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(tokens, -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = hidden + _proj(attn.o_proj, "o_proj", out.transpose(0, 1).reshape(tokens, -1), index, step)
+    x = layer.post_attention_layernorm(hidden)
+    if not step.adapted_mlp:
+        return hidden + layer.mlp(x)
+    mlp = layer.mlp  # Llama's: down(act(gate(x)) * up(x)), each projection adapted on its rows
+    gated = mlp.act_fn(_proj(mlp.gate_proj, "gate_proj", x, index, step)) * _proj(
+        mlp.up_proj, "up_proj", x, index, step
+    )
+    return hidden + _proj(mlp.down_proj, "down_proj", gated, index, step)
+
+
+def _proj(linear: Any, name: str, x: torch.Tensor, index: int, step: _Step) -> torch.Tensor:
+    """A projection of the base model over every row, plus each adapter's low-rank update on its
+    own rows."""
+    out = linear(x)
+    for adapter, rows in step.adapters:
+        update = lora.delta(adapter, index, name, x.index_select(0, rows))
+        if update is not None:
+            out.index_add_(0, rows, update)
+    return out
 
 
 def _logit_rows(span: Span, offset: int) -> list[int]:

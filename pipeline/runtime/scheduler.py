@@ -38,7 +38,7 @@ import torch
 
 from .failures import CANCELLED, FORWARD_FAILED, QUEUE_FULL, QUEUE_TIMEOUT, SAMPLING_FAILED, SCHEDULER_DOWN
 from .generate import Request, Result, advance, seeded
-from .kvcache import BlockTable, KVCache
+from .kvcache import BlockTable, KVCache, prefix_root
 from .packed import Span, forward
 
 TokenCallback = Callable[[int, Result], None]  # the new token id, the result so far (with it)
@@ -111,6 +111,14 @@ class Sequence:
     paused: int = 0  # times it was paused for lack of cache (max_utilization)
     logits_bytes: int = 0  # its share of the logits budget, held until it ends
     chunked: bool = False  # its prompt is prefilled a chunk per step (longer than a step's budget)
+
+    def __post_init__(self) -> None:
+        self.table.chain = self.root
+
+    @property
+    def root(self) -> bytes:
+        """Where its blocks' names start: its adapter's own prefixes (see kvcache.prefix_root)."""
+        return prefix_root(self.request.adapter.name if self.request.adapter is not None else None)
 
     @property
     def tokens(self) -> list[int]:
@@ -425,6 +433,7 @@ class Scheduler:
             sequence.computed,
             wants_logits=stop == len(tokens),
             all_logits=in_prompt and sequence.request.return_context_logits,
+            adapter=sequence.request.adapter,
         )
 
     def _pause_latest(self, needy: Sequence) -> Sequence:
@@ -434,7 +443,7 @@ class Scheduler:
         victim = self.running[-1]
         self.running.remove(victim)
         self.cache.release(victim.table)
-        victim.table, victim.computed = BlockTable(), 0
+        victim.table, victim.computed = BlockTable(chain=victim.root), 0
         victim.paused += 1
         with self._wake:
             self.waiting.appendleft(victim)
@@ -453,7 +462,7 @@ class Scheduler:
             head = self.waiting[0]
             tokens = head.tokens
             # context logits need every prompt position computed, so such a request reuses nothing
-            cached = [] if head.request.return_context_logits else self.cache.cached_prefix(tokens)
+            cached = [] if head.request.return_context_logits else self.cache.cached_prefix(tokens, head.root)
             idle_cached = sum(1 for b in cached if self.cache.refs[b] == 0)
             free = self.cache.available - idle_cached
             if self.config.batch_scheduler_policy == "guaranteed_no_evict":

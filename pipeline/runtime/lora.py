@@ -1,0 +1,150 @@
+"""LoRA adapters for the reference runtime, applied per request in the packed forward pass.
+
+An adapter is what PEFT saves (``adapter_config.json`` and ``adapter_model.safetensors``): for
+some linear layers of the base model, two small matrices A [rank, in] and B [out, rank], and a
+scale (``lora_alpha / rank``, or ``/ sqrt(rank)`` with rsLoRA). A request with an adapter gets, at
+each such layer, ``base(x) + scale * (x @ A.T) @ B.T`` on its own rows of the packed step; the
+other rows (other adapters, or none) are untouched. This is what TensorRT-LLM's multi-LoRA
+kernels compute, one adapter per request in one batch, and, as there, the adapter stays in 16 or
+32 bits on a quantized base: the base layer runs as it is, quantization hooks included.
+
+Only what the engine path can serve is accepted: plain LoRA (no DoRA, no bias, no
+``modules_to_save``, one rank and alpha for every layer) on the decoder's attention and MLP
+projections. Like the rest of ``pipeline.runtime`` this module imports nothing from the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+MODULES = ATTENTION + MLP
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (a named adapter: ...lora_A.<name>.weight)
+KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter this runtime (and the engine path) cannot serve, said in one line."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One loaded adapter: per (layer, module), A [rank, in] and B [out, rank] with the scale
+    folded into B."""
+
+    name: str
+    rank: int
+    modules: frozenset[str]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def touches_mlp(self) -> bool:
+        return bool(self.modules & set(MLP))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The adapter's PEFT config, refused in one line when it is not plain LoRA on the
+    decoder's projections."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise AdapterError(f"{folder} has no {CONFIG}: give the folder PEFT's save_pretrained wrote")
+    config = json.loads(path.read_text())
+    problems = []
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        problems.append(f"it is a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("use_dora"):
+        problems.append("DoRA is not served (train with use_dora=False)")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']} trains biases the engine cannot add (use bias='none')")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']} replaces whole layers (leave it unset)")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern give layers their own rank or alpha (use one r and lora_alpha)")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        problems.append(f"target_modules={targets!r} is a pattern: list the modules, e.g. ['q_proj', 'v_proj']")
+    elif not set(targets) <= set(MODULES):
+        unknown = sorted(set(targets) - set(MODULES))
+        problems.append(f"target_modules {unknown} are not served (choose from {', '.join(MODULES)})")
+    if problems:
+        raise AdapterError(f"adapter {folder}: {'; '.join(problems)}")
+    return dict(config)
+
+
+def scale(config: dict[str, Any]) -> float:
+    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def load(folder: Path, name: str, dtype: torch.dtype = torch.float32) -> Adapter:
+    """The adapter in ``folder`` (PEFT's layout), its matrices in ``dtype``."""
+    from safetensors.torch import load_file
+
+    config = read_config(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise AdapterError(f"adapter {folder}: no {WEIGHTS} (pickled adapter_model.bin is not loaded)")
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(folder / WEIGHTS).items():
+        match = KEY.search(key)
+        if match is None:
+            raise AdapterError(f"adapter {folder}: {key} is not a LoRA matrix of a decoder projection")
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        found.setdefault((layer, module), {})[which] = tensor
+    factor = scale(config)
+    weights = {}
+    for where, pair in found.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"adapter {folder}: layer {where[0]} {where[1]} has lora_{''.join(pair)} alone")
+        weights[where] = (pair["A"].to(dtype).contiguous(), (pair["B"].to(torch.float32) * factor).to(dtype))
+    return Adapter(name, int(config["r"]), frozenset(m for _, m in weights), weights)
+
+
+def delta(adapter: Adapter, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
+    """``scale * (x @ A.T) @ B.T`` for rows ``x`` at ``layer``'s ``module`` (None: not adapted)."""
+    pair = adapter.weights.get((layer, module))
+    if pair is None:
+        return None
+    a, b = pair
+    return ((x.to(a.dtype) @ a.T) @ b.T).to(x.dtype)
+
+
+class AdapterCache:
+    """Loaded adapters by name, at most ``capacity`` of them (the least recently used is dropped
+    and loaded again when asked for): a bounded cache, like the backend's LoRA cache."""
+
+    def __init__(self, capacity: int, loader: Callable[[str], Adapter]):
+        self.capacity, self.loader = capacity, loader
+        self._loaded: OrderedDict[str, Adapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, name: str) -> Adapter:
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+        adapter = self.loader(name)  # outside the lock: loading takes a while
+        with self._lock:
+            self.loads += 1
+            self._loaded[name] = adapter
+            self._loaded.move_to_end(name)
+            while len(self._loaded) > self.capacity:
+                self._loaded.popitem(last=False)
+        return adapter
