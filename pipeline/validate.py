@@ -28,7 +28,7 @@ from pipeline.config.schema import (
 )
 from pipeline.errors import ConfigError
 from pipeline.redact import redact, register_secret_env
-from pipeline.sizing import calibration, limits, memory, rules
+from pipeline.sizing import adapters, calibration, limits, memory, rules
 from pipeline.stages.engine import trtllm
 
 
@@ -180,6 +180,7 @@ def validate(cfg: PipelineConfig, check_memory: bool = True) -> list[str]:
     problems += _triton_problems(cfg)
     problems += _benchmark_problems(cfg.benchmark)
     problems += _workload_problems(cfg)
+    problems += adapters.problems(cfg)
     problems += _tracking_problems(cfg.tracking.uri)
     problems += _host_problems(cfg)
     said = " ".join(problems)

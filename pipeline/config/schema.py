@@ -504,6 +504,24 @@ class ServeConfig:
     trtllm_serve_port: int = 8000  # frontend=trtllm-serve: its HTTP port (OpenAI API, /health, /metrics)
 
 
+@dataclass
+class AdapterConfig:
+    """One LoRA adapter served beside the base model: PEFT's ``save_pretrained`` folder."""
+
+    name: str = MISSING  # what requests ask for (the OpenAI API's model name)
+    path: str | None = None  # a local folder: adapter_config.json and adapter_model.safetensors
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters served per request on one base model (multi-LoRA), e.g.
+    ``lora.adapters='[{name: sql, path: /adapters/sql}]'``."""
+
+    adapters: list[AdapterConfig] = field(default_factory=list)
+    max_rank: int = 64  # the largest adapter rank the deployment takes (the engine's max_lora_rank)
+    cache_adapters: int = 8  # adapters held loaded at once; others are loaded again when asked for
+
+
 GPU_KV_FRACTION = 0.95  # kv_cache_free_gpu_mem_fraction's default on GPU targets (TritonConfig says why)
 CPU_KV_FRACTION = 0.9
 
@@ -523,6 +541,7 @@ class PipelineConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # tensorrt: engines built by trtllm-build; pytorch: TensorRT-LLM's PyTorch backend (>= 1.3), which
     # serves ModelOpt's unified checkpoint without a build step
     backend: Backend = Backend.tensorrt

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline.config.schema import Architecture, Backend, KVCacheDType, PipelineConfig, QuantFormat
-from pipeline.sizing import rules
+from pipeline.sizing import adapters, rules
 from pipeline.tables import aligned
 
 GIB = 2**30
@@ -46,6 +46,7 @@ class MemoryPlan:
     gpus: int
     gpu_memory_gib: float
     weights_gib_per_gpu: float
+    adapters_gib_per_gpu: float  # the LoRA cache: lora.cache_adapters of the largest adapters, split by tp
     activations_gib_per_gpu: float
     kv_bytes_per_token_total: int
     kv_bytes_per_token_per_gpu: int
@@ -122,8 +123,9 @@ def plan_for(
     tokens = build.tokens if max_num_tokens is None else max_num_tokens
     batch = build.batch if max_batch_size is None else max_batch_size
     activations = activation_bytes_per_gpu(arch, tp, tokens, batch)
+    lora_cache = adapters.cache_bytes(cfg) / tp
     total_kv, rank_kv = kv_bytes_per_token(arch, tp, pp, cfg.quant.kv_cache_dtype)
-    free = memory - weights - activations
+    free = memory - weights - activations - lora_cache
     kv_cache = max(0.0, free) * cfg.kv_cache_fraction
     tokens = int(kv_cache // rank_kv) if rank_kv else 0
     sequences = tokens // build.max_seq_len
@@ -142,6 +144,7 @@ def plan_for(
         gpus=tp * pp,  # this tp/pp, which need not be the configured one
         gpu_memory_gib=target.memory_gib or 0.0,
         weights_gib_per_gpu=weights / GIB,
+        adapters_gib_per_gpu=lora_cache / GIB,
         activations_gib_per_gpu=activations / GIB,
         kv_bytes_per_token_total=total_kv,
         kv_bytes_per_token_per_gpu=rank_kv,
@@ -279,6 +282,11 @@ def format_table(cfg: PipelineConfig) -> str:
         f"{cfg.target.name} ({cfg.target.memory_gib:g} GiB per GPU): {verdict} at tp={chosen.tp} pp={chosen.pp}: "
         f"{chosen.reason}. KV cache {total_kib:g} KiB per token across all ranks."
     )
+    if cfg.lora.adapters:
+        header += (
+            f" LoRA cache {chosen.adapters_gib_per_gpu * 1024:.3g} MiB per GPU (the {cfg.lora.cache_adapters} "
+            f"largest of {len(cfg.lora.adapters)} adapters, lora.cache_adapters)."
+        )
     return header + "\n" + "\n".join(lines)
 
 

@@ -83,6 +83,12 @@ def _model_yaml(cfg: PipelineConfig) -> Any:
 
 def preflight(cfg: PipelineConfig) -> list[str]:
     """GPU repositories of backend=pytorch copy upstream's LLM-API model: it must be at hand."""
+    if cfg.lora.adapters:  # checked and planned (plan shows them), not yet in a repository
+        return [
+            "lora.adapters: the repository does not ship adapters yet (the reference runtime applies them, "
+            "pipeline/runtime/lora.py; the Triton, gateway and engine paths are to come): build without "
+            "lora.adapters, or see them in `plan`"
+        ]
     if cfg.backend is Backend.pytorch and cfg.target.is_gpu and cfg.serve.frontend == "triton":
         problem = render.llmapi_model_problem(cfg)
         return [problem] if problem else []
