@@ -50,11 +50,20 @@ $(BROWSER_STAMP):
 demo: venv
 	$(PY) -m pipeline build
 
-# make test runs on both cores: the embedded model's tests (which share its fetch, its built stages,
-# one Triton server and a tracked sweep) all on one worker, so they are made once (tests/conftest.py
-# groups them), and every other test on the other worker beside them.
+# make test runs in two parts. First, on both cores, the tests that share nothing costly: the unit
+# tests (in-process and fast) and the integration modules that start only small processes and
+# servers of their own (the tiny model, a tracking server, a process tree). Then, on one worker,
+# the rest: they share a Triton server and the embedded model's stages, built once, and some
+# measure the server under load.
+PARALLEL_TESTS := tests/unit tests/integration/test_fetch_hub.py tests/integration/test_fetch_local.py \
+	tests/integration/test_launchers.py tests/integration/test_tracking_outage.py tests/integration/test_registry.py \
+	tests/integration/test_proc.py tests/integration/test_runner.py tests/integration/test_tracking_store.py \
+	tests/integration/test_loadgen_ramp.py tests/integration/test_beam_search.py \
+	tests/integration/test_lora_runtime.py
+
 test: venv aiperf browser
-	$(PY) -m pytest -n 2 --dist loadgroup tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -n 2 $(PARALLEL_TESTS)
+	$(PY) -m pytest tests/integration tests/gpu $(addprefix --ignore=,$(PARALLEL_TESTS))
 
 # The edit-test loop: everything but the tests marked slow (real Triton, the embedded model, the
 # full quantize matrix) and gpu, on two workers (these tests spend much of their time in

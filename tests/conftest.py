@@ -23,20 +23,6 @@ import pytest
 from pipeline.__main__ import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# What the embedded model's tests share: its fetch (the GGUF conversion) and, through it, its
-# built stages, the Triton server that serves them and a tracked sweep. `make test` runs the
-# suite on two workers with `--dist loadgroup`: every test that uses them runs on one worker, so
-# they are made once, and the other tests, which share nothing costly, take the other worker.
-# The embedded model's tests wait on servers much of the time (measured: 0.73 of a core), so the
-# rest runs beside them. A third worker was slower: torch's threads then spin against each other.
-SHARED_FIXTURES = {"smollm2_fetch"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
 SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "PIPELINE_DEBUG")
