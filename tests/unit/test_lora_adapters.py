@@ -93,6 +93,7 @@ def test_pickled_weights_and_bad_names_are_refused(tmp_path: Path) -> None:
     assert "no such folder" in _load(tmp_path, "{name: gone, path: /nonexistent}")[0]
 
 
+@pytest.mark.slow  # two whole commands
 def test_a_build_with_adapters_is_refused_before_any_work_until_the_repository_ships_them(tmp_path: Path) -> None:
     from tests.conftest import cli
 
