@@ -45,6 +45,7 @@ HEADLINE = (
     Headline("server_peak_rss_gb", "server memory GB", "peak resident memory of the served processes in the benchmark"),
 )
 HEADLINE_NAMES = tuple(h.name for h in HEADLINE)
+Series = list[tuple[str, float, int]]  # (name, value, step)
 SERIES = ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50")
 
 
@@ -107,13 +108,11 @@ def headline(
     return {name: float(f"{found[name]:.4g}") for name in HEADLINE_NAMES if _number(found.get(name))}
 
 
-def benchmark_metrics(
-    points: list[dict[str, Any]], cfg: PipelineConfig
-) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+def benchmark_metrics(points: list[dict[str, Any]], cfg: PipelineConfig) -> tuple[dict[str, float], Series]:
     """A sweep's points as ``load/<load>/<statistic>`` and, for closed-loop points, the
     ``sweep/<statistic>`` series (step = concurrency)."""
     flat: dict[str, float] = {}
-    series: list[tuple[str, float, int]] = []
+    series: Series = []
     for point in points:
         for key, value in point.items():
             if _number(value):

@@ -178,15 +178,12 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-Series = list[tuple[str, float, int]]  # (name, value, step)
-
-
 def _metrics(
     steps: list[Step], cfg: PipelineConfig, gate: dict[str, Any] | None
-) -> tuple[dict[str, float], dict[str, float], Series]:
+) -> tuple[dict[str, float], dict[str, float], metrics.Series]:
     """(headline, detail, series) of a build: see ``metrics``."""
     detail: dict[str, float] = {}
-    series: list[tuple[str, float, int]] = []
+    series: metrics.Series = []
     for step in steps:
         detail.update(metrics.stage_metrics(step.name, step.seconds, step.results or {}))
         point_flat, point_series = metrics.benchmark_metrics((step.results or {}).get("points", []), cfg)
@@ -299,9 +296,7 @@ class JobRun:
         for file in sorted(folder.glob("*.json*")):
             self.client.log_artifact(self.run_id, str(file), artifact_path="eval")
 
-    def _log_metrics(
-        self, headline: dict[str, float], detail: dict[str, float], series: list[tuple[str, float, int]]
-    ) -> None:
+    def _log_metrics(self, headline: dict[str, float], detail: dict[str, float], series: metrics.Series) -> None:
         """The headline metrics in a batch of their own, first: MLflow lists a run's metrics in
         the order they were first logged, and its compare view plots the first."""
         from mlflow.entities import Metric
