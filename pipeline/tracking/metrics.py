@@ -17,6 +17,7 @@ sorts under prefixes after them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,8 @@ def point_metric(load: str, statistic: str) -> str:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    """A real number worth a metric: not a flag, not NaN (a load whose requests all failed)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def highest_load(points: list[dict[str, Any]]) -> dict[str, Any] | None:
