@@ -116,6 +116,62 @@ def load(folder: Path, name: str, dtype: torch.dtype = torch.float32) -> Adapter
     return Adapter(name, int(config["r"]), frozenset(m for _, m in weights), weights)
 
 
+# TensorRT-LLM's names and ids of the projections (tensorrt_llm/lora_manager.py, and
+# hf_lora_convert.py in its Triton backend: gate_proj is its mlp_h_to_4h, up_proj its mlp_gate)
+BACKEND_MODULE = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_dense",
+    "gate_proj": "mlp_h_to_4h",
+    "down_proj": "mlp_4h_to_h",
+    "up_proj": "mlp_gate",
+}
+BACKEND_MODULE_ID = {"attn_q": 1, "attn_k": 2, "attn_v": 3, "attn_dense": 4, "mlp_h_to_4h": 5, "mlp_4h_to_h": 6,
+                     "mlp_gate": 7}  # fmt: skip
+
+
+def to_backend_tensors(adapter: Adapter, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter as the TensorRT-LLM backend's ``lora_weights`` [1, rows, width] and
+    ``lora_config`` [1, rows, 3] inputs: a row per (layer, projection), A [rank, in] then B
+    [out, rank] flattened, zero-padded to the widest row; its config row (module id, layer,
+    rank). The scale is folded into B, as the backend applies none of its own to these tensors."""
+    rows, config = [], []
+    for (layer, module), (a, b) in sorted(adapter.weights.items()):
+        rows.append(torch.cat([a.flatten(), b.flatten()]).to(dtype))
+        config.append([BACKEND_MODULE_ID[BACKEND_MODULE[module]], layer, a.shape[0]])
+    width = max(len(row) for row in rows)
+    weights = torch.stack([torch.nn.functional.pad(row, (0, width - len(row))) for row in rows])
+    return weights[None], torch.tensor(config, dtype=torch.int32)[None]
+
+
+def from_backend_tensors(
+    name: str, weights: torch.Tensor, config: torch.Tensor, model: Any, dtype: torch.dtype = torch.float32
+) -> Adapter:
+    """An adapter sent as the backend's ``lora_weights``/``lora_config`` (see
+    ``to_backend_tensors``), its matrices cut by ``model``'s projection sizes."""
+    by_id = {BACKEND_MODULE_ID[backend]: hf for hf, backend in BACKEND_MODULE.items()}
+    weights, config = weights.reshape(-1, weights.shape[-1]), config.reshape(-1, 3)
+    layers = model.model.layers
+    found: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for row, (module_id, layer, rank) in zip(weights, config.tolist(), strict=True):
+        module = by_id.get(module_id)
+        if module is None or not 0 <= layer < len(layers) or rank < 1:
+            raise AdapterError(f"lora_config row {[module_id, layer, rank]} names no projection of this model")
+        owner = layers[layer].self_attn if module in ATTENTION else layers[layer].mlp
+        linear = getattr(owner, module)
+        size_a, size_b = rank * linear.in_features, linear.out_features * rank
+        if size_a + size_b > row.numel():
+            raise AdapterError(
+                f"lora_weights row of layer {layer} {module} holds {row.numel()} values, needs {size_a + size_b}"
+            )
+        a = row[:size_a].reshape(rank, linear.in_features).to(dtype)
+        b = row[size_a : size_a + size_b].reshape(linear.out_features, rank).to(dtype)
+        found[(layer, module)] = (a, b)
+    ranks = {int(r) for r in config[:, 2].tolist()}
+    return Adapter(name, max(ranks), frozenset(m for _, m in found), found)
+
+
 def delta(adapter: Adapter, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
     """``scale * (x @ A.T) @ B.T`` for rows ``x`` at ``layer``'s ``module`` (None: not adapted)."""
     pair = adapter.weights.get((layer, module))
