@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import soak
 from pipeline.deploy.openai.triton_stream import triton_inputs
@@ -306,7 +307,9 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(
     assert served.generate(text_input=QUESTION, max_tokens=4)["text_output"]
 
 
-def _grpc_stream(served: Served, model: str, values: dict[str, Any], request_id: str = "1") -> list[Any]:
+def _grpc_stream(
+    served: Served, model: str, values: dict[str, Any], request_id: str = "1", extra_inputs: list[Any] | None = None
+) -> list[Any]:
     """Every response of one request over a gRPC stream (the last one ends it)."""
     import tritonclient.grpc as grpcclient
 
@@ -315,7 +318,8 @@ def _grpc_stream(served: Served, model: str, values: dict[str, Any], request_id:
     client.start_stream(callback=lambda result, error: received.put(error or result))
     responses = []
     try:
-        client.async_stream_infer(model, triton_inputs(values), request_id=request_id, enable_empty_final_response=True)
+        inputs = triton_inputs(values) + (extra_inputs or [])
+        client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
         while True:
             item = received.get(timeout=120)
             if isinstance(item, Exception):
@@ -445,7 +449,7 @@ def test_embedding_bias_words_steer_the_answer(served: Served) -> None:
 @pytest.mark.parametrize(
     ("model", "extra", "message"),
     [
-        ("ensemble", {"lora_task_id": 3}, "lora_task_id: LoRA adapters are not available on the CPU target"),
+        ("ensemble", {"lora_task_id": 3}, "LoRA task 3 is not loaded here: send its lora_weights and lora_config"),
         ("ensemble", {"beam_width": 9}, "beam_width=9 must lie in 1..4 (the engine's build.max_beam_width)"),
         ("ensemble", {"beam_width": 2, "return_generation_logits": True}, "not available with beam search"),
         ("tensorrt_llm_bls", {"num_draft_tokens": 4}, "num_draft_tokens: speculative decoding"),
@@ -577,3 +581,50 @@ def test_a_short_soak_with_a_burst_of_dropped_streams(served: Served) -> None:
     assert result["completed"] > 0
     assert result["checks"]["threads do not grow (< 10%)"], result["server_threads"]
     assert result["probes"] > 0
+
+
+def test_a_lora_adapter_sent_as_upstreams_clients_send_it_answers_as_the_reference_runtime(served: Served) -> None:
+    """lora_task_id with lora_weights and lora_config (the backend's layout) on first use, then the
+    task id alone: each answer is the reference runtime's with that adapter, and not the base's."""
+    import tritonclient.grpc as grpcclient
+
+    from pipeline.runtime import lora
+    from pipeline.runtime.scheduler import Scheduler, SchedulerConfig
+
+    model = load_model(served.final / "repository" / "tensorrt_llm" / "1" / "engine")
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for layer in range(len(model.model.layers)):  # rank 2 on q and v: a visible change
+        for module, out in (("q_proj", 576), ("v_proj", 192)):
+            a = torch.randn(2, 576, generator=generator) * 0.2
+            weights[(layer, module)] = (a, torch.randn(out, 2, generator=generator) * 0.2)
+    sent_weights, sent_config = lora.to_backend_tensors(lora.Adapter("x", 2, frozenset({"q_proj", "v_proj"}), weights))
+    adapter = lora.from_backend_tensors("41", sent_weights, sent_config, model)  # what the server gets, in fp16
+    ids = served.chat_ids(QUESTION)
+    scheduler = Scheduler(model, SchedulerConfig(max_batch_size=2, max_num_tokens=256, kv_cache_tokens=1024))
+    expected: list[int] = []
+    done = threading.Event()
+    scheduler.submit(
+        Request(ids, 8, end_id=served.tokenizer.eos_token_id, adapter=adapter),
+        lambda token, _: expected.append(token),
+        lambda _result: done.set(),
+        lambda error: pytest.fail(error),
+    )
+    while not done.is_set():
+        scheduler.step()
+    values = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": 8, "end_id": 2, "pad_id": 2,
+              "exclude_input_in_output": True, "lora_task_id": 41}  # fmt: skip
+    lora_inputs = []
+    for name, array in (("lora_weights", sent_weights.numpy()), ("lora_config", sent_config.numpy())):
+        tensor = grpcclient.InferInput(name, list(array.shape), "FP16" if name == "lora_weights" else "INT32")
+        tensor.set_data_from_numpy(array)
+        lora_inputs.append(tensor)
+    first = _grpc_stream(served, "tensorrt_llm", values, extra_inputs=lora_inputs)
+    again = _grpc_stream(served, "tensorrt_llm", values)  # the task id alone: the kept adapter
+    base = _grpc_stream(served, "tensorrt_llm", {k: v for k, v in values.items() if k != "lora_task_id"})
+    answers = [_output_ids(responses) for responses in (first, again, base)]
+    assert answers[0] == answers[1] == expected[: len(answers[0])] and answers[0] != answers[2]
+
+
+def _output_ids(responses: list[Any]) -> list[int]:
+    return [t for response in responses for t in response.as_numpy("output_ids").reshape(-1).tolist()]

@@ -25,6 +25,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from failure_codes import triton_error
 from guided import Grammars
 from inputs import Row, batch_size, embedding_bias, flag, refusals, scalar, tensor, text, word_list
+from reference_runtime import lora
 from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
 from reference_runtime.failures import CANCELLED, FORWARD_FAILED, SAMPLING_FAILED
@@ -66,6 +68,12 @@ class TritonPythonModel:
         self.max_beam_width = int(params["max_beam_width"])
         # beam search requests, one at a time beside the batch
         self.beams = BeamWorker(self.model, self.max_seq_len, self.max_input_len)
+        # LoRA adapters by task id, as upstream's backend keeps them: sent once with their
+        # lora_weights and lora_config, then asked for by lora_task_id alone (least recently used
+        # dropped past lora_cache_adapters)
+        self.adapters: OrderedDict[int, lora.Adapter] = OrderedDict()
+        self.adapters_lock = threading.Lock()
+        self.adapter_capacity = int(params.get("lora_cache_adapters") or 8)
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         # guided decoding through xgrammar with the repository's tokenizer (as the GPU backend's
@@ -158,7 +166,40 @@ class TritonPythonModel:
             embedding_bias=embedding_bias(request, self.vocab_size),
             return_generation_logits=flag(request, "return_generation_logits"),
             return_context_logits=flag(request, "return_context_logits"),
+            adapter=self._adapter(request),
         )
+
+    def _adapter(self, request: Any) -> lora.Adapter | None:
+        """The request's LoRA adapter: the one its lora_weights and lora_config carry (kept under
+        its lora_task_id for the requests after it), or the one kept under its lora_task_id."""
+        task = scalar(request, "lora_task_id", None)
+        weights, config = tensor(request, "lora_weights"), tensor(request, "lora_config")
+        if task is None:
+            if weights is not None or config is not None:
+                raise ValueError("lora_weights and lora_config need a lora_task_id to keep them under")
+            return None
+        task = int(task)
+        if weights is not None and config is not None:
+            adapter = lora.from_backend_tensors(
+                str(task), torch.from_numpy(np.ascontiguousarray(weights)), torch.from_numpy(config), self.model
+            )
+            with self.adapters_lock:
+                self.adapters[task] = adapter
+                self.adapters.move_to_end(task)
+                while len(self.adapters) > self.adapter_capacity:
+                    self.adapters.popitem(last=False)
+            return adapter
+        if weights is not None or config is not None:
+            raise ValueError("send lora_weights and lora_config together (or neither, to use a kept adapter)")
+        with self.adapters_lock:
+            adapter = self.adapters.get(task)
+            if adapter is not None:
+                self.adapters.move_to_end(task)
+        if adapter is None:
+            raise ValueError(
+                f"LoRA task {task} is not loaded here: send its lora_weights and lora_config with the request"
+            )
+        return adapter
 
     def _reply(self, request: Any) -> _Reply | None:
         """The request parsed, with its way back to the client; one that cannot be served is
@@ -186,6 +227,11 @@ class TritonPythonModel:
                 raise ValueError("; ".join(problems))
             prompts = [self._request(Row(request, row, batch)) for row in range(batch)]
             parsed = prompts[0]
+            if any(p.adapter is not None for p in prompts) and (self.scheduler is None or beam_width > 1):
+                raise ValueError(
+                    "LoRA adapters are applied by in-flight batching with beam_width=1 "
+                    "(triton.streaming=true, triton.cpu_batching=inflight)"
+                )
             if parsed.return_context_logits and self.scheduler is None:
                 raise ValueError("return_context_logits needs in-flight batching (triton.cpu_batching=inflight)")
         except Exception as error:
