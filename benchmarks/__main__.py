@@ -15,6 +15,9 @@ sizing (``benchmarks/sizing.py``): the engine limits the default preset sizes fo
 FP8 TP2 on H100 at three workloads, beside trtllm-bench's, and the performance model's throughput
 at them and at the old fixed batch of 64 (arithmetic only: no GPU needed).
 
+lora (``benchmarks/lora.py``): the CPU cost of LoRA adapters in a mixed in-flight batch: output
+tokens/s with none, half and all of 8 requests adapted.
+
 soak (``benchmarks/soak.py``, ``make soak``): 32 streams for 5 minutes with cancellations and a
 burst of 500 dropped streams; errors, memory and thread growth, and TTFT recovery, as checks.
 """
@@ -27,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import serving, sizing, soak
+from benchmarks import lora, serving, sizing, soak
 from pipeline import runner, validate
 from pipeline.stages import STAGES
 
@@ -92,10 +95,11 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     options = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     workdir = Path(options.get("workdir", "artifacts")).resolve()
-    chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving", "soak", "sizing")] or [
+    chosen = [a for a in sys.argv[1:] if a in ("quantize", "serving", "soak", "sizing", "lora")] or [
         "sizing",
         "quantize",
         "serving",
+        "lora",
     ]
     for name in chosen:
         out = workdir / "benchmarks" / f"{name}.json"
@@ -106,6 +110,10 @@ def main() -> None:
             print(f"\n{_table(rows)}")
         elif name == "quantize":
             rows = bench_quantize(workdir)
+            out.write_text(json.dumps(rows, indent=2) + "\n")
+            print(f"\n{_table(rows)}")
+        elif name == "lora":
+            rows = lora.bench_lora(workdir)
             out.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"\n{_table(rows)}")
         elif name == "soak":
