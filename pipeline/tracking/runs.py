@@ -456,7 +456,12 @@ def sweep_run(cfg: PipelineConfig, jobs: list[list[str]]) -> Iterator[str | None
 
 
 def describe_children(client: Any, parent: str, name: str) -> None:
-    """A parent run's description: its children's headline metrics side by side."""
-    experiment_id = client.get_run(parent).info.experiment_id
-    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
-    client.set_tag(parent, card.NOTE_TAG, card.sweep_card(name, children))
+    """A parent run's description: its children's headline metrics side by side (best effort: a
+    sweep's own outcome must not be hidden by a store that went away)."""
+    try:
+        experiment_id = client.get_run(parent).info.experiment_id
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+        client.set_tag(parent, card.NOTE_TAG, card.sweep_card(name, children))
+    except Exception as error:
+        first = redact(str(error).splitlines()[0] if str(error) else type(error).__name__)[:200]
+        log.warning("the sweep run %s got no description of its jobs (%s)", parent, first)

@@ -59,5 +59,5 @@ def sampled(client: Any, run_id: str, tracking_uri: str) -> Iterator[None]:
             if held and reachable(tracking_uri, timeout_s=2):
                 for start in range(0, len(held), 1000):  # MLflow takes at most 1000 metrics per call
                     client.log_batch(run_id, metrics=held[start : start + 1000])
-        except Exception as error:
+        except Exception as error:  # the samples are not worth the job's own outcome
             log.debug("the system metrics of run %s were not logged: %s", run_id, error)
