@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pipeline import artifacts, proc, runner
 from pipeline.config.schema import (
@@ -360,7 +359,7 @@ def ui(cfg: PipelineConfig, port: str = "5000") -> None:
     runs and the headline metrics: the store's own server for an HTTP store, else ``mlflow
     server`` started here on the workdir's sqlite store until Ctrl-C."""
     uri = runs.tracking_uri(cfg)
-    if urlsplit(uri).scheme in ("http", "https"):
+    if tracking_ui.is_server(uri):
         _print_ui_links(cfg, tracking_ui.base_url(uri))
         return
     if not port.isdigit() or not 0 < int(port) < 65536:

@@ -20,7 +20,6 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,6 @@ class Adapter:
     @property
     def touches_mlp(self) -> bool:
         return bool(self.modules & set(MLP))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -182,25 +177,24 @@ def delta(adapter: Adapter, layer: int, module: str, x: torch.Tensor) -> torch.T
 
 
 class AdapterCache:
-    """Loaded adapters by name, at most ``capacity`` of them (the least recently used is dropped
-    and loaded again when asked for): a bounded cache, like the backend's LoRA cache."""
+    """Loaded adapters by key (the backend's lora_task_id), at most ``capacity`` of them: the least
+    recently used is dropped, as the backend's LoRA cache drops it, and must be sent again."""
 
-    def __init__(self, capacity: int, loader: Callable[[str], Adapter]):
-        self.capacity, self.loader = capacity, loader
-        self._loaded: OrderedDict[str, Adapter] = OrderedDict()
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._kept: OrderedDict[int, Adapter] = OrderedDict()
         self._lock = threading.Lock()
-        self.loads = 0
 
-    def get(self, name: str) -> Adapter:
+    def put(self, key: int, adapter: Adapter) -> None:
         with self._lock:
-            if name in self._loaded:
-                self._loaded.move_to_end(name)
-                return self._loaded[name]
-        adapter = self.loader(name)  # outside the lock: loading takes a while
+            self._kept[key] = adapter
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.capacity:
+                self._kept.popitem(last=False)
+
+    def get(self, key: int) -> Adapter | None:
         with self._lock:
-            self.loads += 1
-            self._loaded[name] = adapter
-            self._loaded.move_to_end(name)
-            while len(self._loaded) > self.capacity:
-                self._loaded.popitem(last=False)
-        return adapter
+            adapter = self._kept.get(key)
+            if adapter is not None:
+                self._kept.move_to_end(key)
+            return adapter

@@ -5,6 +5,7 @@ from the safetensors header, nothing loaded). Also what the adapters weigh, for 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -35,9 +36,17 @@ def expected_shapes(arch: Architecture, module: str, rank: int) -> tuple[tuple[i
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    file = folder / lora.WEIGHTS
+    return _header_shapes(str(file.resolve()), file.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _header_shapes(path: str, _mtime_ns: int) -> dict[str, tuple[int, ...]]:
+    """Every matrix's shape, read once per version of the file (the memory plan asks for each tp
+    and each tune candidate)."""
     from safetensors import safe_open
 
-    with safe_open(folder / lora.WEIGHTS, "pt") as weights:  # the header only: nothing is loaded
+    with safe_open(path, "pt") as weights:  # the header only: nothing is loaded
         return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
 
 

@@ -27,23 +27,22 @@ from pipeline.config.schema import PipelineConfig
 @dataclass(frozen=True)
 class Headline:
     name: str  # the metric's name
-    label: str  # a column heading
-    meaning: str
+    label: str  # a column heading (what each means: docs/benchmarking.md, "What a run holds")
 
 
-# in the order the UI shows them
+# in the order the UI shows them; throughput and latency at the benchmark's highest load
 HEADLINE = (
-    Headline("output_tok_s", "output tok/s", "output tokens/s at the benchmark's highest load"),
-    Headline("output_tok_s_per_gpu", "tok/s per GPU", "the same, per GPU of the deployment (GPU targets)"),
-    Headline("ttft_p50_ms", "TTFT p50 ms", "median time to first token at that load"),
-    Headline("ttft_p99_ms", "TTFT p99 ms", "99th percentile time to first token at that load"),
-    Headline("itl_p50_ms", "ITL p50 ms", "median inter-token latency at that load"),
-    Headline("itl_p99_ms", "ITL p99 ms", "99th percentile inter-token latency at that load"),
-    Headline("goodput_req_s", "goodput req/s", "requests/s within every slo.* limit at that load (an SLO set)"),
-    Headline("accuracy_delta", "accuracy delta", "the worst task's accuracy change against the unquantized build"),
-    Headline("ppl_change_pct", "perplexity change %", "perplexity change of the quantization on held-out text"),
-    Headline("usd_per_mtok", "$ per 1M tokens", "cost per million output tokens at that load (targets with a price)"),
-    Headline("server_peak_rss_gb", "server memory GB", "peak resident memory of the served processes in the benchmark"),
+    Headline("output_tok_s", "output tok/s"),
+    Headline("output_tok_s_per_gpu", "tok/s per GPU"),
+    Headline("ttft_p50_ms", "TTFT p50 ms"),
+    Headline("ttft_p99_ms", "TTFT p99 ms"),
+    Headline("itl_p50_ms", "ITL p50 ms"),
+    Headline("itl_p99_ms", "ITL p99 ms"),
+    Headline("goodput_req_s", "goodput req/s"),
+    Headline("accuracy_delta", "accuracy delta"),
+    Headline("ppl_change_pct", "perplexity change %"),
+    Headline("usd_per_mtok", "$ per 1M tokens"),
+    Headline("server_peak_rss_gb", "server memory GB"),
 )
 HEADLINE_NAMES = tuple(h.name for h in HEADLINE)
 Series = list[tuple[str, float, int]]  # (name, value, step)

@@ -179,7 +179,7 @@ def params(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _metrics(
-    steps: list[Step], cfg: PipelineConfig, gate: dict[str, Any] | None
+    steps: list[Step], results: dict[str, dict[str, Any]], cfg: PipelineConfig, gate: dict[str, Any] | None
 ) -> tuple[dict[str, float], dict[str, float], metrics.Series]:
     """(headline, detail, series) of a build: see ``metrics``."""
     detail: dict[str, float] = {}
@@ -190,16 +190,11 @@ def _metrics(
         detail.update(point_flat)
         series += point_series
     detail.update(metrics.gate_metrics(gate))
-    results = _results(steps)
     bench = results.get("benchmark", {})
     headline = metrics.headline(
         cfg, bench.get("points", []), results.get("quantize", {}).get("quality"), gate, bench.get("server_peak_rss_mb")
     )
     return headline, detail, series
-
-
-def _results(steps: list[Step]) -> dict[str, dict[str, Any]]:
-    return {step.name: step.results or {} for step in steps}
 
 
 def _log_datasets(client: Any, run_id: str, found: list[dict[str, Any]]) -> None:
@@ -242,12 +237,12 @@ class JobRun:
         the accuracy gate's verdict and per-task comparisons (None: the build was not evaluated)."""
         for step in steps:
             self.client.set_tag(self.run_id, f"fingerprint.{step.name}", step.fingerprint)
-        headline, detail, series = _metrics(steps, cfg, gate)
+        results = {step.name: step.results or {} for step in steps}
+        headline, detail, series = _metrics(steps, results, cfg, gate)
         self.client.set_tag(self.run_id, registry.GATE_TAG, registry.gate_verdict(gate))
         if gate is not None:  # what the deployment's items were paired with
             for name in (artifacts.EVAL_JSON, artifacts.EVAL_ITEMS):
                 self.client.log_artifact(self.run_id, str(Path(gate["reference_dir"]) / name), "eval/reference")
-        results = _results(steps)
         sha = results.get("fetch", {}).get("revision_sha")
         if sha:  # hub models: the commit the revision resolved to
             self.client.log_param(self.run_id, "model_revision", sha)

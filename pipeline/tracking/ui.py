@@ -71,17 +71,22 @@ def ensure_view(client: Any, experiment_id: str, tags: dict[str, str]) -> None:
         client.set_experiment_tag(experiment_id, VIEW_TAG, state)
 
 
+def is_server(tracking_uri: str) -> bool:
+    """An MLflow tracking server, which serves its own UI (else a store `python -m pipeline ui` serves)."""
+    return urlsplit(tracking_uri).scheme in ("http", "https")
+
+
 def base_url(tracking_uri: str) -> str:
     """The UI's address: the tracking server's own, or `python -m pipeline ui`'s for a sqlite
     store (no credentials either way)."""
-    if urlsplit(tracking_uri).scheme in ("http", "https"):
+    if is_server(tracking_uri):
         return url_without_credentials(tracking_uri).rstrip("/")
     return LOCAL_UI
 
 
 def where(tracking_uri: str) -> str:
     """How to reach the UI the links point at."""
-    if base_url(tracking_uri) == LOCAL_UI:
+    if not is_server(tracking_uri):
         return "in the MLflow UI (`python -m pipeline ui` serves it)"
     return "in the MLflow UI"
 

@@ -148,38 +148,10 @@ def test_adapters_the_engine_path_cannot_serve_are_refused_in_one_line(
         generate(object(), [Request([1, 2], adapter=lora.load(adapters["sevens"], "sevens"))])
 
 
-def test_the_adapter_cache_is_bounded_and_reloads_what_it_dropped(adapters: dict[str, Path]) -> None:
-    cache = lora.AdapterCache(1, lambda name: lora.load(adapters[name], name))
-    first = cache.get("sevens")
-    assert cache.get("sevens") is first and cache.loads == 1
-    cache.get("elevens")
-    assert cache.get("sevens") is not first and cache.loads == 3  # one slot: sevens was dropped
-
-
-def test_the_backends_lora_tensors_carry_the_adapter_both_ways(tiny_engine: Path, adapters: dict[str, Path]) -> None:
-    """An adapter sent as upstream's clients send it (``lora_weights`` and ``lora_config``, the
-    layout of the backend's hf_lora_convert.py with the scale folded in) decodes as the adapter
-    read from PEFT's folder."""
-    model = load_model(tiny_engine)
-    elevens = lora.load(adapters["elevens"], "elevens")
-    weights, config = lora.to_backend_tensors(elevens, dtype=torch.float32)
-    rows = len(elevens.weights)  # 7 projections x the tiny model's layers
-    assert weights.shape[:2] == (1, rows) and config.shape == (1, rows, 3) and config.dtype == torch.int32
-    assert sorted({int(m) for m in config[0, :, 0]}) == [1, 2, 3, 4, 5, 6, 7]  # attn_q .. mlp_gate
-    assert {int(r) for r in config[0, :, 2]} == {4}
-    sent = lora.from_backend_tensors("elevens", weights, config, model)
-    for where, (a, b) in elevens.weights.items():
-        assert torch.equal(sent.weights[where][0], a) and torch.equal(sent.weights[where][1], b), where
-    answers = []
-    for adapter in (elevens, sent):
-        scheduler = Scheduler(model, SchedulerConfig(max_batch_size=2, max_num_tokens=64, kv_cache_tokens=512))
-        client = Client()
-        client.submit(scheduler, Request(list(PROMPTS[0]), max_new_tokens=5, adapter=adapter))
-        _run(scheduler, [client])
-        assert client.result is not None
-        answers.append(client.result.output_ids)
-    assert answers[0] == answers[1]
-    wrong = config.clone()
-    wrong[0, 0, 0] = 0  # attn_qkv: a fused projection this model does not have
-    with pytest.raises(lora.AdapterError, match="names no projection of this model"):
-        lora.from_backend_tensors("bad", weights, wrong, model)
+def test_the_adapter_cache_keeps_the_most_recently_used(adapters: dict[str, Path]) -> None:
+    sevens, elevens = lora.load(adapters["sevens"], "sevens"), lora.load(adapters["elevens"], "elevens")
+    cache = lora.AdapterCache(1)
+    cache.put(7, sevens)
+    assert cache.get(7) is sevens
+    cache.put(11, elevens)  # one slot: sevens is dropped and must be sent again
+    assert cache.get(7) is None and cache.get(11) is elevens

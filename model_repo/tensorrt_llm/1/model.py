@@ -25,7 +25,6 @@ import queue
 import sys
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,7 @@ class TritonPythonModel:
         # LoRA adapters by task id, as upstream's backend keeps them: sent once with their
         # lora_weights and lora_config, then asked for by lora_task_id alone (least recently used
         # dropped past lora_cache_adapters)
-        self.adapters: OrderedDict[int, lora.Adapter] = OrderedDict()
-        self.adapters_lock = threading.Lock()
-        self.adapter_capacity = int(params.get("lora_cache_adapters") or 8)
+        self.adapters = lora.AdapterCache(int(params.get("lora_cache_adapters") or 8))
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         # guided decoding through xgrammar with the repository's tokenizer (as the GPU backend's
@@ -183,18 +180,11 @@ class TritonPythonModel:
             adapter = lora.from_backend_tensors(
                 str(task), torch.from_numpy(np.ascontiguousarray(weights)), torch.from_numpy(config), self.model
             )
-            with self.adapters_lock:
-                self.adapters[task] = adapter
-                self.adapters.move_to_end(task)
-                while len(self.adapters) > self.adapter_capacity:
-                    self.adapters.popitem(last=False)
+            self.adapters.put(task, adapter)
             return adapter
         if weights is not None or config is not None:
             raise ValueError("send lora_weights and lora_config together (or neither, to use a kept adapter)")
-        with self.adapters_lock:
-            adapter = self.adapters.get(task)
-            if adapter is not None:
-                self.adapters.move_to_end(task)
+        adapter = self.adapters.get(task)
         if adapter is None:
             raise ValueError(
                 f"LoRA task {task} is not loaded here: send its lora_weights and lora_config with the request"
