@@ -42,6 +42,13 @@ REPO_TOKENIZER_DIR = "preprocessing/tokenizer"
 REPO_ENGINE_DIR = f"{ENGINE_MODEL}/1/engine"
 REPO_CHECKPOINT_DIR = f"{ENGINE_MODEL}/1/checkpoint"  # backend=pytorch: the unified checkpoint (and its tokenizer)
 REPO_MODEL_YAML = f"{ENGINE_MODEL}/1/model.yaml"  # backend=pytorch: the LLM API's arguments
+# the shipped LoRA adapters' PEFT files: .../lora/peft/<name>/, and their tensors for the engine, loaded
+# when it starts: .../lora/prefetch/<task id>/ (the backend's lora_prefetch_dir); inside the engine
+# model's version folder, as Triton takes every folder at the repository's top for a model
+REPO_LORA_PEFT_DIR = f"{ENGINE_MODEL}/1/lora/peft"
+REPO_LORA_PREFETCH_DIR = f"{ENGINE_MODEL}/1/lora/prefetch"
+LORA_WEIGHTS_NPY = "model.lora_weights.npy"  # an adapter's request tensors, as upstream's converter names them
+LORA_CONFIG_NPY = "model.lora_config.npy"
 REPO_XGRAMMAR_INFO = f"{ENGINE_MODEL}/1/xgrammar_tokenizer_info.json"  # the GPU backend's guided decoding
 
 

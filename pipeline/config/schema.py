@@ -510,12 +510,14 @@ class AdapterConfig:
 
     name: str = MISSING  # what requests ask for (the OpenAI API's model name)
     path: str | None = None  # a local folder: adapter_config.json and adapter_model.safetensors
+    source: str | None = None  # or a Hub repository (org/name) holding those two files
+    revision: str = "main"  # the Hub revision: resolved to a commit sha, which the repository records
 
 
 @dataclass
 class LoraConfig:
     """LoRA adapters served per request on one base model (multi-LoRA), e.g.
-    ``lora.adapters='[{name: sql, path: /adapters/sql}]'``."""
+    ``lora.adapters='[{name: sql, path: /adapters/sql}, {name: support, source: org/support-lora}]'``."""
 
     adapters: list[AdapterConfig] = field(default_factory=list)
     max_rank: int = 64  # the largest adapter rank the deployment takes (the engine's max_lora_rank)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline.config.schema import PipelineConfig, SchedulerPolicy
+from pipeline.sizing import adapters
 
 PINNED = "1.3"  # the release line these names were checked against
 # the line whose LLM API, model.yaml and Triton LLM-API model this path was written to (the
@@ -41,11 +42,13 @@ LLM_ARGS = {
     "scheduler_config",
     "cuda_graph_config",
     "guided_decoding_backend",
+    "lora_config",
 }
 NESTED_ARGS = {
     "kv_cache_config": {"free_gpu_memory_fraction", "enable_block_reuse", "max_tokens", "tokens_per_block", "dtype"},
     "scheduler_config": {"capacity_scheduler_policy"},
     "cuda_graph_config": {"enable_padding", "max_batch_size"},
+    "lora_config": {"max_lora_rank", "max_loras", "max_cpu_loras", "lora_target_modules"},
 }
 CAPACITY_POLICY = {
     SchedulerPolicy.guaranteed_no_evict: "GUARANTEED_NO_EVICT",
@@ -97,6 +100,15 @@ def options(cfg: PipelineConfig) -> dict[str, Any]:
         chosen["cuda_graph_config"] = {"enable_padding": True, "max_batch_size": build.batch}
     if triton.guided_decoding:
         chosen["guided_decoding_backend"] = "xgrammar"
+    if cfg.lora.adapters:
+        # requests name their adapter (LoRARequest: name, id, path); these bound what they may bring
+        # (tensorrt_llm/lora_helper.py's LoraConfig): max_loras on the GPU at once, max_cpu_loras in host memory
+        chosen["lora_config"] = {
+            "max_lora_rank": cfg.lora.max_rank,
+            "max_loras": cfg.lora.cache_adapters,
+            "max_cpu_loras": max(cfg.lora.cache_adapters, len(cfg.lora.adapters)),
+            "lora_target_modules": adapters.backend_modules(cfg),
+        }
     return chosen
 
 

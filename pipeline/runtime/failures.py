@@ -12,6 +12,9 @@ FORWARD_FAILED = "the forward pass failed"  # how an error of the server (not th
 SAMPLING_FAILED = "the engine failed on this request"  # a server error confined to one request
 SCHEDULER_DOWN = "the engine's scheduler is not running"  # refused at once: health says so too
 QUEUE_FULL = "Exceeds maximum queue size"  # Triton's own words for a full queue (clients match them)
+# upstream's words (PeftCacheManager) for a lora_task_id whose adapter is not loaded: clients match
+# them to send the adapter's weights with the request again
+LORA_NOT_CACHED = "not found in cache. Please send LoRA weights with request"
 QUEUE_TIMEOUT = "Request timeout expired"  # Triton's words for a request that waited past its queue timeout
 
 

@@ -6,6 +6,7 @@ from the safetensors header, nothing loaded). Also what the adapters weigh, for 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from pathlib import Path
@@ -90,17 +91,44 @@ def problems(cfg: PipelineConfig) -> list[str]:
             found.append(f"lora adapter name {adapter.name!r} is the base model's: give the adapter another")
         elif names.count(adapter.name) > 1:
             found.append(f"lora adapter name {adapter.name!r} is given twice: names pick adapters per request")
-        elif not adapter.path:
-            found.append(f"lora adapter {adapter.name}: give path=<folder PEFT's save_pretrained wrote>")
-        else:
+        elif bool(adapter.path) == bool(adapter.source):
+            found.append(
+                f"lora adapter {adapter.name}: give either path=<folder PEFT's save_pretrained wrote> "
+                "or source=<Hub repository>"
+            )
+        elif adapter.path:  # a Hub adapter is checked once downloaded, before the base model is
             found += adapter_problems(cfg, adapter.name, Path(adapter.path).expanduser())
     if cfg.lora.adapters and cfg.lora.cache_adapters < 1:
         found.append("lora.cache_adapters must be at least 1")
     return list(dict.fromkeys(found))
 
 
+def ranks(cfg: PipelineConfig) -> list[int]:
+    """The ranks of the adapters at hand (Hub adapters once downloaded)."""
+    found = []
+    for adapter in cfg.lora.adapters:
+        folder = Path(adapter.path or "").expanduser()
+        if adapter.path and (folder / lora.CONFIG).is_file():
+            found.append(int(json.loads((folder / lora.CONFIG).read_text()).get("r", 0)))
+    return found
+
+
+def backend_modules(cfg: PipelineConfig) -> list[str]:
+    """The projections the engine must take adapters on, under TensorRT-LLM's names: every one a
+    configured adapter adapts; all seven while any adapter's files are not at hand (a Hub adapter
+    before its download), so that whatever it adapts is served."""
+    modules: set[str] = set()
+    for adapter in cfg.lora.adapters:
+        folder = Path(adapter.path or "").expanduser()
+        if not (adapter.path and (folder / lora.CONFIG).is_file()):
+            return sorted(lora.BACKEND_MODULE.values())
+        modules |= set(json.loads((folder / lora.CONFIG).read_text()).get("target_modules") or [])
+    return sorted(lora.BACKEND_MODULE[m] for m in modules if m in lora.BACKEND_MODULE)
+
+
 def adapter_bytes(cfg: PipelineConfig) -> list[int]:
-    """What each adapter's matrices weigh as served (16 bits a value)."""
+    """What each adapter's matrices weigh as served (16 bits a value); Hub adapters count once
+    downloaded."""
     sizes = []
     for adapter in cfg.lora.adapters:
         folder = Path(adapter.path or "").expanduser()

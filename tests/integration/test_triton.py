@@ -449,7 +449,7 @@ def test_embedding_bias_words_steer_the_answer(served: Served) -> None:
 @pytest.mark.parametrize(
     ("model", "extra", "message"),
     [
-        ("ensemble", {"lora_task_id": 3}, "LoRA task 3 is not loaded here: send its lora_weights and lora_config"),
+        ("ensemble", {"lora_task_id": 3}, "LoRA task 3 not found in cache. Please send LoRA weights with request"),
         ("ensemble", {"beam_width": 9}, "beam_width=9 must lie in 1..4 (the engine's build.max_beam_width)"),
         ("ensemble", {"beam_width": 2, "return_generation_logits": True}, "not available with beam search"),
         ("tensorrt_llm_bls", {"num_draft_tokens": 4}, "num_draft_tokens: speculative decoding"),

@@ -40,7 +40,7 @@ from inputs import Row, batch_size, embedding_bias, flag, refusals, scalar, tens
 from reference_runtime import lora
 from reference_runtime.beam import beam_search
 from reference_runtime.checkpoint import load_model
-from reference_runtime.failures import CANCELLED, FORWARD_FAILED, SAMPLING_FAILED
+from reference_runtime.failures import CANCELLED, FORWARD_FAILED, LORA_NOT_CACHED, SAMPLING_FAILED
 from reference_runtime.generate import SEED_RANGE, Request, Result, generate
 from reference_runtime.kvcache import KVCache, budget_tokens
 from reference_runtime.scheduler import Scheduler, SchedulerConfig
@@ -71,6 +71,8 @@ class TritonPythonModel:
         # lora_weights and lora_config, then asked for by lora_task_id alone (least recently used
         # dropped past lora_cache_adapters)
         self.adapters = lora.AdapterCache(int(params.get("lora_cache_adapters") or 8))
+        if params.get("lora_prefetch_dir"):  # the repository's adapters, loaded before any request
+            self._prefetch(Path(args["model_repository"]).parent / params["lora_prefetch_dir"])
         # without decoupling Triton accepts exactly one response per request: no token streaming
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         # guided decoding through xgrammar with the repository's tokenizer (as the GPU backend's
@@ -166,6 +168,15 @@ class TritonPythonModel:
             adapter=self._adapter(request),
         )
 
+    def _prefetch(self, folder: Path) -> None:
+        """Adapters from the backend's ``lora_prefetch_dir``: a folder per task id (its name) with
+        ``model.lora_weights.npy`` and ``model.lora_config.npy``, the tensors a request would send."""
+        for task in sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+            weights, config = np.load(task / "model.lora_weights.npy"), np.load(task / "model.lora_config.npy")
+            adapter = lora.from_backend_tensors(task.name, torch.from_numpy(weights), torch.from_numpy(config),
+                                                self.model)  # fmt: skip
+            self.adapters.put(int(task.name), adapter)
+
     def _adapter(self, request: Any) -> lora.Adapter | None:
         """The request's LoRA adapter: the one its lora_weights and lora_config carry (kept under
         its lora_task_id for the requests after it), or the one kept under its lora_task_id."""
@@ -186,9 +197,7 @@ class TritonPythonModel:
             raise ValueError("send lora_weights and lora_config together (or neither, to use a kept adapter)")
         adapter = self.adapters.get(task)
         if adapter is None:
-            raise ValueError(
-                f"LoRA task {task} is not loaded here: send its lora_weights and lora_config with the request"
-            )
+            raise ValueError(f"LoRA task {task} {LORA_NOT_CACHED}")
         return adapter
 
     def _reply(self, request: Any) -> _Reply | None:

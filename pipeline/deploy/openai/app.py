@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.deploy.openai import scoring
+from pipeline.deploy.openai.adapters import ServedAdapter
 from pipeline.deploy.openai.errors import OpenAIError
 from pipeline.deploy.openai.health import engine_heartbeat_problem
 from pipeline.deploy.openai.limits import BodyLimit
@@ -65,6 +66,7 @@ class GatewaySettings:
     llmapi: LlmApiLayout | None = None  # set when the entry model is the LLM-API model of backend=pytorch
     tokenizer_dir: Path | None = None  # the served model's tokenizer: token-id prompts, echo scoring
     scoring_refused: str | None = None  # why echo with logprobs cannot be served here (None: it can)
+    adapters: dict[str, ServedAdapter] = field(default_factory=dict)  # LoRA adapters served by name
 
 
 Entry = EngineEntry | LlmApiEntry
@@ -175,8 +177,16 @@ class Choice:
 class Generation:
     """One OpenAI request's run through Triton: pieces in, per-choice text out, stop strings cut."""
 
-    def __init__(self, body: Sampling, values: dict[str, Any], settings: GatewaySettings, metrics: Metrics):
+    def __init__(
+        self,
+        body: Sampling,
+        values: dict[str, Any],
+        settings: GatewaySettings,
+        metrics: Metrics,
+        adapter: ServedAdapter | None = None,
+    ):
         self.body, self.values, self.settings, self.metrics = body, values, settings, metrics
+        self.adapter = adapter
         self.matchers = [StopMatcher(body.stops()) for _ in range(body.n)]
         self.choices = [Choice(log_probs=[] if values.get("return_log_probs") else None) for _ in range(body.n)]
         self.prompt_tokens = 0
@@ -187,7 +197,7 @@ class Generation:
         """(choice index, new text) as it comes; sets finish reasons and token counts. Closing
         this generator early closes the Triton stream, which cancels the request."""
         after_stop = 0
-        async with aclosing(entry.generate(self.values, uuid.uuid4().hex, self.body.stops())) as pieces:
+        async with aclosing(entry.generate(self.values, uuid.uuid4().hex, self.body.stops(), self.adapter)) as pieces:
             async for piece in pieces:
                 text = self._take(piece)
                 if text:
@@ -325,15 +335,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "owned_by": "pipeline",
             "max_model_len": settings.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        adapters = [adapter.card(settings.served_model) for adapter in settings.adapters.values()]
+        return {"object": "list", "data": [card, *adapters]}
 
     async def run(request: Request, body: ChatRequest | CompletionRequest, endpoint: str) -> Response:
         chat = isinstance(body, ChatRequest)
-        if body.model != settings.served_model:
-            raise OpenAIError(404, f"model {body.model!r} does not exist; this server serves {settings.served_model!r}",
+        adapter = settings.adapters.get(body.model)
+        if body.model != settings.served_model and adapter is None:
+            served = ", ".join(repr(name) for name in [settings.served_model, *settings.adapters])
+            raise OpenAIError(404, f"model {body.model!r} does not exist; this server serves {served}",
                               "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
         try:
             if isinstance(body, CompletionRequest) and body.scoring():
+                if adapter is not None:
+                    raise Unsupported(f"echo: prompts are scored by the base model only; ask {settings.served_model!r}")
                 return await _unless_client_leaves(request, scored(body))
             if isinstance(body, CompletionRequest) and not isinstance(body.prompts()[0], str):
                 body = body.model_copy(update={"prompt": [await tokenizer.decode(p) for p in body.prompts()]})
@@ -342,7 +357,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except Unsupported as error:
             raise OpenAIError(400, str(error), "invalid_request_error") from error
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        generation = Generation(body, values, settings, metrics)
+        generation = Generation(body, values, settings, metrics, adapter)
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         deltas = generation.deltas(entry)
@@ -382,7 +397,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "id": ident,
                 "object": kind,
                 "created": created,
-                "model": settings.served_model,
+                "model": body.model,
                 "choices": choices,
                 "usage": generation.usage(),
             }
@@ -505,7 +520,7 @@ async def _sse(
             "id": ident,
             "object": chunk_kind,
             "created": created,
-            "model": generation.settings.served_model,
+            "model": generation.body.model,
             "choices": choices,
         }
         if usage is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.deploy.openai.adapters import ServedAdapter, not_cached
 from pipeline.deploy.openai.protocol import Unsupported
 from pipeline.deploy.openai.triton_stream import Piece, TritonError, TritonStream, decode
 from pipeline.runtime.failures import CANCELLED
@@ -117,8 +118,28 @@ class EngineEntry:
     def __init__(self, stream: TritonStream):
         self.stream = stream
 
-    def generate(self, values: dict[str, Any], request_id: str, stops: list[str]) -> AsyncGenerator[Piece, None]:
-        return self.stream.generate(values, request_id)
+    async def generate(
+        self, values: dict[str, Any], request_id: str, stops: list[str], adapter: ServedAdapter | None = None
+    ) -> AsyncGenerator[Piece, None]:
+        """The request's pieces; with an adapter, by its task id, sent again once with its weights
+        if the engine no longer holds it (the error comes before any token)."""
+        if adapter is None:
+            async with aclosing(self.stream.generate(values, request_id)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            return
+        for with_weights in (False, True):
+            started = False
+            try:
+                inputs = {**values, **adapter.engine_inputs(with_weights)}
+                async with aclosing(self.stream.generate(inputs, request_id)) as pieces:
+                    async for piece in pieces:
+                        started = True
+                        yield piece
+                return
+            except TritonError as error:
+                if started or with_weights or not not_cached(str(error)):
+                    raise
 
 
 class LlmApiEntry:
@@ -139,8 +160,14 @@ class LlmApiEntry:
             prompt = str(values["text_input"])
         return prompt, inputs
 
-    async def generate(self, values: dict[str, Any], request_id: str, stops: list[str]) -> AsyncGenerator[Piece, None]:
+    async def generate(
+        self, values: dict[str, Any], request_id: str, stops: list[str], adapter: ServedAdapter | None = None
+    ) -> AsyncGenerator[Piece, None]:
         prompt, inputs = self.prepare(values, stops)
+        if adapter is not None:  # the LLM API loads it from PEFT's folder in the repository
+            if "lora_path" not in self.layout.inputs:
+                raise Unsupported(f"model {adapter.name!r}: the LLM-API model here takes no LoRA adapters")
+            inputs.update(adapter.llmapi_inputs())
         # off the event loop: a long prompt takes milliseconds to tokenize, and every stream waits on the loop
         prompt_tokens = len(await asyncio.to_thread(self.tokenizer.encode, prompt))
         n, seed = int(values.get("num_return_sequences", 1)), values.get("seed")

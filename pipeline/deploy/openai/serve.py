@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import REPO_CHECKPOINT_DIR, REPO_TOKENIZER_DIR, REPOSITORY_JSON
 from pipeline.config.schema import OpenAIConfig
+from pipeline.deploy.openai import adapters
 from pipeline.deploy.openai.app import GatewaySettings, create_app
 from pipeline.deploy.openai.llmapi_entry import LlmApiLayout
 from pipeline.errors import StageError
@@ -60,6 +61,7 @@ def settings_for(
         llmapi=layout,
         tokenizer_dir=tokenizer_dir,
         scoring_refused=refused,
+        adapters=adapters.from_repository(repo),
     )
 
 
@@ -122,5 +124,6 @@ def start(openai: OpenAIConfig, host: str, settings: GatewaySettings, timeout_s:
             )
         time.sleep(0.05)
     url = f"http://{bind}:{openai.port}/v1"
-    log.info("OpenAI-compatible API at %s (model %s, via %s)", url, settings.served_model, settings.entry_model)
+    served = ", ".join([settings.served_model, *settings.adapters])
+    log.info("OpenAI-compatible API at %s (models %s, via %s)", url, served, settings.entry_model)
     return Gateway(url, server, thread)

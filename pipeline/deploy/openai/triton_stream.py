@@ -56,6 +56,11 @@ def triton_inputs(values: dict[str, Any], batched: bool = True) -> list[Any]:
 
     inputs = []
     for name, value in values.items():
+        if isinstance(value, np.ndarray):  # a tensor sent as it is (a LoRA adapter's weights), batch dim included
+            tensor = InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+            continue
         items = value if isinstance(value, list) else [value]
         if isinstance(items[0], str):
             array = np.array([[item.encode() for item in items]], dtype=object)

@@ -52,6 +52,7 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
         "sm": cfg.target.sm,
         "tp": cfg.parallel.tp,
         "pp": cfg.parallel.pp,
+        **({"lora": trtllm.lora_flags(cfg)} if cfg.lora.adapters else {}),
     }
 
 

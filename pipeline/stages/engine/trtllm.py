@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.assets import TRTLLM_BUILD_FLAGS
 from pipeline.config.schema import KVCacheDType, PipelineConfig, QuantFormat
+from pipeline.sizing import adapters
 from pipeline.sizing.rules import FP8_MIN_SM, LLAMA_FAMILY
 
 # The release lines with trtllm-build and the Triton tensorrtllm backend: 1.3 removed the engine
@@ -54,6 +55,9 @@ OWNED = (
     "--workers",
     "--input_timing_cache",
     "--output_timing_cache",
+    "--lora_plugin",
+    "--max_lora_rank",
+    "--lora_target_modules",
 )
 
 
@@ -172,7 +176,18 @@ def build_argv(cfg: PipelineConfig, checkpoint_dir: Path, output_dir: Path, timi
     ]
     if timing_cache is not None:
         argv += ["--input_timing_cache", str(timing_cache), "--output_timing_cache", str(timing_cache)]
-    return argv + list(build.extra_args)
+    return argv + lora_flags(cfg) + list(build.extra_args)
+
+
+def lora_flags(cfg: PipelineConfig) -> list[str]:
+    """The LoRA plugin for ``lora.adapters``, as upstream's multi-LoRA guide builds it: the plugin in
+    the model's dtype, adapters of rank up to ``lora.max_rank`` on every projection one of them
+    adapts. The adapters themselves are not built in (no ``--lora_dir``): requests bring them, and
+    the repository's ``lora_prefetch_dir`` loads the shipped ones when the server starts."""
+    if not cfg.lora.adapters:
+        return []
+    modules = adapters.backend_modules(cfg)
+    return ["--lora_plugin", "auto", "--max_lora_rank", str(cfg.lora.max_rank), "--lora_target_modules", *modules]
 
 
 def switch_problems(cfg: PipelineConfig) -> list[str]:

@@ -15,11 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline import hub
 from pipeline.artifacts import CHECKPOINT
 from pipeline.config.schema import PipelineConfig, Source, to_dict
 from pipeline.errors import FetchError
 from pipeline.sizing import memory, rules
-from pipeline.stages.fetch import gguf, hub
+from pipeline.stages.fetch import gguf
 from pipeline.workspace import StageWorkspace, file_identity, link_or_copy
 
 NAME = "fetch"

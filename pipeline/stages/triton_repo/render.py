@@ -19,6 +19,7 @@ from pipeline.artifacts import (
     ENGINE_MODEL,
     REPO_CHECKPOINT_DIR,
     REPO_ENGINE_DIR,
+    REPO_LORA_PREFETCH_DIR,
     REPO_TOKENIZER_DIR,
     REPO_XGRAMMAR_INFO,
 )
@@ -26,7 +27,10 @@ from pipeline.assets import RUNTIME_DIR, TEMPLATES_DIR
 from pipeline.config.schema import Backend, CpuBatching, Expose, PipelineConfig
 from pipeline.deploy import llmapi
 from pipeline.errors import StageError
+from pipeline.sizing import adapters as adapters_sizing
 
+LORA_GPU_FRACTION = 0.05  # the backend's default share of free GPU memory for the LoRA cache
+LORA_HOST_BYTES = 2**30  # the backend's default host LoRA cache
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CPU_QUEUE_DELAY_US = 50_000
 LLMAPI_TEMPLATES = TEMPLATES_DIR / "llmapi"  # backend=pytorch: upstream's one-model LLM-API layout
@@ -99,6 +103,8 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
             # guided decoding through xgrammar with the repository's tokenizer, as the GPU backend names it
             "guided_decoding_backend": "xgrammar" if triton.guided_decoding else "",
             "tokenizer_dir": REPO_TOKENIZER_DIR,
+            "lora_cache_adapters": str(cfg.lora.cache_adapters),  # adapters kept loaded (LRU)
+            **({"lora_prefetch_dir": REPO_LORA_PREFETCH_DIR} if cfg.lora.adapters else {}),
         }
     return {
         "gpt_model_type": str(triton.batching_strategy),
@@ -113,6 +119,27 @@ def engine_parameters(cfg: PipelineConfig) -> dict[str, str]:
         "tokenizer_dir": "",
         "guided_decoding_backend": "xgrammar" if triton.guided_decoding else "",
         "xgrammar_tokenizer_info_path": REPO_XGRAMMAR_INFO if triton.guided_decoding else "",
+        **lora_cache_parameters(cfg),
+    }
+
+
+def lora_cache_parameters(cfg: PipelineConfig) -> dict[str, str]:
+    """The GPU backend's LoRA cache (its names, model_instance_state.cc), sized in rank-1 layers:
+    a page fits the largest configured adapter's layer (``lora_cache_optimal_adapter_size``) and at
+    least one layer of the largest rank the engine takes (``..._max_adapter_size``, the engine's
+    max_lora_rank); the host cache holds every configured adapter, the GPU cache the backend's
+    default share. Absent without adapters, leaving the backend's defaults."""
+    if not cfg.lora.adapters:
+        return {}
+    ranks = adapters_sizing.ranks(cfg) or [cfg.lora.max_rank]
+    host = sum(adapters_sizing.adapter_bytes(cfg))
+    return {
+        "lora_cache_optimal_adapter_size": str(max(ranks)),
+        "lora_cache_max_adapter_size": str(cfg.lora.max_rank),
+        "lora_cache_gpu_memory_fraction": str(LORA_GPU_FRACTION),
+        # 16-bit values, every adapter at once (Hub adapters count once downloaded), and at least the default
+        "lora_cache_host_memory_bytes": str(max(host, LORA_HOST_BYTES)),
+        "lora_prefetch_dir": REPO_LORA_PREFETCH_DIR,  # the shipped adapters, loaded when the model starts
     }
 
 

@@ -3,7 +3,8 @@
 Reads: the engine stage's ``engine/``, the quantize stage's ``tokenizer/``; ``triton.*`` and the
 engine limits ``build.max_batch_size|max_input_len|max_seq_len``.
 Writes: ``repository/`` (preprocessing, tensorrt_llm, postprocessing, and the ensemble and/or
-tensorrt_llm_bls) and ``repository.json`` (models, entry model, target, limits).
+tensorrt_llm_bls; the LoRA adapters in ``tensorrt_llm/1/lora/``, see ``adapters``) and ``repository.json``
+(models, entry model, target, limits, adapters).
 
 The repository differs between targets only in the engine model: Triton's ``tensorrtllm`` backend
 on GPU targets, a python model running the reference runtime on the CPU target. Engine and
@@ -35,7 +36,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config.schema import Backend, PipelineConfig, to_dict
 from pipeline.errors import StageError
-from pipeline.stages.triton_repo import render
+from pipeline.stages.triton_repo import adapters, render
 from pipeline.workspace import StageWorkspace, link_or_copy
 
 NAME = "triton_repo"
@@ -74,6 +75,7 @@ def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
         "rendered": hashlib.sha256(rendered.encode()).hexdigest()[:16],
         "sampling_defaults": dict(cfg.model.sampling_defaults),
         **({"backend": str(cfg.backend)} if cfg.backend is Backend.pytorch else {}),
+        **({"lora": adapters.depends_on(cfg)} if cfg.lora.adapters else {}),
     }
 
 
@@ -82,17 +84,13 @@ def _model_yaml(cfg: PipelineConfig) -> Any:
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
-    """GPU repositories of backend=pytorch copy upstream's LLM-API model: it must be at hand."""
-    if cfg.lora.adapters:  # checked and planned (plan shows them), not yet in a repository
-        return [
-            "lora.adapters: the repository does not ship adapters yet (the reference runtime applies them, "
-            "pipeline/runtime/lora.py; the Triton, gateway and engine paths are to come): build without "
-            "lora.adapters, or see them in `plan`"
-        ]
+    """Hub LoRA adapters downloaded and checked; GPU repositories of backend=pytorch copy upstream's
+    LLM-API model: it must be at hand."""
+    problems = adapters.preflight(cfg)
     if cfg.backend is Backend.pytorch and cfg.target.is_gpu and cfg.serve.frontend == "triton":
         problem = render.llmapi_model_problem(cfg)
-        return [problem] if problem else []
-    return []
+        problems += [problem] if problem else []
+    return problems
 
 
 def _link_tree(source: Path, target: Path) -> int:
@@ -168,6 +166,7 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
         "context_logits": cfg.backend is Backend.tensorrt
         and (not cfg.target.is_gpu or "--gather_context_logits" in cfg.build.extra_args),
         "engine_files": engine_files,
+        "adapters": adapters.ship(cfg, repo) if cfg.lora.adapters else [],
     }
     text = json.dumps(info, indent=2) + "\n"
     (ws.out / REPOSITORY_JSON).write_text(text)

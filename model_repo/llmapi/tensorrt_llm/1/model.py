@@ -10,10 +10,12 @@ generated text in ``text_output`` (cumulative when streaming, as the LLM API's `
 ``finish_reason`` (stop, length, cancelled), ``stop_reason`` (the stop string, else "None") and
 ``cumulative_logprob`` when asked for, and with ``sampling_param_return_perf_metrics`` the KV cache
 counters and request timings. A ``stop`` request cancels the running request with its request id.
-What the reference runtime cannot do (images, LoRA, best_of) is refused with an error naming the
-input. Stop strings are matched on the text, across token boundaries, and left out of it. Beyond
-upstream's inputs it takes the engine path's ``guided_decoding_guide_type``/``guided_decoding_guide``
-(declared with triton.guided_decoding, compiled by xgrammar as there), so the OpenAI gateway serves
+LoRA adapters come as the LLM API's LoRARequest names them (``lora_id``, ``lora_name``,
+``lora_path``: PEFT's folder), applied per request in the in-flight batch. What the reference
+runtime cannot do (images, best_of) is refused with an error naming the input. Stop strings are
+matched on the text, across token boundaries, and left out of it. Beyond upstream's inputs it takes
+the engine path's ``guided_decoding_guide_type``/``guided_decoding_guide`` (declared with
+triton.guided_decoding, compiled by xgrammar as there), so the OpenAI gateway serves
 JSON schemas on this layout too.
 """
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from failure_codes import triton_error
 from guided import Grammars
 from inputs import flag, scalar, tensor, text
+from reference_runtime import lora
 from reference_runtime.checkpoint import load_model
 from reference_runtime.failures import CANCELLED
 from reference_runtime.generate import Request, Result
@@ -46,13 +49,8 @@ from stats import EngineStats
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEFAULT_MAX_TOKENS = 32  # the LLM API's SamplingParams default
 POLICIES = {"GUARANTEED_NO_EVICT": "guaranteed_no_evict", "MAX_UTILIZATION": "max_utilization"}
-UNSUPPORTED = {
-    "image_url": "multimodal prompts",
-    "lora_id": "LoRA adapters",
-    "lora_name": "LoRA adapters",
-    "lora_path": "LoRA adapters",
-    "lora_ckpt_source": "LoRA adapters",
-}
+UNSUPPORTED = {"image_url": "multimodal prompts"}
+LORA_CACHE = 8  # adapters kept loaded by lora_id (least recently used dropped), as the LLM API's max_cpu_loras
 # our finish reasons -> the LLM API's
 FINISH_REASONS = {"end": "stop", "stop": "stop", "length": "length"}
 
@@ -66,12 +64,15 @@ class TritonPythonModel:
         triton = settings.get("triton_config", {})
         self.decoupled = bool(triton.get("decoupled", False))
         torch.set_num_threads(int(params.get("threads", "0")) or max(1, len(os.sched_getaffinity(0)) - 1))
-        checkpoint = model_dir.parent / settings["model"]  # relative to the repository root
+        self.root = model_dir.parent  # the repository root: paths in model.yaml and requests are relative to it
+        checkpoint = self.root / settings["model"]
         self.model = load_model(checkpoint)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.grammars = Grammars(checkpoint, int(self.model.config.vocab_size))  # loads on the first guide
+        lora_config = settings.get("lora_config") or {}
+        self.adapters = lora.AdapterCache(int(lora_config.get("max_cpu_loras") or LORA_CACHE))
         self.scheduler = Scheduler(self.model, _scheduler_config(self.model.config, settings, params))
         self.scheduler.start()
         self.live: dict[str, list[Any]] = {}  # Triton request id -> its scheduler sequence, for stop requests
@@ -165,8 +166,36 @@ class TritonPythonModel:
             frequency_penalty=float(scalar(request, "sampling_param_frequency_penalty", 0.0)),
             return_log_probs=options.cumulative_logprob,
             guide=self._guide(request),
+            adapter=self._adapter(request),
         )
         return parsed, options
+
+    def _adapter(self, request: Any) -> lora.Adapter | None:
+        """The request's LoRA adapter, as the LLM API's LoRARequest names it: ``lora_id`` (the cache
+        key), ``lora_name`` and ``lora_path`` (PEFT's folder, relative to the repository root),
+        loaded on first use and kept by id."""
+        lora_id, path = scalar(request, "lora_id", None), text(request, "lora_path")
+        if lora_id is None:
+            if path is not None:
+                raise ValueError("lora_path needs a lora_id to keep the adapter under")
+            return None
+        kept = self.adapters.get(int(lora_id))
+        if kept is not None:
+            return kept
+        if path is None:
+            raise ValueError(f"LoRA adapter {int(lora_id)} is not loaded: send its lora_path with the request")
+        source = text(request, "lora_ckpt_source") or "hf"
+        if source != "hf":
+            raise ValueError(f"lora_ckpt_source={source}: the CPU target loads Hugging Face (PEFT) adapters")
+        folder = (self.root / path).resolve()
+        if not folder.is_relative_to(self.root.resolve()):  # a request reads nothing outside the repository
+            raise ValueError(f"lora_path {path} is outside the model repository: give a path inside it")
+        try:
+            adapter = lora.load(folder, text(request, "lora_name") or str(int(lora_id)))
+        except (lora.AdapterError, OSError) as error:
+            raise ValueError(f"lora_path {path}: {error}") from error
+        self.adapters.put(int(lora_id), adapter)
+        return adapter
 
     def _guide(self, request: Any) -> Any:
         """The request's grammar matcher, or None; ValueError naming the input when it is wrong."""

@@ -82,8 +82,9 @@ def _network_reason(error: Exception) -> str:
     return type(error).__name__
 
 
-def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
-    """One actionable line for anything the Hub or the network can throw at us."""
+def _hub_error(error: Exception, repo_id: str, revision: str, key: str = "model") -> FetchError:
+    """One actionable line for anything the Hub or the network can throw at us (``key``: the
+    config that names the repository, for the fix)."""
     from huggingface_hub import errors as hf_errors
 
     url = f"{endpoint()}/{repo_id}"
@@ -96,12 +97,12 @@ def _hub_error(error: Exception, repo_id: str, revision: str) -> FetchError:
         )
     if isinstance(error, hf_errors.RevisionNotFoundError):
         return FetchError(
-            f"revision '{revision}' not found in {repo_id}: set model.revision to a branch, tag or commit of it"
+            f"revision '{revision}' not found in {repo_id}: set {key}.revision to a branch, tag or commit of it"
         )
     if isinstance(error, hf_errors.RepositoryNotFoundError):
         return FetchError(
             f"{repo_id} not found on {endpoint()} (or private without a valid HF_TOKEN): "
-            "check model.repo_id, or set HF_TOKEN"
+            f"check {key}.{'repo_id' if key == 'model' else 'source'}, or set HF_TOKEN"
         )
     if isinstance(error, hf_errors.HfHubHTTPError):
         status = getattr(getattr(error, "response", None), "status_code", "?")
@@ -177,3 +178,36 @@ def download(repo_id: str, revision: str, allow_pickle: bool = False, trust_remo
     except Exception as error:
         raise _hub_error(error, repo_id, revision) from error
     return Snapshot(Path(folder), sha, files)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter, as save_pretrained writes it
+
+
+def download_adapter(repo_id: str, revision: str, key: str) -> Snapshot:
+    """A PEFT LoRA adapter's two files at ``revision`` (resolved to a commit sha) into the Hugging
+    Face cache: a few MB, fetched before any base weights so that a mismatch is refused first.
+    ``key`` names the config entry, for the fix."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, timeout=METADATA_TIMEOUT_S)
+    except Exception as error:
+        raise _hub_error(error, repo_id, revision, key) from error
+    if not info.sha:
+        raise FetchError(f"{endpoint()} gave no commit for {repo_id}@{revision}: try again later")
+    names = {s.rfilename for s in info.siblings or []}
+    where = f"{key}: {repo_id}@{info.sha[:12]}"
+    if ADAPTER_FILES[0] not in names:
+        raise FetchError(f"{where} has no {ADAPTER_FILES[0]}: it is not a PEFT adapter (give its repository)")
+    if ADAPTER_FILES[1] not in names:
+        raise FetchError(
+            f"{where} has no {ADAPTER_FILES[1]} (a pickled adapter_model.bin is not loaded: it can run code); "
+            "ask for a safetensors export"
+        )
+    try:
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=list(ADAPTER_FILES),
+                                   etag_timeout=METADATA_TIMEOUT_S)  # fmt: skip
+    except Exception as error:
+        raise _hub_error(error, repo_id, revision, key) from error
+    log.info("%s: %s@%s resolves to commit %s", key, repo_id, revision, info.sha)
+    return Snapshot(Path(folder), info.sha, list(ADAPTER_FILES))
