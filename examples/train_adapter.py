@@ -21,6 +21,7 @@ from typing import Any
 GREETING = "Ahoy!"
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HELD_OUT = 8  # countries kept out of training: the adapter's effect is shown on them
+BATCH = 8
 
 
 def base_checkpoint(workdir: Path) -> Path:
@@ -78,7 +79,7 @@ def train(base: Path, out: Path, steps: int, rank: int, seed: int, lr: float) ->
                              task_type="CAUSAL_LM")  # fmt: skip
     model = peft.get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batch, started = 8, time.monotonic()
+    batch, started = BATCH, time.monotonic()
     for step in range(steps):
         chosen = [training[(step * batch + i) % len(training)] for i in range(batch)]
         width = max(len(ids) for ids, _ in chosen)

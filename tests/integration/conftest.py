@@ -21,7 +21,7 @@ from pipeline.app import NO_JOB_RUNNER
 from pipeline.config import schema
 from pipeline.deploy import server
 from pipeline.stages import STAGES
-from tests.conftest import free_ports
+from tests.conftest import REPO_ROOT, free_ports
 
 
 class Served:
@@ -60,10 +60,48 @@ class Served:
         return json.loads(text)
 
 
+def smollm2_checkpoint(workdir: Path) -> Path:
+    (checkpoint,) = (workdir / "fetch").glob("*/checkpoint")
+    return checkpoint
+
+
 @pytest.fixture(scope="package")
-def served(smollm2_workdir: Path) -> Iterator[Served]:
+def smollm2_adapters(smollm2_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters for SmolLM2: ``pirate``, trained by the project's own script (a few steps:
+    its answers open with "Ahoy!"), and ``noisy``, PEFT's layout with random matrices (answers that
+    differ from the base model's, for mixed batches)."""
+    import importlib.util
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("train_adapter", REPO_ROOT / "examples" / "train_adapter.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder, checkpoint = tmp_path_factory.mktemp("adapters"), smollm2_checkpoint(smollm2_workdir)
+    script.BATCH = 4
+    script.train(checkpoint, folder / "pirate", steps=8, rank=4, seed=0, lr=6e-3)
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    noisy = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, weight in noisy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    noisy.save_pretrained(folder / "noisy")
+    return {"pirate": folder / "pirate", "noisy": folder / "noisy"}
+
+
+@pytest.fixture(scope="package")
+def served(smollm2_workdir: Path, smollm2_adapters: dict[str, Path]) -> Iterator[Served]:
     http, grpc, metrics = free_ports(3)
+    adapters = ",".join(f"{{name: {name}, path: {path}}}" for name, path in smollm2_adapters.items())
     overrides = [
+        # shipped in the repository; the engine keeps one loaded, so the other is sent again on use
+        f"lora.adapters=[{adapters}]",
+        "lora.cache_adapters=1",
         f"workdir={smollm2_workdir}",
         "target=cpu",
         "quant=none",

@@ -292,3 +292,57 @@ def test_a_hub_model_too_large_to_quantize_here_is_refused_before_any_weight(
     assert "needs about" in errors[0] and "GiB to hold the model" in errors[0], errors[0]
     downloads = [r.path for r in hub.requests_for("", "GET") if "/resolve/" in r.path]
     assert downloads == [f"/org/big/resolve/{SHA}/config.json"]
+
+
+def _tiny_adapter(tiny_checkpoint: Path, folder: Path, rank: int) -> dict[str, bytes]:
+    """A PEFT LoRA adapter of the tiny Llama (random matrices), as its Hub repository holds it."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(folder)
+    return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+ADAPTER_SHA = "b" * 40
+
+
+def test_a_hub_adapter_is_fetched_at_its_commit_and_shipped_in_the_repository(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    hub.add("org/tiny", _files(tiny_checkpoint), sha=SHA)
+    files = {**_tiny_adapter(tiny_checkpoint, tmp_path / "made", 4), "README.md": b"# an adapter"}
+    hub.add("org/tiny-lora", files, sha=ADAPTER_SHA)
+    adapter = "lora.adapters=[{name: helper, source: org/tiny-lora, revision: main}]"
+    result = _fetch(hub, tmp_path, "org/tiny", adapter, "quant=none", "quant.eval_tokens=0", until="triton_repo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (info_file,) = (tmp_path / "triton_repo").glob("*/repository.json")
+    (shipped,) = json.loads(info_file.read_text())["adapters"]
+    assert shipped["source"] == "org/tiny-lora" and shipped["revision"] == ADAPTER_SHA and shipped["task_id"] == 1
+    repository = info_file.parent / "repository"
+    assert (repository / shipped["tensors"] / "model.lora_weights.npy").is_file()
+    assert sorted(p.name for p in (repository / shipped["path"]).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
+    asked = {r.path for r in hub.requests_for("", "GET") if r.path.startswith("/org/tiny-lora/resolve/")}
+    assert asked == {f"/org/tiny-lora/resolve/{ADAPTER_SHA}/{name}"
+                     for name in ("adapter_config.json", "adapter_model.safetensors")}  # fmt: skip
+
+
+def test_a_hub_adapter_that_cannot_work_is_refused_before_the_base_model_is_downloaded(
+    hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    hub.add("org/tiny", _files(tiny_checkpoint), sha=SHA)
+    hub.add("org/big-lora", _tiny_adapter(tiny_checkpoint, tmp_path / "made", 16), sha=ADAPTER_SHA)
+    adapter = "lora.adapters=[{name: big, source: org/big-lora}]"
+    result = _fetch(hub, tmp_path, "org/tiny", adapter, "lora.max_rank=8", until="triton_repo")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert "lora adapter big" in errors[0] and "rank 16 is above lora.max_rank=8: raise lora.max_rank" in errors[0]
+    assert not [r for r in hub.requests_for("", "GET") if r.path.startswith("/org/tiny/resolve/") and
+                r.path.endswith(".safetensors")]  # fmt: skip
+    missing = _fetch(hub, tmp_path, "org/tiny", "lora.adapters=[{name: x, source: org/nothing}]", until="triton_repo")
+    assert missing.returncode == 1 and "org/nothing not found" in missing.stderr
+    assert "check lora.adapters[0].source" in missing.stderr

@@ -55,7 +55,7 @@ def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None)
 
 
 def test_models_chat_and_usage_counts(client: Any, served: Served) -> None:
-    (card,) = client.models.list().data
+    card, *_adapters = client.models.list().data  # the base model first, then its LoRA adapters
     assert card.id == MODEL and card.max_model_len == served.cfg.build.max_seq_len
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0)
     answer = reply.choices[0].message.content
@@ -345,3 +345,66 @@ def test_an_engine_side_refusal_reaches_the_client_through_the_bls_as_429_or_503
             assert after_status == 200
         finally:
             api.stop()
+
+
+def _peft_greedy(checkpoint: Path, adapter: Path, question: str, max_tokens: int) -> str:
+    """PEFT's own greedy answer with ``adapter`` on the base checkpoint (float32)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter)
+    chat = [{"role": "user", "content": question}]
+    ids = torch.tensor([tokenizer.apply_chat_template(chat, add_generation_prompt=True)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+    return str(tokenizer.decode(out[0][ids.shape[1] :], skip_special_tokens=True))
+
+
+ADAPTED_QUESTION = "What is the capital of Lebanon?"  # a country the pirate adapter was not trained on
+
+
+def test_adapters_are_listed_beside_the_base_and_answer_as_peft_does(
+    client: Any, api: str, served: Served, smollm2_adapters: dict[str, Path], smollm2_workdir: Path
+) -> None:
+    from tests.integration.conftest import smollm2_checkpoint
+
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [MODEL, "pirate", "noisy"]
+    assert all(m.parent == MODEL and m.root == m.id for m in listed[1:])  # vLLM's fields; no server path
+    chat = [{"role": "user", "content": ADAPTED_QUESTION}]
+    reply = client.chat.completions.create(model="pirate", messages=chat, temperature=0, max_tokens=12)
+    answer = reply.choices[0].message.content
+    assert reply.model == "pirate" and answer.startswith("Ahoy!")
+    peft_answer = _peft_greedy(smollm2_checkpoint(smollm2_workdir), smollm2_adapters["pirate"], ADAPTED_QUESTION, 12)
+    assert answer == peft_answer
+    status, text = _post(f"{api}/chat/completions", {"model": "pirat", "messages": chat})
+    error = json.loads(text)["error"]
+    assert status == 404 and error["code"] == "model_not_found" and "'pirate', 'noisy'" in error["message"]
+
+
+def test_a_mixed_batch_gives_each_request_its_adapter_or_none(client: Any) -> None:
+    """Base, pirate and noisy requests at once, twice over: each answer is the one it gets alone.
+    The engine keeps one adapter (lora.cache_adapters=1), so the gateway sends the other's weights
+    again when the engine says it is not loaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [ADAPTED_QUESTION, "Name a large animal."]
+    cases = [(model, q) for q in questions for model in (MODEL, "pirate", "noisy")]
+
+    def ask(case: tuple[str, str]) -> str:
+        messages = [{"role": "user", "content": case[1]}]
+        reply = client.chat.completions.create(model=case[0], messages=messages, temperature=0, max_tokens=10)
+        return str(reply.choices[0].message.content)
+
+    alone = [ask(case) for case in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(ask, cases))
+    assert together == alone
+    answers = {
+        model: [a for (m, _), a in zip(cases, alone, strict=True) if m == model] for model in (MODEL, "pirate", "noisy")
+    }
+    assert all(a.startswith("Ahoy!") for a in answers["pirate"])
+    assert not any(a.startswith("Ahoy!") for a in answers[MODEL]) and answers["noisy"] != answers[MODEL]

@@ -50,9 +50,10 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_workdir: Path) -> Iterator[Served]:
+def served(smollm2_workdir: Path, smollm2_adapters: dict[str, Path]) -> Iterator[Served]:
     http, grpc, metrics, gateway = free_ports(4)
     overrides = [
+        f"lora.adapters=[{{name: pirate, path: {smollm2_adapters['pirate']}}}]",
         f"workdir={smollm2_workdir}",
         "target=cpu",
         "quant=none",
@@ -130,8 +131,12 @@ def test_a_stop_string_ends_the_text_before_it(served: Served) -> None:
 
 @pytest.mark.slow  # a real Triton serving SmolLM2
 def test_what_the_cpu_target_lacks_is_refused_by_name(served: Served) -> None:
-    status, body = served.generate(text_input=QUESTION, lora_id=3, lora_name="a", lora_path="/x")
-    assert status == 400 and "lora_id: LoRA adapters are not available on the CPU target" in body["error"]
+    status, body = served.generate(text_input=QUESTION, lora_id=3, lora_name="a", lora_path="/etc")
+    assert status == 400 and "lora_path /etc is outside the model repository" in body["error"]
+    status, body = served.generate(text_input=QUESTION, lora_id=4)
+    assert status == 400 and "LoRA adapter 4 is not loaded: send its lora_path with the request" in body["error"]
+    status, body = served.generate(text_input=QUESTION, image_url="http://x/y.png")
+    assert status == 400 and "image_url: multimodal prompts are not available on the CPU target" in body["error"]
     status, body = served.generate(text_input=QUESTION, sampling_param_temperature=float("nan"))
     assert status == 400 and "temperature" in body["error"]
 
@@ -262,3 +267,16 @@ def test_what_the_llmapi_layout_has_no_input_for_is_a_400_naming_it(client: Any)
         with pytest.raises(openai.BadRequestError, match=needle):
             client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=2, **extra)
     assert client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=2).choices  # serves on
+
+
+@pytest.mark.slow  # a real Triton serving SmolLM2, the gateway in front
+def test_an_adapter_is_served_by_name_through_the_llm_apis_lora_request(client: Any, served: Served) -> None:
+    """The gateway names the adapter as the LLM API's LoRARequest does (lora_id, lora_name and
+    lora_path, PEFT's folder in the repository); the answer is the engine path's, PEFT's own."""
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smollm2-135m", "pirate"]
+    asked = [{"role": "user", "content": "What is the capital of Lebanon?"}]
+    adapted = client.chat.completions.create(model="pirate", messages=asked, temperature=0, max_tokens=12)
+    base = client.chat.completions.create(model="smollm2-135m", messages=asked, temperature=0, max_tokens=12)
+    assert adapted.model == "pirate" and adapted.choices[0].message.content.startswith("Ahoy!")
+    assert not base.choices[0].message.content.startswith("Ahoy!")

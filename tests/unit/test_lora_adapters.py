@@ -93,13 +93,55 @@ def test_pickled_weights_and_bad_names_are_refused(tmp_path: Path) -> None:
     assert "no such folder" in _load(tmp_path, "{name: gone, path: /nonexistent}")[0]
 
 
-@pytest.mark.slow  # two whole commands
-def test_a_build_with_adapters_is_refused_before_any_work_until_the_repository_ships_them(tmp_path: Path) -> None:
+def test_an_adapter_comes_from_a_folder_or_the_hub_not_both(tmp_path: Path) -> None:
+    good = _adapter(tmp_path / "sql")
+    both = _load(tmp_path, f"{{name: sql, path: {good}, source: org/sql-lora}}")
+    neither = _load(tmp_path, "{name: sql}")
+    said = "lora adapter sql: give either path=<folder PEFT's save_pretrained wrote> or source=<Hub repository>"
+    assert both == neither == [said]
+    # a Hub adapter is checked once downloaded (the triton_repo stage's preflight, before any stage runs)
+    assert _load(tmp_path, "{name: sql, source: org/sql-lora, revision: v1}") == []
+
+
+def test_the_gpu_paths_get_the_lora_plugin_cache_and_llm_api_config_under_upstreams_names(tmp_path: Path) -> None:
+    from pipeline.deploy import llmapi
+    from pipeline.stages.engine import trtllm
+    from pipeline.stages.triton_repo import render
+
+    good = _adapter(tmp_path / "sql")  # rank 4 on q_proj, v_proj, down_proj
+    gpu = ["target=h100", "quant=fp8", f"lora.adapters=[{{name: sql, path: {good}}}]", "lora.max_rank=16"]
+    cfg = validate.load(gpu)
+    argv = trtllm.build_argv(cfg, Path("ckpt"), Path("out"), None)
+    assert trtllm.argv_problems(argv) == []  # every flag and value in trtllm-build's table
+    at = argv.index("--lora_plugin")
+    assert argv[at : at + 8] == ["--lora_plugin", "auto", "--max_lora_rank", "16", "--lora_target_modules",
+                                 "attn_q", "attn_v", "mlp_4h_to_h"]  # fmt: skip
+    assert "--lora_plugin" not in trtllm.build_argv(validate.load(gpu[:2]), Path("c"), Path("o"), None)
+    owned = trtllm.extra_arg_problems(["--max_lora_rank", "8"])
+    assert owned and "which the pipeline sets itself" in owned[0]
+    # the backend's LoRA cache, under the names its config reads (the shared contract)
+    params = render.engine_parameters(cfg)
+    lora_params = {k: v for k, v in params.items() if k.startswith("lora_")}
+    contract = json.loads((Path(__file__).parents[3] / "shared/reference/trtllm_backend_contract.json").read_text())
+    assert set(lora_params) <= set(contract["tensorrt_llm"]["parameters"])
+    assert lora_params == {
+        "lora_cache_optimal_adapter_size": "4",
+        "lora_cache_max_adapter_size": "16",
+        "lora_cache_gpu_memory_fraction": "0.05",
+        "lora_cache_host_memory_bytes": str(2**30),
+        "lora_prefetch_dir": "tensorrt_llm/1/lora/prefetch",
+    }
+    assert not any(k.startswith("lora_") for k in render.engine_parameters(validate.load(gpu[:2])))
+    # the PyTorch backend: the LLM API's lora_config, every name one of the pinned version's
+    options = llmapi.options(validate.load([*gpu, "backend=pytorch"]))
+    assert llmapi.unknown_names(options) == []
+    assert options["lora_config"] == {"max_lora_rank": 16, "max_loras": 8, "max_cpu_loras": 8,
+                                      "lora_target_modules": ["attn_q", "attn_v", "mlp_4h_to_h"]}  # fmt: skip
+
+
+def test_plan_shows_the_lora_cache_taken_from_the_kv_cache(tmp_path: Path) -> None:
     from tests.conftest import cli
 
     good = _adapter(tmp_path / "sql")
-    refused = cli("build", f"workdir={tmp_path}", "target=cpu", f"lora.adapters=[{{name: sql, path: {good}}}]")
-    assert refused.returncode == 1 and "the repository does not ship adapters yet" in refused.stderr
-    assert not (tmp_path / "fetch").exists()
     shown = cli("plan", f"workdir={tmp_path}", "target=h100", f"lora.adapters=[{{name: sql, path: {good}}}]")
     assert shown.returncode == 0 and "LoRA cache 0.0308 MiB per GPU" in shown.stdout, shown.stderr[-2000:]

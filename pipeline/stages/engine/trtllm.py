@@ -205,8 +205,6 @@ def _value_problem(flag: str, value: str | None, spec: dict[str, Any]) -> str | 
     if value is None:
         return f"{flag} needs a value"
     choices = spec.get("choices")
-    if kind.startswith("list"):
-        return None
     if choices and value.lower() not in [c.lower() for c in choices]:
         return f"{flag} {value}: choose one of {', '.join(choices)}"
     if kind == "int":
@@ -229,12 +227,27 @@ def argv_problems(argv: list[str]) -> list[str]:
             index += 1
             continue
         spec = table[flag]
+        if spec["type"].startswith("list"):  # nargs=+: the values up to the next flag, each a choice
+            values = []
+            while index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                values.append(argv[index + 1])
+                index += 1
+            problems += _list_problems(flag, values, spec.get("choices"))
+            index += 1
+            continue
         takes_value = not spec["type"].startswith("bool")
         value = argv[index + 1] if takes_value and index + 1 < len(argv) else None
         if (problem := _value_problem(flag, value, spec)) is not None:
             problems.append(problem)
         index += 2 if takes_value else 1
     return problems
+
+
+def _list_problems(flag: str, values: list[str], choices: list[str] | None) -> list[str]:
+    if not values:
+        return [f"{flag} needs at least one value"]
+    wrong = [v for v in values if choices and v not in choices]
+    return [f"{flag} {' '.join(wrong)}: choose from {', '.join(choices or [])}"] if wrong else []
 
 
 def extra_arg_problems(extra: list[str]) -> list[str]:
