@@ -18,6 +18,7 @@ from urllib.parse import quote
 from pipeline import artifacts
 from pipeline.config.schema import PipelineConfig
 from pipeline.redact import redact
+from pipeline.tracking import registry
 from pipeline.tracking.metrics import HEADLINE, highest_load
 
 NOTE_TAG = "mlflow.note.content"
@@ -108,6 +109,10 @@ def build_card(cfg: PipelineConfig, run_id: str, facts: BuildFacts, registered_m
         lines += ["", f"![latency and throughput]({plot_link(run_id, f'benchmark/{artifacts.PLOT}')})"]
     if facts.repository is not None:
         lines += ["", f"**Triton repository**: `{facts.repository}`"]
+        shipped = registry.shipped_adapters(facts.repository)
+        if shipped:
+            served = ", ".join(f"`{entry['name']}` (rank {entry['rank']})" for entry in shipped)
+            lines.append(f"with LoRA adapters served by name beside the base model: {served}")
     if facts.version is not None:
         uri = f"models:/{registered_model}/{facts.version}"
         lines.append(f"registered as `{uri}`; serve it with `python -m pipeline serve model_uri={uri}`")

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import REPOSITORY_JSON
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, StageError
 from pipeline.tracking import manifest
@@ -61,6 +62,23 @@ def _tags(cfg: PipelineConfig, fingerprint: str, headline: dict[str, float]) -> 
     return tags
 
 
+def adapter_tags(shipped: list[dict[str, Any]]) -> dict[str, str]:
+    """The LoRA adapters a repository ships (its repository.json), as run params and version tags:
+    their names, and each one's source (a Hub repository at its commit, or the folder), rank and
+    weights digest."""
+    tags = {"lora_adapters": ",".join(entry["name"] for entry in shipped)} if shipped else {}
+    for entry in shipped:
+        where = f"{entry['source']}@{entry['revision']}" if entry.get("revision") else entry["source"]
+        tags[f"lora.{entry['name']}"] = f"{where} rank={entry['rank']} digest={entry['digest']}"
+    return tags
+
+
+def shipped_adapters(repository: Path) -> list[dict[str, Any]]:
+    """The adapters listed in a rendered repository's repository.json."""
+    adapters: list[dict[str, Any]] = json.loads((repository / REPOSITORY_JSON).read_text()).get("adapters", [])
+    return adapters
+
+
 def register(
     client: Any, run_id: str, cfg: PipelineConfig, repository: Path, fingerprint: str, headline: dict[str, float]
 ) -> str:
@@ -81,7 +99,8 @@ def register(
     files = manifest.manifest(repository)
     client.log_artifacts(run_id, str(repository), REPOSITORY_ARTIFACT)
     client.log_dict(run_id, files, MANIFEST_ARTIFACT)
-    tags = {**_tags(cfg, fingerprint, headline), DIGEST_TAG: manifest.digest(files)}
+    tags = {**_tags(cfg, fingerprint, headline), **adapter_tags(shipped_adapters(repository)),
+            DIGEST_TAG: manifest.digest(files)}  # fmt: skip
     version = client.create_model_version(name, f"runs:/{run_id}/{REPOSITORY_ARTIFACT}", run_id=run_id, tags=tags)
     client.set_tag(run_id, "pipeline.registered_version", f"{name}/{version.version}")
     log.info("registered model %s version %s", name, version.version)

@@ -246,6 +246,8 @@ class JobRun:
         sha = results.get("fetch", {}).get("revision_sha")
         if sha:  # hub models: the commit the revision resolved to
             self.client.log_param(self.run_id, "model_revision", sha)
+        for key, value in registry.adapter_tags(results.get("triton_repo", {}).get("adapters", [])).items():
+            self.client.log_param(self.run_id, key, value)
         self._log_metrics(headline, detail, series)
         _log_datasets(self.client, self.run_id, [d for s in steps for d in (s.results or {}).get("datasets", [])])
         _artifacts(self.client, self.run_id, cfg, steps)

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, run_cli
 from tests.fixtures.hub_server import HubServer
+from tests.fixtures.tiny_model import adapter_files, write_tiny_adapter
 
 pytestmark = pytest.mark.slow  # a subprocess per case (about 2 minutes in all): make test runs them
 
@@ -294,19 +295,6 @@ def test_a_hub_model_too_large_to_quantize_here_is_refused_before_any_weight(
     assert downloads == [f"/org/big/resolve/{SHA}/config.json"]
 
 
-def _tiny_adapter(tiny_checkpoint: Path, folder: Path, rank: int) -> dict[str, bytes]:
-    """A PEFT LoRA adapter of the tiny Llama (random matrices), as its Hub repository holds it."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained(folder)
-    return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-
-
 ADAPTER_SHA = "b" * 40
 
 
@@ -314,7 +302,7 @@ def test_a_hub_adapter_is_fetched_at_its_commit_and_shipped_in_the_repository(
     hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     hub.add("org/tiny", _files(tiny_checkpoint), sha=SHA)
-    files = {**_tiny_adapter(tiny_checkpoint, tmp_path / "made", 4), "README.md": b"# an adapter"}
+    files = {**adapter_files(write_tiny_adapter(tiny_checkpoint, tmp_path / "made", 4)), "README.md": b"# an adapter"}
     hub.add("org/tiny-lora", files, sha=ADAPTER_SHA)
     adapter = "lora.adapters=[{name: helper, source: org/tiny-lora, revision: main}]"
     result = _fetch(hub, tmp_path, "org/tiny", adapter, "quant=none", "quant.eval_tokens=0", until="triton_repo")
@@ -335,7 +323,7 @@ def test_a_hub_adapter_that_cannot_work_is_refused_before_the_base_model_is_down
     hub: HubServer, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     hub.add("org/tiny", _files(tiny_checkpoint), sha=SHA)
-    hub.add("org/big-lora", _tiny_adapter(tiny_checkpoint, tmp_path / "made", 16), sha=ADAPTER_SHA)
+    hub.add("org/big-lora", adapter_files(write_tiny_adapter(tiny_checkpoint, tmp_path / "made", 16)), sha=ADAPTER_SHA)
     adapter = "lora.adapters=[{name: big, source: org/big-lora}]"
     result = _fetch(hub, tmp_path, "org/tiny", adapter, "lora.max_rank=8", until="triton_repo")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

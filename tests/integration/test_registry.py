@@ -21,8 +21,12 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
 ) -> None:
     import mlflow
 
+    from tests.fixtures.tiny_model import write_tiny_adapter
+
     name = "tiny-registry"
+    helper = write_tiny_adapter(tiny_checkpoint, tmp_path / "helper", 4)
     overrides = [
+        f"lora.adapters=[{{name: helper, path: {helper}}}]",
         "model=local",
         f"model.path={tiny_checkpoint}",
         "target=cpu",
@@ -50,6 +54,12 @@ def test_build_registers_promote_aliases_and_serve_runs_the_registered_version(
         "backend": "tensorrt",
     }
     assert version.tags["accuracy_gate"] == "skipped"
+    # the adapters it ships: on the version and as the run's params
+    assert version.tags["lora_adapters"] == "helper"
+    assert version.tags["lora.helper"].startswith(f"{helper} rank=4 digest=")
+    run_params = client.get_run(version.run_id).data.params
+    assert run_params["lora.helper"] == version.tags["lora.helper"]
+    assert "with LoRA adapters served by name beside the base model: `helper` (rank 4)" in version.description
     # the version's page explains itself: the run's description, which names the version and how to serve it
     assert version.description.startswith("**local** · none · tp1 pp1 · cpu")
     assert f"serve it with `python -m pipeline serve model_uri=models:/{name}/{version.version}`" in version.description
