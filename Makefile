@@ -59,7 +59,7 @@ PARALLEL_TESTS := tests/unit tests/integration/test_fetch_hub.py tests/integrati
 	tests/integration/test_launchers.py tests/integration/test_tracking_outage.py tests/integration/test_registry.py \
 	tests/integration/test_proc.py tests/integration/test_runner.py tests/integration/test_tracking_store.py \
 	tests/integration/test_loadgen_ramp.py tests/integration/test_beam_search.py \
-	tests/integration/test_lora_runtime.py
+	tests/integration/test_lora_runtime.py tests/integration/test_lora_gate.py
 
 test: venv aiperf browser
 	$(PY) -m pytest -n 2 $(PARALLEL_TESTS)

@@ -120,14 +120,22 @@ def accuracy_gate(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any] | No
     if theirs.fingerprint != ours.fingerprint:
         log.info("the unquantized reference: %s", theirs.dirs.final)
     budget = cfg.eval.max_drop.get(str(cfg.quant.format), DEFAULT_MAX_DROP["int4_awq"])
-    scores = {s["task"]: s for s in json.loads((ours.dirs.final / artifacts.EVAL_JSON).read_text())}
-    mine, reference = _items(ours), _items(theirs)
-    comparisons = [
-        paired.compare(
-            task, mine[task], reference.get(task, []), budget, cfg.eval.confidence, scores[task]["at_chance"]
-        )
-        for task in scores
-    ]
+    comparisons = []
+    # the base model, then each LoRA adapter against the same adapter on the unquantized base
+    # ("<adapter>/<task>"): an adapter can lose more to quantization than the base does
+    pairs = [("", ours.dirs.final, theirs.dirs.final)]
+    for adapter in cfg.lora.adapters:
+        mine_dir, their_dir = (eval_stage.adapter_dir(step.dirs.final, adapter.name) for step in (ours, theirs))
+        pairs.append((f"{adapter.name}/", mine_dir, their_dir))
+    for prefix, mine_dir, their_dir in pairs:
+        scores = {s["task"]: s for s in json.loads((mine_dir / artifacts.EVAL_JSON).read_text())}
+        mine, reference = _items(mine_dir), _items(their_dir)
+        for task, score in scores.items():
+            found = reference.get(task, [])
+            confidence = cfg.eval.confidence
+            comparisons.append(
+                paired.compare(f"{prefix}{task}", mine[task], found, budget, confidence, score["at_chance"])
+            )
     return {
         "verdict": "pass" if all(c.passed for c in comparisons) else "fail",
         "confidence": cfg.eval.confidence,
@@ -137,9 +145,9 @@ def accuracy_gate(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any] | No
     }
 
 
-def _items(step: Step) -> dict[str, list[dict[str, Any]]]:
+def _items(folder: Path) -> dict[str, list[dict[str, Any]]]:
     by_task: dict[str, list[dict[str, Any]]] = {}
-    for line in (step.dirs.final / artifacts.EVAL_ITEMS).read_text().splitlines():
+    for line in (folder / artifacts.EVAL_ITEMS).read_text().splitlines():
         item = json.loads(line)
         by_task.setdefault(item["task"], []).append(item)
     return by_task
@@ -297,14 +305,18 @@ def evaluate(cfg: PipelineConfig, url: str | None = None) -> None:
             tokenizer = _bench_tokenizer(cfg, target, url)
             model = cfg.benchmark.model or serving.served_model(url, key)
             scores = eval_stage.evaluate_url(cfg, url, model, tokenizer, out, names, key)
+            adapted: dict[str, list[Any]] = {}
         else:
             assert target is not None
-            scores = eval_stage.evaluate_target(cfg, target, out)
+            adapted = eval_stage.evaluate_target(cfg, target, out)
+            scores = adapted.pop("")
         if run is not None:
             run.record_eval(scores, out)
-    for score in scores:
-        flag = "  (within noise of chance: suspect)" if score.at_chance else ""
-        print(f"{score.task}: {score.metric} {score.score:.3f} +- {score.stderr:.3f} over {score.items} items{flag}")
+    for prefix, each in [("", scores), *((f"{name}/", found) for name, found in adapted.items())]:
+        for score in each:
+            flag = "  (within noise of chance: suspect)" if score.at_chance else ""
+            print(f"{prefix}{score.task}: {score.metric} {score.score:.3f} +- {score.stderr:.3f} over {score.items} "
+                  f"items{flag}")  # fmt: skip
     print(f"results in {out}")
 
 

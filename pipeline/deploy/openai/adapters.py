@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pipeline.artifacts import LORA_CONFIG_NPY, LORA_WEIGHTS_NPY, REPOSITORY_JSON
+from pipeline.deploy.openai.triton_stream import TritonError
 from pipeline.runtime.failures import LORA_NOT_CACHED
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,22 @@ def _tensors(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.load(folder / LORA_WEIGHTS_NPY), np.load(folder / LORA_CONFIG_NPY)
 
 
-def not_cached(message: str) -> bool:
-    """Whether an engine error says the request's adapter is not loaded (send its weights)."""
-    return LORA_NOT_CACHED in message
+async def with_adapter(
+    adapter: ServedAdapter, values: dict[str, Any], request: Callable[[dict[str, Any]], AsyncIterator[T]]
+) -> AsyncGenerator[T, None]:
+    """``request(values)``'s responses with the adapter's task id; sent once more with its weights
+    when the engine says it does not hold the adapter (an error that comes before any response)."""
+    for with_weights in (False, True):
+        started = False
+        try:
+            async with aclosing(request({**values, **adapter.engine_inputs(with_weights)})) as responses:  # type: ignore[type-var]
+                async for response in responses:
+                    started = True
+                    yield response
+            return
+        except TritonError as error:
+            if started or with_weights or LORA_NOT_CACHED not in str(error):
+                raise
 
 
 def from_repository(repo: Path) -> dict[str, ServedAdapter]:

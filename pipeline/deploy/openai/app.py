@@ -347,9 +347,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
         try:
             if isinstance(body, CompletionRequest) and body.scoring():
-                if adapter is not None:
-                    raise Unsupported(f"echo: prompts are scored by the base model only; ask {settings.served_model!r}")
-                return await _unless_client_leaves(request, scored(body))
+                return await _unless_client_leaves(request, scored(body, adapter))
             if isinstance(body, CompletionRequest) and not isinstance(body.prompts()[0], str):
                 body = body.model_copy(update={"prompt": [await tokenizer.decode(p) for p in body.prompts()]})
             default = settings.default_max_tokens if chat else 16  # OpenAI's completions default
@@ -403,7 +401,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             }
         )
 
-    async def scored(body: CompletionRequest) -> Response:
+    async def scored(body: CompletionRequest, adapter: ServedAdapter | None) -> Response:
         """echo: every prompt scored token by token (and ``max_tokens`` greedy tokens after it)."""
         if settings.scoring_refused:
             raise OpenAIError(400, settings.scoring_refused, "invalid_request_error", param="echo")
@@ -414,7 +412,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         top = body.logprobs or 0
         try:
             results = await asyncio.gather(
-                *(scoring.score(engine, ids, body.max_tokens or 16, top, loaded, uuid.uuid4().hex) for ids in prompts)
+                *(
+                    scoring.score(engine, ids, body.max_tokens or 16, top, loaded, uuid.uuid4().hex, adapter)
+                    for ids in prompts
+                )
             )
         except TritonError as error:
             metrics.requests.labels("completions", "error").inc()
@@ -441,7 +442,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "id": f"cmpl-{uuid.uuid4().hex}",
                 "object": "text_completion",
                 "created": int(time.time()),
-                "model": settings.served_model,
+                "model": body.model,
                 "choices": choices,
                 "usage": usage,
             }

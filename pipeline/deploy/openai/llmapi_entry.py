@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.deploy.openai.adapters import ServedAdapter, not_cached
+from pipeline.deploy.openai.adapters import ServedAdapter, with_adapter
 from pipeline.deploy.openai.protocol import Unsupported
 from pipeline.deploy.openai.triton_stream import Piece, TritonError, TritonStream, decode
 from pipeline.runtime.failures import CANCELLED
@@ -121,25 +121,15 @@ class EngineEntry:
     async def generate(
         self, values: dict[str, Any], request_id: str, stops: list[str], adapter: ServedAdapter | None = None
     ) -> AsyncGenerator[Piece, None]:
-        """The request's pieces; with an adapter, by its task id, sent again once with its weights
-        if the engine no longer holds it (the error comes before any token)."""
-        if adapter is None:
-            async with aclosing(self.stream.generate(values, request_id)) as pieces:
-                async for piece in pieces:
-                    yield piece
-            return
-        for with_weights in (False, True):
-            started = False
-            try:
-                inputs = {**values, **adapter.engine_inputs(with_weights)}
-                async with aclosing(self.stream.generate(inputs, request_id)) as pieces:
-                    async for piece in pieces:
-                        started = True
-                        yield piece
-                return
-            except TritonError as error:
-                if started or with_weights or not not_cached(str(error)):
-                    raise
+        """The request's pieces; with an adapter, by its task id (``adapters.with_adapter``)."""
+        pieces = (
+            self.stream.generate(values, request_id)
+            if adapter is None
+            else with_adapter(adapter, values, lambda inputs: self.stream.generate(inputs, request_id))
+        )
+        async with aclosing(pieces) as each:
+            async for piece in each:
+                yield piece
 
 
 class LlmApiEntry:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.deploy.openai.adapters import ServedAdapter, with_adapter
 from pipeline.deploy.openai.triton_stream import TritonStream
 
 ENGINE_MODEL = "tensorrt_llm"
@@ -72,9 +73,16 @@ def _top(row: np.ndarray, top: int, piece: Any, actual: int) -> dict[str, float]
 
 
 async def score(
-    stream: TritonStream, ids: list[int], max_tokens: int, top: int, tokenizer: Any, request_id: str
+    stream: TritonStream,
+    ids: list[int],
+    max_tokens: int,
+    top: int,
+    tokenizer: Any,
+    request_id: str,
+    adapter: ServedAdapter | None = None,
 ) -> Scored:
-    """The prompt ``ids`` scored and ``max_tokens`` greedy tokens after it."""
+    """The prompt ``ids`` scored and ``max_tokens`` greedy tokens after it (with ``adapter``: by
+    the base model with that LoRA adapter)."""
     values = {
         "input_ids": ids,
         "input_lengths": len(ids),
@@ -88,7 +96,12 @@ async def score(
     if tokenizer.eos_token_id is not None:
         values["end_id"] = int(tokenizer.eos_token_id)
     logits, generated, generated_logprobs = None, [], []
-    async with aclosing(stream.results(values, request_id)) as results:
+    results_of = (
+        stream.results(values, request_id)
+        if adapter is None
+        else with_adapter(adapter, values, lambda inputs: stream.results(inputs, request_id))
+    )
+    async with aclosing(results_of) as results:
         async for result, _final in results:
             context = result.as_numpy("context_logits")
             if context is not None and context.size:

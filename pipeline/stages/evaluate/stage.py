@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.artifacts import EVAL_ITEMS, EVAL_JSON, REPOSITORY
 from pipeline.config.schema import Backend, PipelineConfig
 from pipeline.deploy import server, serving
+from pipeline.deploy.openai import adapters
 from pipeline.errors import StageError
 from pipeline.stages.evaluate import harness
 from pipeline.stages.evaluate import tasks as builtin
@@ -28,6 +29,7 @@ NAME = "eval"
 VERSION = 1
 TOOLS = ("lm_eval", "tritonclient")
 KEEP_ON_ERROR = True
+LORA_EVAL_DIR = "lora"  # each shipped adapter's scores and items: lora/<name>/
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def task_names(cfg: PipelineConfig) -> list[str]:
 def depends_on(cfg: PipelineConfig) -> dict[str, Any]:
     if not cfg.eval.enabled:
         return {"enabled": False}
-    return {"tasks": task_names(cfg), "limit": cfg.eval.limit}
+    adapters = [adapter.name for adapter in cfg.lora.adapters]
+    return {"tasks": task_names(cfg), "limit": cfg.eval.limit, **({"adapters": adapters} if adapters else {})}
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
@@ -72,11 +75,20 @@ def run(cfg: PipelineConfig, ws: StageWorkspace) -> dict[str, Any]:
     if not cfg.eval.enabled:
         return {"skipped": "eval=none"}
     target = server.target_of_repository(ws.input("triton_repo") / REPOSITORY, ws.out)
-    return {"tasks": harness.as_json(evaluate_target(cfg, target, ws.out))}
+    scores = evaluate_target(cfg, target, ws.out)
+    adapters = {name: harness.as_json(adapted) for name, adapted in scores.items() if name}
+    return {"tasks": harness.as_json(scores[""]), **({"adapters": adapters} if adapters else {})}
 
 
-def evaluate_target(cfg: PipelineConfig, target: server.Target, out: Path) -> list[harness.TaskScore]:
-    """``target`` served as ``serve`` serves it, evaluated through its OpenAI API into ``out``."""
+def adapter_dir(out: Path, adapter: str) -> Path:
+    """Where an adapter's scores and items are written, beside the base model's."""
+    return out / LORA_EVAL_DIR / adapter
+
+
+def evaluate_target(cfg: PipelineConfig, target: server.Target, out: Path) -> dict[str, list[harness.TaskScore]]:
+    """``target`` served as ``serve`` serves it, evaluated through its OpenAI API into ``out``: the
+    base model (key ""), then each LoRA adapter the repository ships, asked for by name, into
+    ``out/lora/<name>`` (the accuracy gate pairs each with the same adapter on the unquantized base)."""
     names = task_names(cfg)
     why = scoring_problem(cfg)
     if not cfg.eval.tasks and why:
@@ -87,7 +99,12 @@ def evaluate_target(cfg: PipelineConfig, target: server.Target, out: Path) -> li
             raise StageError("eval needs the served OpenAI API: it was not started")
         model = served.served_model or serving.served_model(served.openai_url, None)
         key = key if served.frontend == "triton" else None
-        return evaluate_url(cfg, served.openai_url, model, target.tokenizer_dir, out, names, key)
+        scores = {"": evaluate_url(cfg, served.openai_url, model, target.tokenizer_dir, out, names, key)}
+        for adapter in adapters.from_repository(target.repo) if served.frontend == "triton" else {}:
+            log.info("evaluating LoRA adapter %s", adapter)
+            where = adapter_dir(out, adapter)
+            scores[adapter] = evaluate_url(cfg, served.openai_url, adapter, target.tokenizer_dir, where, names, key)
+        return scores
 
 
 def evaluate_url(
