@@ -74,8 +74,9 @@ def adapter_tags(shipped: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def shipped_adapters(repository: Path) -> list[dict[str, Any]]:
-    """The adapters listed in a rendered repository's repository.json."""
-    adapters: list[dict[str, Any]] = json.loads((repository / REPOSITORY_JSON).read_text()).get("adapters", [])
+    """The adapters listed in a rendered repository's repository.json (none without one)."""
+    info = repository / REPOSITORY_JSON
+    adapters: list[dict[str, Any]] = json.loads(info.read_text()).get("adapters", []) if info.is_file() else []
     return adapters
 
 

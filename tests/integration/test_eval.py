@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline import validate
-from pipeline.artifacts import EVAL_ITEMS, REPO_ENGINE_DIR
+from pipeline.artifacts import EVAL_ITEMS, REPO_ENGINE_DIR, REPOSITORY_JSON
 from pipeline.config.schema import OpenAIConfig
 from pipeline.deploy import server
 from pipeline.deploy.openai import serve as gateway
@@ -77,6 +77,11 @@ def test_the_gate_fails_a_damaged_deployment_and_passes_an_intact_one(
     shutil.copytree(served.final / "repository", copy, copy_function=os.link)  # links: seconds, not copies
     for model in ("tensorrt_llm_bls", "postprocessing", "ensemble"):  # scoring needs only the engine model
         shutil.rmtree(copy / model)
+    # the base model alone is compared here (test_lora_gate.py gates adapters): the copy lists none,
+    # in a new file (the linked one is the shared repository's)
+    info = json.loads((copy / REPOSITORY_JSON).read_text())
+    (copy / REPOSITORY_JSON).unlink()
+    (copy / REPOSITORY_JSON).write_text(json.dumps({**info, "adapters": []}))
     weights = copy / REPO_ENGINE_DIR / "rank0.safetensors"
     tensors = load_file(weights)
     generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,14 +62,14 @@ def _tensors(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 async def with_adapter(
-    adapter: ServedAdapter, values: dict[str, Any], request: Callable[[dict[str, Any]], AsyncIterator[T]]
+    adapter: ServedAdapter, values: dict[str, Any], request: Callable[[dict[str, Any]], AsyncGenerator[T, None]]
 ) -> AsyncGenerator[T, None]:
     """``request(values)``'s responses with the adapter's task id; sent once more with its weights
     when the engine says it does not hold the adapter (an error that comes before any response)."""
     for with_weights in (False, True):
         started = False
         try:
-            async with aclosing(request({**values, **adapter.engine_inputs(with_weights)})) as responses:  # type: ignore[type-var]
+            async with aclosing(request({**values, **adapter.engine_inputs(with_weights)})) as responses:
                 async for response in responses:
                     started = True
                     yield response
