@@ -11,7 +11,7 @@ import math
 import re
 from pathlib import Path
 
-from pipeline.config.schema import Architecture, PipelineConfig
+from pipeline.config.schema import Architecture, CpuBatching, PipelineConfig
 from pipeline.runtime import lora
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -100,6 +100,12 @@ def problems(cfg: PipelineConfig) -> list[str]:
             found += adapter_problems(cfg, adapter.name, Path(adapter.path).expanduser())
     if cfg.lora.adapters and cfg.lora.cache_adapters < 1:
         found.append("lora.cache_adapters must be at least 1")
+    # the reference runtime applies adapters in the in-flight scheduler's packed step only
+    if cfg.lora.adapters and not cfg.target.is_gpu and cfg.triton.cpu_batching is not CpuBatching.inflight:
+        found.append(
+            f"lora.adapters are applied by in-flight batching on the CPU target: drop "
+            f"triton.cpu_batching={cfg.triton.cpu_batching}"
+        )
     return list(dict.fromkeys(found))
 
 

@@ -91,6 +91,10 @@ def test_pickled_weights_and_bad_names_are_refused(tmp_path: Path) -> None:
     base = _load(tmp_path, f"{{name: smollm2-135m, path: {good}}}")
     assert base == ["lora adapter name 'smollm2-135m' is the base model's: give the adapter another"]
     assert "no such folder" in _load(tmp_path, "{name: gone, path: /nonexistent}")[0]
+    static = _load(tmp_path, f"{{name: a, path: {good}}}", extra=("triton.cpu_batching=run_to_completion",))
+    assert static == [
+        "lora.adapters are applied by in-flight batching on the CPU target: drop triton.cpu_batching=run_to_completion"
+    ]
 
 
 def test_an_adapter_comes_from_a_folder_or_the_hub_not_both(tmp_path: Path) -> None:
