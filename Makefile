@@ -80,8 +80,8 @@ fuzz: venv
 
 # ruff (style), import-linter (the one-way layers in pyproject.toml) and mypy (types of pipeline/ and benchmarks/)
 lint: venv
-	$(VENV)/bin/ruff check pipeline tests benchmarks model_repo
-	$(VENV)/bin/ruff format --check pipeline tests benchmarks model_repo
+	$(VENV)/bin/ruff check pipeline tests benchmarks model_repo examples
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks model_repo examples
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
