@@ -9,12 +9,15 @@ slot at the next step.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+STREAM_CLOSE_WAIT_S = 2.0  # how long a finished request's stream is given to close on Triton's side
 
 
 class TritonError(Exception):
@@ -150,11 +153,16 @@ class TritonStream:
                 if response.error_message:
                     raise TritonError(response.error_message)
                 final = response.infer_response.parameters["triton_final_response"].bool_param
-                if not response.infer_response.outputs:  # the empty response that only ends the request
-                    return
-                yield InferResult(response.infer_response), final
-                if final:
-                    return
+                if response.infer_response.outputs:  # not the empty response that only ends the request
+                    yield InferResult(response.infer_response), final
+                if final or not response.infer_response.outputs:
+                    break
+            # the request is over: let Triton close the stream itself. Cancelling it right after the
+            # final response leaves the model referenced in Triton 2.51, which then cannot unload:
+            # the server's stop waited out its exit timeout (and `serve` killed it)
+            await asyncio.wait_for(call.code(), STREAM_CLOSE_WAIT_S)
+        except TimeoutError:
+            pass
         except grpc.aio.AioRpcError as error:
             raise TritonError(error.details() or str(error), error.code().name) from error
         finally:
