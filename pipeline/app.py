@@ -124,9 +124,9 @@ def accuracy_gate(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any] | No
     # the base model, then each LoRA adapter against the same adapter on the unquantized base
     # ("<adapter>/<task>"): an adapter can lose more to quantization than the base does
     pairs = [("", ours.dirs.final, theirs.dirs.final)]
-    for adapter in cfg.lora.adapters:
-        mine_dir, their_dir = (eval_stage.adapter_dir(step.dirs.final, adapter.name) for step in (ours, theirs))
-        pairs.append((f"{adapter.name}/", mine_dir, their_dir))
+    for adapter in sorted((ours.results or {}).get("adapters", {})):  # those the eval stage evaluated
+        mine_dir, their_dir = (eval_stage.adapter_dir(step.dirs.final, adapter) for step in (ours, theirs))
+        pairs.append((f"{adapter}/", mine_dir, their_dir))
     for prefix, mine_dir, their_dir in pairs:
         scores = {s["task"]: s for s in json.loads((mine_dir / artifacts.EVAL_JSON).read_text())}
         mine, reference = _items(mine_dir), _items(their_dir)

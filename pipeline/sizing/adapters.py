@@ -6,10 +6,10 @@ from the safetensors header, nothing loaded). Also what the adapters weigh, for 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 from pipeline.config.schema import Architecture, CpuBatching, PipelineConfig
 from pipeline.runtime import lora
@@ -109,26 +109,31 @@ def problems(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def ranks(cfg: PipelineConfig) -> list[int]:
-    """The ranks of the adapters at hand (Hub adapters once downloaded)."""
-    found = []
+def _local_configs(cfg: PipelineConfig) -> list[dict[str, Any]] | None:
+    """Every adapter's PEFT config, or None while one is not at hand (a Hub adapter before its
+    download)."""
+    configs = []
     for adapter in cfg.lora.adapters:
         folder = Path(adapter.path or "").expanduser()
-        if adapter.path and (folder / lora.CONFIG).is_file():
-            found.append(int(json.loads((folder / lora.CONFIG).read_text()).get("r", 0)))
-    return found
+        if not (adapter.path and (folder / lora.CONFIG).is_file()):
+            return None
+        configs.append(lora.read_config(folder))
+    return configs
+
+
+def ranks(cfg: PipelineConfig) -> list[int]:
+    """The adapters' ranks (none known while a Hub adapter is not downloaded)."""
+    return [int(config.get("r", 0)) for config in _local_configs(cfg) or []]
 
 
 def backend_modules(cfg: PipelineConfig) -> list[str]:
     """The projections the engine must take adapters on, under TensorRT-LLM's names: every one a
     configured adapter adapts; all seven while any adapter's files are not at hand (a Hub adapter
     before its download), so that whatever it adapts is served."""
-    modules: set[str] = set()
-    for adapter in cfg.lora.adapters:
-        folder = Path(adapter.path or "").expanduser()
-        if not (adapter.path and (folder / lora.CONFIG).is_file()):
-            return sorted(lora.BACKEND_MODULE.values())
-        modules |= set(json.loads((folder / lora.CONFIG).read_text()).get("target_modules") or [])
+    configs = _local_configs(cfg)
+    if configs is None:
+        return sorted(lora.BACKEND_MODULE.values())
+    modules = {module for config in configs for module in config.get("target_modules") or []}
     return sorted(lora.BACKEND_MODULE[m] for m in modules if m in lora.BACKEND_MODULE)
 
 

@@ -10,7 +10,7 @@ and how to serve the registered version.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -18,7 +18,6 @@ from urllib.parse import quote
 from pipeline import artifacts
 from pipeline.config.schema import PipelineConfig
 from pipeline.redact import redact
-from pipeline.tracking import registry
 from pipeline.tracking.metrics import HEADLINE, highest_load
 
 NOTE_TAG = "mlflow.note.content"
@@ -36,6 +35,7 @@ class BuildFacts:
     revision: str | None = None
     repository: Path | None = None
     version: str | None = None  # the registered model's version
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # the LoRA adapters the repository ships
 
 
 def _number(value: float) -> str:
@@ -109,9 +109,8 @@ def build_card(cfg: PipelineConfig, run_id: str, facts: BuildFacts, registered_m
         lines += ["", f"![latency and throughput]({plot_link(run_id, f'benchmark/{artifacts.PLOT}')})"]
     if facts.repository is not None:
         lines += ["", f"**Triton repository**: `{facts.repository}`"]
-        shipped = registry.shipped_adapters(facts.repository)
-        if shipped:
-            served = ", ".join(f"`{entry['name']}` (rank {entry['rank']})" for entry in shipped)
+        if facts.adapters:
+            served = ", ".join(f"`{entry['name']}` (rank {entry['rank']})" for entry in facts.adapters)
             lines.append(f"with LoRA adapters served by name beside the base model: {served}")
     if facts.version is not None:
         uri = f"models:/{registered_model}/{facts.version}"

@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import REPOSITORY_JSON
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, StageError
 from pipeline.tracking import manifest
@@ -73,17 +72,17 @@ def adapter_tags(shipped: list[dict[str, Any]]) -> dict[str, str]:
     return tags
 
 
-def shipped_adapters(repository: Path) -> list[dict[str, Any]]:
-    """The adapters listed in a rendered repository's repository.json (none without one)."""
-    info = repository / REPOSITORY_JSON
-    adapters: list[dict[str, Any]] = json.loads(info.read_text()).get("adapters", []) if info.is_file() else []
-    return adapters
-
-
 def register(
-    client: Any, run_id: str, cfg: PipelineConfig, repository: Path, fingerprint: str, headline: dict[str, float]
+    client: Any,
+    run_id: str,
+    cfg: PipelineConfig,
+    repository: Path,
+    fingerprint: str,
+    headline: dict[str, float],
+    shipped: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Register ``repository`` (once per fingerprint); returns the version."""
+    """Register ``repository`` (once per fingerprint; ``shipped``: the LoRA adapters it ships, as
+    the triton_repo stage lists them); returns the version."""
     from mlflow.exceptions import MlflowException
 
     name = model_name(cfg)
@@ -100,8 +99,7 @@ def register(
     files = manifest.manifest(repository)
     client.log_artifacts(run_id, str(repository), REPOSITORY_ARTIFACT)
     client.log_dict(run_id, files, MANIFEST_ARTIFACT)
-    tags = {**_tags(cfg, fingerprint, headline), **adapter_tags(shipped_adapters(repository)),
-            DIGEST_TAG: manifest.digest(files)}  # fmt: skip
+    tags = {**_tags(cfg, fingerprint, headline), **adapter_tags(shipped or []), DIGEST_TAG: manifest.digest(files)}
     version = client.create_model_version(name, f"runs:/{run_id}/{REPOSITORY_ARTIFACT}", run_id=run_id, tags=tags)
     client.set_tag(run_id, "pipeline.registered_version", f"{name}/{version.version}")
     log.info("registered model %s version %s", name, version.version)

@@ -246,7 +246,8 @@ class JobRun:
         sha = results.get("fetch", {}).get("revision_sha")
         if sha:  # hub models: the commit the revision resolved to
             self.client.log_param(self.run_id, "model_revision", sha)
-        for key, value in registry.adapter_tags(results.get("triton_repo", {}).get("adapters", [])).items():
+        shipped = results.get("triton_repo", {}).get("adapters", [])
+        for key, value in registry.adapter_tags(shipped).items():
             self.client.log_param(self.run_id, key, value)
         self._log_metrics(headline, detail, series)
         _log_datasets(self.client, self.run_id, [d for s in steps for d in (s.results or {}).get("datasets", [])])
@@ -260,11 +261,12 @@ class JobRun:
             gate,
             sha,
             folder if folder is not None and folder.is_dir() else None,
+            adapters=shipped,
         )
         name = registry.model_name(cfg)
         if cfg.tracking.register and repository is not None and facts.repository is not None:
             facts.version = registry.register(
-                self.client, self.run_id, cfg, facts.repository, repository.fingerprint, headline
+                self.client, self.run_id, cfg, facts.repository, repository.fingerprint, headline, shipped
             )
             registry.tag_gate(self.client, name, facts.version, gate)
         text = card.build_card(cfg, self.run_id, facts, name)

@@ -385,9 +385,6 @@ class TritonPythonModel:
             try:
                 self._serve(request)
             finally:
-                # an idle worker must hold no request: Triton unloads the model (and the server
-                # exits) only once every request it handed over is released
-                del request
                 with self.lock:
                     self.active -= 1
 

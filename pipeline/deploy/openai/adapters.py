@@ -79,9 +79,10 @@ async def with_adapter(
                 raise
 
 
-def from_repository(repo: Path) -> dict[str, ServedAdapter]:
-    """The adapters ``repo`` ships, by name (none for a repository rendered without them)."""
-    info = json.loads((repo / REPOSITORY_JSON).read_text())
+def from_repository(repo: Path, info: dict[str, Any] | None = None) -> dict[str, ServedAdapter]:
+    """The adapters ``repo`` ships, by name (none for a repository rendered without them);
+    ``info``: its repository.json, when the caller has read it already."""
+    info = info if info is not None else json.loads((repo / REPOSITORY_JSON).read_text())
     served = {}
     for entry in info.get("adapters", []):
         tensors = repo / entry["tensors"]

@@ -61,7 +61,7 @@ def settings_for(
         llmapi=layout,
         tokenizer_dir=tokenizer_dir,
         scoring_refused=refused,
-        adapters=adapters.from_repository(repo),
+        adapters=adapters.from_repository(repo, info),
     )
 
 

@@ -10,6 +10,7 @@ slot at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -160,9 +161,8 @@ class TritonStream:
             # the request is over: let Triton close the stream itself. Cancelling it right after the
             # final response leaves the model referenced in Triton 2.51, which then cannot unload:
             # the server's stop waited out its exit timeout (and `serve` killed it)
-            await asyncio.wait_for(call.code(), STREAM_CLOSE_WAIT_S)
-        except TimeoutError:
-            pass
+            with contextlib.suppress(TimeoutError):  # then it is cancelled below
+                await asyncio.wait_for(call.code(), STREAM_CLOSE_WAIT_S)
         except grpc.aio.AioRpcError as error:
             raise TritonError(error.details() or str(error), error.code().name) from error
         finally:

@@ -15,6 +15,7 @@ the gateway learns what to serve. Task ids are 1, 2, ... in the configured order
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -45,13 +46,19 @@ def _key(index: int) -> str:
     return f"lora.adapters[{index}]"
 
 
+@functools.lru_cache(maxsize=32)
+def _downloaded(source: str, revision: str, key: str) -> hub.Snapshot:
+    """A Hub adapter downloaded once per process: the preflight's download serves the stage too."""
+    return hub.download_adapter(source, revision, key)
+
+
 def locate(cfg: PipelineConfig) -> list[Located]:
     """Every adapter's folder: a local one as given, a Hub one downloaded (into the Hugging Face
     cache, at a commit sha) first."""
     found = []
     for index, adapter in enumerate(cfg.lora.adapters):
         if adapter.source:
-            snapshot = hub.download_adapter(adapter.source, adapter.revision, _key(index))
+            snapshot = _downloaded(adapter.source, adapter.revision, _key(index))
             found.append(Located(adapter, snapshot.folder, snapshot.sha))
         else:
             found.append(Located(adapter, Path(adapter.path or "").expanduser().resolve(), None))
